@@ -1,0 +1,1 @@
+"""The ``gasnap`` command line."""

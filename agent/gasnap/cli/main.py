@@ -1,0 +1,99 @@
+"""``gasnap``: argument parsing and dispatch only; the work is elsewhere."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable, Sequence
+
+from ..errors import BadRequest, ConfigError, GasnapError
+
+Command = Callable[[argparse.Namespace], int]
+
+
+def _add_json(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", action="store_true", help="machine-readable output")
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    from . import commands
+
+    parser = argparse.ArgumentParser(prog="gasnap", description=__doc__)
+    parser.add_argument("--api", help="agent API: unix:PATH or http://HOST:PORT")
+    parser.add_argument("--token", help="API token (TCP only)")
+    parser.add_argument("-v", "--verbose", action="count", default=0)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = sub.add_parser("serve", help="run the agent")
+    serve.add_argument("--config", help="TOML configuration file")
+    serve.add_argument("--listen", help="unix:PATH or tcp:HOST:PORT")
+    serve.add_argument("--token", dest="serve_token", help="token required on TCP")
+    serve.add_argument("--state-dir")
+    serve.add_argument("--libvirt-uri")
+    serve.add_argument("--metadata-url")
+    serve.set_defaults(func=commands.serve)
+
+    domain = sub.add_parser("domain", help="domains and their volumes").add_subparsers(
+        dest="action", required=True, metavar="ACTION")
+    dlist = domain.add_parser("list", help="domains, volumes, chains, guest-agent state")
+    _add_json(dlist)
+    dlist.set_defaults(func=commands.domain_list)
+
+    lab = sub.add_parser("lab", help="disposable test guests").add_subparsers(
+        dest="action", required=True, metavar="ACTION")
+    up = lab.add_parser("up", help="create and boot a lab guest")
+    up.add_argument("name")
+    up.add_argument("--disks", type=int, default=1)
+    up.add_argument("--size", type=int, default=128, help="MiB per data disk")
+    _add_json(up)
+    up.set_defaults(func=commands.lab_up)
+    down = lab.add_parser("down", help="destroy a lab guest and its files")
+    down.add_argument("name")
+    _add_json(down)
+    down.set_defaults(func=commands.lab_down)
+    llist = lab.add_parser("list", help="lab guests")
+    _add_json(llist)
+    llist.set_defaults(func=commands.lab_list)
+    image = lab.add_parser("image", help="build the lab image (make setup does)")
+    image.add_argument("--rebuild", action="store_true")
+    _add_json(image)
+    image.set_defaults(func=commands.lab_image)
+
+    doctor = sub.add_parser("doctor", help="check the host")
+    doctor.add_argument("--libvirt-uri", default="qemu:///system")
+    doctor.add_argument("--state-dir", default="/var/lib/gasnap")
+    _add_json(doctor)
+    doctor.set_defaults(func=commands.doctor)
+
+    demo = sub.add_parser("demo", help="the README's first command")
+    _add_json(demo)
+    demo.set_defaults(func=commands.demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _build_parser()
+    args = parser.parse_args(argv)
+    level = logging.WARNING - 10 * min(args.verbose, 2)
+    if args.command == "serve":
+        level = min(level, logging.INFO)
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    func: Command = args.func
+    try:
+        return func(args)
+    except ConfigError as err:
+        print(f"gasnap: {err.message}", file=sys.stderr)
+        return 2
+    except BadRequest as err:
+        print(f"gasnap: {err.message}", file=sys.stderr)
+        return 2
+    except GasnapError as err:
+        print(f"gasnap: {err.message}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

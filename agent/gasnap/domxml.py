@@ -1,0 +1,104 @@
+"""Reading disks and backing chains out of libvirt domain XML.
+
+Pure functions over XML text, so they can be tested without libvirt.  The
+live XML of a running domain carries the whole chain in nested
+``<backingStore>`` elements; an inactive definition usually does not, which
+``DiskSpec.chain_complete`` reports so the caller can probe the images.
+"""
+
+from __future__ import annotations
+
+import xml.etree.ElementTree as ET  # noqa: S405 - libvirt's own XML, not untrusted input
+from dataclasses import dataclass
+
+from .errors import GasnapError
+from .hypervisor import Layer
+
+AGENT_CHANNEL = "org.qemu.guest_agent.0"
+
+
+class DomainXMLError(GasnapError):
+    code = "domain_xml"
+
+
+@dataclass(frozen=True)
+class DiskSpec:
+    target: str
+    serial: str | None
+    source_type: str
+    chain: tuple[Layer, ...]
+    # False when the XML does not say where the chain ends (inactive XML):
+    # the layers below the first one must then be read from the images.
+    chain_complete: bool
+
+
+@dataclass(frozen=True)
+class AgentChannel:
+    present: bool
+    connected: bool
+
+
+def _parse(xml: str) -> ET.Element:
+    try:
+        return ET.fromstring(xml)  # noqa: S314 - produced by libvirtd
+    except ET.ParseError as err:
+        raise DomainXMLError(f"unparsable domain XML: {err}") from err
+
+
+def _source_path(elem: ET.Element, source_type: str) -> str:
+    src = elem.find("source")
+    if src is None:
+        return ""
+    attr = {"file": "file", "block": "dev", "dir": "dir", "volume": "volume"}.get(source_type)
+    if attr is None:
+        return src.get("name", "")
+    return src.get(attr, "")
+
+
+def _format(elem: ET.Element, tag: str) -> str:
+    fmt = elem.find(tag)
+    return fmt.get("type", "") if fmt is not None else ""
+
+
+def _chain(disk: ET.Element, source_type: str) -> tuple[tuple[Layer, ...], bool]:
+    layers = [Layer(_source_path(disk, source_type), _format(disk, "driver"))]
+    node = disk.find("backingStore")
+    while node is not None:
+        if node.find("source") is None:
+            # An empty <backingStore/> is libvirt's explicit end of chain.
+            return tuple(layers), True
+        layers.append(Layer(_source_path(node, node.get("type", "file")), _format(node, "format")))
+        node = node.find("backingStore")
+    return tuple(layers), False
+
+
+def disks(xml: str) -> list[DiskSpec]:
+    """Every ``device='disk'`` disk of the domain, in XML order."""
+    root = _parse(xml)
+    result: list[DiskSpec] = []
+    for disk in root.findall("./devices/disk"):
+        if disk.get("device", "disk") != "disk":
+            continue
+        target = disk.find("target")
+        if target is None or not target.get("dev"):
+            continue
+        source_type = disk.get("type", "file")
+        serial_elem = disk.find("serial")
+        serial = serial_elem.text.strip() if serial_elem is not None and serial_elem.text else None
+        chain, complete = _chain(disk, source_type)
+        result.append(DiskSpec(str(target.get("dev")), serial, source_type, chain, complete))
+    return result
+
+
+def agent_channel(xml: str) -> AgentChannel:
+    root = _parse(xml)
+    for chan in root.findall("./devices/channel"):
+        target = chan.find("target")
+        if target is not None and target.get("name") == AGENT_CHANNEL:
+            return AgentChannel(present=True, connected=target.get("state") == "connected")
+    return AgentChannel(present=False, connected=False)
+
+
+def volume_id(domain_name: str, spec: DiskSpec) -> str:
+    """The Nova/Cinder convention: the serial when there is one."""
+    return spec.serial or f"{domain_name}/{spec.target}"

@@ -1,0 +1,61 @@
+"""One exception root for everything gasnap raises on purpose.
+
+Every error carries a stable machine ``code`` (the ``error.code`` of the HTTP
+API and of ``--json`` output) and a human message.  The category mixins say
+how a caller should react; the HTTP layer maps them to status codes and
+nothing else needs to know about HTTP.  Each boundary module (libvirt, guest
+agent, qemu-img, metadata) defines its own subclasses next to its code.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class GasnapError(Exception):
+    """Root of all gasnap errors."""
+
+    code: str = "internal"
+
+    def __init__(self, message: str, *, code: str | None = None, **details: Any) -> None:
+        super().__init__(message)
+        self.message = message
+        if code is not None:
+            self.code = code
+        self.details = details
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"code": self.code, "message": self.message}
+
+
+# Categories: how the caller should react (and what the API answers).
+
+
+class NotFound(GasnapError):
+    """Unknown domain, volume, snapshot or task (404)."""
+
+    code = "not_found"
+
+
+class BadRequest(GasnapError):
+    """The request itself is wrong (400)."""
+
+    code = "bad_request"
+
+
+class Conflict(GasnapError):
+    """Valid request, wrong moment: busy volume, wrong status (409)."""
+
+    code = "conflict"
+
+
+class Unavailable(GasnapError):
+    """A service gasnap depends on cannot be reached (503)."""
+
+    code = "unavailable"
+
+
+class ConfigError(GasnapError):
+    """The configuration file or command line is invalid."""
+
+    code = "config"

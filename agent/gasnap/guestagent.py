@@ -1,0 +1,87 @@
+"""The QEMU guest agent boundary: qemu-ga's protocol over a hypervisor's transport.
+
+The transport (``Hypervisor.agent_command``) is libvirt's agent channel for
+the libvirt backend, so gasnap never opens a second connection to the
+agent's socket.  Every call has an explicit timeout: a hung agent must cost a
+bounded time, never a stuck task.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+from typing import Any, Protocol
+
+from .errors import Conflict, GasnapError
+
+log = logging.getLogger(__name__)
+
+PING_TIMEOUT = 2.0
+
+
+class GuestAgentError(GasnapError):
+    code = "guest_agent"
+
+
+class AgentAbsent(GuestAgentError, Conflict):
+    """No agent channel, or nothing listening inside the guest."""
+
+    code = "guest_agent_absent"
+
+
+class AgentUnresponsive(GuestAgentError, Conflict):
+    """The agent did not answer within the timeout."""
+
+    code = "guest_agent_unresponsive"
+
+
+class AgentCommandFailed(GuestAgentError, Conflict):
+    """The agent answered with an error (a failing fsfreeze hook, say)."""
+
+    code = "guest_agent_command_failed"
+
+
+class FreezeState(enum.Enum):
+    THAWED = "thawed"
+    FROZEN = "frozen"
+
+
+class AgentTransport(Protocol):
+    async def agent_command(
+        self, domain: str, command: str, arguments: dict[str, Any] | None, timeout: float
+    ) -> Any: ...
+
+
+class GuestAgent:
+    """qemu-ga commands gasnap relies on, for any domain of one transport."""
+
+    def __init__(self, transport: AgentTransport) -> None:
+        self._transport = transport
+
+    async def ping(self, domain: str, timeout: float = PING_TIMEOUT) -> None:
+        await self._transport.agent_command(domain, "guest-ping", None, timeout)
+
+    async def fsfreeze_status(self, domain: str, timeout: float) -> FreezeState:
+        reply = await self._transport.agent_command(
+            domain, "guest-fsfreeze-status", None, timeout
+        )
+        try:
+            return FreezeState(reply)
+        except ValueError as err:
+            raise AgentCommandFailed(f"{domain}: unexpected fsfreeze status {reply!r}") from err
+
+    async def fsfreeze(self, domain: str, timeout: float) -> int:
+        """Freeze every filesystem; returns how many were frozen."""
+        reply = await self._transport.agent_command(
+            domain, "guest-fsfreeze-freeze", None, timeout
+        )
+        return int(reply)
+
+    async def fsthaw(self, domain: str, timeout: float) -> int:
+        """Thaw every filesystem; returns how many were thawed (0 if none was frozen)."""
+        reply = await self._transport.agent_command(domain, "guest-fsfreeze-thaw", None, timeout)
+        return int(reply)
+
+    async def fsinfo(self, domain: str, timeout: float) -> list[dict[str, Any]]:
+        reply = await self._transport.agent_command(domain, "guest-get-fsinfo", None, timeout)
+        return list(reply)

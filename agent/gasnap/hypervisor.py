@@ -1,0 +1,104 @@
+"""The small interface workflow code uses to talk to a hypervisor.
+
+libvirt (``gasnap.virt``) is the first implementation; a QMP-only backend for
+QEMU guests without libvirt is meant to implement the same protocol.  Workflow
+code must depend on this module, never on ``libvirt`` directly.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+
+class DomainState(enum.Enum):
+    RUNNING = "running"
+    PAUSED = "paused"
+    SHUTOFF = "shutoff"
+    SHUTDOWN = "shutdown"
+    CRASHED = "crashed"
+    PMSUSPENDED = "pmsuspended"
+    BLOCKED = "blocked"
+    NOSTATE = "nostate"
+
+
+class AgentState(enum.Enum):
+    CONNECTED = "connected"
+    ABSENT = "absent"
+    UNRESPONSIVE = "unresponsive"
+
+
+@dataclass(frozen=True)
+class Layer:
+    """One image of a backing chain."""
+
+    path: str
+    format: str
+
+
+@dataclass(frozen=True)
+class Volume:
+    """One disk of a domain, with its chain as the hypervisor sees it now."""
+
+    volume_id: str
+    target: str
+    serial: str | None
+    source_type: str  # "file", "block", "network", ...
+    chain: tuple[Layer, ...]  # active layer first
+
+    @property
+    def active_file(self) -> str:
+        return self.chain[0].path if self.chain else ""
+
+    @property
+    def format(self) -> str:
+        return self.chain[0].format if self.chain else ""
+
+    def to_record(self) -> dict[str, Any]:
+        return {
+            "volume_id": self.volume_id,
+            "target": self.target,
+            "active_file": self.active_file,
+            "chain": [layer.path for layer in self.chain],
+        }
+
+
+@dataclass(frozen=True)
+class Domain:
+    name: str
+    uuid: str
+    state: DomainState
+    guest_agent: AgentState
+    volumes: tuple[Volume, ...] = field(default=())
+
+    def volume(self, target_or_id: str) -> Volume | None:
+        for vol in self.volumes:
+            if target_or_id in (vol.target, vol.volume_id):
+                return vol
+        return None
+
+    def to_record(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "state": self.state.value,
+            "guest_agent": self.guest_agent.value,
+            "volumes": [vol.to_record() for vol in self.volumes],
+        }
+
+
+class Hypervisor(Protocol):
+    """What gasnap needs from a hypervisor.  Every method may block on I/O and
+    is therefore async; implementations keep blocking calls off the loop.
+
+    The guest agent's protocol (ping, freeze, thaw, ...) lives in
+    ``gasnap.guestagent`` on top of ``agent_command``, the transport.
+    """
+
+    async def list_domains(self) -> list[Domain]: ...
+
+    async def get_domain(self, name: str) -> Domain: ...
+
+    async def agent_command(
+        self, domain: str, command: str, arguments: dict[str, Any] | None, timeout: float
+    ) -> Any: ...

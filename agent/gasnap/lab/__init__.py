@@ -1,0 +1,1 @@
+"""Disposable lab guests for the demo, the tests and the benchmarks."""

@@ -1,0 +1,188 @@
+"""Build (once) and cache the lab guests' kernel and initramfs.
+
+Everything comes from Debian packages installed on the host: the kernel
+(linux-image-amd64), busybox-static, the kernel modules the guest needs and
+qemu-guest-agent with its shared libraries.  The cache key covers all inputs,
+so an upgraded package or an edited guest script yields a new image while the
+old one stays for the guests that still boot from it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import hashlib
+import logging
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+from ..errors import GasnapError, Unavailable
+
+log = logging.getLogger(__name__)
+
+CACHE_DIR = Path(os.environ.get("GASNAP_LAB_CACHE", "/var/cache/gasnap/lab"))
+BUSYBOX = Path("/bin/busybox")
+QEMU_GA = Path("/usr/sbin/qemu-ga")
+# In load order: each module's dependencies come before it.
+MODULES = (
+    "virtio_ring", "virtio", "virtio_pci_legacy_dev", "virtio_pci_modern_dev", "virtio_pci",
+    "virtio_blk", "virtio_console", "crc16", "mbcache", "jbd2", "crc32c_generic", "ext4",
+)
+# guest file -> (path in the initramfs, mode)
+GUEST_FILES = {
+    "inittab": ("etc/inittab", 0o644),
+    "rcS": ("etc/init.d/rcS", 0o755),
+    "gasnap-qga": ("sbin/gasnap-qga", 0o755),
+    "fsfreeze-hook": ("etc/qemu/fsfreeze-hook", 0o755),
+    "shutdown": ("sbin/shutdown", 0o755),
+    "gasnap-load": ("usr/bin/gasnap-load", 0o755),
+}
+
+
+class LabImageError(GasnapError):
+    code = "lab_image"
+
+
+class LabPrerequisiteMissing(LabImageError, Unavailable):
+    code = "lab_prerequisite_missing"
+
+
+@dataclass(frozen=True)
+class LabImage:
+    kernel: Path
+    initrd: Path
+
+
+# --- inputs ----------------------------------------------------------------
+
+
+def _kernel() -> tuple[str, Path]:
+    """The newest installed Debian kernel that has modules."""
+    found = []
+    for vmlinuz in Path("/boot").glob("vmlinuz-*"):
+        release = vmlinuz.name.removeprefix("vmlinuz-")
+        if Path("/lib/modules", release).is_dir():
+            found.append((release, vmlinuz))
+    if not found:
+        raise LabPrerequisiteMissing("no kernel in /boot with modules (install linux-image-amd64)")
+    return max(found, key=lambda item: [int(x) for x in re.findall(r"\d+", item[0])])
+
+
+def _module_paths(release: str) -> list[Path]:
+    moddir = Path("/lib/modules", release)
+    index: dict[str, Path] = {}
+    for ko in moddir.rglob("*.ko"):
+        index[ko.name.removesuffix(".ko").replace("-", "_")] = ko
+    builtin = (moddir / "modules.builtin").read_text() if (moddir / "modules.builtin").exists() else ""
+    paths = []
+    for name in MODULES:
+        if name in index:
+            paths.append(index[name])
+        elif f"/{name}.ko" not in builtin.replace("-", "_"):
+            raise LabPrerequisiteMissing(f"kernel module {name} not found for {release}")
+    return paths
+
+
+async def _shared_libraries(binary: Path) -> list[Path]:
+    proc = await asyncio.create_subprocess_exec(
+        "ldd", str(binary), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
+    out, err = await proc.communicate()
+    if proc.returncode != 0:
+        raise LabImageError(f"ldd {binary}: {err.decode().strip()}")
+    libs = re.findall(r"(/\S+\.so[^\s]*)", out.decode())
+    return [Path(lib) for lib in dict.fromkeys(libs)]
+
+
+def _guest_file(name: str) -> bytes:
+    return resources.files("gasnap.lab").joinpath("guest").joinpath(name).read_bytes()
+
+
+def _cache_key(release: str, inputs: list[Path]) -> str:
+    digest = hashlib.sha256(release.encode())
+    for path in inputs:
+        stat = path.stat()
+        digest.update(f"{path}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+    for name in sorted(GUEST_FILES):
+        digest.update(_guest_file(name))
+    return digest.hexdigest()[:16]
+
+
+# --- build -----------------------------------------------------------------
+
+
+def _install(src: Path, root: Path, dest: str | None = None, mode: int | None = None) -> None:
+    target = root / (dest or str(src).lstrip("/"))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(src.resolve(), target)
+    if mode is not None:
+        target.chmod(mode)
+
+
+def _stage(root: Path, modules: list[Path], libs: list[Path]) -> None:
+    _install(BUSYBOX, root, "bin/busybox", 0o755)
+    (root / "init").symlink_to("bin/busybox")
+    (root / "bin/sh").symlink_to("busybox")
+    _install(QEMU_GA, root, "usr/sbin/qemu-ga", 0o755)
+    for lib in libs:
+        _install(lib, root)
+    for ko in modules:
+        _install(ko, root, f"lib/modules/{ko.name}")
+    (root / "etc").mkdir(parents=True, exist_ok=True)
+    (root / "etc/gasnap-modules").write_text(
+        "\n".join(ko.name.removesuffix(".ko") for ko in modules) + "\n"
+    )
+    for name, (dest, mode) in GUEST_FILES.items():
+        path = root / dest
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(_guest_file(name))
+        path.chmod(mode)
+    for directory in ("proc", "sys", "dev", "run", "tmp", "var/log", "root"):
+        (root / directory).mkdir(parents=True, exist_ok=True)
+
+
+async def _cpio(root: Path, dest: Path) -> None:
+    files = sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+    proc = await asyncio.create_subprocess_exec(
+        "cpio", "--quiet", "-o", "-H", "newc", "-R", "0:0",
+        cwd=root, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await proc.communicate(("\n".join(files) + "\n").encode())
+    if proc.returncode != 0:
+        raise LabImageError(f"cpio failed: {err.decode().strip()}")
+    await asyncio.to_thread(dest.write_bytes, gzip.compress(out, compresslevel=6))
+
+
+async def ensure_image(*, rebuild: bool = False) -> LabImage:
+    """The cached image for the current inputs, built if needed."""
+    for tool in (BUSYBOX, QEMU_GA):
+        if not tool.exists():
+            raise LabPrerequisiteMissing(f"{tool} missing (busybox-static, qemu-guest-agent)")
+    if shutil.which("cpio") is None:
+        raise LabPrerequisiteMissing("cpio missing")
+    release, vmlinuz = _kernel()
+    modules = _module_paths(release)
+    libs = await _shared_libraries(QEMU_GA)
+    key = _cache_key(release, [vmlinuz, BUSYBOX, QEMU_GA, *modules, *libs])
+    image_dir = CACHE_DIR / key
+    image = LabImage(image_dir / "vmlinuz", image_dir / "initrd.img")
+    if image.initrd.exists() and not rebuild:
+        return image
+    log.info("building lab image %s (kernel %s)", key, release)
+    CACHE_DIR.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=CACHE_DIR, prefix=".build-") as tmp:
+        staging = Path(tmp) / "root"
+        await asyncio.to_thread(_stage, staging, modules, libs)
+        out = Path(tmp) / "out"
+        out.mkdir()
+        await asyncio.to_thread(shutil.copy2, vmlinuz, out / "vmlinuz")
+        await _cpio(staging, out / "initrd.img")
+        shutil.rmtree(image_dir, ignore_errors=True)
+        os.replace(out, image_dir)  # atomic: a half-built image is never visible
+    return image

@@ -1,0 +1,93 @@
+"""The qemu-img boundary: every call runs as a subprocess off the event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import shutil
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import GasnapError, Unavailable
+
+log = logging.getLogger(__name__)
+
+QEMU_IMG = "qemu-img"
+
+
+class QemuImgError(GasnapError):
+    code = "qemu_img"
+
+
+class QemuImgMissing(QemuImgError, Unavailable):
+    code = "qemu_img_missing"
+
+
+@dataclass(frozen=True)
+class ImageInfo:
+    filename: str
+    format: str
+    virtual_size: int
+    actual_size: int
+    backing_filename: str | None  # as written in the header (may be relative)
+    full_backing_filename: str | None
+    backing_format: str | None
+    data_file: str | None
+
+    @classmethod
+    def from_json(cls, doc: dict[str, Any]) -> ImageInfo:
+        specific = doc.get("format-specific", {}).get("data", {})
+        return cls(
+            filename=doc["filename"],
+            format=doc["format"],
+            virtual_size=int(doc["virtual-size"]),
+            actual_size=int(doc.get("actual-size", 0)),
+            backing_filename=doc.get("backing-filename"),
+            full_backing_filename=doc.get("full-backing-filename"),
+            backing_format=doc.get("backing-filename-format"),
+            data_file=specific.get("data-file"),
+        )
+
+
+async def run(*args: str, timeout: float | None = None) -> str:
+    """Run ``qemu-img ARGS`` and return its stdout; raise QemuImgError on failure."""
+    if shutil.which(QEMU_IMG) is None:
+        raise QemuImgMissing("qemu-img is not installed (Debian package qemu-utils)")
+    proc = await asyncio.create_subprocess_exec(
+        QEMU_IMG,
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(), timeout)
+    except TimeoutError as exc:
+        proc.kill()
+        await proc.wait()
+        raise QemuImgError(f"qemu-img {args[0]} timed out after {timeout}s") from exc
+    if proc.returncode != 0:
+        message = err.decode(errors="replace").strip() or f"exit code {proc.returncode}"
+        raise QemuImgError(f"qemu-img {args[0]} failed: {message}")
+    return out.decode()
+
+
+async def version() -> str:
+    return (await run("--version")).splitlines()[0]
+
+
+async def info_chain(path: str) -> list[ImageInfo]:
+    """``qemu-img info --backing-chain`` of PATH, top image first.
+
+    ``-U`` (force-share) because the image is usually open by a running QEMU.
+    """
+    out = await run("info", "-U", "--backing-chain", "--output=json", path)
+    docs = json.loads(out)
+    if isinstance(docs, dict):
+        docs = [docs]
+    return [ImageInfo.from_json(doc) for doc in docs]
+
+
+async def info(path: str) -> ImageInfo:
+    out = await run("info", "-U", "--output=json", path)
+    return ImageInfo.from_json(json.loads(out))

@@ -1,0 +1,369 @@
+"""The libvirt boundary: the connection, domains, disks, chains, agent transport.
+
+Owns the one ``virConnect`` of the process.  libvirt API calls block, so each
+runs in a worker thread; libvirt's own events are integrated into the asyncio
+loop through ``libvirtaio``, registered once, the first time a connection is
+opened from a running loop.  When libvirtd goes away (restart, crash) the
+close callback drops the connection and the next call opens a new one.
+``libvirt.libvirtError`` never leaves this module: it becomes a
+``VirtError`` (or a guest-agent error for agent calls).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import libvirt
+import libvirt_qemu
+import libvirtaio
+
+from . import domxml, qemuimg
+from .errors import Conflict, GasnapError, NotFound, Unavailable
+from .guestagent import (
+    AgentAbsent,
+    AgentCommandFailed,
+    AgentUnresponsive,
+    GuestAgent,
+    GuestAgentError,
+)
+from .hypervisor import AgentState, Domain, DomainState, Layer, Volume
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+KEEPALIVE_INTERVAL = 5
+KEEPALIVE_COUNT = 3
+
+
+class VirtError(GasnapError):
+    code = "libvirt"
+
+
+class LibvirtUnavailable(VirtError, Unavailable):
+    code = "libvirt_unavailable"
+
+
+class DomainNotFound(VirtError, NotFound):
+    code = "domain_not_found"
+
+
+class DomainNotRunning(VirtError, Conflict):
+    code = "domain_not_running"
+
+
+_STATES = {
+    libvirt.VIR_DOMAIN_NOSTATE: DomainState.NOSTATE,
+    libvirt.VIR_DOMAIN_RUNNING: DomainState.RUNNING,
+    libvirt.VIR_DOMAIN_BLOCKED: DomainState.BLOCKED,
+    libvirt.VIR_DOMAIN_PAUSED: DomainState.PAUSED,
+    libvirt.VIR_DOMAIN_SHUTDOWN: DomainState.SHUTDOWN,
+    libvirt.VIR_DOMAIN_SHUTOFF: DomainState.SHUTOFF,
+    libvirt.VIR_DOMAIN_CRASHED: DomainState.CRASHED,
+    libvirt.VIR_DOMAIN_PMSUSPENDED: DomainState.PMSUSPENDED,
+}
+
+_CONNECTION_ERRORS = {
+    libvirt.VIR_ERR_NO_CONNECT,
+    libvirt.VIR_ERR_INVALID_CONN,
+    libvirt.VIR_ERR_SYSTEM_ERROR,
+    libvirt.VIR_ERR_RPC,
+    libvirt.VIR_ERR_AUTH_FAILED,
+}
+
+
+# --- process-wide libvirt set-up -------------------------------------------
+
+_event_loop: asyncio.AbstractEventLoop | None = None
+
+
+def _ignore_libvirt_error(_ctx: object, _err: object) -> None:
+    """libvirt prints every error to stderr by default; gasnap reports its own."""
+
+
+libvirt.registerErrorHandler(_ignore_libvirt_error, None)
+
+
+def _register_event_loop() -> None:
+    """libvirt accepts one event implementation per process, forever."""
+    global _event_loop  # noqa: PLW0603 - process-wide by libvirt's design
+    loop = asyncio.get_running_loop()
+    if _event_loop is None:
+        libvirtaio.virEventRegisterAsyncIOImpl(loop=loop)
+        _event_loop = loop
+    elif _event_loop is not loop:
+        raise VirtError("libvirt events are already bound to another asyncio loop")
+
+
+# --- error mapping ---------------------------------------------------------
+
+
+def _is_connection_error(err: libvirt.libvirtError) -> bool:
+    return err.get_error_code() in _CONNECTION_ERRORS or (
+        err.get_error_domain() == libvirt.VIR_FROM_RPC
+    )
+
+
+def _map_error(err: libvirt.libvirtError, what: str) -> GasnapError:
+    code = err.get_error_code()
+    message = f"{what}: {err.get_error_message()}"
+    if _is_connection_error(err):
+        return LibvirtUnavailable(message)
+    if code == libvirt.VIR_ERR_NO_DOMAIN:
+        return DomainNotFound(message)
+    if code == libvirt.VIR_ERR_OPERATION_INVALID:
+        return DomainNotRunning(message)
+    return VirtError(message)
+
+
+def _map_agent_error(err: libvirt.libvirtError, what: str) -> GasnapError:
+    code = err.get_error_code()
+    message = f"{what}: {err.get_error_message()}"
+    if code == libvirt.VIR_ERR_ARGUMENT_UNSUPPORTED:
+        return AgentAbsent(message)
+    if code in (libvirt.VIR_ERR_AGENT_UNRESPONSIVE, libvirt.VIR_ERR_AGENT_UNSYNCED):
+        if "not connected" in message:
+            return AgentAbsent(message)
+        return AgentUnresponsive(message)
+    if code == libvirt.VIR_ERR_INTERNAL_ERROR and "agent command" in message:
+        return AgentCommandFailed(message)
+    return _map_error(err, what)
+
+
+# --- the hypervisor --------------------------------------------------------
+
+
+class LibvirtHypervisor:
+    """``gasnap.hypervisor.Hypervisor`` on top of libvirt."""
+
+    def __init__(self, uri: str) -> None:
+        self.uri = uri
+        self._conn: libvirt.virConnect | None = None
+        self._lock = asyncio.Lock()
+        self.agent = GuestAgent(self)
+
+    # connection
+
+    async def connect(self) -> None:
+        await self._connection()
+
+    async def close(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            try:
+                conn.unregisterCloseCallback()
+            except libvirt.libvirtError:
+                log.debug("unregisterCloseCallback failed", exc_info=True)
+            await asyncio.to_thread(conn.close)
+
+    @property
+    def connected(self) -> bool:
+        return self._conn is not None
+
+    async def _connection(self) -> libvirt.virConnect:
+        async with self._lock:
+            if self._conn is None:
+                _register_event_loop()
+                self._conn = await asyncio.to_thread(self._open)
+            return self._conn
+
+    def _open(self) -> libvirt.virConnect:
+        try:
+            conn = libvirt.open(self.uri)
+            conn.registerCloseCallback(self._on_close, None)
+            conn.setKeepAlive(KEEPALIVE_INTERVAL, KEEPALIVE_COUNT)
+        except libvirt.libvirtError as err:
+            raise LibvirtUnavailable(
+                f"cannot connect to {self.uri}: {err.get_error_message()}"
+            ) from err
+        log.info("connected to %s", self.uri)
+        return conn
+
+    def _on_close(self, conn: libvirt.virConnect, reason: int, _opaque: object) -> None:
+        log.warning("libvirt connection to %s closed (reason %d)", self.uri, reason)
+        if self._conn is conn:
+            self._conn = None
+
+    def _drop(self, conn: libvirt.virConnect) -> None:
+        if self._conn is conn:
+            self._conn = None
+
+    async def call(
+        self,
+        fn: Callable[..., T],
+        *args: Any,
+        what: str,
+        retry: bool = True,
+        mapper: Callable[[libvirt.libvirtError, str], GasnapError] = _map_error,
+    ) -> T:
+        """Run ``fn(conn, *args)`` in a thread.  A connection error drops the
+        connection; idempotent calls (``retry``) get one more try on a fresh one,
+        which is what makes a libvirtd restart invisible to readers."""
+        for attempt in (1, 2):
+            conn = await self._connection()
+            try:
+                return await asyncio.to_thread(fn, conn, *args)
+            except libvirt.libvirtError as err:
+                if _is_connection_error(err):
+                    self._drop(conn)
+                    if retry and attempt == 1:
+                        log.info("%s: connection lost, reconnecting", what)
+                        continue
+                raise mapper(err, what) from err
+        raise AssertionError("unreachable")
+
+    # domains
+
+    async def list_domains(self) -> list[Domain]:
+        names = await self.domain_names()
+        found = await asyncio.gather(*(self._domain_or_none(n) for n in names))
+        return sorted((d for d in found if d is not None), key=lambda d: d.name)
+
+    async def _domain_or_none(self, name: str) -> Domain | None:
+        try:
+            return await self.get_domain(name)
+        except DomainNotFound:
+            return None  # undefined between listing and reading
+
+    async def get_domain(self, name: str) -> Domain:
+        uuid, state, xml = await self.call(_read_domain, name, what=f"domain {name}")
+        specs = domxml.disks(xml)
+        volumes = await asyncio.gather(*(self._volume(name, spec) for spec in specs))
+        agent = await self._agent_state(name, state, xml)
+        return Domain(name, uuid, state, agent, tuple(volumes))
+
+    async def domain_xml(self, name: str, *, inactive: bool = False) -> str:
+        flags = libvirt.VIR_DOMAIN_XML_INACTIVE if inactive else 0
+        return await self.call(
+            lambda c: c.lookupByName(name).XMLDesc(flags), what=f"domain {name} XML"
+        )
+
+    async def _volume(self, domain: str, spec: domxml.DiskSpec) -> Volume:
+        chain = spec.chain
+        if not spec.chain_complete and spec.source_type == "file" and chain[0].path:
+            chain = await _probe_chain(chain[0])
+        return Volume(domxml.volume_id(domain, spec), spec.target, spec.serial,
+                      spec.source_type, chain)
+
+    # guest agent
+
+    async def agent_state(self, name: str) -> AgentState:
+        _uuid, state, xml = await self.call(_read_domain, name, what=f"domain {name}")
+        return await self._agent_state(name, state, xml)
+
+    async def _agent_state(self, name: str, state: DomainState, xml: str) -> AgentState:
+        channel = domxml.agent_channel(xml)
+        if not channel.present or state not in (DomainState.RUNNING, DomainState.PAUSED):
+            return AgentState.ABSENT
+        if not channel.connected:
+            return AgentState.ABSENT
+        if state is DomainState.PAUSED:
+            return AgentState.UNRESPONSIVE  # the vCPUs that would answer are stopped
+        try:
+            await self.agent.ping(name)
+        except AgentAbsent:
+            return AgentState.ABSENT
+        except GuestAgentError:
+            return AgentState.UNRESPONSIVE
+        return AgentState.CONNECTED
+
+    async def agent_command(
+        self, domain: str, command: str, arguments: dict[str, Any] | None, timeout: float
+    ) -> Any:
+        payload: dict[str, Any] = {"execute": command}
+        if arguments is not None:
+            payload["arguments"] = arguments
+        # libvirt takes whole seconds; never round a short timeout down to "no wait".
+        seconds = max(1, int(-(-timeout // 1)))
+        raw = await self.call(
+            _agent_command,
+            domain,
+            json.dumps(payload),
+            seconds,
+            what=f"{domain}: {command}",
+            retry=False,  # an agent command may have side effects
+            mapper=_map_agent_error,
+        )
+        try:
+            return json.loads(raw)["return"]
+        except (ValueError, KeyError, TypeError) as err:
+            raise AgentCommandFailed(f"{domain}: {command}: malformed reply {raw!r}") from err
+
+
+    # definitions (used by the lab; workflow code does not define domains)
+
+    async def define_and_start(self, xml: str) -> str:
+        def run(conn: libvirt.virConnect) -> str:
+            dom = conn.defineXML(xml)
+            try:
+                dom.create()
+            except libvirt.libvirtError:
+                dom.undefine()
+                raise
+            return str(dom.name())
+
+        return await self.call(run, what="define domain", retry=False)
+
+    async def start(self, name: str) -> None:
+        await self.call(lambda c: c.lookupByName(name).create(), what=f"start {name}",
+                        retry=False)
+
+    async def destroy(self, name: str) -> None:
+        """Power off at once; a domain that is already off is fine."""
+
+        def run(conn: libvirt.virConnect) -> None:
+            dom = conn.lookupByName(name)
+            if dom.isActive():
+                dom.destroy()
+
+        await self.call(run, what=f"destroy {name}")
+
+    async def undefine(self, name: str) -> None:
+        await self.call(lambda c: c.lookupByName(name).undefine(), what=f"undefine {name}")
+
+    async def metadata(self, name: str, uri: str) -> str | None:
+        """The custom metadata element under URI, or None."""
+
+        def run(conn: libvirt.virConnect) -> str | None:
+            dom = conn.lookupByName(name)
+            try:
+                return str(dom.metadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, uri, 0))
+            except libvirt.libvirtError as err:
+                if err.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN_METADATA:
+                    return None
+                raise
+
+        return await self.call(run, what=f"domain {name} metadata")
+
+    async def domain_names(self) -> list[str]:
+        return await self.call(
+            lambda c: sorted(d.name() for d in c.listAllDomains(0)), what="list domains"
+        )
+
+
+# --- blocking helpers (run in worker threads) -------------------------------
+
+
+def _read_domain(conn: libvirt.virConnect, name: str) -> tuple[str, DomainState, str]:
+    dom = conn.lookupByName(name)
+    state = _STATES.get(dom.state()[0], DomainState.NOSTATE)
+    return dom.UUIDString(), state, dom.XMLDesc(0)
+
+
+def _agent_command(conn: libvirt.virConnect, name: str, payload: str, seconds: int) -> str:
+    dom = conn.lookupByName(name)
+    return str(libvirt_qemu.qemuAgentCommand(dom, payload, seconds, 0))
+
+
+async def _probe_chain(top: Layer) -> tuple[Layer, ...]:
+    """The chain of an inactive disk, read from the image headers."""
+    try:
+        infos = await qemuimg.info_chain(top.path)
+    except qemuimg.QemuImgError:
+        log.debug("cannot probe chain of %s", top.path, exc_info=True)
+        return (top,)
+    return tuple(Layer(i.filename, i.format) for i in infos)
