@@ -72,7 +72,8 @@ async def run_checks(libvirt_uri: str, state_dir: Path) -> list[Check]:
         await hv.connect()
         version = await hv.call(lambda c: c.getLibVersion(), what="libvirt version")
         major, minor = version // 1_000_000, version // 1000 % 1000
-        checks.append(Check("libvirtd", Status.OK, f"{libvirt_uri} reachable (libvirt {major}.{minor})"))
+        detail = f"{libvirt_uri} reachable (libvirt {major}.{minor})"
+        checks.append(Check("libvirtd", Status.OK, detail))
         checks.extend(await _guests(hv))
     except GasnapError as err:
         checks.append(Check("libvirtd", Status.FAIL, err.message))

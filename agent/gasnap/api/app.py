@@ -7,6 +7,7 @@ import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 from aiohttp import web
+from aiohttp.typedefs import Middleware
 
 from ..config import Settings
 from ..errors import BadRequest, Conflict, GasnapError, NotFound, Unavailable
@@ -59,7 +60,7 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
         return error_response(500, "internal", "internal error (see the agent's log)")
 
 
-def _token_middleware(token: str) -> Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]:
+def _token_middleware(token: str) -> Middleware:
     expected = token.encode()
 
     @web.middleware
@@ -87,7 +88,7 @@ async def _hypervisor_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 def create_app(settings: Settings) -> web.Application:
-    middlewares = [errors_middleware]
+    middlewares: list[Middleware] = [errors_middleware]
     if settings.listen.startswith("tcp:"):
         middlewares.insert(0, _token_middleware(settings.token))
     app = web.Application(middlewares=middlewares)

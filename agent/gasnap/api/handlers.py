@@ -9,10 +9,8 @@ from .keys import HYPERVISOR
 
 
 async def health(request: web.Request) -> web.Response:
-    hv = request.app[HYPERVISOR]
-    return web.json_response(
-        {"status": "ok", "version": __version__, "libvirt": "connected" if hv.connected else "disconnected"}
-    )
+    libvirt = "connected" if request.app[HYPERVISOR].connected else "disconnected"
+    return web.json_response({"status": "ok", "version": __version__, "libvirt": libvirt})
 
 
 async def list_domains(request: web.Request) -> web.Response:

@@ -8,6 +8,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from ..errors import BadRequest, ConfigError, GasnapError
+from . import commands
 
 Command = Callable[[argparse.Namespace], int]
 
@@ -17,8 +18,6 @@ def _add_json(parser: argparse.ArgumentParser) -> None:
 
 
 def _build_parser() -> argparse.ArgumentParser:
-    from . import commands
-
     parser = argparse.ArgumentParser(prog="gasnap", description=__doc__)
     parser.add_argument("--api", help="agent API: unix:PATH or http://HOST:PORT")
     parser.add_argument("--token", help="API token (TCP only)")

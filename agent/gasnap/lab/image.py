@@ -78,7 +78,8 @@ def _module_paths(release: str) -> list[Path]:
     index: dict[str, Path] = {}
     for ko in moddir.rglob("*.ko"):
         index[ko.name.removesuffix(".ko").replace("-", "_")] = ko
-    builtin = (moddir / "modules.builtin").read_text() if (moddir / "modules.builtin").exists() else ""
+    builtin_list = moddir / "modules.builtin"
+    builtin = builtin_list.read_text() if builtin_list.exists() else ""
     paths = []
     for name in MODULES:
         if name in index:
@@ -146,8 +147,7 @@ def _stage(root: Path, modules: list[Path], libs: list[Path]) -> None:
         (root / directory).mkdir(parents=True, exist_ok=True)
 
 
-async def _cpio(root: Path, dest: Path) -> None:
-    files = sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+async def _cpio(root: Path, files: list[str], dest: Path) -> None:
     proc = await asyncio.create_subprocess_exec(
         "cpio", "--quiet", "-o", "-H", "newc", "-R", "0:0",
         cwd=root, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
@@ -159,6 +159,15 @@ async def _cpio(root: Path, dest: Path) -> None:
     await asyncio.to_thread(dest.write_bytes, gzip.compress(out, compresslevel=6))
 
 
+def _plan(libs: list[Path], rebuild: bool) -> tuple[Path, list[Path], Path, bool]:
+    """The kernel, the modules, the image's directory, and whether to build it."""
+    release, vmlinuz = _kernel()
+    modules = _module_paths(release)
+    image_dir = CACHE_DIR / _cache_key(release, [vmlinuz, BUSYBOX, QEMU_GA, *modules, *libs])
+    stale = rebuild or not (image_dir / "initrd.img").exists()
+    return vmlinuz, modules, image_dir, stale
+
+
 async def ensure_image(*, rebuild: bool = False) -> LabImage:
     """The cached image for the current inputs, built if needed."""
     for tool in (BUSYBOX, QEMU_GA):
@@ -166,23 +175,30 @@ async def ensure_image(*, rebuild: bool = False) -> LabImage:
             raise LabPrerequisiteMissing(f"{tool} missing (busybox-static, qemu-guest-agent)")
     if shutil.which("cpio") is None:
         raise LabPrerequisiteMissing("cpio missing")
-    release, vmlinuz = _kernel()
-    modules = _module_paths(release)
     libs = await _shared_libraries(QEMU_GA)
-    key = _cache_key(release, [vmlinuz, BUSYBOX, QEMU_GA, *modules, *libs])
-    image_dir = CACHE_DIR / key
-    image = LabImage(image_dir / "vmlinuz", image_dir / "initrd.img")
-    if image.initrd.exists() and not rebuild:
-        return image
-    log.info("building lab image %s (kernel %s)", key, release)
-    CACHE_DIR.mkdir(parents=True, exist_ok=True)
+    vmlinuz, modules, image_dir, stale = await asyncio.to_thread(_plan, libs, rebuild)
+    if stale:
+        log.info("building lab image %s", image_dir)
+        await _build(vmlinuz, modules, libs, image_dir)
+    return LabImage(image_dir / "vmlinuz", image_dir / "initrd.img")
+
+
+def _build_tree(
+    tmp: Path, vmlinuz: Path, modules: list[Path], libs: list[Path]
+) -> tuple[Path, list[str]]:
+    """Stage the initramfs under tmp/root; return the output dir and the file list."""
+    root = tmp / "root"
+    _stage(root, modules, libs)
+    out = tmp / "out"
+    out.mkdir()
+    shutil.copy2(vmlinuz, out / "vmlinuz")
+    return out, sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+
+
+async def _build(vmlinuz: Path, modules: list[Path], libs: list[Path], image_dir: Path) -> None:
+    await asyncio.to_thread(CACHE_DIR.mkdir, parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=CACHE_DIR, prefix=".build-") as tmp:
-        staging = Path(tmp) / "root"
-        await asyncio.to_thread(_stage, staging, modules, libs)
-        out = Path(tmp) / "out"
-        out.mkdir()
-        await asyncio.to_thread(shutil.copy2, vmlinuz, out / "vmlinuz")
-        await _cpio(staging, out / "initrd.img")
-        shutil.rmtree(image_dir, ignore_errors=True)
+        out, files = await asyncio.to_thread(_build_tree, Path(tmp), vmlinuz, modules, libs)
+        await _cpio(Path(tmp) / "root", files, out / "initrd.img")
+        await asyncio.to_thread(shutil.rmtree, image_dir, True)
         os.replace(out, image_dir)  # atomic: a half-built image is never visible
-    return image
