@@ -14,7 +14,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
 import libvirt
@@ -78,6 +79,51 @@ _CONNECTION_ERRORS = {
 
 # --- process-wide libvirt set-up -------------------------------------------
 
+class _LoopThreadProxy:
+    """The asyncio loop as libvirtaio sees it, safe to use from any thread.
+
+    libvirt calls the event implementation from whatever thread is inside a
+    libvirt API call, and gasnap makes those calls in worker threads.
+    libvirtaio then touches the loop directly (``add_reader``, tasks for
+    timers and free callbacks), which asyncio only allows on the loop's own
+    thread.  This proxy hands such calls to the loop thread instead.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._thread = threading.get_ident()
+
+    def _on_loop_thread(self) -> bool:
+        return threading.get_ident() == self._thread
+
+    def _defer(self, method: str, *args: Any) -> None:
+        if self._on_loop_thread():
+            getattr(self._loop, method)(*args)
+        elif not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(getattr(self._loop, method), *args)
+
+    def add_reader(self, fd: int, callback: Callable[..., None], *args: Any) -> None:
+        self._defer("add_reader", fd, callback, *args)
+
+    def remove_reader(self, fd: int) -> None:
+        self._defer("remove_reader", fd)
+
+    def add_writer(self, fd: int, callback: Callable[..., None], *args: Any) -> None:
+        self._defer("add_writer", fd, callback, *args)
+
+    def remove_writer(self, fd: int) -> None:
+        self._defer("remove_writer", fd)
+
+    def create_task(self, coro: Coroutine[Any, Any, Any], **kwargs: Any) -> Any:
+        if self._on_loop_thread():
+            return self._loop.create_task(coro, **kwargs)
+        # A concurrent future: libvirtaio only ever cancels what it gets back.
+        return asyncio.run_coroutine_threadsafe(coro, self._loop)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._loop, name)
+
+
 _event_loop: asyncio.AbstractEventLoop | None = None
 
 
@@ -93,10 +139,17 @@ def _register_event_loop() -> None:
     global _event_loop  # noqa: PLW0603 - process-wide by libvirt's design
     loop = asyncio.get_running_loop()
     if _event_loop is None:
-        libvirtaio.virEventRegisterAsyncIOImpl(loop=loop)
+        libvirtaio.virEventAsyncIOImpl(loop=_LoopThreadProxy(loop)).register()
         _event_loop = loop
     elif _event_loop is not loop:
         raise VirtError("libvirt events are already bound to another asyncio loop")
+
+
+async def _settle() -> None:
+    """Let the loop run what libvirt handed over while a connection closed
+    (handle removals, free callbacks), so nothing is left for a closed loop."""
+    for _ in range(4):
+        await asyncio.sleep(0)
 
 
 # --- error mapping ---------------------------------------------------------
@@ -159,6 +212,7 @@ class LibvirtHypervisor:
             except libvirt.libvirtError:
                 log.debug("unregisterCloseCallback failed", exc_info=True)
             await asyncio.to_thread(conn.close)
+            await _settle()
 
     @property
     def connected(self) -> bool:

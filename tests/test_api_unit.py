@@ -1,0 +1,64 @@
+"""The HTTP layer's own rules, without a hypervisor behind it: error mapping
+and token checks (libvirt's real answers are covered in test_agent.py)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
+
+from gasnap.api import app as app_module
+from gasnap.config import Settings
+from gasnap.errors import BadRequest, Conflict, GasnapError, NotFound, Unavailable
+
+
+def make_app(error: Exception) -> web.Application:
+    async def boom(_request: web.Request) -> web.Response:
+        raise error
+
+    app = web.Application(middlewares=[app_module.errors_middleware])
+    app.router.add_get("/boom", boom)
+    return app
+
+
+@pytest.mark.parametrize(
+    ("error", "status", "code"),
+    [
+        (BadRequest("bad name"), 400, "bad_request"),
+        (NotFound("no such domain", code="domain_not_found"), 404, "domain_not_found"),
+        (Conflict("volume busy"), 409, "conflict"),
+        (Unavailable("libvirtd down"), 503, "unavailable"),
+        (GasnapError("odd"), 500, "internal"),
+        (RuntimeError("secret detail"), 500, "internal"),
+    ],
+)
+async def test_errors_become_json(error: Exception, status: int, code: str) -> None:
+    async with TestClient(TestServer(make_app(error))) as client:
+        resp = await client.get("/boom")
+        assert resp.status == status
+        body = await resp.json()
+        assert body["error"]["code"] == code
+        assert "secret detail" not in body["error"]["message"]
+        missing = await client.get("/nope")
+        assert missing.status == 404
+        assert (await missing.json())["error"]["code"] == "not_found"
+
+
+@pytest.fixture
+async def tcp_client() -> AsyncIterator[TestClient[web.Request, web.Application]]:
+    settings = Settings(listen="tcp:127.0.0.1:0", token="t0ken",
+                        libvirt_uri="test:///default")
+    async with TestClient(TestServer(app_module.create_app(settings))) as client:
+        yield client
+
+
+async def test_tcp_needs_the_token(tcp_client: TestClient[web.Request, web.Application]) -> None:
+    assert (await tcp_client.get("/v1/health")).status == 401
+    bad = await tcp_client.get("/v1/health", headers={"Authorization": "Bearer nope"})
+    assert bad.status == 401
+    for headers in ({"Authorization": "Bearer t0ken"}, {"X-Auth-Token": "t0ken"}):
+        resp = await tcp_client.get("/v1/health", headers=headers)
+        assert resp.status == 200
+        assert (await resp.json())["status"] == "ok"

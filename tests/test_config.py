@@ -1,0 +1,47 @@
+"""Settings: file, then flags; bad input names the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from gasnap import config
+from gasnap.errors import ConfigError
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "agent.toml"
+    path.write_text(text)
+    return path
+
+
+def test_file_then_flags(tmp_path: Path) -> None:
+    path = write(tmp_path, '[agent]\nstate_dir = "/srv/gasnap"\nfreeze_timeout = 5\n'
+                           '[metadata]\nurl = "http://meta:8776"\ntoken = "s3cret"\n')
+    settings = config.load(path, {"state_dir": "/tmp/x", "listen": None})
+    assert settings.state_dir == Path("/tmp/x")
+    assert settings.freeze_timeout == 5.0
+    assert settings.metadata_url == "http://meta:8776"
+    assert "s3cret" not in repr(settings)
+
+
+@pytest.mark.parametrize(
+    ("text", "fragment"),
+    [
+        ('[agent]\nlisten_on = "unix:/x"\n', "agent.listen_on"),
+        ("[agent]\nfreeze_timeout = \"ten\"\n", "agent.freeze_timeout"),
+        ("[agent]\nfreeze_timeout = 0\n", "freeze_timeout"),
+        ('[metadata]\nurl = 3\n', "metadata.url"),
+        ('[agent]\nlisten = "tcp:127.0.0.1:8000"\n', "token"),
+        ("[agent\n", "agent.toml"),
+    ],
+)
+def test_bad_config_names_the_problem(tmp_path: Path, text: str, fragment: str) -> None:
+    with pytest.raises(ConfigError, match=fragment.replace(".", r"\.")):
+        config.load(write(tmp_path, text), {})
+
+
+def test_missing_explicit_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="does not exist"):
+        config.load(tmp_path / "nope.toml", {})

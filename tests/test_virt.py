@@ -1,0 +1,87 @@
+"""The libvirt and guest-agent boundaries against a real lab guest."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from gasnap import qemuimg
+from gasnap.guestagent import FreezeState
+from gasnap.hypervisor import AgentState, Domain, DomainState
+from gasnap.lab.workload import freeze_log
+from gasnap.virt import DomainNotFound, LibvirtHypervisor
+
+
+def external_overlay(domain: str, target: str, overlay: Path, others: list[str]) -> None:
+    """An overlay made by hand with virsh, the way an operator might."""
+    subprocess.run(
+        ["virsh", "-q", "-c", "qemu:///system", "snapshot-create-as", domain,
+         "--disk-only", "--no-metadata", "--atomic",
+         "--diskspec", f"{target},snapshot=external,file={overlay}",
+         *[f"--diskspec={other},snapshot=no" for other in others]],
+        check=True, capture_output=True,
+    )
+
+
+async def test_domain_record(hv: LibvirtHypervisor, guest: Domain) -> None:
+    dom = await hv.get_domain(guest.name)
+    assert dom.state is DomainState.RUNNING
+    assert dom.guest_agent is AgentState.CONNECTED
+    assert [v.target for v in dom.volumes] == ["vda", "vdb"]
+    assert all(v.volume_id == v.serial for v in dom.volumes)
+    assert guest.name in [d.name for d in await hv.list_domains()]
+
+
+async def test_chain_from_the_live_xml_matches_qemu_img(
+    hv: LibvirtHypervisor, guest: Domain
+) -> None:
+    vda = guest.volume("vda")
+    assert vda is not None
+    overlay = Path(vda.active_file).with_name(Path(vda.active_file).name + ".by-hand")
+    external_overlay(guest.name, "vda", overlay, others=["vdb"])
+    dom = await hv.get_domain(guest.name)
+    for vol in dom.volumes:
+        probed = await qemuimg.info_chain(vol.active_file)
+        assert [layer.path for layer in vol.chain] == [i.filename for i in probed]
+        assert [layer.format for layer in vol.chain] == [i.format for i in probed]
+    new_vda = dom.volume("vda")
+    assert new_vda is not None
+    assert [layer.path for layer in new_vda.chain] == [str(overlay), vda.active_file]
+
+
+async def test_unknown_domain(hv: LibvirtHypervisor) -> None:
+    with pytest.raises(DomainNotFound):
+        await hv.get_domain("gt-no-such-domain")
+
+
+async def test_agent_round_trip(hv: LibvirtHypervisor, guest: Domain) -> None:
+    agent, name = hv.agent, guest.name
+    await agent.ping(name)
+    assert await agent.fsfreeze_status(name, 5) is FreezeState.THAWED
+    before = len(await freeze_log(hv, name))
+    try:
+        assert await agent.fsfreeze(name, 10) == 2
+        assert await agent.fsfreeze_status(name, 5) is FreezeState.FROZEN
+    finally:
+        thawed = await agent.fsthaw(name, 10)
+    assert thawed == 2
+    assert await agent.fsfreeze_status(name, 5) is FreezeState.THAWED
+    log = (await freeze_log(hv, name))[before:]
+    assert [event for event, _ in log] == ["freeze", "thaw"]
+    assert log[1][1] > log[0][1]
+    # Thawing a thawed guest is harmless (qemu-ga still runs the thaw hook).
+    assert await agent.fsthaw(name, 10) == 0
+    mounts = {fs["mountpoint"] for fs in await agent.fsinfo(name, 5)}
+    assert {"/data", "/data1"} <= mounts
+
+
+async def test_agent_command_passes_arguments(hv: LibvirtHypervisor, guest: Domain) -> None:
+    reply = await hv.agent_command(guest.name, "guest-sync", {"id": 4242}, 5)
+    assert reply == 4242
+    info = await hv.agent_command(guest.name, "guest-info", None, 5)
+    enabled = {c["name"] for c in info["supported_commands"] if c["enabled"]}
+    assert {"guest-exec", "guest-fsfreeze-freeze", "guest-fsfreeze-thaw"} <= enabled
+    assert json.dumps(info)  # plain JSON types
