@@ -102,3 +102,44 @@ def agent_channel(xml: str) -> AgentChannel:
 def volume_id(domain_name: str, spec: DiskSpec) -> str:
     """The Nova/Cinder convention: the serial when there is one."""
     return spec.serial or f"{domain_name}/{spec.target}"
+
+
+def snapshot_xml(overlays: dict[str, str], targets: list[str]) -> str:
+    """A disk-only snapshot definition: TARGETS in OVERLAYS switch to their
+    (pre-created, qcow2) overlay; every other disk is left alone."""
+    root = ET.Element("domainsnapshot")
+    disks_elem = ET.SubElement(root, "disks")
+    for target in targets:
+        if target in overlays:
+            disk = ET.SubElement(disks_elem, "disk", name=target, snapshot="external",
+                                 type="file")
+            ET.SubElement(disk, "driver", type="qcow2")
+            ET.SubElement(disk, "source", file=overlays[target])
+        else:
+            ET.SubElement(disks_elem, "disk", name=target, snapshot="no")
+    return ET.tostring(root, encoding="unicode")
+
+
+def with_disk_sources(xml: str, overlays: dict[str, str]) -> str:
+    """Inactive domain XML with the disks in OVERLAYS pointing at their qcow2
+    overlay (the offline switch); the chain below is read from the headers."""
+    root = _parse(xml)
+    found = set()
+    for disk in root.findall("./devices/disk"):
+        target = disk.find("target")
+        dev = target.get("dev") if target is not None else None
+        if dev not in overlays:
+            continue
+        found.add(dev)
+        source = disk.find("source")
+        driver = disk.find("driver")
+        if source is None or driver is None:
+            raise DomainXMLError(f"disk {dev} has no source or driver element")
+        source.set("file", overlays[dev])
+        driver.set("type", "qcow2")
+        for backing in disk.findall("backingStore"):
+            disk.remove(backing)
+    missing = set(overlays) - found
+    if missing:
+        raise DomainXMLError(f"no disk {', '.join(sorted(missing))} in the domain XML")
+    return ET.tostring(root, encoding="unicode")

@@ -102,3 +102,10 @@ class Hypervisor(Protocol):
     async def agent_command(
         self, domain: str, command: str, arguments: dict[str, Any] | None, timeout: float
     ) -> Any: ...
+
+    async def switch_overlays(self, name: str, overlays: dict[str, str]) -> None:
+        """Running or paused domain: make each target's pre-created overlay its
+        active layer, all at once."""
+
+    async def define_overlays(self, name: str, overlays: dict[str, str]) -> None:
+        """Stopped domain: point the persistent definition at the overlays."""

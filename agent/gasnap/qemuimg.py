@@ -91,3 +91,16 @@ async def info_chain(path: str) -> list[ImageInfo]:
 async def info(path: str) -> ImageInfo:
     out = await run("info", "-U", "--output=json", path)
     return ImageInfo.from_json(json.loads(out))
+
+
+async def create_overlay(path: str, backing: str, backing_format: str, size: int) -> None:
+    """A qcow2 overlay at PATH on top of BACKING, with a *relative* backing
+    pointer (BACKING's basename: both live in one directory).
+
+    ``-u``: the backing image is open read-write by a running QEMU and its
+    size is known, so qemu-img must not try to open it.
+    """
+    if "/" in backing:
+        raise QemuImgError(f"backing pointer must be relative, not {backing!r}")
+    await run("create", "-q", "-f", "qcow2", "-u", "-F", backing_format, "-b", backing,
+              path, str(size))

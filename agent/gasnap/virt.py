@@ -348,6 +348,38 @@ class LibvirtHypervisor:
             raise AgentCommandFailed(f"{domain}: {command}: malformed reply {raw!r}") from err
 
 
+    # switching overlays
+
+    async def switch_overlays(self, name: str, overlays: dict[str, str]) -> None:
+        """Make each pre-created overlay the active layer of its disk, all
+        disks of the domain at once (ATOMIC), without libvirt metadata."""
+        flags = (
+            libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_DISK_ONLY
+            | libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_REUSE_EXT
+            | libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_NO_METADATA
+            | libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_ATOMIC
+        )
+
+        def run(conn: libvirt.virConnect) -> None:
+            dom = conn.lookupByName(name)
+            targets = [spec.target for spec in domxml.disks(dom.XMLDesc(0))]
+            dom.snapshotCreateXML(domxml.snapshot_xml(overlays, targets), flags)
+
+        await self.call(run, what=f"{name}: snapshot", retry=False)
+
+    async def define_overlays(self, name: str, overlays: dict[str, str]) -> None:
+        """The offline switch: the persistent definition of a stopped domain
+        points each disk at its overlay."""
+
+        def run(conn: libvirt.virConnect) -> None:
+            dom = conn.lookupByName(name)
+            if dom.isActive():
+                raise VirtError(f"{name} started while its overlays were being switched")
+            xml = dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE | libvirt.VIR_DOMAIN_XML_SECURE)
+            conn.defineXML(domxml.with_disk_sources(xml, overlays))
+
+        await self.call(run, what=f"{name}: switch overlays", retry=False)
+
     # definitions (used by the lab; workflow code does not define domains)
 
     async def define_and_start(self, xml: str) -> str:

@@ -1,16 +1,76 @@
-"""Thin handlers: parse the request, call the library, shape the answer."""
+"""Thin handlers: parse the request, call the service, shape the answer."""
 
 from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
 
 from aiohttp import web
 
 from .. import __version__
-from .keys import HYPERVISOR
+from ..errors import BadRequest
+from ..workflows.create import CreateRequest, Quiesce
+from .keys import HYPERVISOR, SERVICE
+
+MAX_WAIT = 60.0
+
+
+# --- request parsing ----------------------------------------------------------
+
+
+async def _body(request: web.Request) -> dict[str, Any]:
+    try:
+        doc = await request.json()
+    except ValueError as err:
+        raise BadRequest("the body is not valid JSON", code="invalid_json") from err
+    if not isinstance(doc, dict):
+        raise BadRequest("the body must be a JSON object", code="invalid_json")
+    return doc
+
+
+def _string(doc: dict[str, Any], key: str, default: str | None = None) -> str | None:
+    value = doc.get(key, default)
+    if value is not None and not isinstance(value, str):
+        raise BadRequest(f"{key} must be a string", code="invalid_request")
+    return value
+
+
+def _string_list(value: Any, what: str) -> list[str]:
+    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+        raise BadRequest(f"{what} must be a list of names", code="invalid_request")
+    return value
+
+
+def _create_request(doc: dict[str, Any]) -> CreateRequest:
+    unknown = set(doc) - {"domains", "disks", "name", "description", "quiesce"}
+    if unknown:
+        raise BadRequest(f"unknown fields: {sorted(unknown)}", code="invalid_request")
+    domains = _string_list(doc.get("domains"), "domains")
+    disks_doc = doc.get("disks") or {}
+    if not isinstance(disks_doc, dict):
+        raise BadRequest("disks must map domain names to lists of targets",
+                         code="invalid_request")
+    disks = {str(k): _string_list(v, f"disks.{k}") for k, v in disks_doc.items()}
+    try:
+        quiesce = Quiesce(_string(doc, "quiesce", "preferred"))
+    except ValueError as err:
+        raise BadRequest("quiesce must be required, preferred or off",
+                         code="invalid_request") from err
+    default_name = "gasnap-" + datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    return CreateRequest(
+        domains=domains, disks=disks, name=_string(doc, "name") or default_name,
+        description=_string(doc, "description") or "", quiesce=quiesce,
+    )
+
+
+# --- handlers -----------------------------------------------------------------
 
 
 async def health(request: web.Request) -> web.Response:
     libvirt = "connected" if request.app[HYPERVISOR].connected else "disconnected"
-    return web.json_response({"status": "ok", "version": __version__, "libvirt": libvirt})
+    recovery = "done" if request.app[SERVICE].ready.is_set() else "pending"
+    return web.json_response({"status": "ok", "version": __version__, "libvirt": libvirt,
+                              "recovery": recovery})
 
 
 async def list_domains(request: web.Request) -> web.Response:
@@ -23,7 +83,59 @@ async def get_domain(request: web.Request) -> web.Response:
     return web.json_response(domain.to_record())
 
 
+async def create_snapshots(request: web.Request) -> web.Response:
+    create = _create_request(await _body(request))
+    task = await request.app[SERVICE].create(create)
+    return web.json_response({"task": task.to_record()}, status=202)
+
+
+async def list_snapshots(request: web.Request) -> web.Response:
+    query = request.query
+    records = await request.app[SERVICE].records(
+        domain=query.get("domain"), volume_id=query.get("volume_id"),
+        status=query.get("status"),
+    )
+    return web.json_response({"snapshots": records})
+
+
+async def get_snapshot(request: web.Request) -> web.Response:
+    return web.json_response(await request.app[SERVICE].record(request.match_info["id"]))
+
+
+async def update_snapshot(request: web.Request) -> web.Response:
+    doc = await _body(request)
+    unknown = set(doc) - {"name", "description"}
+    if unknown:
+        raise BadRequest(f"only name and description can change, not {sorted(unknown)}",
+                         code="invalid_request")
+    record = await request.app[SERVICE].rename(
+        request.match_info["id"], _string(doc, "name"), _string(doc, "description")
+    )
+    return web.json_response(record)
+
+
+async def list_tasks(request: web.Request) -> web.Response:
+    tasks = request.app[SERVICE].tasks.list()
+    return web.json_response({"tasks": [t.to_record() for t in tasks]})
+
+
+async def get_task(request: web.Request) -> web.Response:
+    """``?wait=SECONDS`` (at most 60) long-polls until the task ends."""
+    try:
+        wait = min(float(request.query.get("wait", "0")), MAX_WAIT)
+    except ValueError as err:
+        raise BadRequest("wait must be a number of seconds", code="invalid_request") from err
+    task = await request.app[SERVICE].tasks.wait(request.match_info["id"], max(wait, 0.0))
+    return web.json_response(task.to_record())
+
+
 def setup_routes(app: web.Application) -> None:
     app.router.add_get("/v1/health", health)
     app.router.add_get("/v1/domains", list_domains)
     app.router.add_get("/v1/domains/{name}", get_domain)
+    app.router.add_post("/v1/snapshots", create_snapshots)
+    app.router.add_get("/v1/snapshots", list_snapshots)
+    app.router.add_get("/v1/snapshots/{id}", get_snapshot)
+    app.router.add_patch("/v1/snapshots/{id}", update_snapshot)
+    app.router.add_get("/v1/tasks", list_tasks)
+    app.router.add_get("/v1/tasks/{id}", get_task)

@@ -11,6 +11,7 @@ import asyncio
 import sys
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote, urlencode
 
 from . import output
 
@@ -49,6 +50,108 @@ def domain_list(args: argparse.Namespace) -> int:
     else:
         output.domains(records)
     return 0
+
+
+# --- snapshots and tasks ---------------------------------------------------------
+
+WAIT_SLICE = 20  # seconds per long-poll of a task (the client times out at 30)
+
+
+def _disks(domains: list[str], specs: list[str]) -> dict[str, list[str]]:
+    disks: dict[str, list[str]] = {}
+    for spec in specs:
+        domain, sep, target = spec.rpartition(":")
+        for name in [domain] if sep else domains:
+            disks.setdefault(name, []).append(target)
+    return disks
+
+
+def _wait(client: Any, task: dict[str, Any]) -> dict[str, Any]:
+    while task["state"] in ("queued", "running"):
+        task = client.get(f"/v1/tasks/{task['id']}?wait={WAIT_SLICE}")
+    return task
+
+
+def _finish_task(args: argparse.Namespace, task: dict[str, Any]) -> int:
+    if args.json:
+        output.emit_json(task)
+    else:
+        output.task(task)
+    if task["state"] == "failed":
+        print(f"gasnap: {task['error']['message']}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def snapshot_create(args: argparse.Namespace) -> int:
+    body: dict[str, Any] = {"domains": args.domains, "quiesce": args.quiesce}
+    if args.disk:
+        body["disks"] = _disks(args.domains, args.disk)
+    if args.name is not None:
+        body["name"] = args.name
+    if args.description is not None:
+        body["description"] = args.description
+    client = _client(args)
+    task = client.request("POST", "/v1/snapshots", body)["task"]
+    if not args.no_wait:
+        task = _wait(client, task)
+    return _finish_task(args, task)
+
+
+def snapshot_list(args: argparse.Namespace) -> int:
+    query = {"domain": args.domain, "volume_id": args.volume, "status": args.status}
+    path = "/v1/snapshots"
+    if any(v is not None for v in query.values()):
+        path += "?" + urlencode({k: v for k, v in query.items() if v is not None})
+    records = _client(args).get(path)["snapshots"]
+    if args.json:
+        output.emit_json(records)
+    else:
+        output.snapshots(records)
+    return 0
+
+
+def snapshot_info(args: argparse.Namespace) -> int:
+    record = _client(args).get(f"/v1/snapshots/{quote(args.id)}")
+    if args.json:
+        output.emit_json(record)
+    else:
+        output.snapshot(record)
+    return 0
+
+
+def snapshot_rename(args: argparse.Namespace) -> int:
+    record = _client(args).request("PATCH", f"/v1/snapshots/{quote(args.id)}",
+                                   {"name": args.name})
+    if args.json:
+        output.emit_json(record)
+    else:
+        output.snapshot(record)
+    return 0
+
+
+def task_list(args: argparse.Namespace) -> int:
+    tasks = _client(args).get("/v1/tasks")["tasks"]
+    if args.json:
+        output.emit_json(tasks)
+    else:
+        output.table(("ID", "KIND", "STATE", "PROGRESS"),
+                     ((t["id"], t["kind"], t["state"], f"{t['progress']}%") for t in tasks))
+    return 0
+
+
+def task_show(args: argparse.Namespace) -> int:
+    task = _client(args).get(f"/v1/tasks/{quote(args.id)}")
+    if args.json:
+        output.emit_json(task)
+    else:
+        output.task(task)
+    return 0
+
+
+def task_wait(args: argparse.Namespace) -> int:
+    client = _client(args)
+    return _finish_task(args, _wait(client, client.get(f"/v1/tasks/{quote(args.id)}")))
 
 
 # --- lab --------------------------------------------------------------------

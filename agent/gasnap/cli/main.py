@@ -39,6 +39,9 @@ def _build_parser() -> argparse.ArgumentParser:
     _add_json(dlist)
     dlist.set_defaults(func=commands.domain_list)
 
+    _snapshot_parsers(sub)
+    _task_parsers(sub)
+
     lab = sub.add_parser("lab", help="disposable test guests").add_subparsers(
         dest="action", required=True, metavar="ACTION")
     up = lab.add_parser("up", help="create and boot a lab guest")
@@ -69,6 +72,50 @@ def _build_parser() -> argparse.ArgumentParser:
     _add_json(demo)
     demo.set_defaults(func=commands.demo)
     return parser
+
+
+def _snapshot_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    snap = sub.add_parser("snapshot", help="create, list, rename snapshots").add_subparsers(
+        dest="action", required=True, metavar="ACTION")
+    create = snap.add_parser("create", help="one snapshot per selected volume")
+    create.add_argument("domains", nargs="+", metavar="DOMAIN")
+    create.add_argument("--disk", action="append", default=[], metavar="[DOMAIN:]TARGET",
+                        help="only these disks (repeatable; TARGET alone: of every domain)")
+    create.add_argument("--name")
+    create.add_argument("--description")
+    create.add_argument("--quiesce", choices=("required", "preferred", "off"),
+                        default="preferred")
+    create.add_argument("--no-wait", action="store_true", help="print the task and return")
+    _add_json(create)
+    create.set_defaults(func=commands.snapshot_create)
+    slist = snap.add_parser("list", help="snapshot records")
+    slist.add_argument("--domain")
+    slist.add_argument("--volume")
+    slist.add_argument("--status")
+    _add_json(slist)
+    slist.set_defaults(func=commands.snapshot_list)
+    info = snap.add_parser("info", help="one snapshot record")
+    info.add_argument("id")
+    _add_json(info)
+    info.set_defaults(func=commands.snapshot_info)
+    rename = snap.add_parser("rename", help="change a snapshot's name")
+    rename.add_argument("id")
+    rename.add_argument("name")
+    _add_json(rename)
+    rename.set_defaults(func=commands.snapshot_rename)
+
+
+def _task_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    task = sub.add_parser("task", help="asynchronous tasks").add_subparsers(
+        dest="action", required=True, metavar="ACTION")
+    tlist = task.add_parser("list")
+    _add_json(tlist)
+    tlist.set_defaults(func=commands.task_list)
+    for action, func in (("show", commands.task_show), ("wait", commands.task_wait)):
+        parser = task.add_parser(action)
+        parser.add_argument("id")
+        _add_json(parser)
+        parser.set_defaults(func=func)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -31,3 +31,26 @@ def domains(records: list[dict[str, Any]]) -> None:
             else:
                 rows.append((*head, vol["target"], vol["volume_id"], len(vol["chain"])))
     table(("DOMAIN", "STATE", "AGENT", "DISK", "VOLUME", "CHAIN"), rows)
+
+
+def snapshots(records: list[dict[str, Any]]) -> None:
+    table(
+        ("ID", "DOMAIN", "DISK", "STATUS", "CONSISTENCY", "CREATED", "NAME"),
+        ((r["id"], r["domain"], r["target"] or "-", r["status"], r["consistency"] or "-",
+          r["created_at"][:19], r["name"]) for r in records),
+    )
+
+
+def snapshot(record: dict[str, Any]) -> None:
+    width = max(len(k) for k in record)
+    for key, value in record.items():
+        print(f"{key:<{width}}  {'-' if value is None else value}")
+
+
+def task(record: dict[str, Any]) -> None:
+    print(f"task {record['id']} ({record['kind']}): {record['state']}, {record['progress']}%")
+    if record.get("error"):
+        print(f"error: {record['error']['message']}")
+    for snap in (record.get("result") or {}).get("snapshots", []):
+        print(f"  {snap['id']}  {snap['domain']}/{snap['target']}  {snap['status']}"
+              f"  {snap['consistency'] or '-'}")

@@ -1,0 +1,140 @@
+"""The metadata service boundary: the contract's calls, whatever serves them.
+
+The agent records every snapshot in two phases: ``create-snapshot-metadata``
+(status ``creating``) before it touches a disk, ``finalize-snapshot-metadata``
+(``available`` or ``error``) after.  Workflows use the ``MetadataService``
+protocol only; the embedded SQLite store (``gasnap.metadata_sqlite``) is the
+default implementation and a remote service can replace it.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import asdict, dataclass
+from typing import Any, Protocol
+
+from .errors import Conflict, GasnapError, NotFound
+
+
+class MetadataError(GasnapError):
+    code = "metadata"
+
+
+class SnapshotNotFound(MetadataError, NotFound):
+    code = "snapshot_not_found"
+
+
+class WrongStatus(MetadataError, Conflict):
+    code = "wrong_status"
+
+
+class Status(enum.Enum):
+    CREATING = "creating"
+    AVAILABLE = "available"
+    ERROR = "error"
+    DELETING = "deleting"
+    ERROR_DELETING = "error_deleting"
+
+
+class Consistency(enum.Enum):
+    FILESYSTEM = "filesystem"
+    CRASH = "crash"
+
+
+# Cinder's life cycle; anything else is a 409.
+TRANSITIONS: dict[Status, frozenset[Status]] = {
+    Status.CREATING: frozenset({Status.AVAILABLE, Status.ERROR}),
+    Status.AVAILABLE: frozenset({Status.DELETING}),
+    Status.DELETING: frozenset({Status.ERROR_DELETING}),
+    Status.ERROR_DELETING: frozenset({Status.DELETING}),
+    Status.ERROR: frozenset(),
+}
+# States from which snapshot-delete-metadata may remove the record.
+DELETABLE = frozenset({Status.DELETING, Status.ERROR})
+
+
+def check_transition(snapshot_id: str, current: Status, new: Status) -> None:
+    if new not in TRANSITIONS[current]:
+        raise WrongStatus(
+            f"snapshot {snapshot_id} is {current.value}; it cannot become {new.value}",
+            current=current.value,
+        )
+
+
+@dataclass(frozen=True)
+class SnapshotMeta:
+    """A snapshot as the metadata service knows it."""
+
+    id: str
+    volume_id: str
+    name: str
+    description: str
+    size: int
+    created_at: str
+    domain: str
+    group_id: str | None
+    target: str | None
+    status: Status
+    file: str | None = None
+    backing_file: str | None = None
+    consistency: Consistency | None = None
+    error: str | None = None
+    progress: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        doc = asdict(self)
+        doc["status"] = self.status.value
+        doc["consistency"] = self.consistency.value if self.consistency else None
+        return doc
+
+
+@dataclass(frozen=True)
+class NewSnapshot:
+    """The body of create-snapshot-metadata."""
+
+    snapshot_id: str
+    volume_id: str
+    name: str
+    description: str
+    size: int
+    created_at: str
+    domain: str
+    group_id: str | None = None
+    target: str | None = None
+
+
+@dataclass(frozen=True)
+class Finalization:
+    """The body of finalize-snapshot-metadata."""
+
+    status: Status
+    file: str | None
+    backing_file: str | None
+    consistency: Consistency | None
+    error: str | None = None
+
+
+class MetadataService(Protocol):
+    async def create_snapshot_metadata(self, new: NewSnapshot) -> SnapshotMeta: ...
+
+    async def finalize_snapshot_metadata(
+        self, snapshot_id: str, final: Finalization
+    ) -> SnapshotMeta: ...
+
+    async def update_snapshot_status(
+        self, snapshot_id: str, status: Status, progress: str
+    ) -> SnapshotMeta: ...
+
+    async def update_snapshot_metadata(
+        self, snapshot_id: str, name: str | None, description: str | None
+    ) -> SnapshotMeta: ...
+
+    async def snapshot_delete_metadata(self, snapshot_id: str) -> None: ...
+
+    async def get_snapshot(self, snapshot_id: str) -> SnapshotMeta: ...
+
+    async def list_snapshots(
+        self, volume_id: str | None = None, status: Status | None = None
+    ) -> list[SnapshotMeta]: ...
+
+    async def close(self) -> None: ...

@@ -1,0 +1,121 @@
+"""What the API offers, over the workflows: snapshot records, tasks, requests.
+
+The contract's snapshot record is assembled here from the metadata service's
+view: ``image`` is the point-in-time file (the overlay's backing file) and
+``parent`` the previous snapshot of the same volume.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from .errors import BadRequest, GasnapError, Unavailable
+from .metadata import SnapshotMeta, Status
+from .tasks import Task, TaskManager
+from .workflows import Context, create
+
+log = logging.getLogger(__name__)
+
+
+class SnapshotFailed(GasnapError):
+    code = "snapshot_failed"
+
+
+def snapshot_record(meta: SnapshotMeta, parent: str | None) -> dict[str, Any]:
+    return {
+        "id": meta.id,
+        "name": meta.name,
+        "description": meta.description,
+        "domain": meta.domain,
+        "volume_id": meta.volume_id,
+        "target": meta.target,
+        "status": meta.status.value,
+        "consistency": meta.consistency.value if meta.consistency else None,
+        "file": meta.file,
+        "image": meta.backing_file,
+        "parent": parent,
+        "group_id": meta.group_id,
+        "created_at": meta.created_at,
+        "size": meta.size,
+        "error": meta.error,
+    }
+
+
+def _parents(metas: list[SnapshotMeta]) -> dict[str, str | None]:
+    """Each snapshot's previous (non-failed) snapshot of the same volume."""
+    parents: dict[str, str | None] = {}
+    last: dict[str, str] = {}
+    for meta in sorted(metas, key=lambda m: m.created_at):
+        parents[meta.id] = last.get(meta.volume_id)
+        if meta.status is not Status.ERROR:
+            last[meta.volume_id] = meta.id
+    return parents
+
+
+class SnapshotService:
+    def __init__(self, ctx: Context, tasks: TaskManager) -> None:
+        self.ctx = ctx
+        self.tasks = tasks
+        # Set once recovery has settled the journal: until then a new create
+        # could collide with an unfinished one.
+        self.ready = asyncio.Event()
+
+    # reading
+
+    async def records(self, *, domain: str | None = None, volume_id: str | None = None,
+                      status: str | None = None) -> list[dict[str, Any]]:
+        try:
+            wanted = Status(status) if status is not None else None
+        except ValueError as err:
+            raise BadRequest(f"unknown status {status!r}", code="invalid_status") from err
+        metas = await self.ctx.metadata.list_snapshots(volume_id=volume_id)
+        parents = _parents(metas)
+        return [
+            snapshot_record(m, parents[m.id]) for m in metas
+            if (domain is None or m.domain == domain) and (wanted is None or m.status is wanted)
+        ]
+
+    async def record(self, snapshot_id: str) -> dict[str, Any]:
+        meta = await self.ctx.metadata.get_snapshot(snapshot_id)
+        volume = await self.ctx.metadata.list_snapshots(volume_id=meta.volume_id)
+        return snapshot_record(meta, _parents(volume).get(meta.id))
+
+    async def _records_of(self, metas: list[SnapshotMeta]) -> list[dict[str, Any]]:
+        return [await self.record(m.id) for m in metas]
+
+    async def rename(self, snapshot_id: str, name: str | None,
+                     description: str | None) -> dict[str, Any]:
+        if name is not None:
+            create.check_name(name)
+        if description is not None and len(description) > create.MAX_DESCRIPTION:
+            raise BadRequest("description is too long", code="invalid_description")
+        await self.ctx.metadata.update_snapshot_metadata(snapshot_id, name, description)
+        return await self.record(snapshot_id)
+
+    # creating
+
+    async def create(self, request: create.CreateRequest) -> Task:
+        """Validate now (errors reach the caller), then run as a task."""
+        if not self.ready.is_set():
+            raise Unavailable("the agent is still recovering unfinished operations",
+                              code="recovering")
+        the_plan = await create.plan(self.ctx, request)
+        task = self.tasks.reserve("snapshot-create", {v.volume_id for v in the_plan.volumes})
+
+        async def work(_task: Task) -> dict[str, Any]:
+            outcome = await create.execute(self.ctx, the_plan)
+            result = {"snapshots": await self._records_of(outcome.snapshots)}
+            failed = [m for m in outcome.snapshots if m.status is not Status.AVAILABLE]
+            if outcome.failure is not None:
+                raise SnapshotFailed(outcome.failure.message, code=outcome.failure.code,
+                                     result=result)
+            if failed:
+                raise SnapshotFailed(
+                    f"{len(failed)} of {len(outcome.snapshots)} snapshots failed: "
+                    f"{failed[0].error}", result=result)
+            return result
+
+        await self.tasks.start(task, work)
+        return task

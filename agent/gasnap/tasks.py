@@ -1,0 +1,169 @@
+"""Asynchronous tasks: what the API hands back with 202, and the volume locks.
+
+A task holds the volumes it works on from the moment it is accepted until it
+ends, so a second request on any of them is refused (409) before anything is
+recorded.  Task documents are saved in the journal on every change.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import logging
+import uuid
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import Conflict, GasnapError, NotFound
+from .journal import Journal
+
+log = logging.getLogger(__name__)
+
+
+class TaskNotFound(NotFound):
+    code = "task_not_found"
+
+
+class VolumeBusy(Conflict):
+    code = "volume_busy"
+
+
+class TaskState(enum.Enum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+
+
+@dataclass
+class Task:
+    id: str
+    kind: str
+    volumes: frozenset[str]
+    state: TaskState = TaskState.QUEUED
+    progress: int = 0
+    result: dict[str, Any] | None = None
+    error: dict[str, str] | None = None
+    done: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
+
+    def to_record(self) -> dict[str, Any]:
+        doc: dict[str, Any] = {"id": self.id, "kind": self.kind, "state": self.state.value,
+                               "progress": self.progress}
+        if self.result is not None:
+            doc["result"] = self.result
+        if self.error is not None:
+            doc["error"] = self.error
+        return doc
+
+    @property
+    def finished(self) -> bool:
+        return self.state in (TaskState.SUCCEEDED, TaskState.FAILED)
+
+
+Work = Callable[[Task], Awaitable[dict[str, Any]]]
+
+
+class TaskManager:
+    def __init__(self, journal: Journal) -> None:
+        self._journal = journal
+        self._tasks: dict[str, Task] = {}
+        self._busy: dict[str, str] = {}  # volume_id -> task id
+        self._running: set[asyncio.Task[None]] = set()
+
+    async def load(self) -> None:
+        """Tasks of earlier runs, read-only; one still open then was cut short."""
+        for doc in await self._journal.load_tasks():
+            task = Task(doc["id"], doc["kind"], frozenset(), TaskState(doc["state"]),
+                        doc.get("progress", 0), doc.get("result"), doc.get("error"))
+            if not task.finished:
+                task.state = TaskState.FAILED
+                task.error = {"code": "interrupted",
+                              "message": "the agent stopped while this task ran; "
+                                         "recovery settled its snapshots"}
+                await self._journal.save_task(task.to_record())
+            task.done.set()
+            self._tasks[task.id] = task
+
+    def reserve(self, kind: str, volumes: Iterable[str]) -> Task:
+        """A new task holding VOLUMES, or VolumeBusy naming the holder."""
+        wanted = frozenset(volumes)
+        for volume in sorted(wanted):
+            holder = self._busy.get(volume)
+            if holder is not None:
+                raise VolumeBusy(f"volume {volume} is busy with task {holder}",
+                                 task=holder)
+        task = Task(str(uuid.uuid4()), kind, wanted)
+        for volume in wanted:
+            self._busy[volume] = task.id
+        self._tasks[task.id] = task
+        return task
+
+    def release(self, task: Task) -> None:
+        for volume in task.volumes:
+            if self._busy.get(volume) == task.id:
+                del self._busy[volume]
+
+    async def start(self, task: Task, work: Work) -> None:
+        await self._journal.save_task(task.to_record())
+        runner = asyncio.get_running_loop().create_task(self._run(task, work))
+        self._running.add(runner)
+        runner.add_done_callback(self._running.discard)
+
+    async def _run(self, task: Task, work: Work) -> None:
+        await self.update(task, state=TaskState.RUNNING)
+        try:
+            result = await work(task)
+        except GasnapError as err:
+            log.error("task %s (%s) failed: %s", task.id, task.kind, err.message)
+            log.debug("traceback", exc_info=True)
+            task.result = err.details.get("result", task.result)
+            await self.update(task, state=TaskState.FAILED, error=err.to_dict())
+        except Exception as err:
+            log.error("task %s (%s) failed: %s", task.id, task.kind, err)
+            log.debug("traceback", exc_info=True)
+            await self.update(task, state=TaskState.FAILED,
+                              error={"code": "internal", "message": str(err)})
+        else:
+            await self.update(task, state=TaskState.SUCCEEDED, progress=100, result=result)
+        finally:
+            self.release(task)
+            task.done.set()
+
+    async def update(self, task: Task, *, state: TaskState | None = None,
+                     progress: int | None = None, result: dict[str, Any] | None = None,
+                     error: dict[str, str] | None = None) -> None:
+        if state is not None:
+            task.state = state
+        if progress is not None:
+            task.progress = max(0, min(100, progress))
+        if result is not None:
+            task.result = result
+        if error is not None:
+            task.error = error
+        await self._journal.save_task(task.to_record())
+
+    def get(self, task_id: str) -> Task:
+        try:
+            return self._tasks[task_id]
+        except KeyError:
+            raise TaskNotFound(f"no task {task_id}") from None
+
+    def list(self) -> list[Task]:
+        return list(self._tasks.values())
+
+    async def wait(self, task_id: str, timeout: float) -> Task:
+        task = self.get(task_id)
+        if not task.finished:
+            # On timeout the caller simply sees the task still running.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(task.done.wait(), timeout)
+        return task
+
+    async def close(self) -> None:
+        """Cancel running work; its own cleanup (thaw first) runs, and the
+        journal lets the next start settle whatever it left."""
+        for runner in list(self._running):
+            runner.cancel()
+        await asyncio.gather(*self._running, return_exceptions=True)

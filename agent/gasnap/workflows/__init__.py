@@ -1,0 +1,23 @@
+"""Workflows: the steps of create, delete and recovery, over the boundaries."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..freezeguard import FreezeGuard
+from ..guestagent import GuestAgent
+from ..hypervisor import Hypervisor
+from ..journal import Journal
+from ..metadata import MetadataService
+
+
+@dataclass(frozen=True)
+class Context:
+    """What a workflow may use."""
+
+    hv: Hypervisor
+    agent: GuestAgent
+    metadata: MetadataService
+    journal: Journal
+    guard: FreezeGuard
+    freeze_timeout: float

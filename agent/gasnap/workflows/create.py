@@ -1,0 +1,424 @@
+"""Creating snapshots: freeze, switch to pre-created overlays, thaw, record.
+
+``plan`` validates a request against the live domains and changes nothing;
+``execute`` runs the steps, writing each to the journal before taking it:
+
+  planned → recording (create-snapshot-metadata, status creating)
+          → overlays (qemu-img create, relative backing)
+          → freezing (guard armed, fsfreeze) → switching (snapshotCreateXML)
+          → thawed (always) → offline (stopped domains' persistent XML)
+          → finalizing (chain checked in the live XML; available | error)
+
+Only the switch happens inside the freeze window: the overlays exist before
+the first guest is frozen.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import os
+import re
+import time
+import uuid
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from .. import faults, qemuimg
+from ..errors import BadRequest, Conflict, GasnapError, NotFound
+from ..freezeguard import FreezeGuardError
+from ..guestagent import AgentAbsent, AgentUnresponsive, GuestAgentError
+from ..hypervisor import AgentState, Domain, DomainState, Volume
+from ..journal import Operation
+from ..metadata import (
+    Consistency,
+    Finalization,
+    NewSnapshot,
+    SnapshotMeta,
+    SnapshotNotFound,
+    Status,
+)
+from . import Context
+
+log = logging.getLogger(__name__)
+
+THAW_TIMEOUT = 5.0
+MAX_NAME = 255
+MAX_DESCRIPTION = 4096
+SNAPSHOT_FORMATS = ("qcow2", "raw")
+
+
+class Quiesce(enum.Enum):
+    REQUIRED = "required"
+    PREFERRED = "preferred"
+    OFF = "off"
+
+
+class VolumeNotFound(NotFound):
+    code = "volume_not_found"
+
+
+class UnsupportedDisk(BadRequest):
+    code = "unsupported_disk"
+
+
+class DomainStateConflict(Conflict):
+    code = "domain_state"
+
+
+class QuiesceFailed(GasnapError):
+    code = "quiesce_failed"
+
+
+@dataclass(frozen=True)
+class CreateRequest:
+    domains: list[str]
+    disks: dict[str, list[str]]  # domain -> targets; a domain not listed: all its disks
+    name: str
+    description: str
+    quiesce: Quiesce
+
+
+@dataclass(frozen=True)
+class VolumePlan:
+    snapshot_id: str
+    domain: str
+    volume_id: str
+    target: str
+    image: str  # the active file now: the snapshot's point-in-time data
+    format: str
+    overlay: str  # <image basename>.<snapshot id>, next to the image
+    size: int
+
+
+@dataclass(frozen=True)
+class CreatePlan:
+    group_id: str | None
+    name: str
+    description: str
+    quiesce: Quiesce
+    created_at: str
+    volumes: list[VolumePlan]
+    live: list[str]  # running or paused: switched by libvirt
+    running: list[str]  # the live ones whose guests can be frozen
+    stopped: list[str]  # switched offline in the persistent definition
+
+    def to_dict(self) -> dict[str, Any]:
+        doc = asdict(self)
+        doc["quiesce"] = self.quiesce.value
+        return doc
+
+    @classmethod
+    def from_dict(cls, doc: dict[str, Any]) -> CreatePlan:
+        return cls(
+            group_id=doc["group_id"], name=doc["name"], description=doc["description"],
+            quiesce=Quiesce(doc["quiesce"]), created_at=doc["created_at"],
+            volumes=[VolumePlan(**v) for v in doc["volumes"]], live=list(doc["live"]),
+            running=list(doc["running"]), stopped=list(doc["stopped"]),
+        )
+
+    def of(self, domain: str) -> list[VolumePlan]:
+        return [v for v in self.volumes if v.domain == domain]
+
+
+# --- plan: validation, no side effects ----------------------------------------
+
+_SNAPSHOT_SUFFIX = re.compile(r"(\.[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12})+$")
+
+
+def overlay_path(active_file: str, snapshot_id: str) -> str:
+    """Cinder's naming: ``volume-<vol-uuid>.<snap-uuid>`` next to the active
+    file.  The base name drops earlier snapshot suffixes, so names do not grow
+    with every snapshot (NAME_MAX is 255)."""
+    active = Path(active_file)
+    base = _SNAPSHOT_SUFFIX.sub("", active.name) or active.name
+    return str(active.with_name(f"{base}.{snapshot_id}"))
+
+
+
+def check_name(name: str) -> None:
+    if len(name) > MAX_NAME:
+        raise BadRequest(f"name is longer than {MAX_NAME} characters", code="invalid_name")
+    if any(ord(ch) < 32 or ord(ch) == 127 for ch in name):
+        raise BadRequest("name contains control characters", code="invalid_name")
+
+
+def _check_volume(domain: str, vol: Volume) -> None:
+    if vol.source_type != "file":
+        raise UnsupportedDisk(
+            f"{domain}/{vol.target} is a {vol.source_type} disk; gasnap snapshots file-backed "
+            "disks only"
+        )
+    if vol.format not in SNAPSHOT_FORMATS:
+        raise UnsupportedDisk(
+            f"{domain}/{vol.target} is {vol.format or 'of unknown format'}; gasnap snapshots "
+            "qcow2 and raw disks only"
+        )
+
+
+def _selected(dom: Domain, targets: list[str] | None) -> list[Volume]:
+    if targets is None:
+        return list(dom.volumes)
+    chosen = []
+    for target in dict.fromkeys(targets):
+        vol = dom.volume(target)
+        if vol is None:
+            raise VolumeNotFound(f"domain {dom.name} has no disk {target}")
+        chosen.append(vol)
+    return chosen
+
+
+def _check_quiesce(dom: Domain, quiesce: Quiesce) -> None:
+    if quiesce is not Quiesce.REQUIRED:
+        return
+    if dom.state is DomainState.PAUSED:
+        raise DomainStateConflict(f"{dom.name} is paused and cannot be quiesced "
+                                  "(quiesce=required)")
+    if dom.state is DomainState.RUNNING and dom.guest_agent is not AgentState.CONNECTED:
+        error = AgentAbsent if dom.guest_agent is AgentState.ABSENT else AgentUnresponsive
+        raise error(f"{dom.name}: guest agent {dom.guest_agent.value}; quiesce=required "
+                    "cannot be met")
+
+
+async def plan(ctx: Context, req: CreateRequest) -> CreatePlan:
+    if not req.domains:
+        raise BadRequest("no domain given", code="invalid_request")
+    if len(set(req.domains)) != len(req.domains):
+        raise BadRequest("a domain is named twice", code="invalid_request")
+    unknown = set(req.disks) - set(req.domains)
+    if unknown:
+        raise BadRequest(f"disks given for domains not in the request: {sorted(unknown)}",
+                         code="invalid_request")
+    check_name(req.name)
+    if len(req.description) > MAX_DESCRIPTION:
+        raise BadRequest("description is too long", code="invalid_description")
+    volumes: list[VolumePlan] = []
+    live: list[str] = []
+    running: list[str] = []
+    stopped: list[str] = []
+    for dom in await asyncio.gather(*(ctx.hv.get_domain(n) for n in req.domains)):
+        if dom.state is DomainState.RUNNING:
+            live.append(dom.name)
+            running.append(dom.name)
+        elif dom.state is DomainState.PAUSED:
+            live.append(dom.name)
+        elif dom.state is DomainState.SHUTOFF:
+            stopped.append(dom.name)
+        else:
+            raise DomainStateConflict(f"{dom.name} is {dom.state.value}; gasnap snapshots "
+                                      "running, paused and stopped domains")
+        _check_quiesce(dom, req.quiesce)
+        chosen = _selected(dom, req.disks.get(dom.name))
+        if not chosen:
+            raise BadRequest(f"{dom.name} has no disk to snapshot", code="invalid_request")
+        for vol in chosen:
+            _check_volume(dom.name, vol)
+            info = await qemuimg.info(vol.active_file)
+            snapshot_id = str(uuid.uuid4())
+            image = Path(vol.active_file)
+            volumes.append(VolumePlan(
+                snapshot_id, dom.name, vol.volume_id, vol.target, str(image), vol.format,
+                overlay_path(str(image), snapshot_id), info.virtual_size,
+            ))
+    return CreatePlan(
+        group_id=str(uuid.uuid4()) if len(volumes) > 1 else None,
+        name=req.name, description=req.description, quiesce=req.quiesce,
+        created_at=datetime.now(UTC).isoformat(timespec="microseconds"),
+        volumes=volumes, live=live, running=running, stopped=stopped,
+    )
+
+
+# --- execute -----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Outcome:
+    snapshots: list[SnapshotMeta]
+    failure: GasnapError | None  # why the create as a whole failed, if it did
+
+
+async def execute(ctx: Context, the_plan: CreatePlan) -> Outcome:
+    op = await ctx.journal.begin("create", "planned", {"plan": the_plan.to_dict()})
+    faults.hit("create:planned")
+    consistency: dict[str, str] = {}
+    failure: GasnapError | None = None
+    try:
+        op = await _record(ctx, op, the_plan)
+        op = await _make_overlays(ctx, op, the_plan)
+        op, consistency = await _freeze_window(ctx, op, the_plan)
+        op = await _switch_offline(ctx, op, the_plan)
+    except GasnapError as err:
+        failure = err
+    reason = failure.message if failure else "the overlay did not become active"
+    op = await ctx.journal.step(op, "finalizing", consistency=consistency)
+    faults.hit("create:finalizing")
+    metas = await settle(ctx, the_plan, consistency, reason)
+    await ctx.journal.finish(op)
+    return Outcome(metas, failure)
+
+
+async def _record(ctx: Context, op: Operation, the_plan: CreatePlan) -> Operation:
+    op = await ctx.journal.step(op, "recording")
+    for v in the_plan.volumes:
+        await ctx.metadata.create_snapshot_metadata(NewSnapshot(
+            snapshot_id=v.snapshot_id, volume_id=v.volume_id, name=the_plan.name,
+            description=the_plan.description, size=v.size, created_at=the_plan.created_at,
+            domain=v.domain, group_id=the_plan.group_id, target=v.target,
+        ))
+    faults.hit("create:recording")
+    return op
+
+
+async def _make_overlays(ctx: Context, op: Operation, the_plan: CreatePlan) -> Operation:
+    op = await ctx.journal.step(op, "overlays")
+    for v in the_plan.volumes:
+        await qemuimg.create_overlay(v.overlay, Path(v.image).name, v.format, v.size)
+        st = await asyncio.to_thread(os.stat, v.image)
+        await asyncio.to_thread(os.chown, v.overlay, st.st_uid, st.st_gid)
+        await asyncio.to_thread(os.chmod, v.overlay, st.st_mode & 0o7777)
+    faults.hit("create:overlays")
+    return op
+
+
+async def _freeze_window(
+    ctx: Context, op: Operation, the_plan: CreatePlan
+) -> tuple[Operation, dict[str, str]]:
+    """Freeze, switch every live domain, thaw.  Returns the consistency per domain."""
+    consistency = {d: Consistency.CRASH.value for d in [*the_plan.live, *the_plan.stopped]}
+    to_freeze = [] if the_plan.quiesce is Quiesce.OFF else list(the_plan.running)
+    if to_freeze:
+        try:
+            await ctx.guard.arm(to_freeze, ctx.freeze_timeout)
+        except FreezeGuardError as err:
+            if the_plan.quiesce is Quiesce.REQUIRED:
+                raise QuiesceFailed(f"cannot freeze safely: {err.message}") from err
+            log.warning("no freeze guard (%s): taking crash-consistent snapshots", err)
+            to_freeze = []
+    op = await ctx.journal.step(op, "freezing", frozen=to_freeze)
+    started = time.monotonic()
+    try:
+        frozen = await _freeze(ctx, to_freeze, the_plan.quiesce)
+        for name in frozen:
+            consistency[name] = Consistency.FILESYSTEM.value
+        op = await ctx.journal.step(op, "switching", consistency=consistency)
+        faults.hit("create:switching")
+        await _switch_live(ctx, the_plan)
+        faults.hit("create:switched")
+    finally:
+        await _thaw(ctx, to_freeze)
+    if time.monotonic() - started >= ctx.freeze_timeout:
+        # The guard may have thawed before the switch: no longer a frozen image.
+        log.warning("freeze window exceeded %.1fs; recording crash consistency",
+                    ctx.freeze_timeout)
+        consistency = {d: Consistency.CRASH.value for d in consistency}
+    op = await ctx.journal.step(op, "thawed", consistency=consistency)
+    return op, consistency
+
+
+async def _freeze(ctx: Context, domains: list[str], quiesce: Quiesce) -> list[str]:
+    results = await asyncio.gather(
+        *(ctx.agent.fsfreeze(d, ctx.freeze_timeout) for d in domains), return_exceptions=True
+    )
+    frozen = []
+    for name, result in zip(domains, results, strict=True):
+        if isinstance(result, GuestAgentError):
+            if quiesce is Quiesce.REQUIRED:
+                raise QuiesceFailed(f"{name}: freeze failed: {result.message}") from result
+            log.warning("%s: freeze failed (%s); its snapshot is crash-consistent",
+                        name, result.message)
+        elif isinstance(result, BaseException):
+            raise result
+        else:
+            frozen.append(name)
+    return frozen
+
+
+async def _switch_live(ctx: Context, the_plan: CreatePlan) -> None:
+    results = await asyncio.gather(
+        *(ctx.hv.switch_overlays(d, {v.target: v.overlay for v in the_plan.of(d)})
+          for d in the_plan.live),
+        return_exceptions=True,
+    )
+    for name, result in zip(the_plan.live, results, strict=True):
+        if isinstance(result, GasnapError):
+            # Judged later from the live XML, like every other outcome.
+            log.error("%s: snapshot failed: %s", name, result.message)
+        elif isinstance(result, BaseException):
+            raise result
+
+
+async def _thaw(ctx: Context, domains: list[str]) -> None:
+    """Thaw every domain we tried to freeze, also those whose freeze reported
+    failure (it may have frozen and answered late).  The guard stays armed for
+    any that cannot be thawed now."""
+    if not domains:
+        return
+    results = await asyncio.gather(
+        *(ctx.agent.fsthaw(d, THAW_TIMEOUT) for d in domains), return_exceptions=True
+    )
+    thawed = []
+    for name, result in zip(domains, results, strict=True):
+        if isinstance(result, BaseException):
+            log.error("%s: thaw failed (%s); the freeze guard will retry", name, result)
+        else:
+            thawed.append(name)
+    if thawed:
+        try:
+            await ctx.guard.disarm(thawed)
+        except FreezeGuardError as err:
+            log.warning("freeze guard: %s", err.message)
+
+
+async def _switch_offline(ctx: Context, op: Operation, the_plan: CreatePlan) -> Operation:
+    if not the_plan.stopped:
+        return op
+    op = await ctx.journal.step(op, "offline")
+    for name in the_plan.stopped:
+        try:
+            await ctx.hv.define_overlays(name, {v.target: v.overlay for v in the_plan.of(name)})
+        except GasnapError as err:
+            log.error("%s: offline switch failed: %s", name, err.message)
+    faults.hit("create:offline")
+    return op
+
+
+# --- settle: the live XML decides ------------------------------------------------
+
+
+async def settle(
+    ctx: Context, the_plan: CreatePlan, consistency: dict[str, str], reason: str
+) -> list[SnapshotMeta]:
+    """Finalize every volume from what the domain uses now: overlay active →
+    available (image = the layer below it); otherwise remove the overlay and
+    record the error.  Used by create and by recovery alike."""
+    metas = []
+    for name in dict.fromkeys(v.domain for v in the_plan.volumes):
+        try:
+            dom: Domain | None = await ctx.hv.get_domain(name)
+        except NotFound:
+            dom = None
+        for v in the_plan.of(name):
+            vol = dom.volume(v.target) if dom is not None else None
+            try:
+                metas.append(await _settle_volume(ctx, v, vol, consistency.get(name), reason))
+            except SnapshotNotFound:
+                log.info("snapshot %s was never recorded; nothing to finalize", v.snapshot_id)
+    return metas
+
+
+async def _settle_volume(
+    ctx: Context, v: VolumePlan, vol: Volume | None, consistency: str | None, reason: str
+) -> SnapshotMeta:
+    if vol is not None and vol.active_file == v.overlay and len(vol.chain) > 1:
+        final = Finalization(
+            Status.AVAILABLE, file=v.overlay, backing_file=vol.chain[1].path,
+            consistency=Consistency(consistency or Consistency.CRASH.value),
+        )
+    else:
+        await asyncio.to_thread(Path(v.overlay).unlink, missing_ok=True)
+        final = Finalization(Status.ERROR, file=None, backing_file=None, consistency=None,
+                             error=reason)
+    return await ctx.metadata.finalize_snapshot_metadata(v.snapshot_id, final)
