@@ -16,6 +16,7 @@ import sys
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -64,6 +65,22 @@ async def guest(lab: Lab) -> AsyncIterator[Domain]:
     await lab.down(dom.name)
 
 
+@pytest.fixture(scope="session")
+async def second(lab: Lab) -> AsyncIterator[Domain]:
+    """Another lab guest with two disks, for groups and state changes."""
+    dom = await lab.up(f"{PREFIX}second", disks=2, size_mib=64)
+    yield dom
+    await lab.down(dom.name)
+
+
+@pytest.fixture(scope="session")
+async def noagent(lab: Lab) -> AsyncIterator[Domain]:
+    """A lab guest whose qemu-ga never starts."""
+    dom = await lab.up(f"{PREFIX}noagent", disks=1, size_mib=32, agent=False)
+    yield dom
+    await lab.down(dom.name)
+
+
 def _wait_for_socket(path: Path, proc: subprocess.Popen[bytes], timeout: float = 30) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -81,40 +98,65 @@ def _wait_for_socket(path: Path, proc: subprocess.Popen[bytes], timeout: float =
 
 
 class Agent:
-    def __init__(self, api: str, proc: subprocess.Popen[bytes], log: Path) -> None:
-        self.api = api
-        self.proc = proc
-        self.log = log
-        self.client = ApiClient(api)
+    """A running ``gasnap serve`` process with its own socket and state dir."""
+
+    def __init__(self, base: Path, env: dict[str, str] | None = None,
+                 config: str | None = None) -> None:
+        self.base = base
+        self.sock = base / "api.sock"
+        self.api = f"unix:{self.sock}"
+        self.state_dir = base / "state"
+        self.log = base / "agent.log"
+        self.client = ApiClient(self.api)
+        args = [*GASNAP, "serve", "--listen", self.api, "--state-dir", str(self.state_dir),
+                "--libvirt-uri", URI]
+        if config is not None:
+            (base / "agent.toml").write_text(config)
+            args += ["--config", str(base / "agent.toml")]
+        with self.log.open("ab") as out:
+            self.proc = subprocess.Popen(
+                args, stdout=out, stderr=subprocess.STDOUT,
+                env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+            )
+        _wait_for_socket(self.sock, self.proc)
+
+    def wait_ready(self, timeout: float = 60) -> None:
+        """Until recovery has settled the journal."""
+        deadline = time.monotonic() + timeout
+        while self.client.get("/v1/health")["recovery"] != "done":
+            assert time.monotonic() < deadline, "agent recovery did not finish"
+            time.sleep(0.1)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def wait_exit(self, timeout: float = 60) -> int:
+        return self.proc.wait(timeout)
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
 
 
 @pytest.fixture(scope="session")
 def agent(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Agent]:
     """``gasnap serve`` as a real process on a private unix socket and state dir."""
-    base = tmp_path_factory.mktemp("agent")
-    sock = base / "api.sock"
-    log = base / "agent.log"
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            [*GASNAP, "serve", "--listen", f"unix:{sock}", "--state-dir", str(base / "state"),
-             "--libvirt-uri", URI],
-            stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        )
+    running = Agent(tmp_path_factory.mktemp("agent"))
     try:
-        _wait_for_socket(sock, proc)
-        yield Agent(f"unix:{sock}", proc, log)
+        running.wait_ready()
+        yield running
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        running.stop()
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Tests that use a lab fixture are marked ``lab`` (select with -m)."""
-    lab_fixtures = {"guest", "lab", "hv", "agent"}
+    lab_fixtures = {"guest", "lab", "hv", "agent", "second", "noagent"}
     for item in items:
         if lab_fixtures & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.lab)
@@ -129,3 +171,36 @@ async def wait_until(predicate: object, timeout: float = 30, interval: float = 0
         if time.monotonic() >= deadline:
             raise AssertionError("condition not met in time")
         await asyncio.sleep(interval)
+
+
+# --- helpers for snapshot tests ------------------------------------------------
+
+
+def create_snapshots(agent: Agent, body: dict[str, Any]) -> dict[str, Any]:
+    """POST /v1/snapshots and wait for the task to end; the finished task."""
+    task = agent.client.request("POST", "/v1/snapshots", body)["task"]
+    return wait_task(agent, task["id"])
+
+
+def wait_task(agent: Agent, task_id: str, timeout: float = 120) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while True:
+        task: dict[str, Any] = agent.client.get(f"/v1/tasks/{task_id}?wait=10")
+        if task["state"] in ("succeeded", "failed"):
+            return task
+        assert time.monotonic() < deadline, f"task {task_id} did not end"
+
+
+async def chain_of(hv: LibvirtHypervisor, domain: str, target: str) -> list[str]:
+    vol = (await hv.get_domain(domain)).volume(target)
+    assert vol is not None
+    return [layer.path for layer in vol.chain]
+
+
+async def freeze_status(hv: LibvirtHypervisor, domain: str) -> str:
+    return (await hv.agent.fsfreeze_status(domain, 5)).value
+
+
+def volume_files(path: str) -> set[str]:
+    """The files of a volume's directory (overlays included)."""
+    return {str(p) for p in Path(path).parent.iterdir() if p.name.startswith("volume-")}

@@ -1,0 +1,39 @@
+"""Checking a point-in-time image the way the contract states consistency:
+``e2fsck -fn`` exits 0 with no journal recovery pending."""
+
+from __future__ import annotations
+
+import asyncio
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from .. import qemuimg
+
+
+@dataclass(frozen=True)
+class FsckResult:
+    exitcode: int
+    output: str
+
+    @property
+    def needs_journal_recovery(self) -> bool:
+        text = self.output.lower()
+        return "journal recovery" in text or "recovering journal" in text
+
+    @property
+    def clean(self) -> bool:
+        return self.exitcode == 0 and not self.needs_journal_recovery
+
+
+async def fsck_image(image: str) -> FsckResult:
+    """e2fsck -fn on a raw copy of IMAGE (read through its backing chain)."""
+    with tempfile.TemporaryDirectory(prefix="gasnap-fsck-") as tmp:
+        raw = Path(tmp) / "image.raw"
+        await qemuimg.run("convert", "-U", "-O", "raw", image, str(raw))
+        proc = await asyncio.create_subprocess_exec(
+            "e2fsck", "-fn", str(raw),
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+        )
+        out, _ = await proc.communicate()
+    return FsckResult(proc.returncode or 0, out.decode(errors="replace"))

@@ -1,0 +1,106 @@
+"""Create-workflow rules that need no guest: naming, XML, parents, and the
+validation errors a real lab guest cannot produce on demand (fake hypervisor)."""
+
+from __future__ import annotations
+
+import xml.etree.ElementTree as ET
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gasnap import domxml
+from gasnap.hypervisor import AgentState, Domain, DomainState, Layer, Volume
+from gasnap.metadata import SnapshotMeta, Status
+from gasnap.service import _parents
+from gasnap.workflows import Context
+from gasnap.workflows.create import (
+    CreateRequest,
+    DomainStateConflict,
+    Quiesce,
+    UnsupportedDisk,
+    overlay_path,
+    plan,
+)
+
+SNAP1 = "11111111-2222-3333-4444-555555555555"
+SNAP2 = "66666666-7777-8888-9999-000000000000"
+
+
+def test_overlay_names_do_not_grow() -> None:
+    assert overlay_path("/v/volume-abc", SNAP1) == f"/v/volume-abc.{SNAP1}"
+    assert overlay_path(f"/v/volume-abc.{SNAP1}", SNAP2) == f"/v/volume-abc.{SNAP2}"
+    assert overlay_path(f"/v/disk.qcow2.{SNAP1}.{SNAP2}", SNAP1) == f"/v/disk.qcow2.{SNAP1}"
+
+
+def test_snapshot_xml_names_every_disk() -> None:
+    root = ET.fromstring(domxml.snapshot_xml({"vdb": "/v/b.1"}, ["vda", "vdb"]))
+    disks = {d.get("name"): d for d in root.iter("disk")}
+    assert disks["vda"].get("snapshot") == "no"
+    assert disks["vdb"].get("snapshot") == "external"
+    assert disks["vdb"].find("source").get("file") == "/v/b.1"  # type: ignore[union-attr]
+    assert disks["vdb"].find("driver").get("type") == "qcow2"  # type: ignore[union-attr]
+
+
+def test_offline_switch_rewrites_only_the_chosen_disks() -> None:
+    xml = """<domain><name>d</name><devices>
+      <disk type='file' device='disk'><driver name='qemu' type='raw'/>
+        <source file='/v/a'/><backingStore/><target dev='vda'/></disk>
+      <disk type='file' device='disk'><driver name='qemu' type='qcow2'/>
+        <source file='/v/b'/><target dev='vdb'/></disk>
+    </devices></domain>"""
+    out = domxml.disks(domxml.with_disk_sources(xml, {"vda": "/v/a.1"}))
+    assert out[0].chain == (Layer("/v/a.1", "qcow2"),)
+    assert not out[0].chain_complete  # the stale <backingStore/> is gone
+    assert out[1].chain == (Layer("/v/b", "qcow2"),)
+    with pytest.raises(domxml.DomainXMLError):
+        domxml.with_disk_sources(xml, {"vdz": "/x"})
+
+
+def meta(snapshot_id: str, volume: str, when: str, status: Status) -> SnapshotMeta:
+    return SnapshotMeta(snapshot_id, volume, "n", "", 1, when, "d", None, "vda", status)
+
+
+def test_parent_is_the_previous_good_snapshot_of_the_volume() -> None:
+    metas = [
+        meta("a", "v1", "1", Status.AVAILABLE),
+        meta("b", "v2", "2", Status.AVAILABLE),
+        meta("c", "v1", "3", Status.ERROR),
+        meta("d", "v1", "4", Status.AVAILABLE),
+    ]
+    assert _parents(metas) == {"a": None, "b": None, "c": "a", "d": "a"}
+
+
+class FakeHypervisor:
+    def __init__(self, domain: Domain) -> None:
+        self.domain = domain
+
+    async def get_domain(self, name: str) -> Domain:
+        return self.domain
+
+    def __getattr__(self, name: str) -> Any:
+        raise AssertionError(f"plan must not call {name}")
+
+
+def context(domain: Domain) -> Context:
+    return Context(FakeHypervisor(domain), None, None, None, None, 10.0)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("source_type", "fmt", "reason"),
+    [("network", "raw", "network disk"), ("block", "raw", "block disk"),
+     ("file", "vmdk", "vmdk")],
+)
+async def test_unsupported_disks_are_refused(source_type: str, fmt: str, reason: str,
+                                             tmp_path: Path) -> None:
+    vol = Volume("d/vda", "vda", None, source_type, (Layer(str(tmp_path / "x"), fmt),))
+    dom = Domain("d", "u", DomainState.RUNNING, AgentState.CONNECTED, (vol,))
+    with pytest.raises(UnsupportedDisk, match=reason):
+        await plan(context(dom), CreateRequest(["d"], {}, "n", "", Quiesce.PREFERRED))
+
+
+async def test_crashed_domain_is_a_conflict(tmp_path: Path) -> None:
+    vol = Volume("d/vda", "vda", None, "file", (Layer(str(tmp_path / "x"), "qcow2"),))
+    dom = Domain("d", "u", DomainState.CRASHED, AgentState.ABSENT, (vol,))
+    with pytest.raises(DomainStateConflict):
+        await plan(context(dom), CreateRequest(["d"], {}, "n", "", Quiesce.OFF))
