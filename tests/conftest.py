@@ -202,5 +202,7 @@ async def freeze_status(hv: LibvirtHypervisor, domain: str) -> str:
 
 
 def volume_files(path: str) -> set[str]:
-    """The files of a volume's directory (overlays included)."""
-    return {str(p) for p in Path(path).parent.iterdir() if p.name.startswith("volume-")}
+    """The files of the volume whose active file is PATH: its base file and
+    every overlay named after it (``volume-<uuid>*``)."""
+    base = Path(path).name.split(".")[0]
+    return {str(p) for p in Path(path).parent.iterdir() if p.name.startswith(base)}
