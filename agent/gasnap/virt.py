@@ -12,6 +12,7 @@ close callback drops the connection and the next call opens a new one.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import json
 import logging
 import threading
@@ -97,9 +98,11 @@ class _LoopThreadProxy:
         return threading.get_ident() == self._thread
 
     def _defer(self, method: str, *args: Any) -> None:
+        if self._loop.is_closed():
+            return  # the process is exiting: nothing is watched any more
         if self._on_loop_thread():
             getattr(self._loop, method)(*args)
-        elif not self._loop.is_closed():
+        else:
             self._loop.call_soon_threadsafe(getattr(self._loop, method), *args)
 
     def add_reader(self, fd: int, callback: Callable[..., None], *args: Any) -> None:
@@ -115,6 +118,11 @@ class _LoopThreadProxy:
         self._defer("remove_writer", fd)
 
     def create_task(self, coro: Coroutine[Any, Any, Any], **kwargs: Any) -> Any:
+        if self._loop.is_closed():
+            coro.close()
+            done: concurrent.futures.Future[None] = concurrent.futures.Future()
+            done.cancel()
+            return done
         if self._on_loop_thread():
             return self._loop.create_task(coro, **kwargs)
         # A concurrent future: libvirtaio only ever cancels what it gets back.
