@@ -62,8 +62,11 @@ async def test_twenty_quiesced_snapshots_have_clean_images(
         assert newer["parent"] == older["id"]
         assert newer["image"] == older["file"]
         assert chain.index(newer["file"]) < chain.index(older["file"])
+    base = Path(snaps[0]["image"]).stat()
     for snap in snaps:
         assert Path(snap["file"]).name.count(".") == 1  # Cinder naming: volume-X.snap
+        st = Path(snap["file"]).stat()
+        assert (st.st_uid, st.st_gid, st.st_mode) == (base.st_uid, base.st_gid, base.st_mode)
         result = await fsck_image(snap["image"])
         assert result.clean, f"{snap['image']}:\n{result.output}"
     header = json.loads(subprocess.run(

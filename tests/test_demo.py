@@ -9,17 +9,20 @@ from gasnap.demo import DEMO_GUEST
 from gasnap.lab.guests import Lab
 
 
-async def test_demo_boots_a_guest_and_shows_it(lab: Lab) -> None:
+async def test_demo_takes_a_clean_quiesced_snapshot_under_load(lab: Lab) -> None:
     existed = DEMO_GUEST in await lab.names()
     try:
         summary = json.loads(gasnap("demo", "--json").stdout)
-        record = summary["domain"]
-        assert record["name"] == DEMO_GUEST
-        assert record["guest_agent"] == "connected"
-        assert len(record["volumes"]) == 2
+        assert summary["domain"] == DEMO_GUEST
+        snaps = summary["task"]["result"]["snapshots"]
+        assert [s["target"] for s in snaps] == ["vda", "vdb"]
+        assert {(s["status"], s["consistency"]) for s in snaps} == {("available", "filesystem")}
+        assert all(c["e2fsck_exit"] == 0 and not c["journal_recovery"]
+                   for c in summary["fsck"])
+        assert summary["freeze_window_ms"] > 0
         human = gasnap("demo").stdout
-        assert "guest agent: connected" in human
-        assert "/data1 ext4" in human
+        assert human.count("clean (exit 0)") == 2
+        assert "freeze window seen inside the guest" in human
     finally:
         if not existed:
             await lab.down(DEMO_GUEST)

@@ -1,37 +1,90 @@
-"""``gasnap demo``: the README's first command.
+"""``gasnap demo``: the README's first command, end to end on a lab guest.
 
-Until snapshot creation lands (issue 3) the demo boots a lab guest and shows
-its domain record: kernel, data disks, chain and a connected guest agent.
+Boots a lab guest with two data disks, starts an fsync'd write workload in
+it, takes one quiesced group snapshot of both disks through the same
+workflow the agent runs, checks each point-in-time image with ``e2fsck -fn``
+and reads the freeze window from the guest's own fsfreeze-hook log.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
+from .config import Settings
+from .errors import GasnapError
 from .lab.guests import Lab
-from .lab.workload import sh
-from .virt import LibvirtHypervisor
+from .lab.verify import fsck_image
+from .lab.workload import freeze_log, sh, start_load, stop_load
+from .runtime import Runtime, open_runtime
+from .workflows.create import CreateRequest, Quiesce
 
 DEMO_GUEST = "gasnap-demo"
+DEMO_STATE = Path("/var/lib/gasnap/demo")
+
+
+class DemoFailed(GasnapError):
+    code = "demo_failed"
+
+
+async def _snapshot(runtime: Runtime) -> dict[str, Any]:
+    service = runtime.service
+    await asyncio.wait_for(service.ready.wait(), 60)
+    task = await service.create(CreateRequest(
+        domains=[DEMO_GUEST], disks={}, name="demo", description="gasnap demo",
+        quiesce=Quiesce.REQUIRED,
+    ))
+    await service.tasks.wait(task.id, 120)
+    record = task.to_record()
+    if record["state"] != "succeeded":
+        raise DemoFailed(f"snapshot failed: {record.get('error')}")
+    return record
 
 
 async def run_demo(say: Callable[..., None], uri: str = "qemu:///system") -> dict[str, Any]:
-    hv = LibvirtHypervisor(uri)
-    try:
-        lab = Lab(hv)
-        say(f"booting lab guest {DEMO_GUEST} (TCG, 2 data disks) ...")
-        dom = await lab.up(DEMO_GUEST, disks=2)
-        record = dom.to_record()
-        say(f"guest agent: {record['guest_agent']}")
-        for vol in record["volumes"]:
-            say(f"  {vol['target']}  volume {vol['volume_id']}")
-            say(f"       active {vol['active_file']}")
-        mounts = await sh(hv, DEMO_GUEST, "grep ' /data' /proc/mounts")
-        say("mounted in the guest:")
-        for line in mounts.splitlines():
-            say(f"  {line}")
-        say(f"done; remove the guest with: gasnap lab down {DEMO_GUEST}")
-        return {"domain": record}
-    finally:
-        await hv.close()
+    settings = Settings(state_dir=DEMO_STATE, libvirt_uri=uri)
+    async with open_runtime(settings) as runtime:
+        hv = runtime.hv
+        say(f"1. booting lab guest {DEMO_GUEST} (TCG, 2 ext4 data disks, qemu-ga) ...")
+        dom = await Lab(hv).up(DEMO_GUEST, disks=2)
+        say(f"   guest agent {dom.guest_agent.value}; disks "
+            + ", ".join(f"{v.target}={Path(v.active_file).name}" for v in dom.volumes))
+        say("2. starting an fsync'd write workload on /data and /data1")
+        await start_load(hv, DEMO_GUEST)
+        before = len(await freeze_log(hv, DEMO_GUEST))
+        try:
+            say("3. quiesced snapshot of both disks (freeze, switch overlays, thaw) ...")
+            task = await _snapshot(runtime)
+        finally:
+            await stop_load(hv, DEMO_GUEST)
+        events = (await freeze_log(hv, DEMO_GUEST))[before:]
+        window_ms = (events[1][1] - events[0][1]) / 1e6 if len(events) >= 2 else None
+        writes = (await sh(hv, DEMO_GUEST, "cat /data/load/counter | wc -l")).strip()
+    snapshots = task["result"]["snapshots"]
+    say("4. checking each point-in-time image with e2fsck -fn")
+    checks = []
+    for snap in snapshots:
+        result = await fsck_image(snap["image"])
+        checks.append({"snapshot": snap["id"], "image": snap["image"],
+                       "e2fsck_exit": result.exitcode,
+                       "journal_recovery": result.needs_journal_recovery})
+        verdict = "clean" if result.clean else "NOT clean"
+        say(f"   {snap['target']}: {Path(snap['image']).name}: {verdict} "
+            f"(exit {result.exitcode})")
+    say("")
+    say("summary")
+    for snap in snapshots:
+        say(f"  snapshot {snap['id']}  {snap['target']}  {snap['status']}  "
+            f"{snap['consistency']}")
+        say(f"    active now  {snap['file']}")
+        say(f"    image       {snap['image']}")
+    if window_ms is not None:
+        say(f"  freeze window seen inside the guest: {window_ms:.1f} ms "
+            f"(while {writes} fsync'd writes ran)")
+    say(f"  state: {DEMO_STATE}; remove the guest with: gasnap lab down {DEMO_GUEST}")
+    if not all(c["e2fsck_exit"] == 0 and not c["journal_recovery"] for c in checks):
+        raise DemoFailed("a quiesced image did not pass e2fsck -fn")
+    return {"domain": DEMO_GUEST, "task": task, "fsck": checks,
+            "freeze_window_ms": window_ms}

@@ -232,7 +232,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(prog="gasnap-freezeguard")
     parser.add_argument("--uri", required=True)
     args = parser.parse_args()
-    logging.basicConfig(level=logging.INFO,
+    logging.basicConfig(level=logging.WARNING,  # it speaks only when it thaws
                         format="%(asctime)s %(levelname)s gasnap.freezeguard: %(message)s")
     # The agent's terminal going away must not take the guard with it.
     signal.signal(signal.SIGHUP, signal.SIG_IGN)

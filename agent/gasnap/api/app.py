@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import hmac
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -12,20 +11,11 @@ from aiohttp.typedefs import Middleware
 
 from ..config import Settings
 from ..errors import BadRequest, Conflict, GasnapError, NotFound, Unavailable
-from ..freezeguard import FreezeGuard
-from ..journal import Journal
-from ..metadata_sqlite import SqliteMetadata
-from ..service import SnapshotService
-from ..tasks import TaskManager
-from ..virt import LibvirtHypervisor
-from ..workflows import Context
-from ..workflows.recovery import recover
+from ..runtime import open_runtime
 from . import handlers
 from .keys import HYPERVISOR, SERVICE, SETTINGS
 
 log = logging.getLogger(__name__)
-
-RECOVERY_RETRY = 5.0
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -85,47 +75,11 @@ def _token_middleware(token: str) -> Middleware:
     return check
 
 
-async def _agent_ctx(app: web.Application) -> AsyncIterator[None]:
-    """Every resource of the agent, opened in order and closed in reverse."""
-    settings = app[SETTINGS]
-    settings.state_dir.mkdir(parents=True, exist_ok=True)
-    hv = LibvirtHypervisor(settings.libvirt_uri)
-    journal = Journal(settings.state_dir / "journal.db")
-    metadata = SqliteMetadata(settings.state_dir / "metadata.db")
-    guard = FreezeGuard(settings.libvirt_uri)
-    ctx = Context(hv, hv.agent, metadata, journal, guard, settings.freeze_timeout)
-    tasks = TaskManager(journal)
-    await tasks.load()
-    app[HYPERVISOR] = hv
-    app[SERVICE] = SnapshotService(ctx, tasks)
-    recovery = asyncio.get_running_loop().create_task(_recover(ctx, guard, app[SERVICE]))
-    try:
+async def _runtime_ctx(app: web.Application) -> AsyncIterator[None]:
+    async with open_runtime(app[SETTINGS]) as runtime:
+        app[HYPERVISOR] = runtime.hv
+        app[SERVICE] = runtime.service
         yield
-    finally:
-        recovery.cancel()
-        await asyncio.gather(recovery, return_exceptions=True)
-        await tasks.close()
-        await guard.close()
-        await hv.close()
-        await metadata.close()
-        journal.close()
-
-
-async def _recover(ctx: Context, guard: FreezeGuard, service: SnapshotService) -> None:
-    """Connect, start the freeze guard, settle the journal; while libvirtd is
-    unreachable, try again (the API answers 503 meanwhile)."""
-    while True:
-        try:
-            await ctx.hv.list_domains()
-            await guard.start()
-            settled = await recover(ctx)
-            if settled:
-                log.warning("recovery settled %d unfinished operation(s)", settled)
-            service.ready.set()
-            return
-        except Unavailable as err:
-            log.warning("recovery waits for libvirt: %s", err.message)
-        await asyncio.sleep(RECOVERY_RETRY)
 
 
 def create_app(settings: Settings) -> web.Application:
@@ -134,6 +88,6 @@ def create_app(settings: Settings) -> web.Application:
         middlewares.insert(0, _token_middleware(settings.token))
     app = web.Application(middlewares=middlewares)
     app[SETTINGS] = settings
-    app.cleanup_ctx.append(_agent_ctx)
+    app.cleanup_ctx.append(_runtime_ctx)
     handlers.setup_routes(app)
     return app

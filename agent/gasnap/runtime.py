@@ -1,0 +1,75 @@
+"""The agent's resources, opened in order and closed in reverse.
+
+Used by the HTTP app (through ``cleanup_ctx``) and by ``gasnap demo``, so both
+run the same workflows on the same parts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from .config import Settings
+from .errors import Unavailable
+from .freezeguard import FreezeGuard
+from .journal import Journal
+from .metadata_sqlite import SqliteMetadata
+from .service import SnapshotService
+from .tasks import TaskManager
+from .virt import LibvirtHypervisor
+from .workflows import Context
+from .workflows.recovery import recover
+
+log = logging.getLogger(__name__)
+
+RECOVERY_RETRY = 5.0
+
+
+@dataclass(frozen=True)
+class Runtime:
+    hv: LibvirtHypervisor
+    service: SnapshotService
+
+
+@contextlib.asynccontextmanager
+async def open_runtime(settings: Settings) -> AsyncIterator[Runtime]:
+    settings.state_dir.mkdir(parents=True, exist_ok=True)
+    hv = LibvirtHypervisor(settings.libvirt_uri)
+    journal = Journal(settings.state_dir / "journal.db")
+    metadata = SqliteMetadata(settings.state_dir / "metadata.db")
+    guard = FreezeGuard(settings.libvirt_uri)
+    ctx = Context(hv, hv.agent, metadata, journal, guard, settings.freeze_timeout)
+    tasks = TaskManager(journal)
+    await tasks.load()
+    service = SnapshotService(ctx, tasks)
+    recovery = asyncio.get_running_loop().create_task(_recover(ctx, guard, service))
+    try:
+        yield Runtime(hv, service)
+    finally:
+        recovery.cancel()
+        await asyncio.gather(recovery, return_exceptions=True)
+        await tasks.close()
+        await guard.close()
+        await hv.close()
+        await metadata.close()
+        journal.close()
+
+
+async def _recover(ctx: Context, guard: FreezeGuard, service: SnapshotService) -> None:
+    """Connect, start the freeze guard, settle the journal; while libvirtd is
+    unreachable, try again (the API answers 503 meanwhile)."""
+    while True:
+        try:
+            await ctx.hv.list_domains()
+            await guard.start()
+            settled = await recover(ctx)
+            if settled:
+                log.warning("recovery settled %d unfinished operation(s)", settled)
+            service.ready.set()
+            return
+        except Unavailable as err:
+            log.warning("recovery waits for libvirt: %s", err.message)
+        await asyncio.sleep(RECOVERY_RETRY)
