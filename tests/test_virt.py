@@ -38,7 +38,7 @@ async def test_domain_record(hv: LibvirtHypervisor, guest: Domain) -> None:
 async def test_chain_from_the_live_xml_matches_qemu_img(
     hv: LibvirtHypervisor, guest: Domain
 ) -> None:
-    vda = guest.volume("vda")
+    vda = (await hv.get_domain(guest.name)).volume("vda")  # now, not at boot
     assert vda is not None
     overlay = Path(vda.active_file).with_name(Path(vda.active_file).name + ".by-hand")
     external_overlay(guest.name, "vda", overlay, others=["vdb"])
@@ -49,7 +49,7 @@ async def test_chain_from_the_live_xml_matches_qemu_img(
         assert [layer.format for layer in vol.chain] == [i.format for i in probed]
     new_vda = dom.volume("vda")
     assert new_vda is not None
-    assert [layer.path for layer in new_vda.chain] == [str(overlay), vda.active_file]
+    assert [layer.path for layer in new_vda.chain] == [str(overlay), *(x.path for x in vda.chain)]
 
 
 async def test_unknown_domain(hv: LibvirtHypervisor) -> None:

@@ -9,11 +9,20 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlencode
 
 from . import output
+
+
+def _show(args: argparse.Namespace, doc: Any, human: Callable[[Any], None]) -> None:
+    """``--json``: the record as is; otherwise HUMAN's rendering of it."""
+    if args.json:
+        output.emit_json(doc)
+    else:
+        human(doc)
 
 
 def _client(args: argparse.Namespace) -> Any:
@@ -45,10 +54,7 @@ def serve(args: argparse.Namespace) -> int:
 
 def domain_list(args: argparse.Namespace) -> int:
     records = _client(args).get("/v1/domains")["domains"]
-    if args.json:
-        output.emit_json(records)
-    else:
-        output.domains(records)
+    _show(args, records, output.domains)
     return 0
 
 
@@ -73,10 +79,7 @@ def _wait(client: Any, task: dict[str, Any]) -> dict[str, Any]:
 
 
 def _finish_task(args: argparse.Namespace, task: dict[str, Any]) -> int:
-    if args.json:
-        output.emit_json(task)
-    else:
-        output.task(task)
+    _show(args, task, output.task)
     if task["state"] == "failed":
         print(f"gasnap: {task['error']['message']}", file=sys.stderr)
         return 1
@@ -104,48 +107,31 @@ def snapshot_list(args: argparse.Namespace) -> int:
     if any(v is not None for v in query.values()):
         path += "?" + urlencode({k: v for k, v in query.items() if v is not None})
     records = _client(args).get(path)["snapshots"]
-    if args.json:
-        output.emit_json(records)
-    else:
-        output.snapshots(records)
+    _show(args, records, output.snapshots)
     return 0
 
 
 def snapshot_info(args: argparse.Namespace) -> int:
     record = _client(args).get(f"/v1/snapshots/{quote(args.id)}")
-    if args.json:
-        output.emit_json(record)
-    else:
-        output.snapshot(record)
+    _show(args, record, output.snapshot)
     return 0
 
 
 def snapshot_rename(args: argparse.Namespace) -> int:
     record = _client(args).request("PATCH", f"/v1/snapshots/{quote(args.id)}",
                                    {"name": args.name})
-    if args.json:
-        output.emit_json(record)
-    else:
-        output.snapshot(record)
+    _show(args, record, output.snapshot)
     return 0
 
 
 def task_list(args: argparse.Namespace) -> int:
-    tasks = _client(args).get("/v1/tasks")["tasks"]
-    if args.json:
-        output.emit_json(tasks)
-    else:
-        output.table(("ID", "KIND", "STATE", "PROGRESS"),
-                     ((t["id"], t["kind"], t["state"], f"{t['progress']}%") for t in tasks))
+    _show(args, _client(args).get("/v1/tasks")["tasks"], output.tasks)
     return 0
 
 
 def task_show(args: argparse.Namespace) -> int:
     task = _client(args).get(f"/v1/tasks/{quote(args.id)}")
-    if args.json:
-        output.emit_json(task)
-    else:
-        output.task(task)
+    _show(args, task, output.task)
     return 0
 
 
@@ -173,10 +159,7 @@ def _lab_run(coro_factory: Any, uri: str = "qemu:///system") -> Any:
 
 def lab_up(args: argparse.Namespace) -> int:
     dom = _lab_run(lambda lab: lab.up(args.name, disks=args.disks, size_mib=args.size))
-    if args.json:
-        output.emit_json(dom.to_record())
-    else:
-        output.domains([dom.to_record()])
+    _show(args, dom.to_record(), lambda record: output.domains([record]))
     return 0
 
 
@@ -189,10 +172,7 @@ def lab_down(args: argparse.Namespace) -> int:
 
 def lab_list(args: argparse.Namespace) -> int:
     records = [d.to_record() for d in _lab_run(lambda lab: lab.list())]
-    if args.json:
-        output.emit_json(records)
-    else:
-        output.domains(records)
+    _show(args, records, output.domains)
     return 0
 
 
@@ -201,10 +181,7 @@ def lab_image(args: argparse.Namespace) -> int:
 
     image = asyncio.run(ensure_image(rebuild=args.rebuild))
     doc = {"kernel": str(image.kernel), "initrd": str(image.initrd)}
-    if args.json:
-        output.emit_json(doc)
-    else:
-        print(f"kernel {doc['kernel']}\ninitrd {doc['initrd']}")
+    _show(args, doc, lambda d: print(f"kernel {d['kernel']}\ninitrd {d['initrd']}"))
     return 0
 
 
@@ -215,11 +192,7 @@ def doctor(args: argparse.Namespace) -> int:
     from ..doctor import Status, run_checks
 
     checks = asyncio.run(run_checks(args.libvirt_uri, Path(args.state_dir)))
-    if args.json:
-        output.emit_json([c.to_record() for c in checks])
-    else:
-        for check in checks:
-            print(f"{check.status.value:<4}  {check.name}: {check.detail}")
+    _show(args, [c.to_record() for c in checks], output.checks)
     return 1 if any(c.status is Status.FAIL for c in checks) else 0
 
 

@@ -54,3 +54,14 @@ def task(record: dict[str, Any]) -> None:
     for snap in (record.get("result") or {}).get("snapshots", []):
         print(f"  {snap['id']}  {snap['domain']}/{snap['target']}  {snap['status']}"
               f"  {snap['consistency'] or '-'}")
+
+
+def tasks(records: list[dict[str, Any]]) -> None:
+    table(("ID", "KIND", "STATE", "PROGRESS"),
+          ((t["id"], t["kind"], t["state"], f"{t['progress']}%") for t in records))
+
+
+def checks(records: list[dict[str, Any]]) -> None:
+    for check in records:
+        status = "FAIL" if check["status"] == "fail" else check["status"]
+        print(f"{status:<4}  {check['check']}: {check['detail']}")
