@@ -20,6 +20,7 @@ class Settings:
     libvirt_uri: str = "qemu:///system"
     token: str = ""
     freeze_timeout: float = 10.0
+    merge_bandwidth: int = 0  # MiB/s for live merges; 0: as fast as the disks go
     metadata_url: str = ""
     metadata_token: str = ""
 
@@ -33,7 +34,7 @@ class Settings:
 
 _AGENT_KEYS: dict[str, type | tuple[type, ...]] = {
     "listen": str, "state_dir": str, "libvirt_uri": str, "token": str,
-    "freeze_timeout": (int, float),
+    "freeze_timeout": (int, float), "merge_bandwidth": int,
 }
 _METADATA_KEYS: dict[str, type | tuple[type, ...]] = {"url": str, "token": str}
 
@@ -74,6 +75,8 @@ def load(path: Path | None, overrides: dict[str, Any]) -> Settings:
         values["freeze_timeout"] = float(values["freeze_timeout"])
         if values["freeze_timeout"] <= 0:
             raise ConfigError("agent.freeze_timeout must be positive")
+    if values.get("merge_bandwidth", 0) < 0:
+        raise ConfigError("agent.merge_bandwidth must not be negative")
     settings = Settings(**values)
     if settings.listen.startswith("tcp:") and not settings.token:
         raise ConfigError("listening on TCP needs a token (--token or agent.token)")

@@ -120,7 +120,7 @@ def snapshot_xml(overlays: dict[str, str], targets: list[str]) -> str:
     return ET.tostring(root, encoding="unicode")
 
 
-def with_disk_sources(xml: str, overlays: dict[str, str]) -> str:
+def with_disk_sources(xml: str, overlays: dict[str, str], fmt: str = "qcow2") -> str:
     """Inactive domain XML with the disks in OVERLAYS pointing at their qcow2
     overlay (the offline switch); the chain below is read from the headers."""
     root = _parse(xml)
@@ -136,10 +136,20 @@ def with_disk_sources(xml: str, overlays: dict[str, str]) -> str:
         if source is None or driver is None:
             raise DomainXMLError(f"disk {dev} has no source or driver element")
         source.set("file", overlays[dev])
-        driver.set("type", "qcow2")
+        driver.set("type", fmt)
         for backing in disk.findall("backingStore"):
             disk.remove(backing)
     missing = set(overlays) - found
     if missing:
         raise DomainXMLError(f"no disk {', '.join(sorted(missing))} in the domain XML")
     return ET.tostring(root, encoding="unicode")
+
+
+def mirror_ready(xml: str, target: str) -> bool:
+    """Whether TARGET's block job says ``<mirror ready='yes'>`` (ready to pivot)."""
+    for disk in _parse(xml).findall("./devices/disk"):
+        tgt = disk.find("target")
+        if tgt is not None and tgt.get("dev") == target:
+            mirror = disk.find("mirror")
+            return mirror is not None and mirror.get("ready") == "yes"
+    return False

@@ -11,6 +11,8 @@ import enum
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from .blockjobs import JobEnd, JobInfo, Progress
+
 
 class DomainState(enum.Enum):
     RUNNING = "running"
@@ -109,3 +111,22 @@ class Hypervisor(Protocol):
 
     async def define_overlays(self, name: str, overlays: dict[str, str]) -> None:
         """Stopped domain: point the persistent definition at the overlays."""
+
+    async def define_disk_source(self, name: str, target: str, path: str, fmt: str) -> None:
+        """Stopped domain: point one disk of the persistent definition at PATH."""
+
+    async def block_commit(self, name: str, target: str, top: str, base: str, *,
+                           active: bool, bandwidth: int = 0) -> None:
+        """Start committing TOP into BASE (ACTIVE: TOP is the active layer)."""
+
+    async def block_pull(self, name: str, target: str, base: str | None, *,
+                         bandwidth: int = 0) -> None:
+        """Start pulling everything above BASE into the active layer."""
+
+    async def block_job_info(self, name: str, target: str) -> JobInfo | None: ...
+
+    async def follow_block_job(self, name: str, target: str, *, want_ready: bool,
+                               progress: Progress) -> JobEnd: ...
+
+    async def pivot(self, name: str, target: str) -> None:
+        """Finish an active commit that is ready: BASE becomes the active layer."""

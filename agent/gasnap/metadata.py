@@ -129,6 +129,11 @@ class MetadataService(Protocol):
         self, snapshot_id: str, name: str | None, description: str | None
     ) -> SnapshotMeta: ...
 
+    async def update_snapshot_files(
+        self, snapshot_id: str, file: str | None, backing_file: str | None
+    ) -> SnapshotMeta:
+        """A merge moved this snapshot's overlay or data to another file."""
+
     async def snapshot_delete_metadata(self, snapshot_id: str) -> None: ...
 
     async def get_snapshot(self, snapshot_id: str) -> SnapshotMeta: ...

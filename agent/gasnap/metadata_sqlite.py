@@ -143,6 +143,20 @@ class SqliteMetadata:
 
         return await self._db.run(run)
 
+    async def update_snapshot_files(
+        self, snapshot_id: str, file: str | None, backing_file: str | None
+    ) -> SnapshotMeta:
+        def run(conn: sqlite3.Connection) -> SnapshotMeta:
+            current = _get(conn, snapshot_id)
+            conn.execute(
+                "UPDATE snapshots SET file=?, backing_file=? WHERE id=?",
+                (current.file if file is None else file,
+                 current.backing_file if backing_file is None else backing_file, snapshot_id),
+            )
+            return _get(conn, snapshot_id)
+
+        return await self._db.run(run)
+
     async def snapshot_delete_metadata(self, snapshot_id: str) -> None:
         def run(conn: sqlite3.Connection) -> None:
             try:

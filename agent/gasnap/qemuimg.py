@@ -104,3 +104,28 @@ async def create_overlay(path: str, backing: str, backing_format: str, size: int
         raise QemuImgError(f"backing pointer must be relative, not {backing!r}")
     await run("create", "-q", "-f", "qcow2", "-u", "-F", backing_format, "-b", backing,
               path, str(size))
+
+
+async def commit(top: str) -> None:
+    """Offline: write TOP's data into its backing file."""
+    await run("commit", "-q", top)
+
+
+async def rebase(image: str, backing: str | None, backing_format: str | None, *,
+                 safe: bool) -> None:
+    """Offline: point IMAGE at BACKING (a relative name; None: no backing).
+
+    ``safe`` copies what differs into IMAGE first (a pull); unsafe only
+    rewrites the pointer, for when the contents are already equal (after a
+    commit).
+    """
+    if backing is not None and "/" in backing:
+        raise QemuImgError(f"backing pointer must be relative, not {backing!r}")
+    args = ["rebase", "-q"]
+    if not safe:
+        args.append("-u")
+    if backing is None:
+        args += ["-b", ""]
+    else:
+        args += ["-F", backing_format or "qcow2", "-b", backing]
+    await run(*args, image)

@@ -41,7 +41,8 @@ async def open_runtime(settings: Settings) -> AsyncIterator[Runtime]:
     journal = Journal(settings.state_dir / "journal.db")
     metadata = SqliteMetadata(settings.state_dir / "metadata.db")
     guard = FreezeGuard(settings.libvirt_uri)
-    ctx = Context(hv, hv.agent, metadata, journal, guard, settings.freeze_timeout)
+    ctx = Context(hv, hv.agent, metadata, journal, guard, settings.freeze_timeout,
+                  settings.merge_bandwidth)
     tasks = TaskManager(journal)
     await tasks.load()
     service = SnapshotService(ctx, tasks)

@@ -14,7 +14,7 @@ from typing import Any
 from .errors import BadRequest, GasnapError, Unavailable
 from .metadata import SnapshotMeta, Status
 from .tasks import Task, TaskManager
-from .workflows import Context, create
+from .workflows import Context, create, delete
 
 log = logging.getLogger(__name__)
 
@@ -116,6 +116,34 @@ class SnapshotService:
                     f"{len(failed)} of {len(outcome.snapshots)} snapshots failed: "
                     f"{failed[0].error}", result=result)
             return result
+
+        await self.tasks.start(task, work)
+        return task
+
+    # deleting
+
+    async def delete(self, snapshot_id: str, strategy: delete.Strategy) -> Task:
+        if not self.ready.is_set():
+            raise Unavailable("the agent is still recovering unfinished operations",
+                              code="recovering")
+        meta = await self.ctx.metadata.get_snapshot(snapshot_id)
+        # Hold the volume before reading its chain, so the plan stays true.
+        task = self.tasks.reserve("snapshot-delete", {meta.volume_id})
+        try:
+            the_plan = await delete.plan(self.ctx, snapshot_id, strategy)
+        except BaseException:
+            self.tasks.release(task)
+            self.tasks.discard(task)
+            raise
+
+        async def work(task: Task) -> dict[str, Any]:
+            async def progress(percent: int) -> None:
+                if percent != task.progress:
+                    await self.tasks.update(task, progress=percent)
+
+            await delete.execute(self.ctx, the_plan, progress)
+            return {"snapshot": snapshot_id, "strategy": the_plan.method.value,
+                    "merged_bytes": the_plan.moved_bytes, "removed": the_plan.remove}
 
         await self.tasks.start(task, work)
         return task

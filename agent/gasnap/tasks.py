@@ -100,6 +100,10 @@ class TaskManager:
         self._tasks[task.id] = task
         return task
 
+    def discard(self, task: Task) -> None:
+        """Forget a task that never started (its request was refused)."""
+        self._tasks.pop(task.id, None)
+
     def release(self, task: Task) -> None:
         for volume in task.volumes:
             if self._busy.get(volume) == task.id:

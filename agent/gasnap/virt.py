@@ -16,6 +16,7 @@ import concurrent.futures
 import json
 import logging
 import threading
+import time
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
@@ -24,6 +25,7 @@ import libvirt_qemu
 import libvirtaio
 
 from . import domxml, qemuimg
+from .blockjobs import BlockJobEvents, JobEnd, JobInfo, PivotNotReady, Progress, follow
 from .errors import Conflict, GasnapError, NotFound, Unavailable
 from .guestagent import (
     AgentAbsent,
@@ -40,6 +42,7 @@ T = TypeVar("T")
 
 KEEPALIVE_INTERVAL = 5
 KEEPALIVE_COUNT = 3
+OUTAGE_LIMIT = 120.0  # how long a block job's follower waits for libvirtd to return
 
 
 class VirtError(GasnapError):
@@ -181,6 +184,13 @@ def _map_error(err: libvirt.libvirtError, what: str) -> GasnapError:
     return VirtError(message)
 
 
+def _map_job_error(err: libvirt.libvirtError, what: str) -> GasnapError:
+    if err.get_error_code() in (libvirt.VIR_ERR_BLOCK_COPY_ACTIVE,
+                                libvirt.VIR_ERR_OPERATION_INVALID):
+        return PivotNotReady(f"{what}: {err.get_error_message()}")
+    return _map_error(err, what)
+
+
 def _map_agent_error(err: libvirt.libvirtError, what: str) -> GasnapError:
     code = err.get_error_code()
     message = f"{what}: {err.get_error_message()}"
@@ -206,6 +216,7 @@ class LibvirtHypervisor:
         self._conn: libvirt.virConnect | None = None
         self._lock = asyncio.Lock()
         self.agent = GuestAgent(self)
+        self.block_events = BlockJobEvents()
 
     # connection
 
@@ -238,6 +249,10 @@ class LibvirtHypervisor:
             conn = libvirt.open(self.uri)
             conn.registerCloseCallback(self._on_close, None)
             conn.setKeepAlive(KEEPALIVE_INTERVAL, KEEPALIVE_COUNT)
+            # Per connection: after a reconnect the new one gets it again.
+            conn.domainEventRegisterAny(
+                None, libvirt.VIR_DOMAIN_EVENT_ID_BLOCK_JOB_2, self._on_block_job, None
+            )
         except libvirt.libvirtError as err:
             raise LibvirtUnavailable(
                 f"cannot connect to {self.uri}: {err.get_error_message()}"
@@ -249,6 +264,10 @@ class LibvirtHypervisor:
         log.warning("libvirt connection to %s closed (reason %d)", self.uri, reason)
         if self._conn is conn:
             self._conn = None
+
+    def _on_block_job(self, _conn: libvirt.virConnect, dom: libvirt.virDomain, disk: str,
+                      _type: int, status: int, _opaque: object) -> None:
+        self.block_events.on_event(dom.name(), disk, status)
 
     def _drop(self, conn: libvirt.virConnect) -> None:
         if self._conn is conn:
@@ -387,6 +406,75 @@ class LibvirtHypervisor:
             conn.defineXML(domxml.with_disk_sources(xml, overlays))
 
         await self.call(run, what=f"{name}: switch overlays", retry=False)
+
+    # block jobs
+
+    async def block_commit(self, name: str, target: str, top: str, base: str, *,
+                           active: bool, bandwidth: int = 0) -> None:
+        """Commit TOP into BASE, keeping relative backing names.  ACTIVE: TOP
+        is the active layer (two phases: READY, then ``pivot``)."""
+        flags = libvirt.VIR_DOMAIN_BLOCK_COMMIT_RELATIVE
+        if active:
+            flags |= libvirt.VIR_DOMAIN_BLOCK_COMMIT_ACTIVE
+        self.block_events.forget(name, target)
+        await self.call(lambda c: c.lookupByName(name).blockCommit(
+            target, base, top, bandwidth, flags), what=f"{name}/{target}: block commit",
+            retry=False)
+
+    async def block_pull(self, name: str, target: str, base: str | None, *,
+                         bandwidth: int = 0) -> None:
+        """Pull everything above BASE into the active layer (BASE None: all)."""
+        flags = libvirt.VIR_DOMAIN_BLOCK_REBASE_RELATIVE if base else 0
+        self.block_events.forget(name, target)
+        await self.call(lambda c: c.lookupByName(name).blockRebase(
+            target, base, bandwidth, flags), what=f"{name}/{target}: block pull", retry=False)
+
+    async def block_job_info(self, name: str, target: str) -> JobInfo | None:
+        info = await self.call(lambda c: c.lookupByName(name).blockJobInfo(target, 0),
+                               what=f"{name}/{target}: block job")
+        return JobInfo(int(info["cur"]), int(info["end"])) if info else None
+
+    async def mirror_ready(self, name: str, target: str) -> bool:
+        xml = await self.domain_xml(name)
+        return domxml.mirror_ready(xml, target)
+
+    async def pivot(self, name: str, target: str) -> None:
+        await self.call(lambda c: c.lookupByName(name).blockJobAbort(
+            target, libvirt.VIR_DOMAIN_BLOCK_JOB_ABORT_PIVOT),
+            what=f"{name}/{target}: pivot", retry=False, mapper=_map_job_error)
+
+    async def abort_block_job(self, name: str, target: str) -> None:
+        await self.call(lambda c: c.lookupByName(name).blockJobAbort(target, 0),
+                        what=f"{name}/{target}: abort block job", retry=False)
+
+    async def follow_block_job(self, name: str, target: str, *, want_ready: bool,
+                               progress: Progress) -> JobEnd:
+        """Events first, a check every few seconds second; a libvirtd outage
+        is waited out (QEMU keeps running the job), up to OUTAGE_LIMIT."""
+
+        async def check() -> JobInfo | None:
+            deadline = time.monotonic() + OUTAGE_LIMIT
+            while True:
+                try:
+                    return await self.block_job_info(name, target)
+                except LibvirtUnavailable:
+                    if time.monotonic() >= deadline:
+                        raise
+                    await asyncio.sleep(1.0)
+
+        return await follow(self.block_events, name, target, check=check,
+                            mirror_ready=lambda: self.mirror_ready(name, target),
+                            progress=progress, want_ready=want_ready)
+
+    async def define_disk_source(self, name: str, target: str, path: str, fmt: str) -> None:
+        def run(conn: libvirt.virConnect) -> None:
+            dom = conn.lookupByName(name)
+            if dom.isActive():
+                raise VirtError(f"{name} started while its disk {target} was being changed")
+            xml = dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE | libvirt.VIR_DOMAIN_XML_SECURE)
+            conn.defineXML(domxml.with_disk_sources(xml, {target: path}, fmt=fmt))
+
+        await self.call(run, what=f"{name}/{target}: change source", retry=False)
 
     # definitions (used by the lab; workflow code does not define domains)
 

@@ -10,6 +10,7 @@ from aiohttp import web
 from .. import __version__
 from ..errors import BadRequest
 from ..workflows.create import CreateRequest, Quiesce
+from ..workflows.delete import Strategy
 from .keys import HYPERVISOR, SERVICE
 
 MAX_WAIT = 60.0
@@ -114,6 +115,16 @@ async def update_snapshot(request: web.Request) -> web.Response:
     return web.json_response(record)
 
 
+async def delete_snapshot(request: web.Request) -> web.Response:
+    try:
+        strategy = Strategy(request.query.get("strategy", "auto"))
+    except ValueError as err:
+        raise BadRequest("strategy must be auto, commit or pull",
+                         code="invalid_request") from err
+    task = await request.app[SERVICE].delete(request.match_info["id"], strategy)
+    return web.json_response({"task": task.to_record()}, status=202)
+
+
 async def list_tasks(request: web.Request) -> web.Response:
     tasks = request.app[SERVICE].tasks.list()
     return web.json_response({"tasks": [t.to_record() for t in tasks]})
@@ -137,5 +148,6 @@ def setup_routes(app: web.Application) -> None:
     app.router.add_get("/v1/snapshots", list_snapshots)
     app.router.add_get("/v1/snapshots/{id}", get_snapshot)
     app.router.add_patch("/v1/snapshots/{id}", update_snapshot)
+    app.router.add_delete("/v1/snapshots/{id}", delete_snapshot)
     app.router.add_get("/v1/tasks", list_tasks)
     app.router.add_get("/v1/tasks/{id}", get_task)

@@ -101,6 +101,29 @@ def snapshot_create(args: argparse.Namespace) -> int:
     return _finish_task(args, task)
 
 
+def snapshot_delete(args: argparse.Namespace) -> int:
+    client = _client(args)
+    task = client.request(
+        "DELETE", f"/v1/snapshots/{quote(args.id)}?strategy={args.strategy}")["task"]
+    if not args.no_wait:
+        task = _wait_with_bar(client, task) if sys.stderr.isatty() else _wait(client, task)
+    return _finish_task(args, task)
+
+
+def _wait_with_bar(client: Any, task: dict[str, Any]) -> dict[str, Any]:
+    """Follow the task's progress with a bar on the terminal (stderr)."""
+    from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn
+
+    columns = (TextColumn("merging"), BarColumn(), TaskProgressColumn())
+    with Progress(*columns, transient=True) as bar:
+        line = bar.add_task("merge", total=100)
+        while task["state"] in ("queued", "running"):
+            bar.update(line, completed=task["progress"])
+            task = client.get(f"/v1/tasks/{task['id']}?wait=0.5")
+        bar.update(line, completed=task["progress"])
+    return task
+
+
 def snapshot_list(args: argparse.Namespace) -> int:
     query = {"domain": args.domain, "volume_id": args.volume, "status": args.status}
     path = "/v1/snapshots"

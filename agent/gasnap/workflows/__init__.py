@@ -21,3 +21,4 @@ class Context:
     journal: Journal
     guard: FreezeGuard
     freeze_timeout: float
+    merge_bandwidth: int = 0  # MiB/s, 0: unlimited

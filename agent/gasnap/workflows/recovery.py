@@ -1,5 +1,8 @@
 """Recovery at start: settle every operation the journal shows unfinished.
 
+Deletes are resumed from the live chain and libvirt's job state (see
+``delete.resume``); creates are settled as below.
+
 The journal says what may have happened; the live domain XML says what did.
 Guests the journal shows (possibly) frozen are thawed first.  An unfinished
 create ends with each volume ``available`` (its overlay is the active layer)
@@ -12,7 +15,7 @@ import logging
 
 from ..errors import GasnapError
 from ..guestagent import GuestAgentError
-from . import Context
+from . import Context, delete
 from .create import CreatePlan, settle
 
 log = logging.getLogger(__name__)
@@ -42,6 +45,11 @@ async def recover(ctx: Context) -> int:
     """Settle unfinished operations; returns how many were settled."""
     settled = 0
     for op in await ctx.journal.unfinished():
+        if op.kind == "delete":
+            log.warning("recovery: delete %s stopped at step %s; settling it", op.id, op.step)
+            await delete.resume(ctx, op)
+            settled += 1
+            continue
         if op.kind != "create":
             log.error("recovery: unknown operation kind %s (%s); left as is", op.kind, op.id)
             continue
