@@ -9,10 +9,12 @@ boots.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -69,6 +71,14 @@ async def guest(lab: Lab) -> AsyncIterator[Domain]:
 async def second(lab: Lab) -> AsyncIterator[Domain]:
     """Another lab guest with two disks, for groups and state changes."""
     dom = await lab.up(f"{PREFIX}second", disks=2, size_mib=64)
+    yield dom
+    await lab.down(dom.name)
+
+
+@pytest.fixture(scope="session")
+async def merge_guest(lab: Lab) -> AsyncIterator[Domain]:
+    """A lab guest for deletes: one 256 MiB disk, room for long merges."""
+    dom = await lab.up(f"{PREFIX}merge", disks=1, size_mib=256)
     yield dom
     await lab.down(dom.name)
 
@@ -156,7 +166,7 @@ def agent(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Agent]:
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Tests that use a lab fixture are marked ``lab`` (select with -m)."""
-    lab_fixtures = {"guest", "lab", "hv", "agent", "second", "noagent"}
+    lab_fixtures = {"guest", "lab", "hv", "agent", "second", "noagent", "merge_guest"}
     for item in items:
         if lab_fixtures & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.lab)
@@ -206,3 +216,20 @@ def volume_files(path: str) -> set[str]:
     every overlay named after it (``volume-<uuid>*``)."""
     base = Path(path).name.split(".")[0]
     return {str(p) for p in Path(path).parent.iterdir() if p.name.startswith(base)}
+
+
+def delete_snapshot(agent: Agent, snapshot_id: str, strategy: str = "auto") -> dict[str, Any]:
+    task = agent.client.request("DELETE", f"/v1/snapshots/{snapshot_id}?strategy={strategy}")
+    return wait_task(agent, task["task"]["id"])
+
+
+def image_digest(path: str) -> str:
+    """sha256 of an image's content as the guest would read it (whole chain)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        raw = Path(tmp) / "raw"
+        subprocess.run(["qemu-img", "convert", "-U", "-O", "raw", path, str(raw)], check=True)
+        digest = hashlib.sha256()
+        with raw.open("rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(block)
+        return digest.hexdigest()

@@ -494,6 +494,11 @@ class LibvirtHypervisor:
         await self.call(lambda c: c.lookupByName(name).create(), what=f"start {name}",
                         retry=False)
 
+    async def reboot(self, name: str) -> None:
+        """A clean reboot through the guest agent (qemu-ga never answers it)."""
+        await self.call(lambda c: c.lookupByName(name).reboot(
+            libvirt.VIR_DOMAIN_REBOOT_GUEST_AGENT), what=f"reboot {name}", retry=False)
+
     async def destroy(self, name: str) -> None:
         """Power off at once; a domain that is already off is fine."""
 

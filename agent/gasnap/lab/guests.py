@@ -24,6 +24,7 @@ from ..guestagent import GuestAgentError
 from ..hypervisor import Domain, DomainState
 from ..virt import DomainNotFound, LibvirtHypervisor
 from .image import LabImage, ensure_image
+from .workload import sh
 
 log = logging.getLogger(__name__)
 
@@ -192,6 +193,23 @@ class Lab:
                         f"{name}: guest agent did not answer within {timeout:.0f}s "
                         f"(console: {self.lab_dir / name / 'console.log'})"
                     ) from err
+            await asyncio.sleep(0.5)
+
+    async def reboot(self, name: str, timeout: float = BOOT_TIMEOUT) -> None:
+        """Reboot NAME cleanly and return once its new boot answers."""
+        boot_id = await sh(self.hv, name, "cat /proc/sys/kernel/random/boot_id")
+        await self.hv.reboot(name)
+        deadline = time.monotonic() + timeout
+        while True:
+            await self.wait_for_agent(name, max(1.0, deadline - time.monotonic()))
+            try:
+                rebooted = await sh(self.hv, name, "cat /proc/sys/kernel/random/boot_id") != boot_id
+            except GuestAgentError:
+                rebooted = False  # the old boot going down, or the new one coming up
+            if rebooted:
+                return
+            if time.monotonic() >= deadline:
+                raise LabBootTimeout(f"{name} did not reboot within {timeout:.0f}s")
             await asyncio.sleep(0.5)
 
     async def down(self, name: str) -> None:

@@ -1,0 +1,251 @@
+"""Deleting snapshots against a real guest: every strategy, live and offline,
+with the invariant checked each time."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from conftest import (
+    GASNAP,
+    Agent,
+    chain_of,
+    create_snapshots,
+    delete_snapshot,
+    gasnap,
+    image_digest,
+    wait_task,
+)
+from gasnap.client import ApiError
+from gasnap.hypervisor import Domain
+from gasnap.lab.guests import Lab
+from gasnap.lab.workload import sh, start_load, stop_load
+from gasnap.metadata import Status
+from gasnap.metadata_sqlite import SqliteMetadata
+from gasnap.virt import LibvirtHypervisor
+
+
+def snapshots(agent: Agent, dom: Domain, count: int) -> list[dict[str, Any]]:
+    made = []
+    for i in range(count):
+        task = create_snapshots(agent, {"domains": [dom.name], "name": f"d{i}"})
+        assert task["state"] == "succeeded", task
+        made.append(task["result"]["snapshots"][0])
+    return made
+
+
+def records(agent: Agent, dom: Domain) -> dict[str, dict[str, Any]]:
+    return {r["id"]: r for r in
+            agent.client.get(f"/v1/snapshots?domain={dom.name}&status=available")["snapshots"]}
+
+
+async def live_digest(hv: LibvirtHypervisor, dom: Domain) -> str:
+    await sh(hv, dom.name, "sync")
+    return image_digest((await chain_of(hv, dom.name, "vda"))[0])
+
+
+class Before:
+    """What the invariant compares against: taken just before a delete."""
+
+    def __init__(self, agent: Agent, chain: list[str], recs: dict[str, dict[str, Any]]) -> None:
+        self.agent = agent
+        self.chain = chain
+        self.records = recs
+        self.digests = {sid: image_digest(r["image"]) for sid, r in recs.items()}
+
+
+async def before(agent: Agent, hv: LibvirtHypervisor, dom: Domain) -> Before:
+    return Before(agent, await chain_of(hv, dom.name, "vda"), records(agent, dom))
+
+
+async def check_invariant(hv: LibvirtHypervisor, dom: Domain, was: Before, deleted: str,
+                          task: dict[str, Any]) -> None:
+    assert task["state"] == "succeeded", task
+    removed = task["result"]["removed"]
+    chain = await chain_of(hv, dom.name, "vda")
+    assert chain == [p for p in was.chain if p != removed]  # one file shorter
+    assert not Path(removed).exists()
+    with pytest.raises(ApiError) as info:
+        was.agent.client.get(f"/v1/snapshots/{deleted}")
+    assert info.value.details["status"] == 404
+    now = records(was.agent, dom)
+    assert set(now) == set(was.records) - {deleted}
+    for sid, rec in now.items():
+        index = chain.index(rec["file"])
+        assert chain[index + 1] == rec["image"]  # records point at the files that hold it
+        assert image_digest(rec["image"]) == was.digests[sid]
+
+
+# --- strategies -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("position", "strategy", "method"),
+    [
+        ("inner", "auto", "commit"),
+        ("oldest", "auto", "commit"),
+        ("newest", "pull", "pull"),
+        ("newest", "commit", "active-commit"),
+    ],
+)
+async def test_delete_keeps_every_other_point_in_time(
+    agent: Agent, hv: LibvirtHypervisor, merge_guest: Domain,
+    position: str, strategy: str, method: str,
+) -> None:
+    made = snapshots(agent, merge_guest, 3)
+    await sh(hv, merge_guest.name,
+             "head -c 2097152 /dev/urandom > /data/after-snaps; sync")
+    target = {"inner": made[1], "oldest": made[0], "newest": made[2]}[position]
+    live = await live_digest(hv, merge_guest)
+    was = await before(agent, hv, merge_guest)
+    task = delete_snapshot(agent, target["id"], strategy)
+    assert task["result"]["strategy"] == method
+    await check_invariant(hv, merge_guest, was, target["id"], task)
+    assert await live_digest(hv, merge_guest) == live  # the guest sees the same disk
+
+
+async def test_auto_picks_the_strategy_that_moves_less(
+    agent: Agent, hv: LibvirtHypervisor, merge_guest: Domain
+) -> None:
+    (older,) = snapshots(agent, merge_guest, 1)
+    await sh(hv, merge_guest.name, "dd if=/dev/zero of=/data/big bs=1M count=24; sync")
+    (newest,) = snapshots(agent, merge_guest, 1)
+    # The newest overlay is nearly empty, its image holds 24 MiB: commit wins.
+    was = await before(agent, hv, merge_guest)
+    task = delete_snapshot(agent, newest["id"])
+    assert task["result"]["strategy"] == "active-commit"
+    assert task["result"]["merged_bytes"] < 24 << 20
+    await check_invariant(hv, merge_guest, was, newest["id"], task)
+    assert older["id"] in records(agent, merge_guest)
+
+
+async def test_delete_all_one_by_one_under_load_then_reboot(
+    agent: Agent, hv: LibvirtHypervisor, lab: Lab, merge_guest: Domain
+) -> None:
+    await sh(hv, merge_guest.name, "head -c 4194304 /dev/urandom > /data/marker; sync")
+    marker = await sh(hv, merge_guest.name, "sha256sum /data/marker")
+    await start_load(hv, merge_guest.name)
+    try:
+        made = snapshots(agent, merge_guest, 4)
+        for victim in (made[1], made[3], made[0], made[2]):
+            was = await before(agent, hv, merge_guest)
+            task = delete_snapshot(agent, victim["id"])
+            await check_invariant(hv, merge_guest, was, victim["id"], task)
+    finally:
+        await stop_load(hv, merge_guest.name)
+    assert not set(records(agent, merge_guest)) & {m["id"] for m in made}
+    await lab.reboot(merge_guest.name)
+    assert await sh(hv, merge_guest.name, "sha256sum /data/marker") == marker
+
+
+async def test_offline_deletes(
+    agent: Agent, hv: LibvirtHypervisor, lab: Lab, merge_guest: Domain
+) -> None:
+    await sh(hv, merge_guest.name, "head -c 1048576 /dev/urandom > /data/offline; sync")
+    marker = await sh(hv, merge_guest.name, "sha256sum /data/offline")
+    made = snapshots(agent, merge_guest, 4)
+    await hv.destroy(merge_guest.name)
+    try:
+        for victim, strategy, method in ((made[1], "auto", "offline-commit"),
+                                         (made[3], "pull", "offline-pull"),
+                                         (made[2], "commit", "offline-commit")):
+            was = await before(agent, hv, merge_guest)
+            task = delete_snapshot(agent, victim["id"], strategy)
+            assert task["result"]["strategy"] == method
+            await check_invariant(hv, merge_guest, was, victim["id"], task)
+        inactive = subprocess.run(["virsh", "dumpxml", "--inactive", merge_guest.name],
+                                  capture_output=True, text=True, check=True).stdout
+        assert f"<source file='{(await chain_of(hv, merge_guest.name, 'vda'))[0]}'/>" in inactive
+    finally:
+        await lab.up(merge_guest.name)
+    assert await sh(hv, merge_guest.name, "sha256sum /data/offline") == marker
+    remaining = records(agent, merge_guest)
+    assert made[0]["id"] in remaining
+    chain = await chain_of(hv, merge_guest.name, "vda")
+    assert chain.index(remaining[made[0]["id"]]["image"]) == \
+        chain.index(remaining[made[0]["id"]]["file"]) + 1
+
+
+async def test_paused_domain_is_merged_live(
+    agent: Agent, hv: LibvirtHypervisor, merge_guest: Domain
+) -> None:
+    made = snapshots(agent, merge_guest, 2)
+    subprocess.run(["virsh", "suspend", merge_guest.name], check=True, capture_output=True)
+    try:
+        was = await before(agent, hv, merge_guest)
+        task = delete_snapshot(agent, made[1]["id"], "commit")
+        await check_invariant(hv, merge_guest, was, made[1]["id"], task)
+    finally:
+        subprocess.run(["virsh", "resume", merge_guest.name], check=True, capture_output=True)
+
+
+# --- bad input --------------------------------------------------------------------
+
+
+async def refused(agent: Agent, hv: LibvirtHypervisor, dom: Domain, path: str,
+                  status: int, code: str) -> None:
+    chain = await chain_of(hv, dom.name, "vda")
+    recs = agent.client.get("/v1/snapshots")["snapshots"]
+    files = sorted(Path(chain[0]).parent.iterdir())
+    with pytest.raises(ApiError) as info:
+        agent.client.request("DELETE", path)
+    assert (info.value.details["status"], info.value.code) == (status, code), info.value
+    assert await chain_of(hv, dom.name, "vda") == chain
+    assert agent.client.get("/v1/snapshots")["snapshots"] == recs
+    assert sorted(Path(chain[0]).parent.iterdir()) == files
+
+
+async def test_bad_delete_requests_change_nothing(
+    agent: Agent, hv: LibvirtHypervisor, merge_guest: Domain
+) -> None:
+    made = snapshots(agent, merge_guest, 3)
+    await refused(agent, hv, merge_guest, "/v1/snapshots/no-such-id", 404, "snapshot_not_found")
+    await refused(agent, hv, merge_guest, f"/v1/snapshots/{made[1]['id']}?strategy=pull",
+                  409, "strategy_unsupported")
+    await refused(agent, hv, merge_guest, f"/v1/snapshots/{made[1]['id']}?strategy=fast",
+                  400, "invalid_request")
+    # A record in the wrong status.
+    store = SqliteMetadata(agent.state_dir / "metadata.db")
+    await store.update_snapshot_status(made[0]["id"], Status.DELETING, "0%")
+    await store.close()
+    await refused(agent, hv, merge_guest, f"/v1/snapshots/{made[0]['id']}", 409, "wrong_status")
+    # A chain changed behind gasnap's back: made[1]'s overlay committed by hand.
+    subprocess.run(["virsh", "blockcommit", merge_guest.name, "vda", "--top", made[1]["file"],
+                    "--base", made[1]["image"], "--wait", "--keep-relative"],
+                   check=True, capture_output=True)
+    await refused(agent, hv, merge_guest, f"/v1/snapshots/{made[1]['id']}", 409,
+                  "chain_mismatch")
+
+
+async def test_a_busy_volume_refuses_a_delete(
+    agent: Agent, hv: LibvirtHypervisor, merge_guest: Domain
+) -> None:
+    made = snapshots(agent, merge_guest, 1)
+    await sh(hv, merge_guest.name, "echo 3 > /run/gasnap-hook-delay")
+    first = agent.client.request("POST", "/v1/snapshots", {"domains": [merge_guest.name]})
+    try:
+        await refused(agent, hv, merge_guest, f"/v1/snapshots/{made[0]['id']}", 409,
+                      "volume_busy")
+    finally:
+        assert wait_task(agent, first["task"]["id"])["state"] == "succeeded"
+        await sh(hv, merge_guest.name, "rm -f /run/gasnap-hook-delay")
+
+
+def test_cli_delete(agent: Agent, merge_guest: Domain) -> None:
+    made = snapshots(agent, merge_guest, 2)
+    api = ["--api", agent.api]
+    queued = json.loads(gasnap(*api, "snapshot", "delete", made[0]["id"],
+                                             "--no-wait", "--json").stdout)
+    assert queued["kind"] == "snapshot-delete"
+    done = json.loads(gasnap(*api, "task", "wait", queued["id"], "--json").stdout)
+    assert (done["state"], done["progress"]) == ("succeeded", 100)
+    # On a terminal: a progress bar on stderr, then the summary.
+    shown = subprocess.run(
+        ["script", "-qec", " ".join([*GASNAP, *api, "snapshot",
+                                      "delete", made[1]["id"]]), "/dev/null"],
+        capture_output=True, text=True, check=True).stdout
+    assert "succeeded" in shown
