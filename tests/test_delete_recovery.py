@@ -1,0 +1,128 @@
+"""Deletes interrupted: the agent stopped at each step, libvirtd restarted in
+the middle of a long merge.  The record ends gone or ``error_deleting``, never
+``deleting``, and the chain stays whole."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from conftest import Agent, chain_of, create_snapshots, image_digest, wait_task
+from gasnap.client import ApiError
+from gasnap.hypervisor import Domain
+from gasnap.lab.workload import sh
+from gasnap.virt import LibvirtHypervisor
+
+# (fault point, strategy, what the record must be after the restart)
+STEPS = [
+    ("delete:planned", "auto", "available"),  # nothing had changed yet
+    ("delete:deleting", "auto", "error_deleting"),  # marked, job never started
+    ("delete:job", "pull", "gone"),  # job started: libvirt finished it
+    ("delete:pivot", "commit", "gone"),  # READY, not pivoted: recovery pivots
+    ("delete:merged", "auto", "gone"),
+    ("delete:cleanup", "auto", "gone"),
+]
+
+
+def newest_two(agent: Agent, dom: Domain) -> list[dict[str, Any]]:
+    made = []
+    for _ in range(2):
+        task = create_snapshots(agent, {"domains": [dom.name]})
+        assert task["state"] == "succeeded", task
+        made.append(task["result"]["snapshots"][0])
+    return made
+
+
+@pytest.mark.parametrize(("point", "strategy", "expected"), STEPS)
+async def test_agent_stopped_at_each_delete_step(
+    tmp_path: Path, hv: LibvirtHypervisor, merge_guest: Domain,
+    point: str, strategy: str, expected: str,
+) -> None:
+    agent = Agent(tmp_path, env={"GASNAP_TEST_FAULT": point})
+    agent.wait_ready()
+    older, victim = newest_two(agent, merge_guest)
+    digest = image_digest(older["image"])
+    chain = await chain_of(hv, merge_guest.name, "vda")
+    try:
+        agent.client.request("DELETE", f"/v1/snapshots/{victim['id']}?strategy={strategy}")
+    except ApiError as err:
+        assert err.code == "agent_unreachable"
+    assert agent.wait_exit() == -signal.SIGKILL
+    restarted = Agent(tmp_path)
+    try:
+        restarted.wait_ready()
+        now = await chain_of(hv, merge_guest.name, "vda")
+        if expected == "gone":
+            with pytest.raises(ApiError) as info:
+                restarted.client.get(f"/v1/snapshots/{victim['id']}")
+            assert info.value.details["status"] == 404
+            assert len(now) == len(chain) - 1
+        else:
+            rec = restarted.client.get(f"/v1/snapshots/{victim['id']}")
+            assert rec["status"] == expected
+            assert now == chain
+        assert all(Path(p).exists() for p in now)
+        kept = restarted.client.get(f"/v1/snapshots/{older['id']}")
+        assert (kept["status"], image_digest(kept["image"])) == ("available", digest)
+        assert now[now.index(kept["file"]) + 1] == kept["image"]
+        if expected == "error_deleting":  # and it can be retried
+            task = restarted.client.request("DELETE", f"/v1/snapshots/{victim['id']}")
+            assert wait_task(restarted, task["task"]["id"])["state"] == "succeeded"
+    finally:
+        restarted.stop()
+
+
+def _libvirtd_pid() -> int | None:
+    out = subprocess.run(["pgrep", "-x", "libvirtd"], capture_output=True, text=True,
+                         check=False).stdout.split()
+    return int(out[0]) if out else None
+
+
+async def test_libvirtd_restart_during_a_long_merge(
+    tmp_path: Path, hv: LibvirtHypervisor, merge_guest: Domain
+) -> None:
+    if _libvirtd_pid() is None or os.path.exists("/run/systemd/system"):
+        pytest.skip("libvirtd is not ours to restart here")
+    agent = Agent(tmp_path, config="[agent]\nmerge_bandwidth = 4\n")  # MiB/s
+    try:
+        agent.wait_ready()
+        first = create_snapshots(agent, {"domains": [merge_guest.name]})["result"]["snapshots"][0]
+        # 48 MiB written into first's overlay, which the next snapshot makes inner.
+        await sh(hv, merge_guest.name, "dd if=/dev/zero of=/data/long bs=1M count=48; sync",
+                 timeout=120)
+        create_snapshots(agent, {"domains": [merge_guest.name]})
+        digest = await _active_digest(hv, merge_guest)
+        task = agent.client.request("DELETE", f"/v1/snapshots/{first['id']}")["task"]
+        deadline = time.monotonic() + 60
+        while agent.client.get(f"/v1/tasks/{task['id']}")["progress"] < 5:
+            assert time.monotonic() < deadline, "the merge did not start"
+            await asyncio.sleep(0.2)
+        pid = _libvirtd_pid()
+        assert pid is not None
+        os.kill(pid, signal.SIGTERM)
+        while _libvirtd_pid() is not None:
+            await asyncio.sleep(0.1)
+        await asyncio.sleep(2)
+        subprocess.run(["libvirtd", "-d"], check=True)
+        done = wait_task(agent, task["id"], timeout=300)
+        assert done["state"] == "succeeded", done
+        with pytest.raises(ApiError):
+            agent.client.get(f"/v1/snapshots/{first['id']}")
+        await hv.list_domains()  # a read reconnects this test's own connection
+        assert await _active_digest(hv, merge_guest) == digest
+    finally:
+        if _libvirtd_pid() is None:
+            subprocess.run(["libvirtd", "-d"], check=True)
+        agent.stop()
+
+
+async def _active_digest(hv: LibvirtHypervisor, dom: Domain) -> str:
+    await sh(hv, dom.name, "sync")
+    return image_digest((await chain_of(hv, dom.name, "vda"))[0])
