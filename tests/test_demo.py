@@ -20,9 +20,12 @@ async def test_demo_takes_a_clean_quiesced_snapshot_under_load(lab: Lab) -> None
         assert all(c["e2fsck_exit"] == 0 and not c["journal_recovery"]
                    for c in summary["fsck"])
         assert summary["freeze_window_ms"] > 0
+        deleted = summary["delete"]
+        assert (deleted["state"], deleted["result"]["snapshot"]) == ("succeeded", snaps[0]["id"])
         human = gasnap("demo").stdout
         assert human.count("clean (exit 0)") == 2
         assert "freeze window seen inside the guest" in human
+        assert "deleted " in human
     finally:
         if not existed:
             await lab.down(DEMO_GUEST)

@@ -2,8 +2,10 @@
 
 Boots a lab guest with two data disks, starts an fsync'd write workload in
 it, takes one quiesced group snapshot of both disks through the same
-workflow the agent runs, checks each point-in-time image with ``e2fsck -fn``
-and reads the freeze window from the guest's own fsfreeze-hook log.
+workflow the agent runs, deletes one of them again by a live merge (the
+guest's data checked across it), checks each remaining point-in-time image
+with ``e2fsck -fn`` and reads the freeze window from the guest's own
+fsfreeze-hook log.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from .lab.verify import fsck_image
 from .lab.workload import freeze_log, sh, start_load, stop_load
 from .runtime import Runtime, open_runtime
 from .workflows.create import CreateRequest, Quiesce
+from .workflows.delete import Strategy
 
 DEMO_GUEST = "gasnap-demo"
 DEMO_STATE = Path("/var/lib/gasnap/demo")
@@ -43,6 +46,30 @@ async def _snapshot(runtime: Runtime) -> dict[str, Any]:
     return record
 
 
+async def _delete(runtime: Runtime, snapshot_id: str) -> dict[str, Any]:
+    service = runtime.service
+    task = await service.delete(snapshot_id, Strategy.AUTO)
+    await service.tasks.wait(task.id, 300)
+    record = task.to_record()
+    if record["state"] != "succeeded":
+        raise DemoFailed(f"delete failed: {record.get('error')}")
+    return record
+
+
+async def _fsck(snapshots: list[dict[str, Any]], say: Callable[..., None]
+                ) -> list[dict[str, Any]]:
+    checks = []
+    for snap in snapshots:
+        result = await fsck_image(snap["image"])
+        checks.append({"snapshot": snap["id"], "image": snap["image"],
+                       "e2fsck_exit": result.exitcode,
+                       "journal_recovery": result.needs_journal_recovery})
+        verdict = "clean" if result.clean else "NOT clean"
+        say(f"   {snap['target']}: {Path(snap['image']).name}: {verdict} "
+            f"(exit {result.exitcode})")
+    return checks
+
+
 async def run_demo(say: Callable[..., None], uri: str = "qemu:///system") -> dict[str, Any]:
     settings = Settings(state_dir=DEMO_STATE, libvirt_uri=uri)
     async with open_runtime(settings) as runtime:
@@ -62,24 +89,23 @@ async def run_demo(say: Callable[..., None], uri: str = "qemu:///system") -> dic
         events = (await freeze_log(hv, DEMO_GUEST))[before:]
         window_ms = (events[1][1] - events[0][1]) / 1e6 if len(events) >= 2 else None
         writes = (await sh(hv, DEMO_GUEST, "cat /data/load/counter | wc -l")).strip()
-    snapshots = task["result"]["snapshots"]
-    say("4. checking each point-in-time image with e2fsck -fn")
-    checks = []
-    for snap in snapshots:
-        result = await fsck_image(snap["image"])
-        checks.append({"snapshot": snap["id"], "image": snap["image"],
-                       "e2fsck_exit": result.exitcode,
-                       "journal_recovery": result.needs_journal_recovery})
-        verdict = "clean" if result.clean else "NOT clean"
-        say(f"   {snap['target']}: {Path(snap['image']).name}: {verdict} "
-            f"(exit {result.exitcode})")
+        snapshots = task["result"]["snapshots"]
+        say("4. checking each point-in-time image with e2fsck -fn")
+        checks = await _fsck(snapshots, say)
+        say("5. deleting the vda snapshot again (live merge; guest data checked across it)")
+        marker = await sh(hv, DEMO_GUEST, "sha256sum /data/load/counter")
+        deleted = await _delete(runtime, snapshots[0]["id"])
+        if await sh(hv, DEMO_GUEST, "sha256sum /data/load/counter") != marker:
+            raise DemoFailed("guest data changed across the merge")
     say("")
     say("summary")
     for snap in snapshots:
-        say(f"  snapshot {snap['id']}  {snap['target']}  {snap['status']}  "
-            f"{snap['consistency']}")
-        say(f"    active now  {snap['file']}")
-        say(f"    image       {snap['image']}")
+        say(f"  snapshot {snap['id']}  {snap['target']}  {snap['consistency']}")
+        say(f"    overlay  {snap['file']}")
+        say(f"    image    {snap['image']}")
+    result = deleted["result"]
+    say(f"  deleted {result['snapshot']} by {result['strategy']} "
+        f"({result['merged_bytes']} bytes merged; {Path(result['removed']).name} removed)")
     if window_ms is not None:
         say(f"  freeze window seen inside the guest: {window_ms:.1f} ms "
             f"(while {writes} fsync'd writes ran)")
@@ -87,4 +113,4 @@ async def run_demo(say: Callable[..., None], uri: str = "qemu:///system") -> dic
     if not all(c["e2fsck_exit"] == 0 and not c["journal_recovery"] for c in checks):
         raise DemoFailed("a quiesced image did not pass e2fsck -fn")
     return {"domain": DEMO_GUEST, "task": task, "fsck": checks,
-            "freeze_window_ms": window_ms}
+            "freeze_window_ms": window_ms, "delete": deleted}
