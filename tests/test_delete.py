@@ -20,6 +20,7 @@ from conftest import (
     image_digest,
     wait_task,
 )
+from gasnap import domxml
 from gasnap.client import ApiError
 from gasnap.hypervisor import Domain
 from gasnap.lab.guests import Lab
@@ -69,6 +70,9 @@ async def check_invariant(hv: LibvirtHypervisor, dom: Domain, was: Before, delet
     chain = await chain_of(hv, dom.name, "vda")
     assert chain == [p for p in was.chain if p != removed]  # one file shorter
     assert not Path(removed).exists()
+    # The persistent definition is in step: a cold boot must not name the old file.
+    (persistent,) = domxml.disks(await hv.domain_xml(dom.name, inactive=True))
+    assert [layer.path for layer in persistent.chain] == chain[:len(persistent.chain)]
     with pytest.raises(ApiError) as info:
         was.agent.client.get(f"/v1/snapshots/{deleted}")
     assert info.value.details["status"] == 404

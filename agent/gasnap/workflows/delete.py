@@ -268,13 +268,16 @@ async def _offline_merge(ctx: Context, the_plan: DeletePlan) -> None:
         if the_plan.above is not None:
             await qemuimg.rebase(the_plan.above, Path(the_plan.base).name,
                                  the_plan.base_format, safe=False)
-        else:
-            await ctx.hv.define_disk_source(the_plan.domain, the_plan.target, the_plan.base,
-                                            the_plan.base_format)
     else:
         below = the_plan.pull_base
         fmt = (await qemuimg.info(below)).format if below else None
         await qemuimg.rebase(the_plan.top, Path(below).name if below else None, fmt, safe=True)
+    # libvirt keeps the whole <backingStore> chain in the persistent definition
+    # and trusts it at the next start: rewrite the disk so that it names the
+    # new active layer and nothing below it (read from the headers again).
+    active = the_plan.expected_chain[0]
+    await ctx.hv.define_disk_source(the_plan.domain, the_plan.target, active,
+                                    (await qemuimg.info(active)).format)
 
 
 async def _chain(ctx: Context, the_plan: DeletePlan) -> list[str]:
