@@ -3,8 +3,10 @@ with the invariant checked each time."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +30,7 @@ from gasnap.lab.workload import sh, start_load, stop_load
 from gasnap.metadata import Status
 from gasnap.metadata_sqlite import SqliteMetadata
 from gasnap.virt import LibvirtHypervisor
+from gasnap.workflows.create import overlay_path
 
 
 def snapshots(agent: Agent, dom: Domain, count: int) -> list[dict[str, Any]]:
@@ -230,8 +233,16 @@ async def test_a_busy_volume_refuses_a_delete(
 ) -> None:
     made = snapshots(agent, merge_guest, 1)
     await sh(hv, merge_guest.name, "echo 3 > /run/gasnap-hook-delay")
+    active = (await chain_of(hv, merge_guest.name, "vda"))[0]
     first = agent.client.request("POST", "/v1/snapshots", {"domains": [merge_guest.name]})
     try:
+        # Once the create's overlay exists it sits in its (3 s) freeze and
+        # nothing else changes: only now is "nothing changed" measurable.
+        deadline = time.monotonic() + 30
+        while not any(Path(overlay_path(active, r["id"])).exists() for r in agent.client.get(
+                f"/v1/snapshots?domain={merge_guest.name}&status=creating")["snapshots"]):
+            assert time.monotonic() < deadline, "the create never made its overlay"
+            await asyncio.sleep(0.05)
         await refused(agent, hv, merge_guest, f"/v1/snapshots/{made[0]['id']}", 409,
                       "volume_busy")
     finally:
