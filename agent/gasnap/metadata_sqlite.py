@@ -132,27 +132,24 @@ class SqliteMetadata:
     async def update_snapshot_metadata(
         self, snapshot_id: str, name: str | None, description: str | None
     ) -> SnapshotMeta:
-        def run(conn: sqlite3.Connection) -> SnapshotMeta:
-            current = _get(conn, snapshot_id)
-            conn.execute(
-                "UPDATE snapshots SET name=?, description=? WHERE id=?",
-                (current.name if name is None else name,
-                 current.description if description is None else description, snapshot_id),
-            )
-            return _get(conn, snapshot_id)
-
-        return await self._db.run(run)
+        return await self._update(snapshot_id, name=name, description=description)
 
     async def update_snapshot_files(
         self, snapshot_id: str, file: str | None, backing_file: str | None
     ) -> SnapshotMeta:
+        return await self._update(snapshot_id, file=file, backing_file=backing_file)
+
+    async def _update(self, snapshot_id: str, **changes: str | None) -> SnapshotMeta:
+        """Set the given columns (None: leave as is) of an existing record."""
+        wanted = {column: value for column, value in changes.items() if value is not None}
+
         def run(conn: sqlite3.Connection) -> SnapshotMeta:
-            current = _get(conn, snapshot_id)
-            conn.execute(
-                "UPDATE snapshots SET file=?, backing_file=? WHERE id=?",
-                (current.file if file is None else file,
-                 current.backing_file if backing_file is None else backing_file, snapshot_id),
-            )
+            _get(conn, snapshot_id)  # unknown id: SnapshotNotFound
+            if wanted:
+                # Column names come from this module's callers, never from input.
+                assignments = ", ".join(f"{column}=?" for column in wanted)
+                conn.execute(f"UPDATE snapshots SET {assignments} WHERE id=?",  # noqa: S608
+                             (*wanted.values(), snapshot_id))
             return _get(conn, snapshot_id)
 
         return await self._db.run(run)
