@@ -55,10 +55,6 @@ class FreezeGuard:
         self._proc: asyncio.subprocess.Process | None = None
         self._lock = asyncio.Lock()
 
-    @property
-    def alive(self) -> bool:
-        return self._proc is not None and self._proc.returncode is None
-
     async def start(self) -> None:
         async with self._lock:
             await self._ensure()

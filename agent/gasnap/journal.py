@@ -74,11 +74,11 @@ class Journal:
     async def finish(self, op: Operation) -> None:
         await self._db.run(lambda c: c.execute("DELETE FROM operations WHERE id=?", (op.id,)))
 
-    async def unfinished(self, kind: str | None = None) -> list[Operation]:
+    async def unfinished(self) -> list[Operation]:
         def run(conn: sqlite3.Connection) -> list[Operation]:
             rows = conn.execute("SELECT * FROM operations ORDER BY created").fetchall()
             return [Operation(r["id"], r["kind"], r["step"], json.loads(r["payload"]))
-                    for r in rows if kind is None or r["kind"] == kind]
+                    for r in rows]
 
         return await self._db.run(run)
 

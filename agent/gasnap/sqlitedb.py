@@ -41,9 +41,6 @@ class SqliteDB:
         """Run FN(conn) in one transaction, in a worker thread."""
         return await asyncio.to_thread(self._locked, fn)
 
-    def run_sync(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        return self._locked(fn)
-
     def close(self) -> None:
         with self._lock:
             self._conn.close()

@@ -332,10 +332,6 @@ class LibvirtHypervisor:
 
     # guest agent
 
-    async def agent_state(self, name: str) -> AgentState:
-        _uuid, state, xml = await self.call(_read_domain, name, what=f"domain {name}")
-        return await self._agent_state(name, state, xml)
-
     async def _agent_state(self, name: str, state: DomainState, xml: str) -> AgentState:
         channel = domxml.agent_channel(xml)
         if not channel.present or state not in (DomainState.RUNNING, DomainState.PAUSED):
@@ -442,10 +438,6 @@ class LibvirtHypervisor:
         await self.call(lambda c: c.lookupByName(name).blockJobAbort(
             target, libvirt.VIR_DOMAIN_BLOCK_JOB_ABORT_PIVOT),
             what=f"{name}/{target}: pivot", retry=False, mapper=_map_job_error)
-
-    async def abort_block_job(self, name: str, target: str) -> None:
-        await self.call(lambda c: c.lookupByName(name).blockJobAbort(target, 0),
-                        what=f"{name}/{target}: abort block job", retry=False)
 
     async def follow_block_job(self, name: str, target: str, *, want_ready: bool,
                                progress: Progress) -> JobEnd:

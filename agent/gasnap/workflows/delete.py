@@ -42,7 +42,7 @@ log = logging.getLogger(__name__)
 PIVOT_TRIES = 20
 PIVOT_RETRY = 0.5
 CHAIN_SETTLE = 10.0  # after a pivot libvirt's XML can lag the call (VDSM)
-DELETABLE = (Status.AVAILABLE, Status.ERROR_DELETING)
+DELETE_FROM = (Status.AVAILABLE, Status.ERROR_DELETING)  # error_deleting: a retry
 
 ProgressSink = Callable[[int], Awaitable[None]]
 
@@ -144,7 +144,7 @@ async def _allocated(path: str) -> int:
 
 async def plan(ctx: Context, snapshot_id: str, strategy: Strategy) -> DeletePlan:
     meta = await ctx.metadata.get_snapshot(snapshot_id)
-    if meta.status not in DELETABLE:
+    if meta.status not in DELETE_FROM:
         raise WrongStatus(f"snapshot {snapshot_id} is {meta.status.value}; only available "
                           "snapshots can be deleted")
     dom = await ctx.hv.get_domain(meta.domain)
