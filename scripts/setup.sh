@@ -11,6 +11,7 @@ DEB_PACKAGES=(
     qemu-system-x86 qemu-utils libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients
     libvirt-dev pkg-config gcc python3-dev python3-venv qemu-guest-agent busybox-static cpio
     e2fsprogs linux-image-amd64 procps
+    postgresql  # the tests start a private cluster of their own; Debian's is left alone
 )
 LIBVIRT_SOCK=/var/run/libvirt/libvirt-sock
 

@@ -9,6 +9,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
+from gasnap import httpkit
 from gasnap.api import app as app_module
 from gasnap.config import Settings
 from gasnap.errors import BadRequest, Conflict, GasnapError, NotFound, Unavailable
@@ -18,7 +19,7 @@ def make_app(error: Exception) -> web.Application:
     async def boom(_request: web.Request) -> web.Response:
         raise error
 
-    app = web.Application(middlewares=[app_module.errors_middleware])
+    app = web.Application(middlewares=[httpkit.errors_middleware])
     app.router.add_get("/boom", boom)
     return app
 

@@ -28,7 +28,7 @@ from gasnap.hypervisor import Domain
 from gasnap.lab.guests import Lab
 from gasnap.lab.workload import sh, start_load, stop_load
 from gasnap.metadata import Status
-from gasnap.metadata_sqlite import SqliteMetadata
+from gasnap.metastore import open_sqlite
 from gasnap.virt import LibvirtHypervisor
 from gasnap.workflows.create import overlay_path
 
@@ -216,7 +216,7 @@ async def test_bad_delete_requests_change_nothing(
     await refused(agent, hv, merge_guest, f"/v1/snapshots/{made[1]['id']}?strategy=fast",
                   400, "invalid_request")
     # A record in the wrong status.
-    store = SqliteMetadata(agent.state_dir / "metadata.db")
+    store = await open_sqlite(agent.state_dir / "metadata.db")
     await store.update_snapshot_status(made[0]["id"], Status.DELETING, "0%")
     await store.close()
     await refused(agent, hv, merge_guest, f"/v1/snapshots/{made[0]['id']}", 409, "wrong_status")

@@ -1,8 +1,11 @@
-"""The embedded metadata store: the contract's transitions and idempotency."""
+"""The metadata store on SQLite and on a real PostgreSQL: the contract's
+transitions and idempotency, migrations, concurrent replicas."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import asyncio
+import sqlite3
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
@@ -15,12 +18,28 @@ from gasnap.metadata import (
     Status,
     WrongStatus,
 )
-from gasnap.metadata_sqlite import SqliteMetadata
+from gasnap.metastore import SqlMetadata, StoreUnavailable, open_store
+from gasnap.metastore.migrations import LATEST
+from pgcluster import Cluster, private_cluster
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[Cluster]:
+    with private_cluster() as cluster:
+        yield cluster
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path}/meta.db"
+    cluster: Cluster = request.getfixturevalue("postgres")
+    return cluster.new_database()
 
 
 @pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[SqliteMetadata]:
-    the_store = SqliteMetadata(tmp_path / "meta.db")
+async def store(db_url: str) -> AsyncIterator[SqlMetadata]:
+    the_store = await open_store(db_url)
     yield the_store
     await the_store.close()
 
@@ -33,7 +52,7 @@ def new(snapshot_id: str = "s1", volume_id: str = "v1", when: str = "2026-01-01T
 AVAILABLE = Finalization(Status.AVAILABLE, "/v/f.s1", "/v/f", Consistency.FILESYSTEM)
 
 
-async def test_two_phases(store: SqliteMetadata) -> None:
+async def test_two_phases(store: SqlMetadata) -> None:
     created = await store.create_snapshot_metadata(new())
     assert created.status is Status.CREATING
     final = await store.finalize_snapshot_metadata("s1", AVAILABLE)
@@ -45,7 +64,7 @@ async def test_two_phases(store: SqliteMetadata) -> None:
     assert [m.id for m in await store.list_snapshots(status=Status.AVAILABLE)] == ["s1"]
 
 
-async def test_calls_are_idempotent(store: SqliteMetadata) -> None:
+async def test_calls_are_idempotent(store: SqlMetadata) -> None:
     first = await store.create_snapshot_metadata(new())
     assert await store.create_snapshot_metadata(new()) == first
     with pytest.raises(WrongStatus):
@@ -63,7 +82,7 @@ async def test_calls_are_idempotent(store: SqliteMetadata) -> None:
     ],
 )
 async def test_only_contract_transitions(
-    store: SqliteMetadata, path: list[Status], status: Status
+    store: SqlMetadata, path: list[Status], status: Status
 ) -> None:
     await store.create_snapshot_metadata(new())
     for step in path:
@@ -79,7 +98,7 @@ async def test_only_contract_transitions(
             await store.update_snapshot_status("s1", status, "0%")
 
 
-async def test_delete_only_after_deleting(store: SqliteMetadata) -> None:
+async def test_delete_only_after_deleting(store: SqlMetadata) -> None:
     await store.create_snapshot_metadata(new())
     await store.finalize_snapshot_metadata("s1", AVAILABLE)
     with pytest.raises(WrongStatus):
@@ -91,12 +110,65 @@ async def test_delete_only_after_deleting(store: SqliteMetadata) -> None:
         await store.get_snapshot("s1")
 
 
-async def test_rename_and_persistence(tmp_path: Path) -> None:
-    store = SqliteMetadata(tmp_path / "m.db")
+async def test_rename_and_persistence(db_url: str) -> None:
+    store = await open_store(db_url)
     await store.create_snapshot_metadata(new())
     await store.update_snapshot_metadata("s1", "renamed", None)
     await store.close()
-    reopened = SqliteMetadata(tmp_path / "m.db")
+    reopened = await open_store(db_url)
     meta = await reopened.get_snapshot("s1")
     assert (meta.name, meta.description) == ("renamed", "d")
     await reopened.close()
+
+
+async def test_migrations_run_once_and_adopt_old_stores(db_url: str, tmp_path: Path) -> None:
+    first = await open_store(db_url)
+    await first.create_snapshot_metadata(new())
+    await first.close()
+    again = await open_store(db_url)  # nothing left to apply, data kept
+    assert (await again.get_snapshot("s1")).status is Status.CREATING
+    await again.close()
+    # An embedded store written before migrations existed (its table only).
+    old = tmp_path / "old.db"
+    conn = sqlite3.connect(old)
+    conn.execute("CREATE TABLE snapshots (id TEXT PRIMARY KEY, volume_id TEXT NOT NULL,"
+                 " name TEXT NOT NULL, description TEXT NOT NULL, size INTEGER NOT NULL,"
+                 " created_at TEXT NOT NULL, domain TEXT NOT NULL, group_id TEXT, target TEXT,"
+                 " status TEXT NOT NULL, file TEXT, backing_file TEXT, consistency TEXT,"
+                 " error TEXT, progress TEXT)")
+    conn.execute("INSERT INTO snapshots (id, volume_id, name, description, size, created_at,"
+                 " domain, status) VALUES ('old', 'v', 'n', '', 1, 't', 'd', 'available')")
+    conn.commit()
+    conn.close()
+    adopted = await open_store(f"sqlite:///{old}")
+    assert (await adopted.get_snapshot("old")).status is Status.AVAILABLE
+    await adopted.close()
+    versions = [r[0] for r in sqlite3.connect(old).execute("SELECT version FROM schema_migrations")]
+    assert versions == list(range(1, LATEST + 1))
+
+
+async def test_replicas_sharing_postgresql(postgres: Cluster) -> None:
+    """Several services on one database: each call's rule holds across them."""
+    url = postgres.new_database()
+    replicas = await asyncio.gather(*(open_store(url) for _ in range(4)))  # migrate together
+    try:
+        created = await asyncio.gather(*(r.create_snapshot_metadata(new()) for r in replicas))
+        assert {c.id for c in created} == {"s1"}
+        assert len(await replicas[0].list_snapshots()) == 1
+        await replicas[1].finalize_snapshot_metadata("s1", AVAILABLE)
+        # Four replicas race to move it to deleting and then to error_deleting:
+        # the row lock makes each transition happen once.
+        await asyncio.gather(*(r.update_snapshot_status("s1", Status.DELETING, "0%")
+                               for r in replicas))
+        outcomes = await asyncio.gather(
+            *(r.finalize_snapshot_metadata("s1", Finalization(Status.ERROR, None, None, None))
+              for r in replicas), return_exceptions=True)
+        assert all(isinstance(o, WrongStatus) for o in outcomes)
+    finally:
+        for replica in replicas:
+            await replica.close()
+
+
+async def test_unreachable_postgresql_is_unavailable() -> None:
+    with pytest.raises(StoreUnavailable):
+        await open_store("postgresql://gasnap@127.0.0.1:1/none")

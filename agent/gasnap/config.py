@@ -21,8 +21,9 @@ class Settings:
     token: str = ""
     freeze_timeout: float = 10.0
     merge_bandwidth: int = 0  # MiB/s for live merges; 0: as fast as the disks go
-    metadata_url: str = ""
+    metadata_url: str = ""  # empty: the embedded store under state_dir
     metadata_token: str = ""
+    metadata_deadline: float = 120.0  # seconds a metadata call may keep retrying
 
     def __repr__(self) -> str:  # never print secrets
         fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
@@ -36,7 +37,9 @@ _AGENT_KEYS: dict[str, type | tuple[type, ...]] = {
     "listen": str, "state_dir": str, "libvirt_uri": str, "token": str,
     "freeze_timeout": (int, float), "merge_bandwidth": int,
 }
-_METADATA_KEYS: dict[str, type | tuple[type, ...]] = {"url": str, "token": str}
+_METADATA_KEYS: dict[str, type | tuple[type, ...]] = {
+    "url": str, "token": str, "deadline": (int, float),
+}
 
 
 def _checked(section: str, table: Any, keys: dict[str, type | tuple[type, ...]]) -> dict[str, Any]:
@@ -75,6 +78,13 @@ def load(path: Path | None, overrides: dict[str, Any]) -> Settings:
         values["freeze_timeout"] = float(values["freeze_timeout"])
         if values["freeze_timeout"] <= 0:
             raise ConfigError("agent.freeze_timeout must be positive")
+    if "metadata_deadline" in values:
+        values["metadata_deadline"] = float(values["metadata_deadline"])
+        if values["metadata_deadline"] <= 0:
+            raise ConfigError("metadata.deadline must be positive")
+    url = values.get("metadata_url", "")
+    if url and not url.startswith(("http://", "https://", "unix:")):
+        raise ConfigError(f"metadata.url must be http(s)://HOST:PORT or unix:PATH, not {url!r}")
     if values.get("merge_bandwidth", 0) < 0:
         raise ConfigError("agent.merge_bandwidth must not be negative")
     settings = Settings(**values)

@@ -12,6 +12,7 @@ import enum
 import logging
 from typing import Any, Protocol
 
+from . import metrics
 from .errors import Conflict, GasnapError
 
 log = logging.getLogger(__name__)
@@ -58,13 +59,18 @@ class GuestAgent:
     def __init__(self, transport: AgentTransport) -> None:
         self._transport = transport
 
+    async def _run(self, domain: str, command: str, timeout: float) -> Any:
+        try:
+            return await self._transport.agent_command(domain, command, None, timeout)
+        except GuestAgentError as err:
+            metrics.GUEST_AGENT_FAILURES.labels(command, err.code).inc()
+            raise
+
     async def ping(self, domain: str, timeout: float = PING_TIMEOUT) -> None:
-        await self._transport.agent_command(domain, "guest-ping", None, timeout)
+        await self._run(domain, "guest-ping", timeout)
 
     async def fsfreeze_status(self, domain: str, timeout: float) -> FreezeState:
-        reply = await self._transport.agent_command(
-            domain, "guest-fsfreeze-status", None, timeout
-        )
+        reply = await self._run(domain, "guest-fsfreeze-status", timeout)
         try:
             return FreezeState(reply)
         except ValueError as err:
@@ -72,16 +78,14 @@ class GuestAgent:
 
     async def fsfreeze(self, domain: str, timeout: float) -> int:
         """Freeze every filesystem; returns how many were frozen."""
-        reply = await self._transport.agent_command(
-            domain, "guest-fsfreeze-freeze", None, timeout
-        )
+        reply = await self._run(domain, "guest-fsfreeze-freeze", timeout)
         return int(reply)
 
     async def fsthaw(self, domain: str, timeout: float) -> int:
         """Thaw every filesystem; returns how many were thawed (0 if none was frozen)."""
-        reply = await self._transport.agent_command(domain, "guest-fsfreeze-thaw", None, timeout)
+        reply = await self._run(domain, "guest-fsfreeze-thaw", timeout)
         return int(reply)
 
     async def fsinfo(self, domain: str, timeout: float) -> list[dict[str, Any]]:
-        reply = await self._transport.agent_command(domain, "guest-get-fsinfo", None, timeout)
+        reply = await self._run(domain, "guest-get-fsinfo", timeout)
         return list(reply)

@@ -3,7 +3,7 @@
 The agent records every snapshot in two phases: ``create-snapshot-metadata``
 (status ``creating``) before it touches a disk, ``finalize-snapshot-metadata``
 (``available`` or ``error``) after.  Workflows use the ``MetadataService``
-protocol only; the embedded SQLite store (``gasnap.metadata_sqlite``) is the
+protocol only; the embedded SQLite store (``gasnap.metastore``) is the
 default implementation and a remote service can replace it.
 """
 

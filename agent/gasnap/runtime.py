@@ -16,7 +16,9 @@ from .config import Settings
 from .errors import Unavailable
 from .freezeguard import FreezeGuard
 from .journal import Journal
-from .metadata_sqlite import SqliteMetadata
+from .metaclient import RemoteMetadata
+from .metadata import MetadataService
+from .metastore import open_sqlite
 from .service import SnapshotService
 from .tasks import TaskManager
 from .virt import LibvirtHypervisor
@@ -39,7 +41,7 @@ async def open_runtime(settings: Settings) -> AsyncIterator[Runtime]:
     settings.state_dir.mkdir(parents=True, exist_ok=True)
     hv = LibvirtHypervisor(settings.libvirt_uri)
     journal = Journal(settings.state_dir / "journal.db")
-    metadata = SqliteMetadata(settings.state_dir / "metadata.db")
+    metadata = await _open_metadata(settings)
     guard = FreezeGuard(settings.libvirt_uri)
     ctx = Context(hv, hv.agent, metadata, journal, guard, settings.freeze_timeout,
                   settings.merge_bandwidth)
@@ -57,6 +59,14 @@ async def open_runtime(settings: Settings) -> AsyncIterator[Runtime]:
         await hv.close()
         await metadata.close()
         journal.close()
+
+
+async def _open_metadata(settings: Settings) -> MetadataService:
+    if settings.metadata_url:
+        log.info("metadata service: %s", settings.metadata_url)
+        return RemoteMetadata(settings.metadata_url, settings.metadata_token,
+                              settings.metadata_deadline)
+    return await open_sqlite(settings.state_dir / "metadata.db")
 
 
 async def _recover(ctx: Context, guard: FreezeGuard, service: SnapshotService) -> None:

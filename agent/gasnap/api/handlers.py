@@ -6,9 +6,11 @@ from datetime import UTC, datetime
 from typing import Any
 
 from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from .. import __version__
+from .. import __version__, metrics, nova
 from ..errors import BadRequest
+from ..httpkit import get_string, json_body
 from ..workflows.create import CreateRequest, Quiesce
 from ..workflows.delete import Strategy
 from .keys import HYPERVISOR, SERVICE
@@ -17,23 +19,6 @@ MAX_WAIT = 60.0
 
 
 # --- request parsing ----------------------------------------------------------
-
-
-async def _body(request: web.Request) -> dict[str, Any]:
-    try:
-        doc = await request.json()
-    except ValueError as err:
-        raise BadRequest("the body is not valid JSON", code="invalid_json") from err
-    if not isinstance(doc, dict):
-        raise BadRequest("the body must be a JSON object", code="invalid_json")
-    return doc
-
-
-def _string(doc: dict[str, Any], key: str, default: str | None = None) -> str | None:
-    value = doc.get(key, default)
-    if value is not None and not isinstance(value, str):
-        raise BadRequest(f"{key} must be a string", code="invalid_request")
-    return value
 
 
 def _string_list(value: Any, what: str) -> list[str]:
@@ -53,14 +38,14 @@ def _create_request(doc: dict[str, Any]) -> CreateRequest:
                          code="invalid_request")
     disks = {str(k): _string_list(v, f"disks.{k}") for k, v in disks_doc.items()}
     try:
-        quiesce = Quiesce(_string(doc, "quiesce", "preferred"))
+        quiesce = Quiesce(get_string(doc, "quiesce", "preferred"))
     except ValueError as err:
         raise BadRequest("quiesce must be required, preferred or off",
                          code="invalid_request") from err
     default_name = "gasnap-" + datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     return CreateRequest(
-        domains=domains, disks=disks, name=_string(doc, "name") or default_name,
-        description=_string(doc, "description") or "", quiesce=quiesce,
+        domains=domains, disks=disks, name=get_string(doc, "name") or default_name,
+        description=get_string(doc, "description") or "", quiesce=quiesce,
     )
 
 
@@ -85,7 +70,7 @@ async def get_domain(request: web.Request) -> web.Response:
 
 
 async def create_snapshots(request: web.Request) -> web.Response:
-    create = _create_request(await _body(request))
+    create = _create_request(await json_body(request))
     task = await request.app[SERVICE].create(create)
     return web.json_response({"task": task.to_record()}, status=202)
 
@@ -104,13 +89,13 @@ async def get_snapshot(request: web.Request) -> web.Response:
 
 
 async def update_snapshot(request: web.Request) -> web.Response:
-    doc = await _body(request)
+    doc = await json_body(request)
     unknown = set(doc) - {"name", "description"}
     if unknown:
         raise BadRequest(f"only name and description can change, not {sorted(unknown)}",
                          code="invalid_request")
     record = await request.app[SERVICE].rename(
-        request.match_info["id"], _string(doc, "name"), _string(doc, "description")
+        request.match_info["id"], get_string(doc, "name"), get_string(doc, "description")
     )
     return web.json_response(record)
 
@@ -140,6 +125,29 @@ async def get_task(request: web.Request) -> web.Response:
     return web.json_response(task.to_record())
 
 
+# --- Nova's os-assisted-volume-snapshots ------------------------------------------
+
+
+async def nova_create(request: web.Request) -> web.Response:
+    call = nova.parse_create(await json_body(request))
+    await nova.create(request.app[SERVICE], call)
+    return web.json_response({"snapshot": {"id": call.reply_id, "volumeId": call.volume_id}})
+
+
+async def nova_delete(request: web.Request) -> web.Response:
+    call = nova.parse_delete(request.query.get("delete_info"))
+    await nova.delete(request.app[SERVICE], request.match_info["snapshot_id"], call)
+    return web.Response(status=204)
+
+
+async def prometheus(request: web.Request) -> web.Response:
+    metrics.TASKS.clear()
+    for task in request.app[SERVICE].tasks.list():
+        metrics.TASKS.labels(task.kind, task.state.value).inc()
+    return web.Response(body=generate_latest(metrics.AGENT),
+                        headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
 def setup_routes(app: web.Application) -> None:
     app.router.add_get("/v1/health", health)
     app.router.add_get("/v1/domains", list_domains)
@@ -151,3 +159,6 @@ def setup_routes(app: web.Application) -> None:
     app.router.add_delete("/v1/snapshots/{id}", delete_snapshot)
     app.router.add_get("/v1/tasks", list_tasks)
     app.router.add_get("/v1/tasks/{id}", get_task)
+    app.router.add_post("/os-assisted-volume-snapshots", nova_create)
+    app.router.add_delete("/os-assisted-volume-snapshots/{snapshot_id}", nova_delete)
+    app.router.add_get("/metrics", prometheus)

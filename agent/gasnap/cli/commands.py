@@ -52,6 +52,16 @@ def serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def metadata_serve(args: argparse.Namespace) -> int:
+    from ..metaserver.app import ServiceSettings
+    from ..metaserver.app import serve as run_service
+
+    settings = ServiceSettings(listen=args.listen, db_url=args.db,
+                               token=args.serve_token or "")
+    asyncio.run(run_service(settings))
+    return 0
+
+
 def domain_list(args: argparse.Namespace) -> int:
     records = _client(args).get("/v1/domains")["domains"]
     _show(args, records, output.domains)

@@ -42,6 +42,8 @@ def _build_parser() -> argparse.ArgumentParser:
     _snapshot_parsers(sub)
     _task_parsers(sub)
 
+    _metadata_parsers(sub)
+
     lab = sub.add_parser("lab", help="disposable test guests").add_subparsers(
         dest="action", required=True, metavar="ACTION")
     up = lab.add_parser("up", help="create and boot a lab guest")
@@ -111,6 +113,18 @@ def _snapshot_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) 
     rename.set_defaults(func=commands.snapshot_rename)
 
 
+def _metadata_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    metadata = sub.add_parser("metadata", help="the reference metadata service").add_subparsers(
+        dest="action", required=True, metavar="ACTION")
+    mserve = metadata.add_parser("serve", help="run the metadata service")
+    mserve.add_argument("--listen", default="unix:/run/gasnap/metadata.sock",
+                        help="unix:PATH or tcp:HOST:PORT (TCP needs --token)")
+    mserve.add_argument("--db", default="sqlite:////var/lib/gasnap/metadata-service.db",
+                        help="sqlite:///PATH or postgresql://USER@HOST:PORT/DB")
+    mserve.add_argument("--token", dest="serve_token", help="token callers must present")
+    mserve.set_defaults(func=commands.metadata_serve)
+
+
 def _task_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     task = sub.add_parser("task", help="asynchronous tasks").add_subparsers(
         dest="action", required=True, metavar="ACTION")
@@ -128,7 +142,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = _build_parser()
     args = parser.parse_args(argv)
     level = logging.WARNING - 10 * min(args.verbose, 2)
-    if args.command == "serve":
+    if args.command == "serve" or (args.command, getattr(args, "action", "")) == (
+            "metadata", "serve"):
         level = min(level, logging.INFO)
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     func: Command = args.func

@@ -22,13 +22,14 @@ import os
 import re
 import time
 import uuid
-from dataclasses import asdict, dataclass
+from collections.abc import Awaitable
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from .. import faults, qemuimg
-from ..errors import BadRequest, Conflict, GasnapError, NotFound
+from .. import faults, metrics, qemuimg
+from ..errors import BadRequest, Conflict, GasnapError, NotFound, Unavailable
 from ..freezeguard import FreezeGuardError
 from ..guestagent import AgentAbsent, AgentUnresponsive, GuestAgentError
 from ..hypervisor import AgentState, Domain, DomainState, Volume
@@ -42,6 +43,7 @@ from ..metadata import (
     Status,
 )
 from . import Context
+from .records import until_recorded
 
 log = logging.getLogger(__name__)
 
@@ -74,12 +76,22 @@ class QuiesceFailed(GasnapError):
 
 
 @dataclass(frozen=True)
+class Preset:
+    """A snapshot whose id and overlay the caller chose (Nova's create_info)."""
+
+    snapshot_id: str
+    overlay: str  # absolute path, already checked to lie next to the active file
+    reuse: bool  # the caller made the overlay (checked: qcow2 on the active file)
+
+
+@dataclass(frozen=True)
 class CreateRequest:
     domains: list[str]
     disks: dict[str, list[str]]  # domain -> targets; a domain not listed: all its disks
     name: str
     description: str
     quiesce: Quiesce
+    presets: dict[str, Preset] = field(default_factory=dict)  # by volume_id
 
 
 @dataclass(frozen=True)
@@ -92,6 +104,7 @@ class VolumePlan:
     format: str
     overlay: str  # <image basename>.<snapshot id>, next to the image
     size: int
+    reuse: bool = False  # the overlay is the caller's: never created nor removed by us
 
 
 @dataclass(frozen=True)
@@ -217,11 +230,12 @@ async def plan(ctx: Context, req: CreateRequest) -> CreatePlan:
         for vol in chosen:
             _check_volume(dom.name, vol)
             info = await qemuimg.info(vol.active_file)
-            snapshot_id = str(uuid.uuid4())
-            image = Path(vol.active_file)
+            preset = req.presets.get(vol.volume_id)
+            snapshot_id = preset.snapshot_id if preset else str(uuid.uuid4())
+            overlay = preset.overlay if preset else overlay_path(vol.active_file, snapshot_id)
             volumes.append(VolumePlan(
-                snapshot_id, dom.name, vol.volume_id, vol.target, str(image), vol.format,
-                overlay_path(str(image), snapshot_id), info.virtual_size,
+                snapshot_id, dom.name, vol.volume_id, vol.target, vol.active_file, vol.format,
+                overlay, info.virtual_size, reuse=preset.reuse if preset else False,
             ))
     return CreatePlan(
         group_id=str(uuid.uuid4()) if len(volumes) > 1 else None,
@@ -245,8 +259,10 @@ async def execute(ctx: Context, the_plan: CreatePlan) -> Outcome:
     faults.hit("create:planned")
     consistency: dict[str, str] = {}
     failure: GasnapError | None = None
+    recorded = False
     try:
         op = await _record(ctx, op, the_plan)
+        recorded = True
         op = await _make_overlays(ctx, op, the_plan)
         op, consistency = await _freeze_window(ctx, op, the_plan)
         op = await _switch_offline(ctx, op, the_plan)
@@ -255,7 +271,16 @@ async def execute(ctx: Context, the_plan: CreatePlan) -> Outcome:
     reason = failure.message if failure else "the overlay did not become active"
     op = await ctx.journal.step(op, "finalizing", consistency=consistency)
     faults.hit("create:finalizing")
-    metas = await settle(ctx, the_plan, consistency, reason)
+    try:
+        # Once every record exists, disks may change: from then on the
+        # records must be finalized, however long the service is away.
+        metas = await settle(ctx, the_plan, consistency, reason, persist=recorded)
+    except Unavailable as err:
+        # Nothing was touched and the service is still away: the journal keeps
+        # the operation and recovery finalizes whatever records reached it.
+        log.error("create: cannot finalize while the metadata service is away: %s",
+                  err.message)
+        return Outcome([], failure or err)
     await ctx.journal.finish(op)
     return Outcome(metas, failure)
 
@@ -275,6 +300,8 @@ async def _record(ctx: Context, op: Operation, the_plan: CreatePlan) -> Operatio
 async def _make_overlays(ctx: Context, op: Operation, the_plan: CreatePlan) -> Operation:
     op = await ctx.journal.step(op, "overlays")
     for v in the_plan.volumes:
+        if v.reuse:
+            continue
         await qemuimg.create_overlay(v.overlay, Path(v.image).name, v.format, v.size)
         st = await asyncio.to_thread(os.stat, v.image)
         await asyncio.to_thread(os.chown, v.overlay, st.st_uid, st.st_gid)
@@ -314,6 +341,8 @@ async def _freeze_window(
         log.warning("freeze window exceeded %.1fs; recording crash consistency",
                     ctx.freeze_timeout)
         consistency = {d: Consistency.CRASH.value for d in consistency}
+    if to_freeze:
+        metrics.FREEZE_SECONDS.observe(time.monotonic() - started)
     op = await ctx.journal.step(op, "thawed", consistency=consistency)
     return op, consistency
 
@@ -389,11 +418,13 @@ async def _switch_offline(ctx: Context, op: Operation, the_plan: CreatePlan) -> 
 
 
 async def settle(
-    ctx: Context, the_plan: CreatePlan, consistency: dict[str, str], reason: str
+    ctx: Context, the_plan: CreatePlan, consistency: dict[str, str], reason: str,
+    *, persist: bool = False,
 ) -> list[SnapshotMeta]:
     """Finalize every volume from what the domain uses now: overlay active →
     available (image = the layer below it); otherwise remove the overlay and
-    record the error.  Used by create and by recovery alike."""
+    record the error.  Used by create and by recovery alike.  PERSIST: wait
+    out a metadata outage instead of failing (the disks already changed)."""
     metas = []
     for name in dict.fromkeys(v.domain for v in the_plan.volumes):
         try:
@@ -403,14 +434,16 @@ async def settle(
         for v in the_plan.of(name):
             vol = dom.volume(v.target) if dom is not None else None
             try:
-                metas.append(await _settle_volume(ctx, v, vol, consistency.get(name), reason))
+                metas.append(await _settle_volume(ctx, v, vol, consistency.get(name), reason,
+                                                  persist=persist))
             except SnapshotNotFound:
                 log.info("snapshot %s was never recorded; nothing to finalize", v.snapshot_id)
     return metas
 
 
 async def _settle_volume(
-    ctx: Context, v: VolumePlan, vol: Volume | None, consistency: str | None, reason: str
+    ctx: Context, v: VolumePlan, vol: Volume | None, consistency: str | None, reason: str,
+    *, persist: bool,
 ) -> SnapshotMeta:
     if vol is not None and vol.active_file == v.overlay and len(vol.chain) > 1:
         final = Finalization(
@@ -418,7 +451,16 @@ async def _settle_volume(
             consistency=Consistency(consistency or Consistency.CRASH.value),
         )
     else:
-        await asyncio.to_thread(Path(v.overlay).unlink, missing_ok=True)
+        if not v.reuse:
+            await asyncio.to_thread(Path(v.overlay).unlink, missing_ok=True)
         final = Finalization(Status.ERROR, file=None, backing_file=None, consistency=None,
                              error=reason)
-    return await ctx.metadata.finalize_snapshot_metadata(v.snapshot_id, final)
+
+    def finalize() -> Awaitable[SnapshotMeta]:
+        return ctx.metadata.finalize_snapshot_metadata(v.snapshot_id, final)
+
+    meta = await (until_recorded(finalize, f"finalize {v.snapshot_id}") if persist
+                  else finalize())
+    metrics.SNAPSHOTS.labels(meta.status.value,
+                             meta.consistency.value if meta.consistency else "none").inc()
+    return meta

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -29,13 +30,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .. import faults, qemuimg
+from .. import faults, metrics, qemuimg
 from ..blockjobs import JobEnd, JobInfo, PivotNotReady
-from ..errors import Conflict, GasnapError, NotFound
+from ..errors import Conflict, GasnapError, NotFound, Unavailable
 from ..hypervisor import Domain, DomainState, Volume
 from ..journal import Operation
 from ..metadata import SnapshotMeta, Status, WrongStatus
 from . import Context
+from .records import until_recorded
 
 log = logging.getLogger(__name__)
 
@@ -197,9 +199,14 @@ async def execute(ctx: Context, the_plan: DeletePlan, progress: ProgressSink) ->
     op = await ctx.journal.begin("delete", "planned", {"plan": the_plan.to_dict()})
     faults.hit("delete:planned")
     op = await ctx.journal.step(op, "deleting")
-    await ctx.metadata.update_snapshot_status(the_plan.snapshot_id, Status.DELETING, "0%")
+    try:
+        await ctx.metadata.update_snapshot_status(the_plan.snapshot_id, Status.DELETING, "0%")
+    except Unavailable:
+        await ctx.journal.finish(op)  # nothing touched: the record stays as it was
+        raise
     faults.hit("delete:deleting")
     op = await ctx.journal.step(op, "job")
+    started = time.monotonic()
     try:
         if the_plan.method.live:
             op = await _live_merge(ctx, op, the_plan, progress, started=False)
@@ -210,6 +217,8 @@ async def execute(ctx: Context, the_plan: DeletePlan, progress: ProgressSink) ->
     except GasnapError as err:
         await _failed(ctx, op, the_plan, err)
         raise
+    metrics.MERGE_SECONDS.labels(the_plan.method.value).observe(time.monotonic() - started)
+    metrics.MERGE_BYTES.labels(the_plan.method.value).inc(the_plan.moved_bytes)
     await cleanup(ctx, op, the_plan)
 
 
@@ -300,23 +309,27 @@ async def cleanup(ctx: Context, op: Operation, the_plan: DeletePlan) -> None:
     """Records first (they must never point at a file that is gone), then the
     file, then the snapshot's own record.  Idempotent: recovery repeats it."""
     op = await ctx.journal.step(op, "cleanup")
+    sid, meta_svc = the_plan.snapshot_id, ctx.metadata
     for relink in the_plan.relinks:
-        await ctx.metadata.update_snapshot_files(relink.snapshot_id, relink.file,
-                                                 relink.backing_file)
+        await until_recorded(
+            functools.partial(meta_svc.update_snapshot_files, relink.snapshot_id, relink.file,
+                              relink.backing_file), f"relink {relink.snapshot_id}")
     faults.hit("delete:cleanup")
     await asyncio.to_thread(Path(the_plan.remove).unlink, missing_ok=True)
-    meta = await ctx.metadata.get_snapshot(the_plan.snapshot_id)
+    meta = await until_recorded(functools.partial(meta_svc.get_snapshot, sid), f"read {sid}")
     if meta.status is not Status.DELETING:
-        await ctx.metadata.update_snapshot_status(the_plan.snapshot_id, Status.DELETING,
-                                                  "100%")
-    await ctx.metadata.snapshot_delete_metadata(the_plan.snapshot_id)
+        await until_recorded(functools.partial(
+            meta_svc.update_snapshot_status, sid, Status.DELETING, "100%"), f"status {sid}")
+    await until_recorded(functools.partial(meta_svc.snapshot_delete_metadata, sid),
+                         f"delete record {sid}")
     await ctx.journal.finish(op)
 
 
 async def _failed(ctx: Context, op: Operation, the_plan: DeletePlan, err: GasnapError) -> None:
     log.error("delete of %s failed: %s", the_plan.snapshot_id, err.message)
-    await ctx.metadata.update_snapshot_status(the_plan.snapshot_id, Status.ERROR_DELETING,
-                                              "0%")
+    await until_recorded(functools.partial(
+        ctx.metadata.update_snapshot_status, the_plan.snapshot_id, Status.ERROR_DELETING, "0%"),
+        f"status {the_plan.snapshot_id}")
     await ctx.journal.finish(op)
 
 
@@ -334,8 +347,11 @@ class _Reporter:
         await self.sink(percent)
         if percent // 5 != self.last // 5:
             self.last = percent
-            await self.ctx.metadata.update_snapshot_status(
-                self.snapshot_id, Status.DELETING, f"{percent}%")
+            try:
+                await self.ctx.metadata.update_snapshot_status(
+                    self.snapshot_id, Status.DELETING, f"{percent}%")
+            except Unavailable as err:  # progress is a courtesy; the merge goes on
+                log.warning("progress of %s not recorded: %s", self.snapshot_id, err.message)
 
     async def done(self) -> None:
         await self.sink(100)

@@ -1,0 +1,133 @@
+"""The agent's OpenAPI document (served at ``/openapi.json``)."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from .. import __version__
+from ..openapi import (
+    Schema,
+    add_route,
+    document,
+    json_body,
+    nullable,
+    obj,
+    operation,
+    path_param,
+    query_param,
+    ref,
+)
+
+STATUSES = ["creating", "available", "error", "deleting", "error_deleting"]
+STRING = {"type": "string"}
+NAMES = {"type": "array", "items": STRING}
+
+SCHEMAS: Schema = {
+    "Snapshot": obj(
+        ["id", "name", "description", "domain", "volume_id", "target", "status",
+         "consistency", "file", "image", "parent", "group_id", "created_at", "size", "error"],
+        {"id": STRING, "name": STRING, "description": STRING, "domain": STRING,
+         "volume_id": STRING, "target": nullable("string"),
+         "status": {"type": "string", "enum": STATUSES},
+         "consistency": nullable("string", enum=["filesystem", "crash", None]),
+         "file": nullable("string"), "image": nullable("string"),
+         "parent": nullable("string"), "group_id": nullable("string"),
+         "created_at": STRING, "size": {"type": "integer"}, "error": nullable("string")},
+    ),
+    "Task": obj(
+        ["id", "kind", "state", "progress"],
+        {"id": STRING, "kind": STRING,
+         "state": {"type": "string", "enum": ["queued", "running", "succeeded", "failed"]},
+         "progress": {"type": "integer", "minimum": 0, "maximum": 100},
+         "result": {"type": "object"},
+         "error": obj(["code", "message"], {"code": STRING, "message": STRING})},
+    ),
+    "TaskAnswer": obj(["task"], {"task": ref("Task")}),
+    "Volume": obj(["volume_id", "target", "active_file", "chain"],
+                  {"volume_id": STRING, "target": STRING, "active_file": STRING,
+                   "chain": NAMES}),
+    "Domain": obj(
+        ["name", "state", "guest_agent", "volumes"],
+        {"name": STRING, "state": STRING,
+         "guest_agent": {"type": "string", "enum": ["connected", "absent", "unresponsive"]},
+         "volumes": {"type": "array", "items": ref("Volume")}},
+    ),
+    "CreateRequest": obj(
+        ["domains"],
+        {"domains": {"type": "array", "items": {"type": "string", "minLength": 1},
+                     "minItems": 1},
+         "disks": {"type": "object", "additionalProperties": NAMES},
+         "name": STRING, "description": STRING,
+         "quiesce": {"type": "string", "enum": ["required", "preferred", "off"]}},
+        closed=True,
+    ),
+    "UpdateRequest": obj([], {"name": STRING, "description": STRING}, closed=True),
+    "NovaCreate": obj(["snapshot"], {"snapshot": obj(
+        ["volume_id", "create_info"],
+        {"volume_id": STRING, "create_info": obj(
+            ["snapshot_id", "type", "new_file"],
+            {"snapshot_id": STRING, "type": {"type": "string", "enum": ["qcow2"]},
+             "new_file": STRING, "id": STRING})})}),
+    "NovaSnapshot": obj(["snapshot"], {"snapshot": obj(
+        ["id", "volumeId"], {"id": STRING, "volumeId": STRING})}),
+}
+
+_ID = [path_param("id")]
+
+PATHS: Schema = {
+    "/v1/health": {"get": operation(
+        "The agent's state", 200,
+        obj(["status"], {"status": STRING, "version": STRING, "libvirt": STRING,
+                         "recovery": STRING}), [])},
+    "/v1/domains": {"get": operation(
+        "Domains with their volumes, chains and guest-agent state", 200,
+        obj(["domains"], {"domains": {"type": "array", "items": ref("Domain")}}), [503])},
+    "/v1/domains/{name}": {"get": operation(
+        "One domain", 200, ref("Domain"), [404, 503], params=[path_param("name")])},
+    "/v1/snapshots": {
+        "post": operation("Snapshot volumes of one or more domains (one freeze window)",
+                          202, ref("TaskAnswer"), [400, 404, 409, 503],
+                          body=json_body(ref("CreateRequest"))),
+        "get": operation(
+            "Snapshot records", 200,
+            obj(["snapshots"], {"snapshots": {"type": "array", "items": ref("Snapshot")}}),
+            [400, 503], params=[query_param("domain"), query_param("volume_id"),
+                                query_param("status", {"type": "string", "enum": STATUSES})]),
+    },
+    "/v1/snapshots/{id}": {
+        "get": operation("One snapshot record", 200, ref("Snapshot"), [404, 503],
+                         params=_ID),
+        "patch": operation("Rename or describe a snapshot", 200, ref("Snapshot"),
+                           [400, 404, 503], params=_ID, body=json_body(ref("UpdateRequest"))),
+        "delete": operation(
+            "Merge the snapshot out of its chain", 202, ref("TaskAnswer"),
+            [400, 404, 409, 503],
+            params=[*_ID, query_param("strategy", {"type": "string",
+                                                   "enum": ["auto", "commit", "pull"]})]),
+    },
+    "/v1/tasks": {"get": operation(
+        "Tasks", 200, obj(["tasks"], {"tasks": {"type": "array", "items": ref("Task")}}), [])},
+    "/v1/tasks/{id}": {"get": operation(
+        "One task; ?wait=S long-polls (at most 60 s) until it ends", 200, ref("Task"),
+        [400, 404],
+        params=[*_ID, query_param("wait", {"type": "number", "minimum": 0, "maximum": 60})])},
+    "/os-assisted-volume-snapshots": {"post": operation(
+        "Nova's assisted snapshot of an attached volume (answers at once; a task works)",
+        200, ref("NovaSnapshot"), [400, 404, 409, 503], body=json_body(ref("NovaCreate")))},
+    "/os-assisted-volume-snapshots/{snapshot_id}": {"delete": operation(
+        "Nova's assisted snapshot delete: commit or pull as delete_info says", 204, None,
+        [400, 404, 409, 503],
+        params=[path_param("snapshot_id"), query_param("delete_info", required=True)])},
+    "/metrics": {"get": operation("Prometheus metrics", 200, STRING, [],
+                                  content_type="text/plain")},
+    "/openapi.json": {"get": operation("This document", 200, {"type": "object"}, [])},
+}
+
+SPEC = document(
+    "gasnap agent", "Guest-assisted consistent live snapshots of libvirt/QEMU guests.",
+    PATHS, SCHEMAS, __version__,
+)
+
+
+def setup(app: web.Application) -> None:
+    add_route(app, SPEC)

@@ -1,0 +1,165 @@
+"""What both HTTP services share: the JSON error document, the token check,
+and request parsing helpers that raise ``BadRequest``."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import os
+import signal
+import socket
+import stat
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+from aiohttp.typedefs import Middleware
+
+from .errors import BadRequest, ConfigError, Conflict, GasnapError, NotFound, Unavailable
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+_STATUS: list[tuple[type[GasnapError], int]] = [
+    (BadRequest, 400),
+    (NotFound, 404),
+    (Conflict, 409),
+    (Unavailable, 503),
+]
+
+
+def status_for(err: GasnapError) -> int:
+    for category, status in _STATUS:
+        if isinstance(err, category):
+            return status
+    return 500
+
+
+def error_response(status: int, code: str, message: str) -> web.Response:
+    return web.json_response({"error": {"code": code, "message": message}}, status=status)
+
+
+@web.middleware
+async def errors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every error leaves as the contract's JSON error document."""
+    try:
+        return await handler(request)
+    except GasnapError as err:
+        status = status_for(err)
+        if status >= 500:
+            log.error("%s %s: %s", request.method, request.path, err)
+            log.debug("traceback", exc_info=True)
+        return error_response(status, err.code, err.message)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status, "http_error")
+        return error_response(exc.status, code, exc.reason)
+    except Exception as exc:
+        log.error("%s %s: internal error: %s", request.method, request.path, exc)
+        log.debug("traceback", exc_info=True)
+        return error_response(500, "internal", "internal error (see the service's log)")
+
+
+def token_middleware(token: str, open_paths: frozenset[str] = frozenset()) -> Middleware:
+    """``Authorization: Bearer T`` or OpenStack's ``X-Auth-Token: T``, compared in
+    constant time; OPEN_PATHS (the spec, metrics) need none."""
+    expected = token.encode()
+
+    @web.middleware
+    async def check(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if request.path in open_paths:
+            return await handler(request)
+        auth = request.headers.get("Authorization", "")
+        given = auth.removeprefix("Bearer ").strip() if auth.startswith("Bearer ") else ""
+        given = given or request.headers.get("X-Auth-Token", "")
+        if not hmac.compare_digest(given.encode(), expected):
+            return error_response(401, "unauthorized", "missing or wrong token")
+        return await handler(request)
+
+    return check
+
+
+# --- request parsing ----------------------------------------------------------
+
+
+async def json_body(request: web.Request) -> dict[str, Any]:
+    try:
+        doc = await request.json()
+    except ValueError as err:
+        raise BadRequest("the body is not valid JSON", code="invalid_json") from err
+    if not isinstance(doc, dict):
+        raise BadRequest("the body must be a JSON object", code="invalid_json")
+    return doc
+
+
+def get_string(doc: dict[str, Any], key: str, default: str | None = None) -> str | None:
+    value = doc.get(key, default)
+    if value is not None and not isinstance(value, str):
+        raise BadRequest(f"{key} must be a string", code="invalid_request")
+    return value
+
+
+def get_object(doc: dict[str, Any], key: str) -> dict[str, Any]:
+    value = doc.get(key)
+    if not isinstance(value, dict):
+        raise BadRequest(f"{key} must be an object", code="invalid_request")
+    return value
+
+
+def only_keys(doc: dict[str, Any], allowed: set[str], where: str = "the body") -> None:
+    unknown = set(doc) - allowed
+    if unknown:
+        raise BadRequest(f"unknown fields in {where}: {sorted(unknown)}",
+                         code="invalid_request")
+
+
+# --- running ------------------------------------------------------------------
+
+
+def _prepare_socket(path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not path.exists():
+        return
+    if not stat.S_ISSOCK(path.lstat().st_mode):
+        raise ConfigError(f"{path} exists and is not a socket")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(str(path))
+    except OSError:
+        path.unlink()  # stale: nobody listens
+    else:
+        raise ConfigError(f"another service already listens on {path}")
+    finally:
+        probe.close()
+
+
+async def run_app(app: web.Application, listen: str, what: str) -> None:
+    """Serve APP on ``unix:PATH`` (mode 0660) or ``tcp:HOST:PORT`` until
+    SIGTERM or SIGINT."""
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    try:
+        site: web.BaseSite
+        if listen.startswith("unix:"):
+            path = Path(listen.removeprefix("unix:"))
+            _prepare_socket(path)
+            site = web.UnixSite(runner, str(path))
+            await site.start()
+            os.chmod(path, 0o660)
+        else:
+            host, _, port = listen.removeprefix("tcp:").rpartition(":")
+            site = web.TCPSite(runner, host or "127.0.0.1", int(port))
+            await site.start()
+        log.info("%s listening on %s", what, listen)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+    finally:
+        log.info("%s stopping", what)
+        await runner.cleanup()

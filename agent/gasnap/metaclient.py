@@ -1,0 +1,202 @@
+"""The agent's client of a remote metadata service (the contract's protocol).
+
+Every call is retried with exponential backoff and jitter while the service
+is unreachable or answers 5xx, bounded by a deadline: a caller that has not
+touched a disk yet fails cleanly with ``MetadataUnavailable`` when it passes.
+Calls are idempotent on ``snapshot_id``, so a retry after a lost answer is
+safe.  4xx answers are the service's word and are never retried.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+from urllib.parse import quote
+
+import aiohttp
+from tenacity import (
+    AsyncRetrying,
+    RetryCallState,
+    retry_if_exception_type,
+    stop_after_delay,
+    wait_exponential_jitter,
+)
+
+from . import metrics
+from .errors import BadRequest, Unavailable
+from .metadata import (
+    Consistency,
+    Finalization,
+    MetadataError,
+    NewSnapshot,
+    SnapshotMeta,
+    SnapshotNotFound,
+    Status,
+    WrongStatus,
+)
+
+log = logging.getLogger(__name__)
+
+DEFAULT_DEADLINE = 120.0
+REQUEST_TIMEOUT = 10.0
+
+
+class MetadataUnavailable(MetadataError, Unavailable):
+    code = "metadata_unavailable"
+
+
+class MetadataRejected(MetadataError, BadRequest):
+    """The service refused the request itself (4xx other than 404/409)."""
+
+    code = "metadata_rejected"
+
+
+class _Retryable(Exception):
+    """One failed attempt that another attempt may fix."""
+
+
+def meta_from_dict(doc: dict[str, Any]) -> SnapshotMeta:
+    return SnapshotMeta(
+        id=doc["id"], volume_id=doc["volume_id"], name=doc["name"],
+        description=doc["description"], size=doc["size"], created_at=doc["created_at"],
+        domain=doc["domain"], group_id=doc.get("group_id"), target=doc.get("target"),
+        status=Status(doc["status"]), file=doc.get("file"),
+        backing_file=doc.get("backing_file"),
+        consistency=Consistency(doc["consistency"]) if doc.get("consistency") else None,
+        error=doc.get("error"), progress=doc.get("progress"),
+    )
+
+
+class RemoteMetadata:
+    """``MetadataService`` over HTTP: ``http(s)://HOST:PORT`` or ``unix:PATH``."""
+
+    def __init__(self, url: str, token: str = "", deadline: float = DEFAULT_DEADLINE) -> None:
+        if url.startswith("unix:"):
+            self._base = "http://metadata"
+            connector: aiohttp.BaseConnector = aiohttp.UnixConnector(url.removeprefix("unix:"))
+        else:
+            self._base = url.rstrip("/")
+            connector = aiohttp.TCPConnector()
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self._session = aiohttp.ClientSession(
+            connector=connector, headers=headers,
+            timeout=aiohttp.ClientTimeout(total=REQUEST_TIMEOUT),
+        )
+        self._url = url
+        self.deadline = deadline
+
+    async def close(self) -> None:
+        await self._session.close()
+
+    # --- transport ------------------------------------------------------------
+
+    async def _once(self, method: str, path: str, body: Any, query: dict[str, str]) -> Any:
+        started = time.monotonic()
+        try:
+            async with self._session.request(method, self._base + path, json=body,
+                                             params=query) as resp:
+                doc = await resp.json(content_type=None) if resp.status != 204 else None
+                status = resp.status
+        except (aiohttp.ClientError, TimeoutError, ValueError) as err:
+            raise _Retryable(f"{type(err).__name__}: {err}") from err
+        finally:
+            metrics.METADATA_LATENCY.labels(method).observe(time.monotonic() - started)
+        if status >= 500:
+            raise _Retryable(f"answered {status}")
+        if status >= 400:
+            error = (doc or {}).get("error", {}) if isinstance(doc, dict) else {}
+            message = error.get("message", f"answered {status}")
+            code = error.get("code")
+            if status == 404:
+                raise SnapshotNotFound(message, code=code)
+            if status == 409:
+                raise WrongStatus(message, code=code)
+            raise MetadataRejected(f"metadata service: {message}", status=status)
+        return doc
+
+    def _before_sleep(self, state: RetryCallState) -> None:
+        metrics.METADATA_RETRIES.inc()
+        failure = state.outcome.exception() if state.outcome else None
+        log.warning("metadata service %s: %s; retrying (attempt %d)", self._url, failure,
+                    state.attempt_number)
+
+    async def _call(self, method: str, path: str, body: Any = None,
+                    query: dict[str, str] | None = None) -> Any:
+        try:
+            async for attempt in AsyncRetrying(
+                stop=stop_after_delay(self.deadline),
+                wait=wait_exponential_jitter(initial=0.2, max=5.0),
+                retry=retry_if_exception_type(_Retryable),
+                before_sleep=self._before_sleep,
+                reraise=True,
+            ):
+                with attempt:
+                    return await self._once(method, path, body, query or {})
+        except _Retryable as err:
+            raise MetadataUnavailable(
+                f"metadata service {self._url} unreachable for {self.deadline:.0f}s: {err}"
+            ) from err
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _action(self, snapshot_id: str, action: str, body: dict[str, Any]) -> Any:
+        return await self._call("POST", f"/v1/snapshots/{snapshot_id}/action", {action: body})
+
+    # --- the protocol ---------------------------------------------------------
+
+    async def create_snapshot_metadata(self, new: NewSnapshot) -> SnapshotMeta:
+        body = {"snapshot_id": new.snapshot_id, "name": new.name,
+                "description": new.description, "size": new.size,
+                "created_at": new.created_at, "domain": new.domain,
+                "group_id": new.group_id, "target": new.target}
+        doc = await self._call("POST", f"/v1/volumes/{quote(new.volume_id, safe='')}/action",
+                               {"create-snapshot-metadata": body})
+        return meta_from_dict(doc["snapshot"])
+
+    async def finalize_snapshot_metadata(
+        self, snapshot_id: str, final: Finalization
+    ) -> SnapshotMeta:
+        body = {"status": final.status.value, "file": final.file,
+                "backing_file": final.backing_file,
+                "consistency": final.consistency.value if final.consistency else None,
+                "error": final.error}
+        doc = await self._action(snapshot_id, "finalize-snapshot-metadata", body)
+        return meta_from_dict(doc["snapshot"])
+
+    async def update_snapshot_status(
+        self, snapshot_id: str, status: Status, progress: str
+    ) -> SnapshotMeta:
+        doc = await self._action(snapshot_id, "update-snapshot-status",
+                                 {"status": status.value, "progress": progress})
+        return meta_from_dict(doc["snapshot"])
+
+    async def update_snapshot_metadata(
+        self, snapshot_id: str, name: str | None, description: str | None
+    ) -> SnapshotMeta:
+        body = {k: v for k, v in (("name", name), ("description", description)) if v is not None}
+        doc = await self._action(snapshot_id, "update-snapshot-metadata", body)
+        return meta_from_dict(doc["snapshot"])
+
+    async def update_snapshot_files(
+        self, snapshot_id: str, file: str | None, backing_file: str | None
+    ) -> SnapshotMeta:
+        body = {k: v for k, v in (("file", file), ("backing_file", backing_file))
+                if v is not None}
+        doc = await self._action(snapshot_id, "update-snapshot-files", body)
+        return meta_from_dict(doc["snapshot"])
+
+    async def snapshot_delete_metadata(self, snapshot_id: str) -> None:
+        await self._action(snapshot_id, "snapshot-delete-metadata", {})
+
+    async def get_snapshot(self, snapshot_id: str) -> SnapshotMeta:
+        doc = await self._call("GET", f"/v1/snapshots/{snapshot_id}")
+        return meta_from_dict(doc["snapshot"])
+
+    async def list_snapshots(
+        self, volume_id: str | None = None, status: Status | None = None
+    ) -> list[SnapshotMeta]:
+        query = {"volume_id": volume_id} if volume_id is not None else {}
+        if status is not None:
+            query["status"] = status.value
+        doc = await self._call("GET", "/v1/snapshots", query=query)
+        return [meta_from_dict(d) for d in doc["snapshots"]]

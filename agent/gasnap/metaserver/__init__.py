@@ -1,0 +1,1 @@
+"""The reference metadata service: the contract's protocol over one store."""

@@ -1,0 +1,104 @@
+"""The metadata service's OpenAPI document (served at ``/openapi.json``)."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from .. import __version__
+from ..openapi import (
+    Schema,
+    add_route,
+    document,
+    json_body,
+    nullable,
+    obj,
+    operation,
+    path_param,
+    query_param,
+    ref,
+)
+
+STATUSES = ["creating", "available", "error", "deleting", "error_deleting"]
+STRING = {"type": "string"}
+OPT = nullable("string")
+
+
+def _action(name: str, body: Schema) -> Schema:
+    return obj([name], {name: body}, closed=True)
+
+
+SCHEMAS: Schema = {
+    "Snapshot": obj(
+        ["id", "volume_id", "name", "description", "size", "created_at", "domain",
+         "group_id", "target", "status", "file", "backing_file", "consistency", "error",
+         "progress"],
+        {"id": STRING, "volume_id": STRING, "name": STRING, "description": STRING,
+         "size": {"type": "integer"}, "created_at": STRING, "domain": STRING,
+         "group_id": OPT, "target": OPT, "status": {"type": "string", "enum": STATUSES},
+         "file": OPT, "backing_file": OPT,
+         "consistency": nullable("string", enum=["filesystem", "crash", None]),
+         "error": OPT, "progress": OPT},
+    ),
+    "SnapshotAnswer": obj(["snapshot"], {"snapshot": ref("Snapshot")}),
+    "CreateAction": _action("create-snapshot-metadata", obj(
+        ["snapshot_id", "size", "created_at", "domain"],
+        {"snapshot_id": STRING, "name": STRING, "description": STRING,
+         "size": {"type": "integer", "minimum": 0}, "created_at": STRING, "domain": STRING,
+         "group_id": OPT, "target": OPT}, closed=True)),
+    "SnapshotAction": {"oneOf": [
+        _action("finalize-snapshot-metadata", obj(
+            ["status"],
+            {"status": {"type": "string", "enum": ["available", "error"]}, "file": OPT,
+             "backing_file": OPT,
+             "consistency": nullable("string", enum=["filesystem", "crash", None]),
+             "error": OPT}, closed=True)),
+        _action("update-snapshot-status", obj(
+            ["status"], {"status": {"type": "string", "enum": ["deleting", "error_deleting"]},
+                         "progress": STRING}, closed=True)),
+        _action("snapshot-delete-metadata", obj([], {}, closed=True)),
+        _action("update-snapshot-metadata", obj(
+            [], {"name": STRING, "description": STRING}, closed=True)),
+        _action("update-snapshot-files", obj(
+            [], {"file": STRING, "backing_file": STRING}, closed=True)),
+    ]},
+}
+
+PATHS: Schema = {
+    "/v1/health": {"get": operation(
+        "The service's state", 200, obj(["status"], {"status": STRING, "version": STRING}),
+        [])},
+    "/v1/volumes/{volume_id}/action": {"post": operation(
+        "create-snapshot-metadata: record a snapshot as creating (idempotent on snapshot_id)",
+        200, ref("SnapshotAnswer"), [400, 409, 503], params=[path_param("volume_id")],
+        body=json_body(ref("CreateAction")))},
+    "/v1/snapshots/{id}/action": {"post": {
+        **operation(
+            "finalize-snapshot-metadata, update-snapshot-status, snapshot-delete-metadata "
+            "(204), update-snapshot-metadata, update-snapshot-files", 200,
+            ref("SnapshotAnswer"), [400, 404, 409, 503], params=[path_param("id")],
+            body=json_body(ref("SnapshotAction"))),
+    }},
+    "/v1/snapshots": {"get": operation(
+        "Snapshot records, oldest first", 200,
+        obj(["snapshots"], {"snapshots": {"type": "array", "items": ref("Snapshot")}}),
+        [400, 503], params=[query_param("volume_id"),
+                            query_param("status", {"type": "string", "enum": STATUSES})])},
+    "/v1/snapshots/{id}": {"get": operation(
+        "One snapshot record", 200, ref("SnapshotAnswer"), [404, 503],
+        params=[path_param("id")])},
+    "/metrics": {"get": operation("Prometheus metrics", 200, STRING, [],
+                                  content_type="text/plain")},
+    "/openapi.json": {"get": operation("This document", 200, {"type": "object"}, [])},
+}
+PATHS["/v1/snapshots/{id}/action"]["post"]["responses"]["204"] = {
+    "description": "snapshot-delete-metadata: the record is gone"}
+
+SPEC = document(
+    "gasnap metadata service",
+    "The contract's metadata protocol: two-phase snapshot records, Cinder's action style.",
+    PATHS, SCHEMAS, __version__,
+)
+
+
+def setup(app: web.Application) -> None:
+    add_route(app, SPEC)

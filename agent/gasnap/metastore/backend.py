@@ -1,0 +1,45 @@
+"""What the store needs from a database: run a function in one transaction.
+
+SQL is written once, with ``?`` placeholders; each backend adapts it.  Calls
+run in a worker thread so the event loop never waits on the database.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol, TypeVar
+
+from ..errors import Unavailable
+from ..metadata import MetadataError
+
+T = TypeVar("T")
+Row = dict[str, Any]
+
+
+class StoreUnavailable(MetadataError, Unavailable):
+    """The database cannot be reached; the call changed nothing."""
+
+    code = "metadata_unavailable"
+
+
+class Tx(Protocol):
+    """One open transaction."""
+
+    def one(self, sql: str, args: Sequence[Any] = ()) -> Row | None: ...
+
+    def all(self, sql: str, args: Sequence[Any] = ()) -> list[Row]: ...
+
+    def execute(self, sql: str, args: Sequence[Any] = ()) -> int:
+        """Run SQL; the number of rows it changed."""
+
+
+class Backend(Protocol):
+    dialect: str  # "sqlite" or "postgresql": picks the migration's DDL
+    # Appended to a SELECT that precedes an UPDATE of the same row: SQLite
+    # locks the whole file for the transaction, PostgreSQL needs the row lock
+    # so that replicas sharing the database cannot both pass a status check.
+    lock_rows: str
+
+    async def run(self, fn: Callable[[Tx], T]) -> T: ...
+
+    async def close(self) -> None: ...

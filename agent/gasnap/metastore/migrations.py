@@ -1,0 +1,77 @@
+"""Versioned schema: each step runs once, in order, inside one transaction.
+
+A new release appends a step; nothing here is ever edited once released.
+Replicas starting together on one PostgreSQL serialise on an advisory lock,
+so each step still runs exactly once.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from ..metadata import MetadataError
+from .backend import Backend, Tx
+
+log = logging.getLogger(__name__)
+
+# Any fixed 64-bit number: the key of PostgreSQL's advisory lock for migrations.
+_PG_LOCK = 0x6761736E6170
+
+# (version, {dialect: statements}).  Version 1 uses IF NOT EXISTS so that the
+# embedded stores created before migrations existed are adopted as they are.
+STEPS: list[tuple[int, dict[str, list[str]]]] = [
+    (1, {
+        "sqlite": [
+            """CREATE TABLE IF NOT EXISTS snapshots (
+                id TEXT PRIMARY KEY, volume_id TEXT NOT NULL, name TEXT NOT NULL,
+                description TEXT NOT NULL, size INTEGER NOT NULL, created_at TEXT NOT NULL,
+                domain TEXT NOT NULL, group_id TEXT, target TEXT, status TEXT NOT NULL,
+                file TEXT, backing_file TEXT, consistency TEXT, error TEXT, progress TEXT)""",
+            "CREATE INDEX IF NOT EXISTS snapshots_volume ON snapshots (volume_id, created_at)",
+        ],
+        "postgresql": [
+            """CREATE TABLE IF NOT EXISTS snapshots (
+                id TEXT PRIMARY KEY, volume_id TEXT NOT NULL, name TEXT NOT NULL,
+                description TEXT NOT NULL, size BIGINT NOT NULL, created_at TEXT NOT NULL,
+                domain TEXT NOT NULL, group_id TEXT, target TEXT, status TEXT NOT NULL,
+                file TEXT, backing_file TEXT, consistency TEXT, error TEXT, progress TEXT)""",
+            "CREATE INDEX IF NOT EXISTS snapshots_volume ON snapshots (volume_id, created_at)",
+        ],
+    }),
+    (2, {
+        # Listing by status (recovery, retention) without a full scan.
+        "sqlite": ["CREATE INDEX snapshots_status ON snapshots (status)"],
+        "postgresql": ["CREATE INDEX snapshots_status ON snapshots (status)"],
+    }),
+]
+
+LATEST = STEPS[-1][0]
+
+
+def _apply(tx: Tx, dialect: str) -> list[int]:
+    if dialect == "postgresql":
+        tx.execute("SELECT pg_advisory_xact_lock(?)", (_PG_LOCK,))
+    tx.execute("CREATE TABLE IF NOT EXISTS schema_migrations ("
+               "version INTEGER PRIMARY KEY, applied_at TEXT NOT NULL)")
+    done = {row["version"] for row in tx.all("SELECT version FROM schema_migrations")}
+    if done and max(done) > LATEST:
+        raise MetadataError(f"database schema {max(done)} is newer than this gasnap ({LATEST})",
+                            code="schema_too_new")
+    applied = []
+    for version, statements in STEPS:
+        if version in done:
+            continue
+        for statement in statements[dialect]:
+            tx.execute(statement)
+        tx.execute("INSERT INTO schema_migrations (version, applied_at) "
+                   "VALUES (?, CURRENT_TIMESTAMP)", (version,))
+        applied.append(version)
+    return applied
+
+
+async def migrate(backend: Backend) -> list[int]:
+    """Bring the schema up to date; the versions applied now."""
+    applied = await backend.run(lambda tx: _apply(tx, backend.dialect))
+    if applied:
+        log.info("metadata schema migrated to version %d (applied %s)", LATEST, applied)
+    return applied

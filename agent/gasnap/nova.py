@@ -1,0 +1,215 @@
+"""Nova's ``os-assisted-volume-snapshots`` calls, translated into gasnap's.
+
+Cinder's remotefs drivers (NFS, GlusterFS, ...) ask Nova to snapshot an
+attached volume: they name the overlay (``new_file``) and, to delete, say
+which file merges into which (``delete_info``).  gasnap answers these calls
+itself with the same shapes, and checks every file named against the live
+chain before anything is touched.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from . import qemuimg
+from .errors import BadRequest
+from .hypervisor import Domain, Volume
+from .metadata import SnapshotNotFound
+from .service import SnapshotService
+from .tasks import Task
+from .workflows.create import CreateRequest, Preset, Quiesce, VolumeNotFound, check_name
+from .workflows.delete import Strategy
+
+DESCRIPTION = "os-assisted-volume-snapshots"
+
+
+class InvalidNovaRequest(BadRequest):
+    code = "invalid_request"
+
+
+class PathOutsideVolume(BadRequest):
+    code = "path_outside_volume"
+
+
+class FileMismatch(BadRequest):
+    """A named file exists but is not what the call says it is."""
+
+    code = "file_mismatch"
+
+
+# --- parsing ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class NovaCreate:
+    volume_id: str
+    snapshot_id: str
+    new_file: str
+    reply_id: str
+
+
+@dataclass(frozen=True)
+class NovaDelete:
+    volume_id: str
+    file_to_merge: str | None
+    merge_target_file: str | None
+
+
+def _text(doc: dict[str, Any], key: str, where: str) -> str:
+    value = doc.get(key)
+    if not isinstance(value, str) or not value:
+        raise InvalidNovaRequest(f"{where}.{key} is required and must be a string")
+    return value
+
+
+def _nullable(doc: dict[str, Any], key: str, where: str) -> str | None:
+    if key not in doc:
+        raise InvalidNovaRequest(f"{where}.{key} is required (null allowed)")
+    value = doc[key]
+    if value is not None and (not isinstance(value, str) or not value):
+        raise InvalidNovaRequest(f"{where}.{key} must be a file name or null")
+    return value
+
+
+def _qcow2_type(doc: dict[str, Any], where: str) -> None:
+    if doc.get("type", "qcow2") != "qcow2":
+        raise InvalidNovaRequest(f"{where}.type must be qcow2")
+
+
+def parse_create(body: dict[str, Any]) -> NovaCreate:
+    snapshot = body.get("snapshot")
+    if not isinstance(snapshot, dict):
+        raise InvalidNovaRequest("the body must be {\"snapshot\": {...}}")
+    info = snapshot.get("create_info")
+    if not isinstance(info, dict):
+        raise InvalidNovaRequest("snapshot.create_info must be an object")
+    _qcow2_type(info, "create_info")
+    snapshot_id = _text(info, "snapshot_id", "create_info")
+    check_name(snapshot_id)
+    reply_id = info.get("id", snapshot_id)
+    if not isinstance(reply_id, str):
+        raise InvalidNovaRequest("create_info.id must be a string")
+    return NovaCreate(_text(snapshot, "volume_id", "snapshot"), snapshot_id,
+                      _text(info, "new_file", "create_info"), reply_id)
+
+
+def parse_delete(delete_info: str | None) -> NovaDelete:
+    if delete_info is None:
+        raise InvalidNovaRequest("the delete_info query parameter is required")
+    try:
+        doc = json.loads(delete_info)
+    except ValueError as err:
+        raise InvalidNovaRequest("delete_info is not valid JSON") from err
+    if not isinstance(doc, dict):
+        raise InvalidNovaRequest("delete_info must be a JSON object")
+    _qcow2_type(doc, "delete_info")
+    return NovaDelete(_text(doc, "volume_id", "delete_info"),
+                      _nullable(doc, "file_to_merge", "delete_info"),
+                      _nullable(doc, "merge_target_file", "delete_info"))
+
+
+# --- paths ------------------------------------------------------------------------
+
+
+def _real(path: str) -> Path:
+    return Path(os.path.realpath(path))
+
+
+def inside(directory: Path, name: str, what: str) -> Path:
+    """NAME (a basename, or a path) resolved in DIRECTORY; refused if it would
+    lead anywhere else (``..``, an absolute path elsewhere, a symlink out)."""
+    candidate = Path(name) if os.path.isabs(name) else directory / name
+    resolved = _real(str(candidate))
+    if resolved.parent != _real(str(directory)) or candidate.name in ("", ".", ".."):
+        raise PathOutsideVolume(f"{what} {name!r} is not a file in {directory}")
+    return resolved
+
+
+async def check_image(path: Path, directory: Path, backing: Path | None) -> None:
+    """An existing qcow2 must back onto BACKING (when given) and keep every
+    pointer, backing file and external data file alike, inside DIRECTORY."""
+    info = await qemuimg.info(str(path))
+    if info.format != "qcow2":
+        raise FileMismatch(f"{path.name} is {info.format}, not qcow2")
+    if info.backing_filename is not None:
+        found = inside(directory, info.full_backing_filename or info.backing_filename,
+                       f"the backing file of {path.name}")
+        if backing is not None and found != _real(str(backing)):
+            raise FileMismatch(f"{path.name} backs onto {found.name}, not {backing.name}")
+    elif backing is not None:
+        raise FileMismatch(f"{path.name} has no backing file; expected {backing.name}")
+    if info.data_file is not None:
+        inside(path.parent, info.data_file, f"the data file of {path.name}")
+
+
+# --- the calls ----------------------------------------------------------------------
+
+
+async def _find_volume(service: SnapshotService, volume_id: str) -> tuple[Domain, Volume]:
+    for dom in await service.ctx.hv.list_domains():
+        for vol in dom.volumes:
+            if vol.volume_id == volume_id:
+                return dom, vol
+    raise VolumeNotFound(f"no domain has a disk with serial {volume_id}")
+
+
+async def create(service: SnapshotService, call: NovaCreate) -> Task:
+    """Snapshot the volume onto ``new_file`` (created, or reused when the
+    caller made it on top of the active file)."""
+    dom, vol = await _find_volume(service, call.volume_id)
+    active = Path(vol.active_file)
+    overlay = inside(active.parent, call.new_file, "new_file")
+    reuse = await _exists(overlay)
+    if reuse:
+        await check_image(overlay, active.parent, backing=active)
+    try:
+        await service.ctx.metadata.get_snapshot(call.snapshot_id)
+    except SnapshotNotFound:
+        pass
+    else:
+        raise InvalidNovaRequest(f"snapshot {call.snapshot_id} already exists",
+                                 code="snapshot_exists")
+    request = CreateRequest(
+        domains=[dom.name], disks={dom.name: [vol.target]}, name=call.snapshot_id,
+        description=DESCRIPTION, quiesce=Quiesce.PREFERRED,
+        presets={vol.volume_id: Preset(call.snapshot_id, str(overlay), reuse)},
+    )
+    return await service.create(request)
+
+
+async def delete(service: SnapshotService, snapshot_id: str, call: NovaDelete) -> Task:
+    """Nova's meaning: no merge target → pull into the active layer down to
+    ``file_to_merge``; otherwise commit ``file_to_merge`` into the target."""
+    _dom, vol = await _find_volume(service, call.volume_id)
+    meta = await service.ctx.metadata.get_snapshot(snapshot_id)
+    if meta.volume_id != call.volume_id:
+        raise InvalidNovaRequest(f"snapshot {snapshot_id} belongs to volume {meta.volume_id}")
+    directory = Path(vol.active_file).parent
+    chain = [_real(layer.path) for layer in vol.chain]
+    named = {key: inside(directory, value, key) if value is not None else None
+             for key, value in (("file_to_merge", call.file_to_merge),
+                                ("merge_target_file", call.merge_target_file))}
+    for path in filter(None, named.values()):
+        if path not in chain:
+            raise FileMismatch(f"{path.name} is not in the chain of {call.volume_id}")
+        await check_image(path, directory, backing=None)
+    own = _real(meta.file or "/"), _real(meta.backing_file or "/")
+    if call.merge_target_file is None:
+        below = chain[chain.index(own[1]) + 1] if own[1] in chain[:-1] else None
+        if own[0] != chain[0] or named["file_to_merge"] != below:
+            raise FileMismatch("delete_info asks for a pull that does not remove snapshot "
+                               f"{snapshot_id}'s image from the active layer")
+        return await service.delete(snapshot_id, Strategy.PULL)
+    if (named["file_to_merge"], named["merge_target_file"]) != own:
+        raise FileMismatch(f"delete_info does not merge snapshot {snapshot_id}'s overlay "
+                           "into its image")
+    return await service.delete(snapshot_id, Strategy.COMMIT)
+
+
+async def _exists(path: Path) -> bool:
+    return await asyncio.to_thread(path.exists)
