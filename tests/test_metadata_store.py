@@ -10,16 +10,19 @@ from pathlib import Path
 
 import pytest
 
+from gasnap.metaclient import RemoteMetadata
 from gasnap.metadata import (
     Consistency,
     Finalization,
+    MetadataService,
     NewSnapshot,
     SnapshotNotFound,
     Status,
     WrongStatus,
 )
-from gasnap.metastore import SqlMetadata, StoreUnavailable, open_store
+from gasnap.metastore import StoreUnavailable, open_store
 from gasnap.metastore.migrations import LATEST
+from metaservice import TOKEN, MetadataServer
 from pgcluster import Cluster, private_cluster
 
 
@@ -37,11 +40,23 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     return cluster.new_database()
 
 
-@pytest.fixture
-async def store(db_url: str) -> AsyncIterator[SqlMetadata]:
-    the_store = await open_store(db_url)
-    yield the_store
-    await the_store.close()
+@pytest.fixture(params=["store", "service"])
+async def store(request: pytest.FixtureRequest, db_url: str, tmp_path: Path
+                ) -> AsyncIterator[MetadataService]:
+    """The store in-process, and the same store behind ``gasnap metadata serve``
+    reached by the agent's client: the contract holds through both."""
+    if request.param == "store":
+        the_store = await open_store(db_url)
+        yield the_store
+        await the_store.close()
+        return
+    server = MetadataServer(db_url, tmp_path / "service.log").start()
+    client = RemoteMetadata(server.url, TOKEN, deadline=5)
+    try:
+        yield client
+    finally:
+        await client.close()
+        server.stop()
 
 
 def new(snapshot_id: str = "s1", volume_id: str = "v1", when: str = "2026-01-01T00:00:00Z"
@@ -52,7 +67,7 @@ def new(snapshot_id: str = "s1", volume_id: str = "v1", when: str = "2026-01-01T
 AVAILABLE = Finalization(Status.AVAILABLE, "/v/f.s1", "/v/f", Consistency.FILESYSTEM)
 
 
-async def test_two_phases(store: SqlMetadata) -> None:
+async def test_two_phases(store: MetadataService) -> None:
     created = await store.create_snapshot_metadata(new())
     assert created.status is Status.CREATING
     final = await store.finalize_snapshot_metadata("s1", AVAILABLE)
@@ -64,7 +79,7 @@ async def test_two_phases(store: SqlMetadata) -> None:
     assert [m.id for m in await store.list_snapshots(status=Status.AVAILABLE)] == ["s1"]
 
 
-async def test_calls_are_idempotent(store: SqlMetadata) -> None:
+async def test_calls_are_idempotent(store: MetadataService) -> None:
     first = await store.create_snapshot_metadata(new())
     assert await store.create_snapshot_metadata(new()) == first
     with pytest.raises(WrongStatus):
@@ -82,7 +97,7 @@ async def test_calls_are_idempotent(store: SqlMetadata) -> None:
     ],
 )
 async def test_only_contract_transitions(
-    store: SqlMetadata, path: list[Status], status: Status
+    store: MetadataService, path: list[Status], status: Status
 ) -> None:
     await store.create_snapshot_metadata(new())
     for step in path:
@@ -98,7 +113,7 @@ async def test_only_contract_transitions(
             await store.update_snapshot_status("s1", status, "0%")
 
 
-async def test_delete_only_after_deleting(store: SqlMetadata) -> None:
+async def test_delete_only_after_deleting(store: MetadataService) -> None:
     await store.create_snapshot_metadata(new())
     await store.finalize_snapshot_metadata("s1", AVAILABLE)
     with pytest.raises(WrongStatus):

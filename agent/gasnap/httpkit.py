@@ -42,10 +42,34 @@ def error_response(status: int, code: str, message: str) -> web.Response:
     return web.json_response({"error": {"code": code, "message": message}}, status=status)
 
 
+def _check_text(value: str, what: str) -> None:
+    """Text that every store and log can hold: valid UTF-8, no NUL."""
+    try:
+        value.encode()
+    except UnicodeEncodeError as err:
+        raise BadRequest(f"{what} is not valid UTF-8", code="invalid_request") from err
+    if "\x00" in value:
+        raise BadRequest(f"{what} contains a NUL character", code="invalid_request")
+
+
+def _check_tree(doc: Any, what: str) -> None:
+    if isinstance(doc, str):
+        _check_text(doc, what)
+    elif isinstance(doc, dict):
+        for key, value in doc.items():
+            _check_text(key, what)
+            _check_tree(value, f"{what}.{key}")
+    elif isinstance(doc, list):
+        for item in doc:
+            _check_tree(item, what)
+
+
 @web.middleware
 async def errors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Every error leaves as the contract's JSON error document."""
     try:
+        _check_tree(dict(request.match_info), "the path")
+        _check_tree(dict(request.query), "the query")
         return await handler(request)
     except GasnapError as err:
         status = status_for(err)
@@ -93,6 +117,7 @@ async def json_body(request: web.Request) -> dict[str, Any]:
         raise BadRequest("the body is not valid JSON", code="invalid_json") from err
     if not isinstance(doc, dict):
         raise BadRequest("the body must be a JSON object", code="invalid_json")
+    _check_tree(doc, "the body")
     return doc
 
 

@@ -20,7 +20,8 @@ from tenacity import (
     RetryCallState,
     retry_if_exception_type,
     stop_after_delay,
-    wait_exponential_jitter,
+    wait_exponential,
+    wait_random,
 )
 
 from . import metrics
@@ -126,7 +127,7 @@ class RemoteMetadata:
         try:
             async for attempt in AsyncRetrying(
                 stop=stop_after_delay(self.deadline),
-                wait=wait_exponential_jitter(initial=0.2, max=5.0),
+                wait=wait_exponential(multiplier=0.2, max=5.0) + wait_random(0, 0.5),
                 retry=retry_if_exception_type(_Retryable),
                 before_sleep=self._before_sleep,
                 reraise=True,

@@ -44,7 +44,9 @@ def nullable(kind: str, **more: Any) -> Schema:
 
 
 def obj(required: list[str], properties: Schema, *, closed: bool = False) -> Schema:
-    doc: Schema = {"type": "object", "required": required, "properties": properties}
+    doc: Schema = {"type": "object", "properties": properties}
+    if required:  # OpenAPI 3.0 forbids an empty list
+        doc["required"] = required
     if closed:
         doc["additionalProperties"] = False
     return doc

@@ -16,7 +16,6 @@ from .keys import STORE
 ACTIONS = ("finalize-snapshot-metadata", "update-snapshot-status", "snapshot-delete-metadata",
            "update-snapshot-metadata", "update-snapshot-files")
 FINAL = {Status.AVAILABLE, Status.ERROR}
-DELETION = {Status.DELETING, Status.ERROR_DELETING}
 
 
 def _answer(meta: SnapshotMeta) -> web.Response:
@@ -53,8 +52,8 @@ def _new_snapshot(volume_id: str, body: dict[str, Any]) -> NewSnapshot:
     only_keys(body, {"snapshot_id", "name", "description", "size", "created_at", "domain",
                      "group_id", "target"}, "create-snapshot-metadata")
     size = body.get("size")
-    if not isinstance(size, int) or isinstance(size, bool) or size < 0:
-        raise BadRequest("size must be a non-negative integer", code="invalid_request")
+    if not isinstance(size, int) or isinstance(size, bool) or not 0 <= size < 2**63:
+        raise BadRequest("size must be a non-negative 64-bit integer", code="invalid_request")
     return NewSnapshot(
         snapshot_id=_required(body, "snapshot_id"), volume_id=volume_id,
         name=get_string(body, "name") or "", description=get_string(body, "description") or "",
@@ -91,9 +90,6 @@ async def _finalize(request: web.Request, sid: str, body: dict[str, Any]) -> web
 async def _status(request: web.Request, sid: str, body: dict[str, Any]) -> web.Response:
     only_keys(body, {"status", "progress"}, "update-snapshot-status")
     status = _enum(Status, body.get("status"), "status")
-    if status not in DELETION:
-        raise BadRequest("update-snapshot-status takes deleting or error_deleting",
-                         code="invalid_request")
     progress = get_string(body, "progress") or "0%"
     return _answer(await request.app[STORE].update_snapshot_status(sid, status, progress))
 

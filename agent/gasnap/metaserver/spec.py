@@ -43,7 +43,8 @@ SCHEMAS: Schema = {
     "CreateAction": _action("create-snapshot-metadata", obj(
         ["snapshot_id", "size", "created_at", "domain"],
         {"snapshot_id": STRING, "name": STRING, "description": STRING,
-         "size": {"type": "integer", "minimum": 0}, "created_at": STRING, "domain": STRING,
+         "size": {"type": "integer", "minimum": 0, "maximum": 2**63 - 1},
+         "created_at": STRING, "domain": STRING,
          "group_id": OPT, "target": OPT}, closed=True)),
     "SnapshotAction": {"oneOf": [
         _action("finalize-snapshot-metadata", obj(
@@ -69,7 +70,7 @@ PATHS: Schema = {
         [])},
     "/v1/volumes/{volume_id}/action": {"post": operation(
         "create-snapshot-metadata: record a snapshot as creating (idempotent on snapshot_id)",
-        200, ref("SnapshotAnswer"), [400, 409, 503], params=[path_param("volume_id")],
+        200, ref("SnapshotAnswer"), [400, 404, 409, 503], params=[path_param("volume_id")],
         body=json_body(ref("CreateAction")))},
     "/v1/snapshots/{id}/action": {"post": {
         **operation(

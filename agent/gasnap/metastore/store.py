@@ -24,6 +24,7 @@ from ..metadata import (
 from .backend import Backend, Row, Tx
 from .migrations import migrate
 
+DELETION = frozenset({Status.DELETING, Status.ERROR_DELETING})
 _INSERT = ("INSERT INTO snapshots (id, volume_id, name, description, size, created_at, domain,"
            " group_id, target, status) VALUES (?,?,?,?,?,?,?,?,?,?) ON CONFLICT (id) DO NOTHING")
 _COLUMNS = ("id, volume_id, name, description, size, created_at, domain, group_id, target,"
@@ -109,6 +110,9 @@ class SqlMetadata:
     ) -> SnapshotMeta:
         def run(tx: Tx) -> SnapshotMeta:
             current = self._get(tx, snapshot_id, lock=True)
+            if status not in DELETION:  # creation ends only through finalize
+                raise WrongStatus(f"snapshot {snapshot_id}: update-snapshot-status takes "
+                                  f"deleting or error_deleting, not {status.value}")
             if current.status is not status:
                 check_transition(snapshot_id, current.status, status)
             tx.execute("UPDATE snapshots SET status=?, progress=? WHERE id=?",
