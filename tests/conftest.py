@@ -26,6 +26,7 @@ from gasnap.client import ApiClient
 from gasnap.hypervisor import Domain
 from gasnap.lab.guests import Lab
 from gasnap.virt import LibvirtHypervisor
+from pgcluster import Cluster, private_cluster
 
 URI = "qemu:///system"
 PREFIX = "gt-"
@@ -40,6 +41,13 @@ def gasnap(*args: str, check: bool = True, timeout: float = 300
     if check and proc.returncode != 0:
         raise AssertionError(f"gasnap {' '.join(args)} exited {proc.returncode}: {proc.stderr}")
     return proc
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[Cluster]:
+    """A private PostgreSQL cluster (temp dir, free port, user postgres)."""
+    with private_cluster() as cluster:
+        yield cluster
 
 
 @pytest.fixture(scope="session")
@@ -107,19 +115,42 @@ def _wait_for_socket(path: Path, proc: subprocess.Popen[bytes], timeout: float =
     raise AssertionError("gasnap serve did not listen in time")
 
 
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def _wait_for_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"gasnap serve exited {proc.returncode}")
+        with socket.socket() as sock:
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise AssertionError("gasnap serve did not listen in time")
+
+
 class Agent:
     """A running ``gasnap serve`` process with its own socket and state dir."""
 
     def __init__(self, base: Path, env: dict[str, str] | None = None,
-                 config: str | None = None) -> None:
+                 config: str | None = None, tcp_token: str | None = None) -> None:
+        """TCP_TOKEN: listen on a free TCP port with that token (else a unix socket)."""
         self.base = base
         self.sock = base / "api.sock"
-        self.api = f"unix:{self.sock}"
+        self.port = _free_port() if tcp_token else 0
+        listen = f"tcp:127.0.0.1:{self.port}" if tcp_token else f"unix:{self.sock}"
+        self.api = f"http://127.0.0.1:{self.port}" if tcp_token else listen
         self.state_dir = base / "state"
         self.log = base / "agent.log"
-        self.client = ApiClient(self.api)
-        args = [*GASNAP, "serve", "--listen", self.api, "--state-dir", str(self.state_dir),
+        self.client = ApiClient(self.api, token=tcp_token)
+        args = [*GASNAP, "serve", "--listen", listen, "--state-dir", str(self.state_dir),
                 "--libvirt-uri", URI]
+        if tcp_token:
+            args += ["--token", tcp_token]
         if config is not None:
             (base / "agent.toml").write_text(config)
             args += ["--config", str(base / "agent.toml")]
@@ -128,7 +159,10 @@ class Agent:
                 args, stdout=out, stderr=subprocess.STDOUT,
                 env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
             )
-        _wait_for_socket(self.sock, self.proc)
+        if tcp_token:
+            _wait_for_port(self.port, self.proc)
+        else:
+            _wait_for_socket(self.sock, self.proc)
 
     def wait_ready(self, timeout: float = 60) -> None:
         """Until recovery has settled the journal."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -23,13 +23,7 @@ from gasnap.metadata import (
 from gasnap.metastore import StoreUnavailable, open_store
 from gasnap.metastore.migrations import LATEST
 from metaservice import TOKEN, MetadataServer
-from pgcluster import Cluster, private_cluster
-
-
-@pytest.fixture(scope="session")
-def postgres() -> Iterator[Cluster]:
-    with private_cluster() as cluster:
-        yield cluster
+from pgcluster import Cluster
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

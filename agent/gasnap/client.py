@@ -57,6 +57,16 @@ class ApiClient:
         raise BadRequest(f"--api must be unix:PATH or http(s)://HOST:PORT, not {self.api!r}")
 
     def request(self, method: str, path: str, body: Any = None) -> Any:
+        return _decode(*self.raw(method, path, body))
+
+    def text(self, path: str) -> str:
+        """A GET whose answer is not JSON (``/metrics``)."""
+        status, raw = self.raw("GET", path)
+        if status >= 400:
+            _decode(status, raw)
+        return raw.decode()
+
+    def raw(self, method: str, path: str, body: Any = None) -> tuple[int, bytes]:
         headers = {"Accept": "application/json"}
         payload = None
         if body is not None:
@@ -73,7 +83,7 @@ class ApiClient:
             raise AgentUnreachable(f"cannot reach the gasnap agent at {self.api}: {err}") from err
         finally:
             conn.close()
-        return _decode(response.status, raw)
+        return response.status, raw
 
     def get(self, path: str) -> Any:
         return self.request("GET", path)

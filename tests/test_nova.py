@@ -1,0 +1,220 @@
+"""Nova's os-assisted-volume-snapshots, driven by the real python-novaclient
+the way Cinder's remotefs drivers drive it (keystoneauth1 session, token)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+from keystoneauth1 import session as ks_session
+from keystoneauth1.token_endpoint import Token
+from novaclient import client as nova_client
+from novaclient import exceptions as nova_exc
+
+from conftest import Agent, chain_of, volume_files
+from gasnap.client import ApiError
+from gasnap.hypervisor import Domain, Volume
+from gasnap.virt import LibvirtHypervisor
+
+TOKEN = "n0va-token"
+
+
+@pytest.fixture(scope="module")
+def tcp_agent(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Agent]:
+    running = Agent(tmp_path_factory.mktemp("nova-agent"), tcp_token=TOKEN)
+    try:
+        running.wait_ready()
+        yield running
+    finally:
+        running.stop()
+
+
+@pytest.fixture(scope="module")
+def nova(tcp_agent: Agent) -> Any:
+    sess = ks_session.Session(auth=Token(tcp_agent.api, TOKEN))
+    return nova_client.Client("2.1", session=sess)
+
+
+async def volume(hv: LibvirtHypervisor, guest: Domain) -> Volume:
+    vol = (await hv.get_domain(guest.name)).volumes[1]
+    return vol
+
+
+def settled(agent: Agent, snapshot_id: str, *, gone: bool = False, timeout: float = 120
+            ) -> dict[str, Any] | None:
+    """The record once the work behind a Nova call is over; GONE: wait for a
+    delete to remove it (None).  Nova's calls answer before the work starts."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            record: dict[str, Any] = agent.client.get(f"/v1/snapshots/{snapshot_id}")
+        except ApiError as err:
+            if err.details["status"] != 404:
+                raise
+            if gone:
+                return None
+        else:
+            if record["status"] in ("error", "error_deleting") or (
+                    record["status"] == "available" and not gone):
+                return record
+        time.sleep(0.2)
+    raise AssertionError(f"snapshot {snapshot_id} did not settle")
+
+
+def nova_create(nova: Any, vol: Volume, new_file: str, snapshot_id: str | None = None
+                ) -> tuple[str, Any]:
+    sid = snapshot_id or str(uuid.uuid4())
+    answer = nova.assisted_volume_snapshots.create(
+        vol.volume_id, {"snapshot_id": sid, "type": "qcow2", "new_file": new_file})
+    return sid, answer
+
+
+def backing_of(path: str) -> str | None:
+    info = json.loads(subprocess.run(["qemu-img", "info", "-U", "--output=json", path],
+                                     check=True, capture_output=True, text=True).stdout)
+    backing: str | None = info.get("backing-filename")
+    return backing
+
+
+async def test_create_makes_or_reuses_new_file(
+    tcp_agent: Agent, nova: Any, hv: LibvirtHypervisor, guest: Domain
+) -> None:
+    vol = await volume(hv, guest)
+    before = await chain_of(hv, guest.name, vol.target)
+    new_file = f"{Path(vol.active_file).name.split('.')[0]}.{uuid.uuid4()}"
+    sid, answer = nova_create(nova, vol, new_file)
+    assert (answer.id, answer.volumeId) == (sid, vol.volume_id)
+    record = settled(tcp_agent, sid)
+    assert record is not None and record["status"] == "available", record
+    active = str(Path(vol.active_file).parent / new_file)
+    assert await chain_of(hv, guest.name, vol.target) == [active, *before]
+    assert record["file"] == active and record["image"] == before[0]
+    assert backing_of(active) == Path(before[0]).name  # relative, as Cinder expects
+    # Cinder's way: it makes new_file on top of the active file, then calls.
+    reused = f"{Path(active).name.split('.')[0]}.{uuid.uuid4()}"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b",
+                    Path(active).name, str(Path(active).parent / reused)],
+                   check=True, cwd=Path(active).parent)
+    inode = os.stat(Path(active).parent / reused).st_ino
+    sid2, _ = nova_create(nova, vol, reused)
+    record2 = settled(tcp_agent, sid2)
+    assert record2 is not None and record2["status"] == "available", record2
+    assert os.stat(record2["file"]).st_ino == inode  # used as it was, not recreated
+
+
+@pytest.mark.parametrize("new_file", ["../escape.qcow2", "/tmp/elsewhere.qcow2",
+                                      "sub/dir.qcow2", "..", "."])
+async def test_new_file_outside_the_volume_dir_is_refused(
+    tcp_agent: Agent, nova: Any, hv: LibvirtHypervisor, guest: Domain, new_file: str
+) -> None:
+    vol = await volume(hv, guest)
+    chain, files = await chain_of(hv, guest.name, vol.target), volume_files(vol.active_file)
+    with pytest.raises(nova_exc.BadRequest):
+        nova_create(nova, vol, new_file)
+    assert await chain_of(hv, guest.name, vol.target) == chain
+    assert volume_files(vol.active_file) == files
+    assert not Path("/tmp/elsewhere.qcow2").exists()
+
+
+@pytest.mark.parametrize("pointer", ["backing", "data-file", "wrong-backing"])
+async def test_existing_new_file_pointing_elsewhere_is_refused(
+    tcp_agent: Agent, nova: Any, hv: LibvirtHypervisor, guest: Domain, tmp_path: Path,
+    pointer: str
+) -> None:
+    vol = await volume(hv, guest)
+    directory = Path(vol.active_file).parent
+    outside = tmp_path / "outside.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(outside), "1M"], check=True)
+    name = f"{Path(vol.active_file).name.split('.')[0]}.{uuid.uuid4()}"
+    target = directory / name
+    if pointer == "backing":
+        args = ["-F", "qcow2", "-b", str(outside)]
+    elif pointer == "data-file":
+        args = ["-o", f"data_file={tmp_path / 'data.raw'}"]
+    else:  # inside the directory, but not the active file
+        chain = await chain_of(hv, guest.name, vol.target)
+        args = ["-F", "qcow2", "-b", Path(chain[-1]).name]
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", *args, str(target), "128M"],
+                   check=True, cwd=directory)
+    try:
+        chain = await chain_of(hv, guest.name, vol.target)
+        with pytest.raises(nova_exc.BadRequest) as refused:
+            nova_create(nova, vol, name)
+        assert refused.value.code == 400
+        assert await chain_of(hv, guest.name, vol.target) == chain
+        assert target.exists()  # the caller's file is left alone
+    finally:
+        target.unlink()
+
+
+def test_unknown_volume_and_malformed_calls(tcp_agent: Agent, nova: Any) -> None:
+    with pytest.raises(nova_exc.NotFound):
+        nova.assisted_volume_snapshots.create(
+            str(uuid.uuid4()), {"snapshot_id": str(uuid.uuid4()), "type": "qcow2",
+                                "new_file": "x"})
+    with pytest.raises(nova_exc.NotFound):
+        nova.assisted_volume_snapshots.delete(
+            str(uuid.uuid4()), {"volume_id": str(uuid.uuid4()), "type": "qcow2",
+                                "file_to_merge": None, "merge_target_file": None})
+    url = f"{tcp_agent.api}/os-assisted-volume-snapshots"
+    headers = {"X-Auth-Token": TOKEN}
+    for body in ("not json", "[]", '{"snapshot": {}}',
+                 '{"snapshot": {"volume_id": "v", "create_info": {"type": "raw"}}}'):
+        answer = requests.post(url, data=body, headers=headers, timeout=10)
+        assert answer.status_code == 400, body
+        assert answer.json()["error"]["code"] in ("invalid_json", "invalid_request")
+    for query in ("", "?delete_info=not-json", "?delete_info=%7B%7D",
+                  '?delete_info={"volume_id":"v"}'):
+        answer = requests.delete(f"{url}/some-id{query}", headers=headers, timeout=10)
+        assert answer.status_code == 400, query
+    assert requests.post(url, json={}, timeout=10).status_code == 401
+
+
+async def test_delete_by_commit_and_by_pull(
+    tcp_agent: Agent, nova: Any, hv: LibvirtHypervisor, guest: Domain
+) -> None:
+    """Cinder's two deletes: an inner snapshot commits its overlay into its
+    image; the newest one pulls its image into the active layer."""
+    vol = await volume(hv, guest)
+    base = Path(vol.active_file).name.split(".")[0]
+    first, _ = nova_create(nova, vol, f"{base}.{uuid.uuid4()}")
+    a = settled(tcp_agent, first)
+    second, _ = nova_create(nova, vol, f"{base}.{uuid.uuid4()}")
+    b = settled(tcp_agent, second)
+    assert a is not None and b is not None
+    chain = await chain_of(hv, guest.name, vol.target)
+    assert chain[:3] == [b["file"], a["file"], a["image"]]
+
+    # A mismatching delete_info is refused and changes nothing.
+    with pytest.raises(nova_exc.BadRequest):
+        nova.assisted_volume_snapshots.delete(first, {
+            "volume_id": vol.volume_id, "type": "qcow2",
+            "file_to_merge": Path(a["image"]).name, "merge_target_file": Path(a["file"]).name})
+    assert await chain_of(hv, guest.name, vol.target) == chain
+
+    # Commit: first's overlay into its image (Cinder's file_to_merge/merge_target_file).
+    nova.assisted_volume_snapshots.delete(first, {
+        "volume_id": vol.volume_id, "type": "qcow2",
+        "file_to_merge": Path(a["file"]).name, "merge_target_file": Path(a["image"]).name})
+    assert settled(tcp_agent, first, gone=True) is None
+    assert await chain_of(hv, guest.name, vol.target) == [b["file"], *chain[2:]]
+    moved = settled(tcp_agent, second)
+    assert moved is not None and moved["image"] == a["image"]
+    assert not Path(a["file"]).exists()
+
+    # Pull: the newest snapshot's image into the active layer, down to the file below.
+    below = chain[3] if len(chain) > 3 else None
+    nova.assisted_volume_snapshots.delete(second, {
+        "volume_id": vol.volume_id, "type": "qcow2",
+        "file_to_merge": Path(below).name if below else None, "merge_target_file": None})
+    assert settled(tcp_agent, second, gone=True) is None
+    assert await chain_of(hv, guest.name, vol.target) == [b["file"], *chain[3:]]
+    assert not Path(a["image"]).exists()

@@ -1,0 +1,135 @@
+"""The agent against the reference metadata service on a real PostgreSQL:
+records land there (and nowhere else), and outages of the service delay or
+fail a snapshot cleanly before disks are touched, and are waited out after."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from conftest import Agent, chain_of, create_snapshots, delete_snapshot, volume_files, wait_task
+from gasnap.hypervisor import Domain
+from gasnap.lab.workload import sh
+from gasnap.virt import LibvirtHypervisor
+from metaservice import TOKEN, MetadataServer
+from pgcluster import Cluster
+
+DEADLINE = 8
+
+
+@pytest.fixture(scope="module")
+def service(postgres: Cluster, tmp_path_factory: pytest.TempPathFactory
+            ) -> Iterator[MetadataServer]:
+    base = tmp_path_factory.mktemp("remote-meta")
+    server = MetadataServer(postgres.new_database(), base / "service.log").start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def remote_agent(service: MetadataServer, tmp_path_factory: pytest.TempPathFactory
+                 ) -> Iterator[Agent]:
+    config = (f'[metadata]\nurl = "{service.url}"\ntoken = "{TOKEN}"\n'
+              f"deadline = {DEADLINE}\n")
+    running = Agent(tmp_path_factory.mktemp("remote-agent"), config=config)
+    try:
+        running.wait_ready()
+        yield running
+    finally:
+        running.stop()
+
+
+def service_records(service: MetadataServer, volume_id: str) -> list[dict[str, Any]]:
+    answer = service.get(f"/v1/snapshots?volume_id={volume_id}")
+    assert answer.status_code == 200, answer.text
+    records: list[dict[str, Any]] = answer.json()["snapshots"]
+    return records
+
+
+def metric(agent: Agent, name: str) -> float:
+    text = agent.client.text("/metrics")
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith(name))
+
+
+def test_records_live_in_the_service(remote_agent: Agent, service: MetadataServer,
+                                     guest: Domain) -> None:
+    vol = guest.volumes[0]
+    task = create_snapshots(remote_agent, {"domains": [guest.name], "disks": {
+        guest.name: [vol.target]}, "name": "remote"})
+    assert task["state"] == "succeeded", task
+    snap = task["result"]["snapshots"][0]
+    [record] = [r for r in service_records(service, vol.volume_id) if r["id"] == snap["id"]]
+    assert record["status"] == "available"
+    assert record["file"] == snap["file"] and record["backing_file"] == snap["image"]
+    assert record["consistency"] == "filesystem"
+    # Renames and deletes go to the service too; the embedded store is never opened.
+    remote_agent.client.request("PATCH", f"/v1/snapshots/{snap['id']}", {"name": "renamed"})
+    assert service.get(f"/v1/snapshots/{snap['id']}").json()["snapshot"]["name"] == "renamed"
+    assert delete_snapshot(remote_agent, snap["id"])["state"] == "succeeded"
+    assert service.get(f"/v1/snapshots/{snap['id']}").status_code == 404
+    assert not (remote_agent.state_dir / "metadata.db").exists()
+
+
+async def test_outage_during_create_is_waited_out(
+    remote_agent: Agent, service: MetadataServer, hv: LibvirtHypervisor, guest: Domain
+) -> None:
+    """The service goes away for 5 s after the record is made, while the guest
+    is frozen: finalization waits for it and the snapshot ends available, once."""
+    vol = guest.volumes[0]
+    retries_before = metric(remote_agent, "gasnap_metadata_retries_total")
+    await sh(hv, guest.name, "echo 3 > /run/gasnap-hook-delay")  # a long freeze window
+    try:
+        task = remote_agent.client.request("POST", "/v1/snapshots", {
+            "domains": [guest.name], "disks": {guest.name: [vol.target]}, "name": "outage"})
+        task_id = task["task"]["id"]
+        deadline = time.monotonic() + 30
+        while not [r for r in service_records(service, vol.volume_id)
+                   if r["name"] == "outage"]:
+            assert time.monotonic() < deadline, "the record never reached the service"
+            await asyncio.sleep(0.05)
+        service.stop()
+        await asyncio.sleep(5)
+        assert remote_agent.client.get(f"/v1/tasks/{task_id}")["state"] == "running"
+        service.start()
+        done = wait_task(remote_agent, task_id)
+    finally:
+        await sh(hv, guest.name, "rm -f /run/gasnap-hook-delay")
+    assert done["state"] == "succeeded", done
+    records = [r for r in service_records(service, vol.volume_id) if r["name"] == "outage"]
+    assert len(records) == 1 and records[0]["status"] == "available"
+    assert (await chain_of(hv, guest.name, vol.target))[0] == records[0]["file"]
+    assert metric(remote_agent, "gasnap_metadata_retries_total") > retries_before
+
+
+async def test_outage_before_disks_delays_then_fails_cleanly(
+    remote_agent: Agent, service: MetadataServer, hv: LibvirtHypervisor, guest: Domain
+) -> None:
+    vol = guest.volumes[0]
+    body = {"domains": [guest.name], "disks": {guest.name: [vol.target]}}
+    # A short outage only delays the snapshot.
+    service.stop()
+    task = remote_agent.client.request("POST", "/v1/snapshots", {**body, "name": "late"})
+    await asyncio.sleep(2)
+    service.start()
+    assert wait_task(remote_agent, task["task"]["id"])["state"] == "succeeded"
+    # One longer than the deadline fails it with nothing changed.
+    chain = await chain_of(hv, guest.name, vol.target)
+    files = volume_files(vol.active_file)
+    service.stop()
+    try:
+        task = remote_agent.client.request("POST", "/v1/snapshots", {**body, "name": "never"})
+        failed = wait_task(remote_agent, task["task"]["id"], timeout=DEADLINE * 4)
+    finally:
+        service.start()
+    assert failed["state"] == "failed"
+    assert failed["error"]["code"] == "metadata_unavailable"
+    assert await chain_of(hv, guest.name, vol.target) == chain
+    assert volume_files(vol.active_file) == files
+    assert not [r for r in service_records(service, vol.volume_id) if r["name"] == "never"]
+    assert await hv.agent.fsfreeze_status(guest.name, 5) is not None
+    assert (await hv.agent.fsfreeze_status(guest.name, 5)).value == "thawed"
