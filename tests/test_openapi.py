@@ -18,6 +18,7 @@ from schemathesis.checks import (
     status_code_conformance,
 )
 
+from conftest import Agent
 from gasnap.api import spec as agent_spec
 from gasnap.api.app import create_app as agent_app
 from gasnap.config import Settings
@@ -83,13 +84,17 @@ def fuzz(schema: schemathesis.BaseSchema, method: str, path: str, headers: dict[
          ) -> None:
     """Bounded examples of one operation, each answer checked against the document."""
     operation = schema[path][method]
+    statuses: list[int] = []
 
     @given(case=operation.as_strategy())
     @FUZZ
     def one(case: schemathesis.Case) -> None:
-        case.call_and_validate(headers=headers, checks=CHECKS)
+        response = case.call_and_validate(headers=headers, checks=CHECKS)
+        statuses.append(response.status_code)
 
     one()
+    # The token was accepted, so the examples reached the handlers.
+    assert statuses and 401 not in statuses, statuses
 
 
 @pytest.mark.parametrize(("method", "path"), operations(service_spec.SPEC))
@@ -110,3 +115,40 @@ def test_fuzzing_reached_the_service_and_left_it_healthy(meta_server: MetadataSe
     assert meta_server.get("/v1/health").json()["status"] == "ok"
     # The examples above really ran (about 20 per operation).
     assert served(meta_server.get("/metrics").text) > 5 * len(operations(service_spec.SPEC))
+
+
+# --- the agent, fuzzed (a real agent on TCP, libvirt behind it) ---------------------
+
+AGENT_TOKEN = "fuzz-t0ken"
+
+
+@pytest.fixture(scope="module")
+def tcp_agent(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Agent]:
+    running = Agent(tmp_path_factory.mktemp("fuzz-agent"), tcp_token=AGENT_TOKEN)
+    try:
+        running.wait_ready()
+        yield running
+    finally:
+        running.stop()
+
+
+@pytest.fixture(scope="module")
+def agent_schema(tcp_agent: Agent) -> schemathesis.BaseSchema:
+    served = requests.get(f"{tcp_agent.api}/openapi.json", timeout=10).json()
+    assert served == agent_spec.SPEC
+    return schemathesis.openapi.from_url(f"{tcp_agent.api}/openapi.json")
+
+
+@pytest.mark.parametrize(("method", "path"), operations(agent_spec.SPEC))
+def test_agent_answers_within_its_document(
+    agent_schema: schemathesis.BaseSchema, method: str, path: str
+) -> None:
+    fuzz(agent_schema, method, path, {"Authorization": f"Bearer {AGENT_TOKEN}"})
+
+
+def test_fuzzing_left_the_agent_healthy(tcp_agent: Agent) -> None:
+    assert tcp_agent.proc.poll() is None
+    assert "Traceback" not in tcp_agent.output()
+    assert tcp_agent.client.get("/v1/health")["status"] == "ok"
+    # Everything the fuzzer posted was refused: no task was ever started.
+    assert tcp_agent.client.get("/v1/tasks")["tasks"] == []
