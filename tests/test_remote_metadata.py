@@ -5,6 +5,7 @@ fail a snapshot cleanly before disks are touched, and are waited out after."""
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -131,5 +132,15 @@ async def test_outage_before_disks_delays_then_fails_cleanly(
     assert await chain_of(hv, guest.name, vol.target) == chain
     assert volume_files(vol.active_file) == files
     assert not [r for r in service_records(service, vol.volume_id) if r["name"] == "never"]
-    assert await hv.agent.fsfreeze_status(guest.name, 5) is not None
     assert (await hv.agent.fsfreeze_status(guest.name, 5)).value == "thawed"
+    # The operation given up is settled by the agent's sweep once the service is back.
+    deadline = time.monotonic() + 60
+    while journal_operations(remote_agent):
+        assert time.monotonic() < deadline, "the sweep never settled the given-up create"
+        await asyncio.sleep(0.5)
+    assert "sweep settled 1 operation" in remote_agent.output()
+
+
+def journal_operations(agent: Agent) -> int:
+    with sqlite3.connect(agent.state_dir / "journal.db") as conn:
+        return int(conn.execute("SELECT count(*) FROM operations").fetchone()[0])

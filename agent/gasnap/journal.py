@@ -47,6 +47,9 @@ class Operation:
 class Journal:
     def __init__(self, path: Path) -> None:
         self._db = SqliteDB(path, SCHEMA)
+        # Operations a workflow of this process is still driving; the others
+        # (left by a crash, or released) are for recovery to settle.
+        self._active: set[str] = set()
 
     def close(self) -> None:
         self._db.close()
@@ -60,6 +63,7 @@ class Journal:
             "INSERT INTO operations VALUES (?,?,?,?,?,?)",
             (op.id, kind, step, json.dumps(payload), now, now),
         ))
+        self._active.add(op.id)
         return op
 
     async def step(self, op: Operation, step: str, **updates: Any) -> Operation:
@@ -73,14 +77,21 @@ class Journal:
 
     async def finish(self, op: Operation) -> None:
         await self._db.run(lambda c: c.execute("DELETE FROM operations WHERE id=?", (op.id,)))
+        self._active.discard(op.id)
+
+    def release(self, op: Operation) -> None:
+        """The workflow gives OP up unfinished: recovery will settle it."""
+        self._active.discard(op.id)
 
     async def unfinished(self) -> list[Operation]:
+        """Operations no workflow of this process is driving, oldest first."""
         def run(conn: sqlite3.Connection) -> list[Operation]:
             rows = conn.execute("SELECT * FROM operations ORDER BY created").fetchall()
             return [Operation(r["id"], r["kind"], r["step"], json.loads(r["payload"]))
                     for r in rows]
 
-        return await self._db.run(run)
+        ops = await self._db.run(run)
+        return [op for op in ops if op.id not in self._active]
 
     # tasks
 

@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from .config import Settings
-from .errors import Unavailable
+from .errors import GasnapError, Unavailable
 from .freezeguard import FreezeGuard
 from .journal import Journal
 from .metaclient import RemoteMetadata
@@ -28,6 +28,7 @@ from .workflows.recovery import recover
 log = logging.getLogger(__name__)
 
 RECOVERY_RETRY = 5.0
+SWEEP_INTERVAL = 10.0
 
 
 @dataclass(frozen=True)
@@ -80,7 +81,22 @@ async def _recover(ctx: Context, guard: FreezeGuard, service: SnapshotService) -
             if settled:
                 log.warning("recovery settled %d unfinished operation(s)", settled)
             service.ready.set()
-            return
+            break
         except Unavailable as err:
-            log.warning("recovery waits for libvirt: %s", err.message)
+            log.warning("recovery waits for libvirt or the metadata service: %s", err.message)
         await asyncio.sleep(RECOVERY_RETRY)
+    await _sweep(ctx)
+
+
+async def _sweep(ctx: Context) -> None:
+    """Settle, now and then, operations a workflow had to give up (the
+    metadata service was away); those still being driven are left alone."""
+    while True:
+        await asyncio.sleep(SWEEP_INTERVAL)
+        try:
+            settled = await recover(ctx)
+        except GasnapError as err:
+            log.info("sweep: %s; trying again later", err.message)
+            continue
+        if settled:
+            log.warning("sweep settled %d operation(s) given up earlier", settled)

@@ -277,9 +277,11 @@ async def execute(ctx: Context, the_plan: CreatePlan) -> Outcome:
         metas = await settle(ctx, the_plan, consistency, reason, persist=recorded)
     except Unavailable as err:
         # Nothing was touched and the service is still away: the journal keeps
-        # the operation and recovery finalizes whatever records reached it.
+        # the operation, and the agent's sweep finalizes whatever records
+        # reached the service (an answer lost on the way) once it is back.
         log.error("create: cannot finalize while the metadata service is away: %s",
                   err.message)
+        ctx.journal.release(op)
         return Outcome([], failure or err)
     await ctx.journal.finish(op)
     return Outcome(metas, failure)
