@@ -24,6 +24,9 @@ def test_file_then_flags(tmp_path: Path) -> None:
     assert settings.freeze_timeout == 5.0
     assert settings.metadata_url == "http://meta:8776"
     assert "s3cret" not in repr(settings)
+    assert settings.metadata_deadline == 120.0
+    flagged = config.load(path, {"metadata_url": "unix:/run/gasnap/metadata.sock"})
+    assert flagged.metadata_url == "unix:/run/gasnap/metadata.sock"
 
 
 @pytest.mark.parametrize(
@@ -35,6 +38,9 @@ def test_file_then_flags(tmp_path: Path) -> None:
         ('[metadata]\nurl = 3\n', "metadata.url"),
         ('[agent]\nlisten = "tcp:127.0.0.1:8000"\n', "token"),
         ("[agent\n", "agent.toml"),
+        ('[metadata]\ndeadline = 0\n', "metadata.deadline"),
+        ('[metadata]\ndeadline = "soon"\n', "metadata.deadline"),
+        ('[metadata]\nurl = "ftp://meta"\n', "metadata.url"),
     ],
 )
 def test_bad_config_names_the_problem(tmp_path: Path, text: str, fragment: str) -> None:
