@@ -2,7 +2,11 @@
 VENV ?= .venv
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test lint bench
+PREFIX ?= /opt/gasnap
+SYSCONFDIR ?= /etc/gasnap
+UNITDIR ?= /etc/systemd/system
+
+.PHONY: setup demo test lint bench install
 
 setup:
 	@bash scripts/setup.sh
@@ -10,8 +14,16 @@ setup:
 demo: setup
 	$(VENV)/bin/gasnap demo
 
-test: setup lint
+# setup plus what only the tests need (PostgreSQL, systemd-analyze, vagrant).
+test:
+	@bash scripts/setup.sh --test
+	@$(MAKE) --no-print-directory lint
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
+
+# gasnap in its own venv under PREFIX, the systemd units, a default config.
+install:
+	@bash scripts/setup.sh --packages
+	@PREFIX=$(PREFIX) SYSCONFDIR=$(SYSCONFDIR) UNITDIR=$(UNITDIR) bash scripts/install.sh
 
 lint:
 	$(VENV)/bin/ruff check agent tests

@@ -11,8 +11,12 @@ DEB_PACKAGES=(
     qemu-system-x86 qemu-utils libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients
     libvirt-dev pkg-config gcc python3-dev python3-venv qemu-guest-agent busybox-static cpio
     e2fsprogs linux-image-amd64 procps
-    postgresql  # the tests start a private cluster of their own; Debian's is left alone
 )
+# make test only: a private PostgreSQL cluster (Debian's own is left alone),
+# systemd-analyze for the units, vagrant to validate the Vagrantfile.
+TEST_PACKAGES=(postgresql systemd vagrant vagrant-libvirt)
+MODE=${1:-}
+[ "$MODE" = "--test" ] && DEB_PACKAGES+=("${TEST_PACKAGES[@]}")
 LIBVIRT_SOCK=/var/run/libvirt/libvirt-sock
 
 say() { printf 'setup: %s\n' "$*"; }
@@ -91,6 +95,7 @@ build_lab_image() {
 
 need_root
 install_packages
+[ "$MODE" = "--packages" ] && exit 0  # make install: what building gasnap needs
 start_libvirtd
 make_venv
 build_lab_image

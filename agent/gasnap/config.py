@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,6 +12,21 @@ from typing import Any
 from .errors import ConfigError
 
 DEFAULT_CONFIG = Path("/etc/gasnap/agent.toml")
+
+
+SCHEDULE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")  # a systemd instance name
+QUIESCE = ("required", "preferred", "off")
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """``[schedules.NAME]``: one group snapshot of DOMAINS per run, then keep
+    the newest KEEP snapshots of this schedule per volume."""
+
+    name: str
+    domains: tuple[str, ...]
+    keep: int
+    quiesce: str = "preferred"
 
 
 @dataclass(frozen=True)
@@ -24,6 +40,7 @@ class Settings:
     metadata_url: str = ""  # empty: the embedded store under state_dir
     metadata_token: str = ""
     metadata_deadline: float = 120.0  # seconds a metadata call may keep retrying
+    schedules: dict[str, Schedule] = dataclasses.field(default_factory=dict)
 
     def __repr__(self) -> str:  # never print secrets
         fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
@@ -54,6 +71,68 @@ def _checked(section: str, table: Any, keys: dict[str, type | tuple[type, ...]])
     return dict(table)
 
 
+_SCHEDULE_KEYS: dict[str, type | tuple[type, ...]] = {
+    "domains": list, "keep": int, "quiesce": str,
+}
+
+
+def _schedules(doc: Any) -> dict[str, Schedule]:
+    if not isinstance(doc, dict):
+        raise ConfigError("[schedules] must hold tables [schedules.NAME]")
+    schedules = {}
+    for name, table in doc.items():
+        where = f"schedules.{name}"
+        if not SCHEDULE_NAME.match(name):
+            raise ConfigError(f"{where}: a schedule name is letters, digits, '_', '.', '-'")
+        values = _checked(where, table, _SCHEDULE_KEYS)
+        for key in ("domains", "keep"):
+            if key not in values:
+                raise ConfigError(f"{where}.{key} is required")
+        domains = values["domains"]
+        if not domains or not all(isinstance(d, str) and d for d in domains):
+            raise ConfigError(f"{where}.domains must be a non-empty list of domain names")
+        if len(set(domains)) != len(domains):
+            raise ConfigError(f"{where}.domains names a domain twice")
+        if values["keep"] < 1:
+            raise ConfigError(f"{where}.keep must be at least 1")
+        quiesce = values.get("quiesce", "preferred")
+        if quiesce not in QUIESCE:
+            raise ConfigError(f"{where}.quiesce must be one of {', '.join(QUIESCE)}")
+        schedules[name] = Schedule(name, tuple(domains), values["keep"], quiesce)
+    return schedules
+
+
+def check_domains(settings: Settings, known: list[str]) -> None:
+    """Every domain a schedule names must exist (KNOWN: libvirt's domains)."""
+    for schedule in settings.schedules.values():
+        for name in schedule.domains:
+            if name not in known:
+                raise ConfigError(f"schedules.{schedule.name}.domains: no domain {name!r} "
+                                  f"on {settings.libvirt_uri}")
+
+
+def _read(file: Path) -> dict[str, Any]:
+    try:
+        doc = tomllib.loads(file.read_text())
+    except (OSError, tomllib.TOMLDecodeError) as err:
+        raise ConfigError(f"{file}: {err}") from err
+    unknown = set(doc) - {"agent", "metadata", "schedules"}
+    if unknown:
+        raise ConfigError(f"unknown section [{sorted(unknown)[0]}]")
+    values = _checked("agent", doc.get("agent", {}), _AGENT_KEYS)
+    meta = _checked("metadata", doc.get("metadata", {}), _METADATA_KEYS)
+    values.update({f"metadata_{k}": v for k, v in meta.items()})
+    values["schedules"] = _schedules(doc.get("schedules", {}))
+    return values
+
+
+def _positive(values: dict[str, Any], key: str, name: str) -> None:
+    if key in values:
+        values[key] = float(values[key])
+        if values[key] <= 0:
+            raise ConfigError(f"{name} must be positive")
+
+
 def load(path: Path | None, overrides: dict[str, Any]) -> Settings:
     """Settings from PATH (absent default file: defaults) with OVERRIDES on top.
 
@@ -62,26 +141,14 @@ def load(path: Path | None, overrides: dict[str, Any]) -> Settings:
     values: dict[str, Any] = {}
     file = path or DEFAULT_CONFIG
     if file.exists():
-        try:
-            doc = tomllib.loads(file.read_text())
-        except (OSError, tomllib.TOMLDecodeError) as err:
-            raise ConfigError(f"{file}: {err}") from err
-        values.update(_checked("agent", doc.get("agent", {}), _AGENT_KEYS))
-        meta = _checked("metadata", doc.get("metadata", {}), _METADATA_KEYS)
-        values.update({f"metadata_{k}": v for k, v in meta.items()})
+        values = _read(file)
     elif path is not None:
         raise ConfigError(f"config file {path} does not exist")
     values.update({k: v for k, v in overrides.items() if v is not None})
     if "state_dir" in values:
         values["state_dir"] = Path(values["state_dir"])
-    if "freeze_timeout" in values:
-        values["freeze_timeout"] = float(values["freeze_timeout"])
-        if values["freeze_timeout"] <= 0:
-            raise ConfigError("agent.freeze_timeout must be positive")
-    if "metadata_deadline" in values:
-        values["metadata_deadline"] = float(values["metadata_deadline"])
-        if values["metadata_deadline"] <= 0:
-            raise ConfigError("metadata.deadline must be positive")
+    _positive(values, "freeze_timeout", "agent.freeze_timeout")
+    _positive(values, "metadata_deadline", "metadata.deadline")
     url = values.get("metadata_url", "")
     if url and not url.startswith(("http://", "https://", "unix:")):
         raise ConfigError(f"metadata.url must be http(s)://HOST:PORT or unix:PATH, not {url!r}")

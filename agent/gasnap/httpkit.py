@@ -17,6 +17,7 @@ from typing import Any
 from aiohttp import web
 from aiohttp.typedefs import Middleware
 
+from . import sdnotify
 from .errors import BadRequest, ConfigError, Conflict, GasnapError, NotFound, Unavailable
 
 log = logging.getLogger(__name__)
@@ -162,11 +163,14 @@ def _prepare_socket(path: Path) -> None:
         probe.close()
 
 
-async def run_app(app: web.Application, listen: str, what: str) -> None:
+async def run_app(app: web.Application, listen: str, what: str,
+                  ready: Callable[[], Awaitable[object]] | None = None) -> None:
     """Serve APP on ``unix:PATH`` (mode 0660) or ``tcp:HOST:PORT`` until
-    SIGTERM or SIGINT."""
+    SIGTERM or SIGINT.  Tells systemd READY=1 once it listens and READY (if
+    given) has returned."""
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
+    announce: asyncio.Task[None] | None = None
     try:
         site: web.BaseSite
         if listen.startswith("unix:"):
@@ -184,7 +188,18 @@ async def run_app(app: web.Application, listen: str, what: str) -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
+
+        async def announce_ready() -> None:
+            if ready is not None:
+                await ready()
+            sdnotify.notify(f"READY=1\nSTATUS={what} ready on {listen}")
+            log.info("%s ready", what)
+
+        announce = asyncio.create_task(announce_ready())
         await stop.wait()
     finally:
         log.info("%s stopping", what)
+        sdnotify.notify("STOPPING=1")
+        if announce is not None:
+            announce.cancel()
         await runner.cleanup()

@@ -65,7 +65,7 @@ def meta_from_dict(doc: dict[str, Any]) -> SnapshotMeta:
         status=Status(doc["status"]), file=doc.get("file"),
         backing_file=doc.get("backing_file"),
         consistency=Consistency(doc["consistency"]) if doc.get("consistency") else None,
-        error=doc.get("error"), progress=doc.get("progress"),
+        error=doc.get("error"), progress=doc.get("progress"), schedule=doc.get("schedule"),
     )
 
 
@@ -149,7 +149,7 @@ class RemoteMetadata:
         body = {"snapshot_id": new.snapshot_id, "name": new.name,
                 "description": new.description, "size": new.size,
                 "created_at": new.created_at, "domain": new.domain,
-                "group_id": new.group_id, "target": new.target}
+                "group_id": new.group_id, "target": new.target, "schedule": new.schedule}
         doc = await self._call("POST", f"/v1/volumes/{quote(new.volume_id, safe='')}/action",
                                {"create-snapshot-metadata": body})
         return meta_from_dict(doc["snapshot"])

@@ -80,6 +80,7 @@ class SnapshotMeta:
     consistency: Consistency | None = None
     error: str | None = None
     progress: str | None = None
+    schedule: str | None = None  # the schedule that took it, if one did
 
     def to_dict(self) -> dict[str, Any]:
         doc = asdict(self)
@@ -101,6 +102,7 @@ class NewSnapshot:
     domain: str
     group_id: str | None = None
     target: str | None = None
+    schedule: str | None = None
 
 
 @dataclass(frozen=True)

@@ -11,16 +11,22 @@ import asyncio
 import logging
 from typing import Any
 
-from .errors import BadRequest, GasnapError, Unavailable
+from .config import Schedule
+from .errors import BadRequest, Conflict, GasnapError, Unavailable
 from .metadata import SnapshotMeta, Status
 from .tasks import Task, TaskManager
 from .workflows import Context, create, delete
+from .workflows import schedule as schedule_flow
 
 log = logging.getLogger(__name__)
 
 
 class SnapshotFailed(GasnapError):
     code = "snapshot_failed"
+
+
+class ScheduleRunning(Conflict):
+    code = "schedule_running"
 
 
 def snapshot_record(meta: SnapshotMeta, parent: str | None) -> dict[str, Any]:
@@ -40,6 +46,7 @@ def snapshot_record(meta: SnapshotMeta, parent: str | None) -> dict[str, Any]:
         "created_at": meta.created_at,
         "size": meta.size,
         "error": meta.error,
+        "schedule": meta.schedule,
     }
 
 
@@ -61,6 +68,7 @@ class SnapshotService:
         # Set once recovery has settled the journal: until then a new create
         # could collide with an unfinished one.
         self.ready = asyncio.Event()
+        self._schedule_runs: dict[str, Task] = {}  # the last run of each schedule
 
     # reading
 
@@ -96,25 +104,68 @@ class SnapshotService:
 
     # creating
 
-    async def create(self, request: create.CreateRequest) -> Task:
-        """Validate now (errors reach the caller), then run as a task."""
+    def _check_ready(self) -> None:
         if not self.ready.is_set():
             raise Unavailable("the agent is still recovering unfinished operations",
                               code="recovering")
+
+    async def _created(self, the_plan: create.CreatePlan,
+                       extra: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Run a planned create; its result, or SnapshotFailed carrying it."""
+        outcome = await create.execute(self.ctx, the_plan)
+        result = {**(extra or {}), "snapshots": await self._records_of(outcome.snapshots)}
+        failed = [m for m in outcome.snapshots if m.status is not Status.AVAILABLE]
+        if outcome.failure is not None:
+            raise SnapshotFailed(outcome.failure.message, code=outcome.failure.code,
+                                 result=result)
+        if failed:
+            raise SnapshotFailed(
+                f"{len(failed)} of {len(outcome.snapshots)} snapshots failed: "
+                f"{failed[0].error}", result=result)
+        return result
+
+    async def create(self, request: create.CreateRequest) -> Task:
+        """Validate now (errors reach the caller), then run as a task."""
+        self._check_ready()
         the_plan = await create.plan(self.ctx, request)
         task = self.tasks.reserve("snapshot-create", {v.volume_id for v in the_plan.volumes})
 
         async def work(_task: Task) -> dict[str, Any]:
-            outcome = await create.execute(self.ctx, the_plan)
-            result = {"snapshots": await self._records_of(outcome.snapshots)}
-            failed = [m for m in outcome.snapshots if m.status is not Status.AVAILABLE]
-            if outcome.failure is not None:
-                raise SnapshotFailed(outcome.failure.message, code=outcome.failure.code,
-                                     result=result)
-            if failed:
-                raise SnapshotFailed(
-                    f"{len(failed)} of {len(outcome.snapshots)} snapshots failed: "
-                    f"{failed[0].error}", result=result)
+            return await self._created(the_plan)
+
+        await self.tasks.start(task, work)
+        return task
+
+    # schedules
+
+    async def run_schedule(self, schedule: Schedule) -> Task:
+        """One group snapshot of the schedule's domains, then its retention.
+        Refused while the schedule's previous run is still going."""
+        self._check_ready()
+        previous = self._schedule_runs.get(schedule.name)
+        if previous is not None and not previous.finished:
+            raise ScheduleRunning(f"schedule {schedule.name} is still running "
+                                  f"(task {previous.id}); try again when it ends",
+                                  task=previous.id)
+        the_plan = await create.plan(self.ctx, schedule_flow.request(schedule))
+        volumes = {v.volume_id for v in the_plan.volumes}
+        task = self.tasks.reserve("schedule-run", volumes)
+        self._schedule_runs[schedule.name] = task
+
+        async def work(task: Task) -> dict[str, Any]:
+            result = await self._created(the_plan, {"schedule": schedule.name})
+            await self.tasks.update(task, progress=50)
+
+            async def progress(percent: int) -> None:
+                await self.tasks.update(task, progress=percent)
+
+            try:
+                result["deleted"] = await schedule_flow.retain(self.ctx, schedule, volumes,
+                                                              progress)
+            except GasnapError as err:
+                raise SnapshotFailed(f"retention of schedule {schedule.name} failed: "
+                                     f"{err.message}", code="retention_failed",
+                                     result=result) from err
             return result
 
         await self.tasks.start(task, work)

@@ -9,11 +9,12 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from .. import __version__, metrics, nova
-from ..errors import BadRequest
+from ..config import Schedule
+from ..errors import BadRequest, NotFound
 from ..httpkit import get_string, json_body
 from ..workflows.create import CreateRequest, Quiesce
 from ..workflows.delete import Strategy
-from .keys import HYPERVISOR, SERVICE
+from .keys import HYPERVISOR, SERVICE, SETTINGS
 
 MAX_WAIT = 60.0
 
@@ -125,6 +126,32 @@ async def get_task(request: web.Request) -> web.Response:
     return web.json_response(task.to_record())
 
 
+# --- schedules ------------------------------------------------------------------
+
+
+class ScheduleNotFound(NotFound):
+    code = "schedule_not_found"
+
+
+def _schedule_record(schedule: Schedule) -> dict[str, Any]:
+    return {"name": schedule.name, "domains": list(schedule.domains), "keep": schedule.keep,
+            "quiesce": schedule.quiesce}
+
+
+async def list_schedules(request: web.Request) -> web.Response:
+    schedules = request.app[SETTINGS].schedules.values()
+    return web.json_response({"schedules": [_schedule_record(s) for s in schedules]})
+
+
+async def run_schedule(request: web.Request) -> web.Response:
+    name = request.match_info["name"]
+    schedule = request.app[SETTINGS].schedules.get(name)
+    if schedule is None:
+        raise ScheduleNotFound(f"no schedule {name} in the configuration")
+    task = await request.app[SERVICE].run_schedule(schedule)
+    return web.json_response({"task": task.to_record()}, status=202)
+
+
 # --- Nova's os-assisted-volume-snapshots ------------------------------------------
 
 
@@ -159,6 +186,8 @@ def setup_routes(app: web.Application) -> None:
     app.router.add_delete("/v1/snapshots/{id}", delete_snapshot)
     app.router.add_get("/v1/tasks", list_tasks)
     app.router.add_get("/v1/tasks/{id}", get_task)
+    app.router.add_get("/v1/schedules", list_schedules)
+    app.router.add_post("/v1/schedules/{name}/run", run_schedule)
     app.router.add_post("/os-assisted-volume-snapshots", nova_create)
     app.router.add_delete("/os-assisted-volume-snapshots/{snapshot_id}", nova_delete)
     app.router.add_get("/metrics", prometheus)

@@ -32,7 +32,8 @@ SCHEMAS: Schema = {
          "consistency": nullable("string", enum=["filesystem", "crash", None]),
          "file": nullable("string"), "image": nullable("string"),
          "parent": nullable("string"), "group_id": nullable("string"),
-         "created_at": STRING, "size": {"type": "integer"}, "error": nullable("string")},
+         "created_at": STRING, "size": {"type": "integer"}, "error": nullable("string"),
+         "schedule": nullable("string")},
     ),
     "Task": obj(
         ["id", "kind", "state", "progress"],
@@ -43,6 +44,9 @@ SCHEMAS: Schema = {
          "error": obj(["code", "message"], {"code": STRING, "message": STRING})},
     ),
     "TaskAnswer": obj(["task"], {"task": ref("Task")}),
+    "Schedule": obj(["name", "domains", "keep", "quiesce"],
+                    {"name": STRING, "domains": NAMES, "keep": {"type": "integer", "minimum": 1},
+                     "quiesce": {"type": "string", "enum": ["required", "preferred", "off"]}}),
     "Volume": obj(["volume_id", "target", "active_file", "chain"],
                   {"volume_id": STRING, "target": STRING, "active_file": STRING,
                    "chain": NAMES}),
@@ -111,6 +115,12 @@ PATHS: Schema = {
         "One task; ?wait=S long-polls (at most 60 s) until it ends", 200, ref("Task"),
         [400, 404],
         params=[*_ID, query_param("wait", {"type": "number", "minimum": 0, "maximum": 60})])},
+    "/v1/schedules": {"get": operation(
+        "Configured schedules", 200,
+        obj(["schedules"], {"schedules": {"type": "array", "items": ref("Schedule")}}), [])},
+    "/v1/schedules/{name}/run": {"post": operation(
+        "Run a schedule now: one group snapshot of its domains, then retention", 202,
+        ref("TaskAnswer"), [400, 404, 409, 503], params=[path_param("name")])},
     "/os-assisted-volume-snapshots": {"post": operation(
         "Nova's assisted snapshot of an attached volume (answers at once; a task works)",
         200, ref("NovaSnapshot"), [400, 404, 409, 503], body=json_body(ref("NovaCreate")))},

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -48,16 +49,32 @@ def serve(args: argparse.Namespace) -> int:
             "metadata_url": args.metadata_url,
         },
     )
+    if args.check_config:
+        from ..api.server import check_schedules
+
+        asyncio.run(check_schedules(settings, strict=True))
+        where = args.config or str(config.DEFAULT_CONFIG)
+        print(f"gasnap: configuration OK ({where}; {len(settings.schedules)} schedule(s))")
+        return 0
     asyncio.run(run_server(settings))
     return 0
+
+
+def schedule_run(args: argparse.Namespace) -> int:
+    client = _client(args)
+    task = client.request("POST", f"/v1/schedules/{quote(args.name, safe='')}/run")["task"]
+    if not args.no_wait:
+        task = _wait(client, task)
+    return _finish_task(args, task)
 
 
 def metadata_serve(args: argparse.Namespace) -> int:
     from ..metaserver.app import ServiceSettings
     from ..metaserver.app import serve as run_service
 
-    settings = ServiceSettings(listen=args.listen, db_url=args.db,
-                               token=args.serve_token or "")
+    # The token may come from the environment so that it stays off argv.
+    token = args.serve_token or os.environ.get("GASNAP_METADATA_TOKEN", "")
+    settings = ServiceSettings(listen=args.listen, db_url=args.db, token=token)
     asyncio.run(run_service(settings))
     return 0
 

@@ -31,7 +31,11 @@ def _build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--state-dir")
     serve.add_argument("--libvirt-uri")
     serve.add_argument("--metadata-url")
+    serve.add_argument("--check-config", action="store_true",
+                       help="validate the configuration (and schedules' domains), then exit")
     serve.set_defaults(func=commands.serve)
+
+    _schedule_parsers(sub)
 
     domain = sub.add_parser("domain", help="domains and their volumes").add_subparsers(
         dest="action", required=True, metavar="ACTION")
@@ -44,25 +48,7 @@ def _build_parser() -> argparse.ArgumentParser:
 
     _metadata_parsers(sub)
 
-    lab = sub.add_parser("lab", help="disposable test guests").add_subparsers(
-        dest="action", required=True, metavar="ACTION")
-    up = lab.add_parser("up", help="create and boot a lab guest")
-    up.add_argument("name")
-    up.add_argument("--disks", type=int, default=1)
-    up.add_argument("--size", type=int, default=128, help="MiB per data disk")
-    _add_json(up)
-    up.set_defaults(func=commands.lab_up)
-    down = lab.add_parser("down", help="destroy a lab guest and its files")
-    down.add_argument("name")
-    _add_json(down)
-    down.set_defaults(func=commands.lab_down)
-    llist = lab.add_parser("list", help="lab guests")
-    _add_json(llist)
-    llist.set_defaults(func=commands.lab_list)
-    image = lab.add_parser("image", help="build the lab image (make setup does)")
-    image.add_argument("--rebuild", action="store_true")
-    _add_json(image)
-    image.set_defaults(func=commands.lab_image)
+    _lab_parsers(sub)
 
     doctor = sub.add_parser("doctor", help="check the host")
     doctor.add_argument("--libvirt-uri", default="qemu:///system")
@@ -121,8 +107,41 @@ def _metadata_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) 
                         help="unix:PATH or tcp:HOST:PORT (TCP needs --token)")
     mserve.add_argument("--db", default="sqlite:////var/lib/gasnap/metadata-service.db",
                         help="sqlite:///PATH or postgresql://USER@HOST:PORT/DB")
-    mserve.add_argument("--token", dest="serve_token", help="token callers must present")
+    mserve.add_argument("--token", dest="serve_token",
+                        help="token callers must present (or $GASNAP_METADATA_TOKEN)")
     mserve.set_defaults(func=commands.metadata_serve)
+
+
+def _lab_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    lab = sub.add_parser("lab", help="disposable test guests").add_subparsers(
+        dest="action", required=True, metavar="ACTION")
+    up = lab.add_parser("up", help="create and boot a lab guest")
+    up.add_argument("name")
+    up.add_argument("--disks", type=int, default=1)
+    up.add_argument("--size", type=int, default=128, help="MiB per data disk")
+    _add_json(up)
+    up.set_defaults(func=commands.lab_up)
+    down = lab.add_parser("down", help="destroy a lab guest and its files")
+    down.add_argument("name")
+    _add_json(down)
+    down.set_defaults(func=commands.lab_down)
+    llist = lab.add_parser("list", help="lab guests")
+    _add_json(llist)
+    llist.set_defaults(func=commands.lab_list)
+    image = lab.add_parser("image", help="build the lab image (make setup does)")
+    image.add_argument("--rebuild", action="store_true")
+    _add_json(image)
+    image.set_defaults(func=commands.lab_image)
+
+
+def _schedule_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    schedule = sub.add_parser("schedule", help="configured schedules").add_subparsers(
+        dest="action", required=True, metavar="ACTION")
+    srun = schedule.add_parser("run", help="run a schedule now (what its timer does)")
+    srun.add_argument("name")
+    srun.add_argument("--no-wait", action="store_true", help="print the task and return")
+    _add_json(srun)
+    srun.set_defaults(func=commands.schedule_run)
 
 
 def _task_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

@@ -50,7 +50,7 @@ def _one_action(doc: dict[str, Any], allowed: tuple[str, ...]) -> tuple[str, dic
 
 def _new_snapshot(volume_id: str, body: dict[str, Any]) -> NewSnapshot:
     only_keys(body, {"snapshot_id", "name", "description", "size", "created_at", "domain",
-                     "group_id", "target"}, "create-snapshot-metadata")
+                     "group_id", "target", "schedule"}, "create-snapshot-metadata")
     size = body.get("size")
     if not isinstance(size, int) or isinstance(size, bool) or not 0 <= size < 2**63:
         raise BadRequest("size must be a non-negative 64-bit integer", code="invalid_request")
@@ -59,6 +59,7 @@ def _new_snapshot(volume_id: str, body: dict[str, Any]) -> NewSnapshot:
         name=get_string(body, "name") or "", description=get_string(body, "description") or "",
         size=size, created_at=_required(body, "created_at"), domain=_required(body, "domain"),
         group_id=get_string(body, "group_id"), target=get_string(body, "target"),
+        schedule=get_string(body, "schedule"),
     )
 
 

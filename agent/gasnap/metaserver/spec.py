@@ -37,7 +37,7 @@ SCHEMAS: Schema = {
          "group_id": OPT, "target": OPT, "status": {"type": "string", "enum": STATUSES},
          "file": OPT, "backing_file": OPT,
          "consistency": nullable("string", enum=["filesystem", "crash", None]),
-         "error": OPT, "progress": OPT},
+         "error": OPT, "progress": OPT, "schedule": OPT},
     ),
     "SnapshotAnswer": obj(["snapshot"], {"snapshot": ref("Snapshot")}),
     "CreateAction": _action("create-snapshot-metadata", obj(
@@ -45,7 +45,7 @@ SCHEMAS: Schema = {
         {"snapshot_id": STRING, "name": STRING, "description": STRING,
          "size": {"type": "integer", "minimum": 0, "maximum": 2**63 - 1},
          "created_at": STRING, "domain": STRING,
-         "group_id": OPT, "target": OPT}, closed=True)),
+         "group_id": OPT, "target": OPT, "schedule": OPT}, closed=True)),
     "SnapshotAction": {"oneOf": [
         _action("finalize-snapshot-metadata", obj(
             ["status"],

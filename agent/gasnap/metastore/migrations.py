@@ -43,6 +43,11 @@ STEPS: list[tuple[int, dict[str, list[str]]]] = [
         "sqlite": ["CREATE INDEX snapshots_status ON snapshots (status)"],
         "postgresql": ["CREATE INDEX snapshots_status ON snapshots (status)"],
     }),
+    (3, {
+        # Snapshots taken by a schedule carry its name, for retention.
+        "sqlite": ["ALTER TABLE snapshots ADD COLUMN schedule TEXT"],
+        "postgresql": ["ALTER TABLE snapshots ADD COLUMN schedule TEXT"],
+    }),
 ]
 
 LATEST = STEPS[-1][0]

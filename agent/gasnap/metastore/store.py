@@ -26,9 +26,10 @@ from .migrations import migrate
 
 DELETION = frozenset({Status.DELETING, Status.ERROR_DELETING})
 _INSERT = ("INSERT INTO snapshots (id, volume_id, name, description, size, created_at, domain,"
-           " group_id, target, status) VALUES (?,?,?,?,?,?,?,?,?,?) ON CONFLICT (id) DO NOTHING")
+           " group_id, target, status, schedule) VALUES (?,?,?,?,?,?,?,?,?,?,?)"
+           " ON CONFLICT (id) DO NOTHING")
 _COLUMNS = ("id, volume_id, name, description, size, created_at, domain, group_id, target,"
-            " status, file, backing_file, consistency, error, progress")
+            " status, file, backing_file, consistency, error, progress, schedule")
 
 
 def _meta(row: Row) -> SnapshotMeta:
@@ -38,7 +39,7 @@ def _meta(row: Row) -> SnapshotMeta:
         domain=row["domain"], group_id=row["group_id"], target=row["target"],
         status=Status(row["status"]), file=row["file"], backing_file=row["backing_file"],
         consistency=Consistency(row["consistency"]) if row["consistency"] else None,
-        error=row["error"], progress=row["progress"],
+        error=row["error"], progress=row["progress"], schedule=row["schedule"],
     )
 
 
@@ -70,7 +71,8 @@ class SqlMetadata:
             tx.execute(
                 _INSERT,
                 (new.snapshot_id, new.volume_id, new.name, new.description, new.size,
-                 new.created_at, new.domain, new.group_id, new.target, Status.CREATING.value),
+                 new.created_at, new.domain, new.group_id, new.target, Status.CREATING.value,
+                 new.schedule),
             )
             existing = self._get(tx, new.snapshot_id)
             if existing.volume_id != new.volume_id:

@@ -92,6 +92,7 @@ class CreateRequest:
     description: str
     quiesce: Quiesce
     presets: dict[str, Preset] = field(default_factory=dict)  # by volume_id
+    schedule: str | None = None  # the schedule taking it (recorded for retention)
 
 
 @dataclass(frozen=True)
@@ -118,6 +119,7 @@ class CreatePlan:
     live: list[str]  # running or paused: switched by libvirt
     running: list[str]  # the live ones whose guests can be frozen
     stopped: list[str]  # switched offline in the persistent definition
+    schedule: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         doc = asdict(self)
@@ -131,6 +133,7 @@ class CreatePlan:
             quiesce=Quiesce(doc["quiesce"]), created_at=doc["created_at"],
             volumes=[VolumePlan(**v) for v in doc["volumes"]], live=list(doc["live"]),
             running=list(doc["running"]), stopped=list(doc["stopped"]),
+            schedule=doc.get("schedule"),
         )
 
     def of(self, domain: str) -> list[VolumePlan]:
@@ -241,7 +244,7 @@ async def plan(ctx: Context, req: CreateRequest) -> CreatePlan:
         group_id=str(uuid.uuid4()) if len(volumes) > 1 else None,
         name=req.name, description=req.description, quiesce=req.quiesce,
         created_at=datetime.now(UTC).isoformat(timespec="microseconds"),
-        volumes=volumes, live=live, running=running, stopped=stopped,
+        volumes=volumes, live=live, running=running, stopped=stopped, schedule=req.schedule,
     )
 
 
@@ -294,6 +297,7 @@ async def _record(ctx: Context, op: Operation, the_plan: CreatePlan) -> Operatio
             snapshot_id=v.snapshot_id, volume_id=v.volume_id, name=the_plan.name,
             description=the_plan.description, size=v.size, created_at=the_plan.created_at,
             domain=v.domain, group_id=the_plan.group_id, target=v.target,
+            schedule=the_plan.schedule,
         ))
     faults.hit("create:recording")
     return op
