@@ -13,8 +13,9 @@ DEB_PACKAGES=(
     e2fsprogs linux-image-amd64 procps
 )
 # make test only: a private PostgreSQL cluster (Debian's own is left alone),
-# systemd-analyze for the units, vagrant to validate the Vagrantfile.
-TEST_PACKAGES=(postgresql systemd vagrant vagrant-libvirt)
+# systemd-analyze for the units, vagrant to validate the Vagrantfile, and
+# curl and jq, which the examples in docs/ use (the tests run those examples).
+TEST_PACKAGES=(postgresql systemd vagrant vagrant-libvirt curl jq)
 MODE=${1:-}
 [ "$MODE" = "--test" ] && DEB_PACKAGES+=("${TEST_PACKAGES[@]}")
 LIBVIRT_SOCK=/var/run/libvirt/libvirt-sock

@@ -29,7 +29,9 @@ def _show(args: argparse.Namespace, doc: Any, human: Callable[[Any], None]) -> N
 def _client(args: argparse.Namespace) -> Any:
     from ..client import DEFAULT_API, ApiClient
 
-    return ApiClient(args.api or DEFAULT_API, args.token)
+    # $GASNAP_API and $GASNAP_TOKEN stand in for --api and --token.
+    return ApiClient(args.api or os.environ.get("GASNAP_API") or DEFAULT_API,
+                     args.token or os.environ.get("GASNAP_TOKEN"))
 
 
 # --- agent ------------------------------------------------------------------

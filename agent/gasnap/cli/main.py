@@ -19,8 +19,9 @@ def _add_json(parser: argparse.ArgumentParser) -> None:
 
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gasnap", description=__doc__)
-    parser.add_argument("--api", help="agent API: unix:PATH or http://HOST:PORT")
-    parser.add_argument("--token", help="API token (TCP only)")
+    parser.add_argument("--api", help="agent API: unix:PATH or http://HOST:PORT "
+                        "(default: $GASNAP_API, else unix:/run/gasnap/api.sock)")
+    parser.add_argument("--token", help="API token for TCP (default: $GASNAP_TOKEN)")
     parser.add_argument("-v", "--verbose", action="count", default=0)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
