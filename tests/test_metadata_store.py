@@ -181,3 +181,10 @@ async def test_replicas_sharing_postgresql(postgres: Cluster) -> None:
 async def test_unreachable_postgresql_is_unavailable() -> None:
     with pytest.raises(StoreUnavailable):
         await open_store("postgresql://gasnap@127.0.0.1:1/none")
+
+
+async def test_a_group_lists_in_the_order_it_was_made(store: MetadataService) -> None:
+    """Records of one group share created_at; listings keep the order they were made in."""
+    for sid in ("s9", "s1", "s5"):
+        await store.create_snapshot_metadata(new(sid, volume_id=f"v-{sid}"))
+    assert [m.id for m in await store.list_snapshots()] == ["s9", "s1", "s5"]

@@ -39,6 +39,8 @@ class Backend(Protocol):
     # locks the whole file for the transaction, PostgreSQL needs the row lock
     # so that replicas sharing the database cannot both pass a status check.
     lock_rows: str
+    # A column that grows with every insert: the tie-break of listings.
+    insertion_order: str
 
     async def run(self, fn: Callable[[Tx], T]) -> T: ...
 

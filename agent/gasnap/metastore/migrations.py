@@ -48,6 +48,12 @@ STEPS: list[tuple[int, dict[str, list[str]]]] = [
         "sqlite": ["ALTER TABLE snapshots ADD COLUMN schedule TEXT"],
         "postgresql": ["ALTER TABLE snapshots ADD COLUMN schedule TEXT"],
     }),
+    (4, {
+        # Insertion order, to list a group's records in the order they were
+        # made (they share created_at).  SQLite's rowid already is one.
+        "sqlite": [],
+        "postgresql": ["ALTER TABLE snapshots ADD COLUMN seq BIGSERIAL"],
+    }),
 ]
 
 LATEST = STEPS[-1][0]

@@ -43,6 +43,7 @@ class _PgTx:
 class PostgresBackend:
     dialect = "postgresql"
     lock_rows = " FOR UPDATE"
+    insertion_order = "seq"
 
     def __init__(self, url: str) -> None:
         self._url = url

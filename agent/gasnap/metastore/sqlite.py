@@ -31,6 +31,7 @@ class _SqliteTx:
 class SqliteBackend:
     dialect = "sqlite"
     lock_rows = ""  # BEGIN IMMEDIATE already holds the file's write lock
+    insertion_order = "rowid"
 
     def __init__(self, path: Path) -> None:
         try:

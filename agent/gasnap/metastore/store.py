@@ -179,6 +179,6 @@ class SqlMetadata:
         if status is not None:
             query += " AND status = ?"
             args.append(status.value)
-        # created_at carries microseconds; the id only breaks exact ties.
-        query += " ORDER BY created_at, id"
+        # A group's records share created_at: then the order they were made in.
+        query += f" ORDER BY created_at, {self._db.insertion_order}"
         return await self._db.run(lambda tx: [_meta(row) for row in tx.all(query, args)])
