@@ -29,6 +29,11 @@ lint:
 	$(VENV)/bin/ruff check agent tests
 	$(VENV)/bin/mypy
 
-# The benchmark harness (side by side with virsh and qemu-img) is issue 7.
+# P1-P6 side by side with virsh and qemu-img; writes docs/benchmarks.md and
+# docs/benchmarks.json.  `make bench QUICK=1`: fewer runs, prints only.
 bench: setup
-	@echo "make bench: no benchmarks yet (issue 7)" >&2; exit 2
+ifdef QUICK
+	$(VENV)/bin/python -m gasnap.bench --quick
+else
+	$(VENV)/bin/python -m gasnap.bench --docs docs
+endif

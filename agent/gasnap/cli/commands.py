@@ -7,7 +7,6 @@ need them so that talking to the agent stays cheap.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
 import sys
 from collections.abc import Callable
@@ -16,6 +15,14 @@ from typing import Any
 from urllib.parse import quote, urlencode
 
 from . import output
+
+
+def _run(coro: Any) -> Any:
+    """asyncio.run, imported only by the commands that need a loop: asyncio
+    alone costs more than a whole snapshot request otherwise would."""
+    import asyncio
+
+    return asyncio.run(coro)
 
 
 def _show(args: argparse.Namespace, doc: Any, human: Callable[[Any], None]) -> None:
@@ -54,11 +61,11 @@ def serve(args: argparse.Namespace) -> int:
     if args.check_config:
         from ..api.server import check_schedules
 
-        asyncio.run(check_schedules(settings, strict=True))
+        _run(check_schedules(settings, strict=True))
         where = args.config or str(config.DEFAULT_CONFIG)
         print(f"gasnap: configuration OK ({where}; {len(settings.schedules)} schedule(s))")
         return 0
-    asyncio.run(run_server(settings))
+    _run(run_server(settings))
     return 0
 
 
@@ -77,7 +84,7 @@ def metadata_serve(args: argparse.Namespace) -> int:
     # The token may come from the environment so that it stays off argv.
     token = args.serve_token or os.environ.get("GASNAP_METADATA_TOKEN", "")
     settings = ServiceSettings(listen=args.listen, db_url=args.db, token=token)
-    asyncio.run(run_service(settings))
+    _run(run_service(settings))
     return 0
 
 
@@ -206,7 +213,7 @@ def _lab_run(coro_factory: Any, uri: str = "qemu:///system") -> Any:
         finally:
             await hv.close()
 
-    return asyncio.run(run())
+    return _run(run())
 
 
 def lab_up(args: argparse.Namespace) -> int:
@@ -231,7 +238,7 @@ def lab_list(args: argparse.Namespace) -> int:
 def lab_image(args: argparse.Namespace) -> int:
     from ..lab.image import ensure_image
 
-    image = asyncio.run(ensure_image(rebuild=args.rebuild))
+    image = _run(ensure_image(rebuild=args.rebuild))
     doc = {"kernel": str(image.kernel), "initrd": str(image.initrd)}
     _show(args, doc, lambda d: print(f"kernel {d['kernel']}\ninitrd {d['initrd']}"))
     return 0
@@ -243,7 +250,7 @@ def lab_image(args: argparse.Namespace) -> int:
 def doctor(args: argparse.Namespace) -> int:
     from ..doctor import Status, run_checks
 
-    checks = asyncio.run(run_checks(args.libvirt_uri, Path(args.state_dir)))
+    checks = _run(run_checks(args.libvirt_uri, Path(args.state_dir)))
     _show(args, [c.to_record() for c in checks], output.checks)
     return 1 if any(c.status is Status.FAIL for c in checks) else 0
 
@@ -251,7 +258,7 @@ def doctor(args: argparse.Namespace) -> int:
 def demo(args: argparse.Namespace) -> int:
     from ..demo import run_demo
 
-    summary = asyncio.run(run_demo(print if not args.json else _quiet))
+    summary = _run(run_demo(print if not args.json else _quiet))
     if args.json:
         output.emit_json(summary)
     return 0

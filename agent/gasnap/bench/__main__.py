@@ -1,0 +1,89 @@
+"""``python -m gasnap.bench [--quick] [--docs DIR]``: run P1-P6, print the
+table, write DIR/benchmarks.md and DIR/benchmarks.json.
+
+Targets are goals: a missed one is reported, never an error.  The full run
+takes about a quarter of an hour on 2 cores; ``--quick`` (fewer runs, a
+smaller group) is for development.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from ..virt import LibvirtHypervisor
+from . import cases, report
+from .rig import URI, Agent, reap, scratch
+
+ANALYSIS = Path(__file__).with_name("analysis.md")
+
+
+def _versions() -> dict[str, str]:
+    def first_line(argv: list[str], having: str) -> str:
+        out = subprocess.run(argv, capture_output=True, text=True, check=False).stdout
+        lines = [line.strip() for line in out.splitlines() if having in line]
+        return lines[0] if lines else "?"
+
+    return {"host": f"{platform.node()}, {os.cpu_count()} cores",
+            "libvirt": first_line(["virsh", "-c", URI, "version", "--daemon"], "daemon"),
+            "qemu": first_line(["qemu-system-x86_64", "--version"], "version"),
+            "python": platform.python_version()}
+
+
+async def run(quick: bool) -> tuple[list[report.Result], dict[str, str]]:
+    runs, group, merges = (3, 3, 1) if quick else (10, 8, 10)
+    hv = LibvirtHypervisor(URI)
+    base = scratch()
+    agent = Agent(base / "agent")
+    agent.base.mkdir(parents=True)
+    results: list[report.Result] = []
+    started = time.monotonic()
+    try:
+        await reap(hv)
+        agent.start()
+        results += await cases.create_vs_virsh(hv, agent, runs)
+        results += await cases.size_independence(hv, agent, runs)
+        results += await cases.group(hv, agent, runs, group)
+        results += await cases.merge(hv, agent, merges, base)
+        agent.stop()
+        results += await cases.footprint(base, 30 if quick else 100)
+    finally:
+        agent.stop()
+        await reap(hv)
+        await hv.close()
+        shutil.rmtree(base, ignore_errors=True)
+    context = {**_versions(), "mode": "quick" if quick else "full",
+               "duration": f"{time.monotonic() - started:.0f} s"}
+    return results, context
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(prog="python -m gasnap.bench", description=__doc__)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--docs", type=Path, help="write benchmarks.md/.json here")
+    parser.add_argument("--render", type=Path, metavar="JSON",
+                        help="no run: render the page again from a benchmarks.json")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    if args.render is not None:
+        results, context = report.load(args.render)
+    else:
+        results, context = asyncio.run(run(args.quick))
+    print(report.table(results))
+    print(f"\n{context}")
+    if args.docs is not None:
+        report.write(results, context, ANALYSIS.read_text(), args.docs)
+        print(f"wrote {args.docs / 'benchmarks.md'} and benchmarks.json")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

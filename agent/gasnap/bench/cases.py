@@ -1,0 +1,229 @@
+"""P1-P6 of issue 7.  Every comparison interleaves A (gasnap) and B (its
+baseline) in the same run, alternating which goes first."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import sqlite3
+import subprocess
+import time
+import uuid
+from pathlib import Path
+
+from .. import qemuimg
+from ..client import ApiClient
+from ..lab.guests import Lab
+from ..lab.workload import sh
+from ..metastore import open_sqlite
+from ..virt import LibvirtHypervisor
+from .rig import URI, Agent, guests, log_length, timed, window_ms
+from .stats import Comparison, Figure
+
+GIB = 1 << 30
+
+
+def _order(i: int) -> tuple[str, str]:
+    return ("a", "b") if i % 2 == 0 else ("b", "a")
+
+
+# --- P1 and P2: one snapshot, gasnap vs virsh --quiesce --------------------------
+
+
+async def create_vs_virsh(hv: LibvirtHypervisor, agent: Agent, runs: int
+                          ) -> list[Comparison]:
+    p1 = Comparison("P1", "end-to-end create of a quiesced snapshot", "s",
+                    "gasnap snapshot create", "virsh snapshot-create-as --disk-only "
+                    "--quiesce --atomic --no-metadata", "<= 1.2x")
+    p2 = Comparison("P2", "freeze window inside the guest", "ms", "gasnap",
+                    "libvirt QUIESCE", "<= 0.95x")
+    async with guests(hv, ["gb-one"]) as (name,):
+        dom = await hv.get_domain(name)
+        vol = dom.volumes[0]
+        directory = Path(vol.active_file).parent
+        for i in range(runs):
+            for which in _order(i):
+                since = await log_length(hv, name)
+                if which == "a":
+                    p1.a.append(await timed(agent.cli("snapshot", "create", name,
+                                                      "--quiesce", "required")))
+                    p2.a.append(await window_ms(hv, name, since))
+                else:
+                    overlay = directory / f"volume-virsh-{i}.qcow2"
+                    p1.b.append(await timed([
+                        "virsh", "-q", "-c", "qemu:///system", "snapshot-create-as", name,
+                        "--name", f"bench-{i}", "--disk-only", "--quiesce", "--atomic",
+                        "--no-metadata", "--diskspec",
+                        f"{vol.target},snapshot=external,file={overlay}"]))
+                    p2.b.append(await window_ms(hv, name, since))
+    return [p1, p2]
+
+
+# --- P3: a group of guests vs one ---------------------------------------------------
+
+
+async def group(hv: LibvirtHypervisor, agent: Agent, runs: int, size: int
+                ) -> list[Comparison | Figure]:
+    p3 = Comparison("P3", f"group of {size} guests vs 1 guest, wall time", "s",
+                    f"{size} guests, one group", "1 guest", "<= 2x")
+    windows: list[float] = []
+    names = [f"gb-g{n}" for n in range(1, size + 1)]
+    async with guests(hv, names):
+        for i in range(runs):
+            for which in _order(i):
+                if which == "a":
+                    since = await asyncio.gather(*(log_length(hv, n) for n in names))
+                    p3.a.append(await timed(agent.cli("snapshot", "create", *names,
+                                                      "--quiesce", "required")))
+                    each = await asyncio.gather(*(window_ms(hv, n, s)
+                                                  for n, s in zip(names, since, strict=True)))
+                    windows.append(max(each))
+                else:
+                    p3.b.append(await timed(agent.cli("snapshot", "create", names[0],
+                                                      "--quiesce", "required")))
+    longest = Figure("P3", f"freeze window of the {size}-guest group (longest guest)", "ms",
+                     windows, 250.0)
+    return [p3, longest]
+
+
+# --- P4: merging 1 GiB written by the guest ------------------------------------------
+
+
+async def merge(hv: LibvirtHypervisor, agent: Agent, runs: int, scratch: Path
+                ) -> list[Comparison]:
+    p4 = Comparison("P4", "merge of 1 GiB written by the guest (throughput)", "s",
+                    "gasnap live delete (active commit + pivot)",
+                    "offline qemu-img commit of the same data", ">= 0.8x",
+                    higher_is_better=True)
+    dd = Comparison("P4", "the same merge vs dd of 1 GiB to the same filesystem", "s",
+                    "gasnap live delete", "dd 1 GiB, fsync", ">= 0.5x",
+                    higher_is_better=True, note="reference only: no target in the issue")
+    async with guests(hv, ["gb-merge"], size_mib=1536) as (name,):
+        for _ in range(runs):
+            snap = await _snapshot(agent, name)
+            await sh(hv, name, "dd if=/dev/zero of=/data/fill bs=1M count=1024 conv=fsync"
+                     " 2>/dev/null", timeout=900)
+            copy = await _offline_copy(snap["file"], scratch)
+            seconds = await timed(agent.cli("snapshot", "delete", snap["id"],
+                                            "--strategy", "commit"))
+            p4.a.append(seconds)
+            dd.a.append(seconds)
+            p4.b.append(await timed(["qemu-img", "commit", "-q", str(copy)]))
+            dd.b.append(await timed(["dd", "if=/dev/zero", f"of={scratch / 'dd.raw'}",
+                                     "bs=1M", "count=1024", "conv=fsync", "status=none"]))
+            shutil.rmtree(scratch / "copy", ignore_errors=True)
+            (scratch / "dd.raw").unlink(missing_ok=True)
+    return [p4, dd]
+
+
+async def _snapshot(agent: Agent, name: str) -> dict[str, str]:
+    out = await asyncio.to_thread(subprocess.run, agent.cli("snapshot", "create", name,
+                                                            "--json"),
+                                  capture_output=True, text=True, check=True)
+    snapshot: dict[str, str] = json.loads(out.stdout)["result"]["snapshots"][0]
+    return snapshot
+
+
+async def _offline_copy(overlay: str, scratch: Path) -> Path:
+    """The guest's overlay (its 1 GiB) on top of a fresh base, for qemu-img."""
+    directory = scratch / "copy"
+    directory.mkdir(parents=True, exist_ok=True)
+    info = await qemuimg.info(overlay)
+    base = directory / "base.qcow2"
+    await qemuimg.run("create", "-q", "-f", "qcow2", str(base), str(info.virtual_size))
+    copy = directory / "overlay.qcow2"
+    await asyncio.to_thread(shutil.copyfile, overlay, copy)
+    await qemuimg.run("rebase", "-q", "-u", "-F", "qcow2", "-b", base.name, str(copy))
+    return copy
+
+
+# --- P5: 1 GiB vs 1 TiB virtual disk ---------------------------------------------------
+
+
+async def size_independence(hv: LibvirtHypervisor, agent: Agent, runs: int
+                            ) -> list[Comparison]:
+    p5 = Comparison("P5", "create latency, 1 TiB vs 1 GiB virtual disk (sparse)", "s",
+                    "1 TiB disk", "1 GiB disk", "<= 1.1x")
+    async with guests(hv, ["gb-size"]) as (name,):
+        directory = Path((await hv.get_domain(name)).volumes[0].active_file).parent
+        virsh = ["virsh", "-q", "-c", URI]
+        # Cold-plugged: the lab's machine type has no PCI hotplug.  The guest
+        # leaves the blank disks unmounted, which the freeze does not mind.
+        await timed([*virsh, "destroy", name])
+        for target, size in (("vdx", "1G"), ("vdy", "1T")):
+            serial = str(uuid.uuid4())
+            path = directory / f"volume-{serial}"
+            await qemuimg.run("create", "-q", "-f", "qcow2", str(path), size)
+            await timed([*virsh, "attach-disk", name, str(path), target, "--driver", "qemu",
+                         "--subdriver", "qcow2", "--serial", serial, "--targetbus", "virtio",
+                         "--config"])
+        await timed([*virsh, "start", name])
+        await Lab(hv).wait_for_agent(name, 120)
+        for i in range(runs):
+            for which in _order(i):
+                target = "vdy" if which == "a" else "vdx"
+                seconds = await timed(agent.cli("snapshot", "create", name, "--disk", target,
+                                                "--quiesce", "required"))
+                (p5.a if which == "a" else p5.b).append(seconds)
+    return [p5]
+
+
+# --- P6: footprint -----------------------------------------------------------------------
+
+
+async def footprint(agent_base: Path, requests: int) -> list[Figure]:
+    idle_agent = Agent(agent_base / "idle").start()
+    try:
+        idle = idle_agent.rss_mib()
+    finally:
+        idle_agent.stop()
+    loaded = Agent(agent_base / "loaded")
+    loaded.state_dir.mkdir(parents=True)
+    await _seed(loaded.state_dir / "metadata.db", 10_000)
+    loaded.start()
+    try:
+        client_times: list[float] = []
+        for _ in range(requests):
+            client_times.append(await asyncio.to_thread(_get_ms, loaded.api))
+        rss = loaded.rss_mib()
+    finally:
+        loaded.stop()
+    return [
+        Figure("P6", "agent RSS, idle", "MiB", [idle], 60.0, use="max"),
+        Figure("P6", "agent RSS with 10,000 snapshot records (after the GETs)", "MiB",
+               [rss], 60.0, use="max"),
+        Figure("P6", "GET /v1/snapshots with 10,000 records", "ms", client_times, 20.0,
+               note=f"p50 {sorted(client_times)[len(client_times) // 2]:.1f} ms"),
+    ]
+
+
+def _get_ms(api: str) -> float:
+    client = ApiClient(api)
+    started = time.monotonic()
+    doc = client.get("/v1/snapshots")
+    elapsed = (time.monotonic() - started) * 1000
+    assert len(doc["snapshots"]) == 10_000
+    return elapsed
+
+
+async def _seed(path: Path, count: int) -> None:
+    """COUNT available records in the embedded store (one transaction: the
+    store's own calls fsync each, which would measure the disk, not gasnap)."""
+    await (await open_sqlite(path)).close()  # the schema, by the store's migrations
+    rows = []
+    for n in range(count):
+        sid, volume = str(uuid.UUID(int=n + 1)), f"bench/vd{n % 100}"
+        rows.append((sid, volume, f"seed-{n}", "", GIB,
+                     f"2026-01-01T00:{n // 6000:02d}:{n // 100 % 60:02d}.{n:06d}+00:00",
+                     "bench", "vda", "available", f"/bench/{volume}.{sid}",
+                     f"/bench/{volume}", "filesystem"))
+
+    def insert() -> None:
+        with sqlite3.connect(path) as conn:
+            conn.executemany(
+                "INSERT INTO snapshots (id, volume_id, name, description, size, created_at,"
+                " domain, target, status, file, backing_file, consistency)"
+                " VALUES (?,?,?,?,?,?,?,?,?,?,?,?)", rows)
+
+    await asyncio.to_thread(insert)

@@ -1,0 +1,123 @@
+"""The bench's parts: lab guests named ``gb-*``, a real agent process, timed
+commands, and freeze windows read from the guests' own fsfreeze-hook logs."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+from ..client import ApiClient
+from ..lab.guests import Lab
+from ..lab.workload import freeze_log
+from ..virt import LibvirtHypervisor
+
+URI = "qemu:///system"
+PREFIX = "gb-"
+GASNAP = [sys.executable, "-m", "gasnap.cli.main"]
+
+
+def run(argv: list[str], env: dict[str, str] | None = None) -> float:
+    """Run ARGV to completion; its wall time in seconds (monotonic)."""
+    started = time.monotonic()
+    proc = subprocess.run(argv, capture_output=True, text=True, check=False,
+                          env={**os.environ, **(env or {})})
+    elapsed = time.monotonic() - started
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(argv[:6])}... exited {proc.returncode}: "
+                           f"{proc.stderr.strip()[-500:]}")
+    return elapsed
+
+
+async def timed(argv: list[str]) -> float:
+    return await asyncio.to_thread(run, argv)
+
+
+class Agent:
+    """``gasnap serve`` as a process on a private socket and state dir."""
+
+    def __init__(self, base: Path) -> None:
+        self.base = base
+        self.api = f"unix:{base / 'api.sock'}"
+        self.state_dir = base / "state"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> Agent:
+        self.base.mkdir(parents=True, exist_ok=True)
+        log = (self.base / "agent.log").open("ab")
+        self.proc = subprocess.Popen(
+            [*GASNAP, "serve", "--listen", self.api, "--state-dir", str(self.state_dir),
+             "--libvirt-uri", URI], stdout=log, stderr=subprocess.STDOUT)
+        client = ApiClient(self.api)
+        deadline = time.monotonic() + 60
+        while True:
+            with contextlib.suppress(Exception):
+                if client.get("/v1/health")["recovery"] == "done":
+                    return self
+            if time.monotonic() > deadline or self.proc.poll() is not None:
+                raise RuntimeError(f"the agent did not start (see {self.base}/agent.log)")
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(30)
+
+    def rss_mib(self) -> float:
+        assert self.proc is not None
+        status = Path(f"/proc/{self.proc.pid}/status").read_text()
+        kib = next(int(line.split()[1]) for line in status.splitlines()
+                   if line.startswith("VmRSS:"))
+        return kib / 1024
+
+    def cli(self, *args: str) -> list[str]:
+        return [*GASNAP, "--api", self.api, *args]
+
+
+@contextlib.asynccontextmanager
+async def guests(hv: LibvirtHypervisor, names: list[str], *, disks: int = 1,
+                 size_mib: int = 32) -> AsyncIterator[list[str]]:
+    """Lab guests NAMES (booted together), removed afterwards."""
+    lab = Lab(hv)
+    try:
+        await asyncio.gather(*(lab.up(n, disks=disks, size_mib=size_mib) for n in names))
+        yield names
+    finally:
+        for name in names:
+            with contextlib.suppress(Exception):
+                await lab.down(name)
+
+
+async def reap(hv: LibvirtHypervisor) -> None:
+    """Bench guests left by an interrupted run."""
+    lab = Lab(hv)
+    for name in await lab.names():
+        if name.startswith(PREFIX):
+            await lab.down(name)
+
+
+async def log_length(hv: LibvirtHypervisor, domain: str) -> int:
+    return len(await freeze_log(hv, domain))
+
+
+async def window_ms(hv: LibvirtHypervisor, domain: str, since: int) -> float:
+    """The freeze window of the one quiesced snapshot taken after entry SINCE
+    of the guest's hook log: thaw minus freeze, guest-monotonic, in ms.  qemu-ga
+    runs the thaw hook even when nothing was frozen: only a freeze followed by
+    a thaw counts."""
+    entries = (await freeze_log(hv, domain))[since:]
+    for (event, ns), (nxt, ns2) in itertools.pairwise(entries):
+        if event == "freeze" and nxt == "thaw":
+            return (ns2 - ns) / 1e6
+    raise RuntimeError(f"{domain}: no freeze/thaw pair in its hook log after entry {since}")
+
+
+def scratch() -> Path:
+    return Path(tempfile.mkdtemp(prefix="gasnap-bench-", dir="/var/tmp"))
