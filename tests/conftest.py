@@ -9,6 +9,7 @@ boots.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import os
 import socket
@@ -187,15 +188,22 @@ class Agent:
         return self.log.read_text(errors="replace")
 
 
-@pytest.fixture(scope="session")
-def agent(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Agent]:
-    """``gasnap serve`` as a real process on a private unix socket and state dir."""
-    running = Agent(tmp_path_factory.mktemp("agent"))
+@contextlib.contextmanager
+def running_agent(base: Path, **options: Any) -> Iterator[Agent]:
+    """An ``Agent`` (OPTIONS: its env, config, tcp_token), recovered, stopped afterwards."""
+    running = Agent(base, **options)
     try:
         running.wait_ready()
         yield running
     finally:
         running.stop()
+
+
+@pytest.fixture(scope="session")
+def agent(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Agent]:
+    """``gasnap serve`` as a real process on a private unix socket and state dir."""
+    with running_agent(tmp_path_factory.mktemp("agent")) as running:
+        yield running
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

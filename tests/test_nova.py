@@ -19,7 +19,7 @@ from keystoneauth1.token_endpoint import Token
 from novaclient import client as nova_client
 from novaclient import exceptions as nova_exc
 
-from conftest import Agent, chain_of, volume_files
+from conftest import Agent, chain_of, running_agent, volume_files
 from gasnap.client import ApiError
 from gasnap.hypervisor import Domain, Volume
 from gasnap.virt import LibvirtHypervisor
@@ -29,12 +29,8 @@ TOKEN = "n0va-token"
 
 @pytest.fixture(scope="module")
 def tcp_agent(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Agent]:
-    running = Agent(tmp_path_factory.mktemp("nova-agent"), tcp_token=TOKEN)
-    try:
-        running.wait_ready()
+    with running_agent(tmp_path_factory.mktemp("nova-agent"), tcp_token=TOKEN) as running:
         yield running
-    finally:
-        running.stop()
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ from schemathesis.checks import (
     status_code_conformance,
 )
 
-from conftest import Agent
+from conftest import Agent, running_agent
 from gasnap.api import spec as agent_spec
 from gasnap.api.app import create_app as agent_app
 from gasnap.config import Settings
@@ -124,12 +124,9 @@ AGENT_TOKEN = "fuzz-t0ken"
 
 @pytest.fixture(scope="module")
 def tcp_agent(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Agent]:
-    running = Agent(tmp_path_factory.mktemp("fuzz-agent"), tcp_token=AGENT_TOKEN)
-    try:
-        running.wait_ready()
+    with running_agent(tmp_path_factory.mktemp("fuzz-agent"),
+                       tcp_token=AGENT_TOKEN) as running:
         yield running
-    finally:
-        running.stop()
 
 
 @pytest.fixture(scope="module")

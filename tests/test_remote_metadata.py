@@ -12,7 +12,15 @@ from typing import Any
 
 import pytest
 
-from conftest import Agent, chain_of, create_snapshots, delete_snapshot, volume_files, wait_task
+from conftest import (
+    Agent,
+    chain_of,
+    create_snapshots,
+    delete_snapshot,
+    running_agent,
+    volume_files,
+    wait_task,
+)
 from gasnap.hypervisor import Domain
 from gasnap.lab.workload import sh
 from gasnap.virt import LibvirtHypervisor
@@ -36,12 +44,8 @@ def remote_agent(service: MetadataServer, tmp_path_factory: pytest.TempPathFacto
                  ) -> Iterator[Agent]:
     config = (f'[metadata]\nurl = "{service.url}"\ntoken = "{TOKEN}"\n'
               f"deadline = {DEADLINE}\n")
-    running = Agent(tmp_path_factory.mktemp("remote-agent"), config=config)
-    try:
-        running.wait_ready()
+    with running_agent(tmp_path_factory.mktemp("remote-agent"), config=config) as running:
         yield running
-    finally:
-        running.stop()
 
 
 def service_records(service: MetadataServer, volume_id: str) -> list[dict[str, Any]]:

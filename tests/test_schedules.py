@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from conftest import Agent, chain_of, create_snapshots, gasnap
+from conftest import Agent, chain_of, create_snapshots, gasnap, running_agent
 from gasnap.hypervisor import Domain
 from gasnap.lab.workload import sh
 from gasnap.virt import LibvirtHypervisor
@@ -34,12 +34,8 @@ domains = ["{noagent.name}"]
 keep = 1
 quiesce = "required"
 """
-    running = Agent(tmp_path_factory.mktemp("sched-agent"), config=config)
-    try:
-        running.wait_ready()
+    with running_agent(tmp_path_factory.mktemp("sched-agent"), config=config) as running:
         yield running
-    finally:
-        running.stop()
 
 
 def run(agent: Agent, name: str, *extra: str, check: bool = True) -> Any:

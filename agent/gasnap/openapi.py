@@ -14,6 +14,8 @@ from aiohttp import web
 Schema = dict[str, Any]
 
 OPENAPI_VERSION = "3.0.3"
+STATUSES = ["creating", "available", "error", "deleting", "error_deleting"]
+STRING: Schema = {"type": "string"}
 REASONS = {
     200: "OK", 202: "Accepted: the work runs as a task", 204: "Done, no content",
     400: "Bad input", 401: "Missing or wrong token (TCP only)",

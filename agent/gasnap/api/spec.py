@@ -6,6 +6,8 @@ from aiohttp import web
 
 from .. import __version__
 from ..openapi import (
+    STATUSES,
+    STRING,
     Schema,
     add_route,
     document,
@@ -18,8 +20,6 @@ from ..openapi import (
     ref,
 )
 
-STATUSES = ["creating", "available", "error", "deleting", "error_deleting"]
-STRING = {"type": "string"}
 NAMES = {"type": "array", "items": STRING}
 
 SCHEMAS: Schema = {

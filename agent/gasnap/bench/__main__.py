@@ -48,7 +48,7 @@ async def run(quick: bool) -> tuple[list[report.Result], dict[str, str]]:
     started = time.monotonic()
     try:
         await reap(hv)
-        agent.start()
+        await asyncio.to_thread(agent.start)
         results += await cases.create_vs_virsh(hv, agent, runs)
         results += await cases.size_independence(hv, agent, runs)
         results += await cases.group(hv, agent, runs, group)

@@ -173,7 +173,7 @@ async def size_independence(hv: LibvirtHypervisor, agent: Agent, runs: int
 
 
 async def footprint(agent_base: Path, requests: int) -> list[Figure]:
-    idle_agent = Agent(agent_base / "idle").start()
+    idle_agent = await asyncio.to_thread(Agent(agent_base / "idle").start)
     try:
         idle = idle_agent.rss_mib()
     finally:
@@ -181,7 +181,7 @@ async def footprint(agent_base: Path, requests: int) -> list[Figure]:
     loaded = Agent(agent_base / "loaded")
     loaded.state_dir.mkdir(parents=True)
     await _seed(loaded.state_dir / "metadata.db", 10_000)
-    loaded.start()
+    await asyncio.to_thread(loaded.start)
     try:
         client_times: list[float] = []
         for _ in range(requests):
