@@ -27,6 +27,7 @@ from gasnap.client import ApiClient
 from gasnap.hypervisor import Domain
 from gasnap.lab.guests import Lab
 from gasnap.virt import LibvirtHypervisor
+from metaservice import free_port
 from pgcluster import Cluster, private_cluster
 
 URI = "qemu:///system"
@@ -116,11 +117,6 @@ def _wait_for_socket(path: Path, proc: subprocess.Popen[bytes], timeout: float =
     raise AssertionError("gasnap serve did not listen in time")
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
 
 def _wait_for_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 30) -> None:
     deadline = time.monotonic() + timeout
@@ -142,7 +138,7 @@ class Agent:
         """TCP_TOKEN: listen on a free TCP port with that token (else a unix socket)."""
         self.base = base
         self.sock = base / "api.sock"
-        self.port = _free_port() if tcp_token else 0
+        self.port = free_port() if tcp_token else 0
         listen = f"tcp:127.0.0.1:{self.port}" if tcp_token else f"unix:{self.sock}"
         self.api = f"http://127.0.0.1:{self.port}" if tcp_token else listen
         self.state_dir = base / "state"

@@ -7,7 +7,6 @@ import glob
 import itertools
 import pwd
 import shutil
-import socket
 import subprocess
 import tempfile
 from collections.abc import Iterator
@@ -17,6 +16,8 @@ from pathlib import Path
 
 import psycopg
 
+from metaservice import free_port
+
 
 def _bindir() -> Path:
     found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
@@ -24,11 +25,6 @@ def _bindir() -> Path:
         raise RuntimeError("PostgreSQL is not installed (make setup installs it)")
     return Path(found[-1]).parent
 
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 @dataclass
@@ -53,7 +49,7 @@ def private_cluster() -> Iterator[Cluster]:
     user = pwd.getpwnam("postgres")
     root = Path(tempfile.mkdtemp(prefix="gasnap-pg-"))
     shutil.chown(root, user.pw_uid, user.pw_gid)
-    data, port = root / "data", _free_port()
+    data, port = root / "data", free_port()
 
     def as_postgres(*argv: str) -> None:
         subprocess.run(argv, check=True, capture_output=True, user=user.pw_uid,

@@ -7,7 +7,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -18,6 +17,7 @@ import pytest
 from conftest import GASNAP, Agent, gasnap
 from gasnap.client import ApiClient, ApiError
 from gasnap.hypervisor import Domain
+from metaservice import free_port
 
 
 def test_health(agent: Agent) -> None:
@@ -90,21 +90,16 @@ def test_doctor_fails_when_libvirtd_is_unreachable(tmp_path: Path) -> None:
                for line in proc.stdout.splitlines())
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
 
 def test_tcp_listen_requires_a_token(tmp_path: Path) -> None:
-    proc = gasnap("serve", "--listen", f"tcp:127.0.0.1:{_free_port()}",
+    proc = gasnap("serve", "--listen", f"tcp:127.0.0.1:{free_port()}",
                   "--state-dir", str(tmp_path), check=False, timeout=30)
     assert proc.returncode == 2
     assert "token" in proc.stderr
 
 
 def test_tcp_with_token(tmp_path: Path) -> None:
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen(
         [*GASNAP, "serve", "--listen", f"tcp:127.0.0.1:{port}", "--token", "s3cret-t0ken",
          "--state-dir", str(tmp_path)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)

@@ -25,11 +25,12 @@ from tenacity import (
 )
 
 from . import metrics
-from .errors import BadRequest, Unavailable
+from .errors import BadRequest
 from .metadata import (
     Consistency,
     Finalization,
     MetadataError,
+    MetadataUnavailable,
     NewSnapshot,
     SnapshotMeta,
     SnapshotNotFound,
@@ -41,10 +42,6 @@ log = logging.getLogger(__name__)
 
 DEFAULT_DEADLINE = 120.0
 REQUEST_TIMEOUT = 10.0
-
-
-class MetadataUnavailable(MetadataError, Unavailable):
-    code = "metadata_unavailable"
 
 
 class MetadataRejected(MetadataError, BadRequest):

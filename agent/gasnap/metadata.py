@@ -13,7 +13,7 @@ import enum
 from dataclasses import asdict, dataclass
 from typing import Any, Protocol
 
-from .errors import Conflict, GasnapError, NotFound
+from .errors import Conflict, GasnapError, NotFound, Unavailable
 
 
 class MetadataError(GasnapError):
@@ -26,6 +26,13 @@ class SnapshotNotFound(MetadataError, NotFound):
 
 class WrongStatus(MetadataError, Conflict):
     code = "wrong_status"
+
+
+class MetadataUnavailable(MetadataError, Unavailable):
+    """The metadata service (or its database) cannot be reached; the call
+    changed nothing."""
+
+    code = "metadata_unavailable"
 
 
 class Status(enum.Enum):

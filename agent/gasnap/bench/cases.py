@@ -7,6 +7,7 @@ import asyncio
 import json
 import shutil
 import sqlite3
+import statistics
 import subprocess
 import time
 import uuid
@@ -194,7 +195,7 @@ async def footprint(agent_base: Path, requests: int) -> list[Figure]:
         Figure("P6", "agent RSS with 10,000 snapshot records (after the GETs)", "MiB",
                [rss], 60.0, use="max"),
         Figure("P6", "GET /v1/snapshots with 10,000 records", "ms", client_times, 20.0,
-               note=f"p50 {sorted(client_times)[len(client_times) // 2]:.1f} ms"),
+               note=f"p50 {statistics.median(client_times):.1f} ms"),
     ]
 
 

@@ -9,17 +9,14 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol, TypeVar
 
-from ..errors import Unavailable
-from ..metadata import MetadataError
+from ..metadata import MetadataUnavailable
 
 T = TypeVar("T")
 Row = dict[str, Any]
 
 
-class StoreUnavailable(MetadataError, Unavailable):
-    """The database cannot be reached; the call changed nothing."""
-
-    code = "metadata_unavailable"
+class StoreUnavailable(MetadataUnavailable):
+    """The database behind the store cannot be reached."""
 
 
 class Tx(Protocol):
