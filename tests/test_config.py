@@ -41,11 +41,19 @@ def test_file_then_flags(tmp_path: Path) -> None:
         ('[metadata]\ndeadline = 0\n', "metadata.deadline"),
         ('[metadata]\ndeadline = "soon"\n', "metadata.deadline"),
         ('[metadata]\nurl = "ftp://meta"\n', "metadata.url"),
+        ("[agent]\nspare_overlays = 1\n", "agent.spare_overlays"),
+        ("[agent]\nmerge_bandwidth = true\n", "agent.merge_bandwidth"),
     ],
 )
 def test_bad_config_names_the_problem(tmp_path: Path, text: str, fragment: str) -> None:
     with pytest.raises(ConfigError, match=fragment.replace(".", r"\.")):
         config.load(write(tmp_path, text), {})
+
+
+def test_spare_overlays_is_a_boolean(tmp_path: Path) -> None:
+    assert config.load(write(tmp_path, ""), {}).spare_overlays is True
+    off = config.load(write(tmp_path, "[agent]\nspare_overlays = false\n"), {})
+    assert off.spare_overlays is False
 
 
 def test_missing_explicit_file(tmp_path: Path) -> None:

@@ -75,7 +75,7 @@ class FakeHypervisor:
     def __init__(self, domain: Domain) -> None:
         self.domain = domain
 
-    async def get_domain(self, name: str) -> Domain:
+    async def get_domain(self, name: str, *, probe_agent: bool = True) -> Domain:
         return self.domain
 
     def __getattr__(self, name: str) -> Any:

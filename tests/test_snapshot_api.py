@@ -3,7 +3,9 @@ specific JSON error and changes nothing; records, rename, tasks."""
 
 from __future__ import annotations
 
+import http.client
 import json
+import socket
 from typing import Any
 
 import pytest
@@ -53,7 +55,10 @@ async def test_bad_create_requests_change_nothing(
 
 
 def test_malformed_json_is_a_400(agent: Agent) -> None:
-    conn = agent.client._connection()
+    # http.client, not gasnap's own client: an independent HTTP implementation.
+    conn = http.client.HTTPConnection("localhost")
+    conn.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    conn.sock.connect(agent.api.removeprefix("unix:"))
     conn.request("POST", "/v1/snapshots", body=b"{not json",
                  headers={"Content-Type": "application/json"})
     response = conn.getresponse()

@@ -37,6 +37,7 @@ class Settings:
     token: str = ""
     freeze_timeout: float = 10.0
     merge_bandwidth: int = 0  # MiB/s for live merges; 0: as fast as the disks go
+    spare_overlays: bool = True  # make the next snapshot's overlay ahead of time
     metadata_url: str = ""  # empty: the embedded store under state_dir
     metadata_token: str = ""
     metadata_deadline: float = 120.0  # seconds a metadata call may keep retrying
@@ -52,7 +53,7 @@ class Settings:
 
 _AGENT_KEYS: dict[str, type | tuple[type, ...]] = {
     "listen": str, "state_dir": str, "libvirt_uri": str, "token": str,
-    "freeze_timeout": (int, float), "merge_bandwidth": int,
+    "freeze_timeout": (int, float), "merge_bandwidth": int, "spare_overlays": bool,
 }
 _METADATA_KEYS: dict[str, type | tuple[type, ...]] = {
     "url": str, "token": str, "deadline": (int, float),
@@ -66,7 +67,7 @@ def _checked(section: str, table: Any, keys: dict[str, type | tuple[type, ...]])
         if key not in keys:
             raise ConfigError(f"unknown key {section}.{key}")
         expected = keys[key]
-        if not isinstance(value, expected) or isinstance(value, bool):
+        if not isinstance(value, expected) or (isinstance(value, bool) and expected is not bool):
             raise ConfigError(f"{section}.{key} has the wrong type ({type(value).__name__})")
     return dict(table)
 

@@ -99,7 +99,10 @@ class Hypervisor(Protocol):
 
     async def list_domains(self) -> list[Domain]: ...
 
-    async def get_domain(self, name: str) -> Domain: ...
+    async def get_domain(self, name: str, *, probe_agent: bool = True) -> Domain:
+        """NAME as it is now.  ``probe_agent=False``: the guest agent's state
+        comes from the domain's definition alone (no ping: ABSENT or
+        CONNECTED), for callers that only read disks."""
 
     async def agent_command(
         self, domain: str, command: str, arguments: dict[str, Any] | None, timeout: float

@@ -10,6 +10,7 @@ so ``task show`` still answers after a restart.
 from __future__ import annotations
 
 import json
+import logging
 import sqlite3
 import time
 import uuid
@@ -18,6 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from .sqlitedb import SqliteDB
+
+log = logging.getLogger(__name__)
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS operations (
@@ -64,6 +67,7 @@ class Journal:
             (op.id, kind, step, json.dumps(payload), now, now),
         ))
         self._active.add(op.id)
+        log.debug("%s %s: %s", kind, op.id, step)
         return op
 
     async def step(self, op: Operation, step: str, **updates: Any) -> Operation:
@@ -73,11 +77,13 @@ class Journal:
             "UPDATE operations SET step=?, payload=?, updated=? WHERE id=?",
             (step, json.dumps(payload), time.time(), op.id),
         ))
+        log.debug("%s %s: %s", op.kind, op.id, step)
         return Operation(op.id, op.kind, step, payload)
 
     async def finish(self, op: Operation) -> None:
         await self._db.run(lambda c: c.execute("DELETE FROM operations WHERE id=?", (op.id,)))
         self._active.discard(op.id)
+        log.debug("%s %s: done", op.kind, op.id)
 
     def release(self, op: Operation) -> None:
         """The workflow gives OP up unfinished: recovery will settle it."""

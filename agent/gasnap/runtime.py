@@ -20,6 +20,7 @@ from .metaclient import RemoteMetadata
 from .metadata import MetadataService
 from .metastore import open_sqlite
 from .service import SnapshotService
+from .spares import Spares
 from .tasks import TaskManager
 from .virt import LibvirtHypervisor
 from .workflows import Context
@@ -44,8 +45,9 @@ async def open_runtime(settings: Settings) -> AsyncIterator[Runtime]:
     journal = Journal(settings.state_dir / "journal.db")
     metadata = await _open_metadata(settings)
     guard = FreezeGuard(settings.libvirt_uri)
+    spares = Spares(enabled=settings.spare_overlays)
     ctx = Context(hv, hv.agent, metadata, journal, guard, settings.freeze_timeout,
-                  settings.merge_bandwidth)
+                  settings.merge_bandwidth, spares)
     tasks = TaskManager(journal)
     await tasks.load()
     service = SnapshotService(ctx, tasks)
@@ -56,6 +58,7 @@ async def open_runtime(settings: Settings) -> AsyncIterator[Runtime]:
         recovery.cancel()
         await asyncio.gather(recovery, return_exceptions=True)
         await tasks.close()
+        await spares.close()
         await guard.close()
         await hv.close()
         await metadata.close()

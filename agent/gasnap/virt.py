@@ -310,11 +310,11 @@ class LibvirtHypervisor:
         except DomainNotFound:
             return None  # undefined between listing and reading
 
-    async def get_domain(self, name: str) -> Domain:
+    async def get_domain(self, name: str, *, probe_agent: bool = True) -> Domain:
         uuid, state, xml = await self.call(_read_domain, name, what=f"domain {name}")
         specs = domxml.disks(xml)
         volumes = await asyncio.gather(*(self._volume(name, spec) for spec in specs))
-        agent = await self._agent_state(name, state, xml)
+        agent = await self._agent_state(name, state, xml, probe_agent)
         return Domain(name, uuid, state, agent, tuple(volumes))
 
     async def domain_xml(self, name: str, *, inactive: bool = False) -> str:
@@ -332,14 +332,16 @@ class LibvirtHypervisor:
 
     # guest agent
 
-    async def _agent_state(self, name: str, state: DomainState, xml: str) -> AgentState:
+    async def _agent_state(self, name: str, state: DomainState, xml: str,
+                           probe: bool) -> AgentState:
         channel = domxml.agent_channel(xml)
-        if not channel.present or state not in (DomainState.RUNNING, DomainState.PAUSED):
-            return AgentState.ABSENT
-        if not channel.connected:
+        live = state in (DomainState.RUNNING, DomainState.PAUSED)
+        if not (channel.present and channel.connected and live):
             return AgentState.ABSENT
         if state is DomainState.PAUSED:
             return AgentState.UNRESPONSIVE  # the vCPUs that would answer are stopped
+        if not probe:
+            return AgentState.CONNECTED  # as far as the channel tells
         try:
             await self.agent.ping(name)
         except AgentAbsent:

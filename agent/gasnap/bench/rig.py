@@ -21,7 +21,9 @@ from ..virt import LibvirtHypervisor
 
 URI = "qemu:///system"
 PREFIX = "gb-"
-GASNAP = [sys.executable, "-m", "gasnap.cli.main"]
+# The installed entry point, as operators run it (``python -m`` would add runpy).
+_SCRIPT = Path(sys.executable).with_name("gasnap")
+GASNAP = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "gasnap.cli.main"]
 
 
 def run(argv: list[str], env: dict[str, str] | None = None) -> float:

@@ -10,19 +10,37 @@ import argparse
 import os
 import sys
 from collections.abc import Callable
-from pathlib import Path
-from typing import Any
-from urllib.parse import quote, urlencode
 
 from . import output
 
+# typing costs 5 ms to import and annotations are never evaluated
+# (``from __future__ import annotations``): mypy and ruff still see it.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
 
-def _run(coro: Any) -> Any:
-    """asyncio.run, imported only by the commands that need a loop: asyncio
-    alone costs more than a whole snapshot request otherwise would."""
+
+def _run(args: argparse.Namespace, coro: Any, *, daemon: bool = False) -> Any:
+    """Run CORO in this process, with logging set up.  asyncio and logging are
+    imported only by the commands that work in-process: they cost more than a
+    whole snapshot request's client side otherwise would."""
     import asyncio
+    import logging
 
+    level = logging.WARNING - 10 * min(args.verbose, 2)
+    if daemon:
+        level = min(level, logging.INFO)
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.verbose < 3:
+        # libvirtaio logs every handle and timer update at DEBUG.
+        logging.getLogger("virEventAsyncIOImpl").setLevel(max(level, logging.INFO))
     return asyncio.run(coro)
+
+
+def _quote(text: str) -> str:
+    from urllib.parse import quote
+
+    return quote(text, safe="")
 
 
 def _show(args: argparse.Namespace, doc: Any, human: Callable[[Any], None]) -> None:
@@ -45,6 +63,8 @@ def _client(args: argparse.Namespace) -> Any:
 
 
 def serve(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
     from .. import config
     from ..api.server import serve as run_server
 
@@ -61,17 +81,17 @@ def serve(args: argparse.Namespace) -> int:
     if args.check_config:
         from ..api.server import check_schedules
 
-        _run(check_schedules(settings, strict=True))
+        _run(args, check_schedules(settings, strict=True))
         where = args.config or str(config.DEFAULT_CONFIG)
         print(f"gasnap: configuration OK ({where}; {len(settings.schedules)} schedule(s))")
         return 0
-    _run(run_server(settings))
+    _run(args, run_server(settings), daemon=True)
     return 0
 
 
 def schedule_run(args: argparse.Namespace) -> int:
     client = _client(args)
-    task = client.request("POST", f"/v1/schedules/{quote(args.name, safe='')}/run")["task"]
+    task = client.request("POST", f"/v1/schedules/{_quote(args.name)}/run")["task"]
     if not args.no_wait:
         task = _wait(client, task)
     return _finish_task(args, task)
@@ -84,7 +104,7 @@ def metadata_serve(args: argparse.Namespace) -> int:
     # The token may come from the environment so that it stays off argv.
     token = args.serve_token or os.environ.get("GASNAP_METADATA_TOKEN", "")
     settings = ServiceSettings(listen=args.listen, db_url=args.db, token=token)
-    _run(run_service(settings))
+    _run(args, run_service(settings), daemon=True)
     return 0
 
 
@@ -140,7 +160,7 @@ def snapshot_create(args: argparse.Namespace) -> int:
 def snapshot_delete(args: argparse.Namespace) -> int:
     client = _client(args)
     task = client.request(
-        "DELETE", f"/v1/snapshots/{quote(args.id)}?strategy={args.strategy}")["task"]
+        "DELETE", f"/v1/snapshots/{_quote(args.id)}?strategy={args.strategy}")["task"]
     if not args.no_wait:
         task = _wait_with_bar(client, task) if sys.stderr.isatty() else _wait(client, task)
     return _finish_task(args, task)
@@ -164,6 +184,8 @@ def snapshot_list(args: argparse.Namespace) -> int:
     query = {"domain": args.domain, "volume_id": args.volume, "status": args.status}
     path = "/v1/snapshots"
     if any(v is not None for v in query.values()):
+        from urllib.parse import urlencode
+
         path += "?" + urlencode({k: v for k, v in query.items() if v is not None})
     records = _client(args).get(path)["snapshots"]
     _show(args, records, output.snapshots)
@@ -171,13 +193,13 @@ def snapshot_list(args: argparse.Namespace) -> int:
 
 
 def snapshot_info(args: argparse.Namespace) -> int:
-    record = _client(args).get(f"/v1/snapshots/{quote(args.id)}")
+    record = _client(args).get(f"/v1/snapshots/{_quote(args.id)}")
     _show(args, record, output.snapshot)
     return 0
 
 
 def snapshot_rename(args: argparse.Namespace) -> int:
-    record = _client(args).request("PATCH", f"/v1/snapshots/{quote(args.id)}",
+    record = _client(args).request("PATCH", f"/v1/snapshots/{_quote(args.id)}",
                                    {"name": args.name})
     _show(args, record, output.snapshot)
     return 0
@@ -189,20 +211,21 @@ def task_list(args: argparse.Namespace) -> int:
 
 
 def task_show(args: argparse.Namespace) -> int:
-    task = _client(args).get(f"/v1/tasks/{quote(args.id)}")
+    task = _client(args).get(f"/v1/tasks/{_quote(args.id)}")
     _show(args, task, output.task)
     return 0
 
 
 def task_wait(args: argparse.Namespace) -> int:
     client = _client(args)
-    return _finish_task(args, _wait(client, client.get(f"/v1/tasks/{quote(args.id)}")))
+    return _finish_task(args, _wait(client, client.get(f"/v1/tasks/{_quote(args.id)}")))
 
 
 # --- lab --------------------------------------------------------------------
 
 
-def _lab_run(coro_factory: Any, uri: str = "qemu:///system") -> Any:
+def _lab_run(args: argparse.Namespace, coro_factory: Any,
+             uri: str = "qemu:///system") -> Any:
     from ..lab.guests import Lab
     from ..virt import LibvirtHypervisor
 
@@ -213,24 +236,24 @@ def _lab_run(coro_factory: Any, uri: str = "qemu:///system") -> Any:
         finally:
             await hv.close()
 
-    return _run(run())
+    return _run(args, run())
 
 
 def lab_up(args: argparse.Namespace) -> int:
-    dom = _lab_run(lambda lab: lab.up(args.name, disks=args.disks, size_mib=args.size))
+    dom = _lab_run(args, lambda lab: lab.up(args.name, disks=args.disks, size_mib=args.size))
     _show(args, dom.to_record(), lambda record: output.domains([record]))
     return 0
 
 
 def lab_down(args: argparse.Namespace) -> int:
-    _lab_run(lambda lab: lab.down(args.name))
+    _lab_run(args, lambda lab: lab.down(args.name))
     if args.json:
         output.emit_json({"name": args.name, "removed": True})
     return 0
 
 
 def lab_list(args: argparse.Namespace) -> int:
-    records = [d.to_record() for d in _lab_run(lambda lab: lab.list())]
+    records = [d.to_record() for d in _lab_run(args, lambda lab: lab.list())]
     _show(args, records, output.domains)
     return 0
 
@@ -238,7 +261,7 @@ def lab_list(args: argparse.Namespace) -> int:
 def lab_image(args: argparse.Namespace) -> int:
     from ..lab.image import ensure_image
 
-    image = _run(ensure_image(rebuild=args.rebuild))
+    image = _run(args, ensure_image(rebuild=args.rebuild))
     doc = {"kernel": str(image.kernel), "initrd": str(image.initrd)}
     _show(args, doc, lambda d: print(f"kernel {d['kernel']}\ninitrd {d['initrd']}"))
     return 0
@@ -248,9 +271,11 @@ def lab_image(args: argparse.Namespace) -> int:
 
 
 def doctor(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
     from ..doctor import Status, run_checks
 
-    checks = _run(run_checks(args.libvirt_uri, Path(args.state_dir)))
+    checks = _run(args, run_checks(args.libvirt_uri, Path(args.state_dir)))
     _show(args, [c.to_record() for c in checks], output.checks)
     return 1 if any(c.status is Status.FAIL for c in checks) else 0
 
@@ -258,7 +283,7 @@ def doctor(args: argparse.Namespace) -> int:
 def demo(args: argparse.Namespace) -> int:
     from ..demo import run_demo
 
-    summary = _run(run_demo(print if not args.json else _quiet))
+    summary = _run(args, run_demo(print if not args.json else _quiet))
     if args.json:
         output.emit_json(summary)
     return 0

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ..freezeguard import FreezeGuard
 from ..guestagent import GuestAgent
 from ..hypervisor import Hypervisor
 from ..journal import Journal
 from ..metadata import MetadataService
+from ..spares import Spares
 
 
 @dataclass(frozen=True)
@@ -22,3 +23,4 @@ class Context:
     guard: FreezeGuard
     freeze_timeout: float
     merge_bandwidth: int = 0  # MiB/s, 0: unlimited
+    spares: Spares = field(default_factory=lambda: Spares(enabled=False))

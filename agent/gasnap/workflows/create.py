@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import itertools
 import logging
 import os
 import re
@@ -42,6 +43,7 @@ from ..metadata import (
     SnapshotNotFound,
     Status,
 )
+from ..spares import adopt_owner, spare_path
 from . import Context
 from .records import until_recorded
 
@@ -145,14 +147,29 @@ class CreatePlan:
 _SNAPSHOT_SUFFIX = re.compile(r"(\.[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12})+$")
 
 
+def volume_base(active_file: str) -> str:
+    """The volume's base name: the active file's name without snapshot suffixes."""
+    name = Path(active_file).name
+    return _SNAPSHOT_SUFFIX.sub("", name) or name
+
+
 def overlay_path(active_file: str, snapshot_id: str) -> str:
     """Cinder's naming: ``volume-<vol-uuid>.<snap-uuid>`` next to the active
     file.  The base name drops earlier snapshot suffixes, so names do not grow
     with every snapshot (NAME_MAX is 255)."""
-    active = Path(active_file)
-    base = _SNAPSHOT_SUFFIX.sub("", active.name) or active.name
-    return str(active.with_name(f"{base}.{snapshot_id}"))
+    return str(Path(active_file).with_name(f"{volume_base(active_file)}.{snapshot_id}"))
 
+
+def _spare_of(image: str) -> str:
+    return spare_path(image, volume_base(image))
+
+
+async def _virtual_size(path: str, fmt: str) -> int:
+    """Read from the qcow2 header (or a raw file's length), not ``qemu-img
+    info``: a process per volume is most of what planning would cost."""
+    if fmt == "qcow2":
+        return (await asyncio.to_thread(qemuimg.read_qcow2_header, path)).virtual_size
+    return (await asyncio.to_thread(os.stat, path)).st_size
 
 
 def check_name(name: str) -> None:
@@ -215,7 +232,11 @@ async def plan(ctx: Context, req: CreateRequest) -> CreatePlan:
     live: list[str] = []
     running: list[str] = []
     stopped: list[str] = []
-    for dom in await asyncio.gather(*(ctx.hv.get_domain(n) for n in req.domains)):
+    # Only quiesce=required needs the guest agent's answer before anything is
+    # touched; otherwise the freeze itself finds out (one ping less).
+    probe = req.quiesce is Quiesce.REQUIRED
+    for dom in await asyncio.gather(*(ctx.hv.get_domain(n, probe_agent=probe)
+                                      for n in req.domains)):
         if dom.state is DomainState.RUNNING:
             live.append(dom.name)
             running.append(dom.name)
@@ -232,13 +253,17 @@ async def plan(ctx: Context, req: CreateRequest) -> CreatePlan:
             raise BadRequest(f"{dom.name} has no disk to snapshot", code="invalid_request")
         for vol in chosen:
             _check_volume(dom.name, vol)
-            info = await qemuimg.info(vol.active_file)
+            try:
+                size = await _virtual_size(vol.active_file, vol.format)
+            except (OSError, qemuimg.QemuImgError) as err:
+                raise UnsupportedDisk(f"{dom.name}/{vol.target}: cannot read "
+                                      f"{vol.active_file}: {err}") from err
             preset = req.presets.get(vol.volume_id)
             snapshot_id = preset.snapshot_id if preset else str(uuid.uuid4())
             overlay = preset.overlay if preset else overlay_path(vol.active_file, snapshot_id)
             volumes.append(VolumePlan(
                 snapshot_id, dom.name, vol.volume_id, vol.target, vol.active_file, vol.format,
-                overlay, info.virtual_size, reuse=preset.reuse if preset else False,
+                overlay, size, reuse=preset.reuse if preset else False,
             ))
     return CreatePlan(
         group_id=str(uuid.uuid4()) if len(volumes) > 1 else None,
@@ -287,6 +312,7 @@ async def execute(ctx: Context, the_plan: CreatePlan) -> Outcome:
         ctx.journal.release(op)
         return Outcome([], failure or err)
     await ctx.journal.finish(op)
+    _prepare_spares(ctx, the_plan, metas)
     return Outcome(metas, failure)
 
 
@@ -305,15 +331,33 @@ async def _record(ctx: Context, op: Operation, the_plan: CreatePlan) -> Operatio
 
 async def _make_overlays(ctx: Context, op: Operation, the_plan: CreatePlan) -> Operation:
     op = await ctx.journal.step(op, "overlays")
-    for v in the_plan.volumes:
-        if v.reuse:
-            continue
-        await qemuimg.create_overlay(v.overlay, Path(v.image).name, v.format, v.size)
-        st = await asyncio.to_thread(os.stat, v.image)
-        await asyncio.to_thread(os.chown, v.overlay, st.st_uid, st.st_gid)
-        await asyncio.to_thread(os.chmod, v.overlay, st.st_mode & 0o7777)
+    # All at once, and every one finished before an error is raised: settle
+    # must not remove an overlay that is still being written.
+    results = await asyncio.gather(*(_make_overlay(ctx, v) for v in the_plan.volumes
+                                     if not v.reuse), return_exceptions=True)
+    for result in results:
+        if isinstance(result, BaseException):
+            raise result
     faults.hit("create:overlays")
     return op
+
+
+async def _make_overlay(ctx: Context, v: VolumePlan) -> None:
+    if await ctx.spares.take(_spare_of(v.image), v.image, v.format, v.size, v.overlay):
+        return
+    await qemuimg.create_overlay(v.overlay, Path(v.image).name, v.format, v.size)
+    await adopt_owner(v.overlay, v.image)
+
+
+def _prepare_spares(ctx: Context, the_plan: CreatePlan, metas: list[SnapshotMeta]) -> None:
+    """Spares for the next snapshot of the live volumes whose overlay, named
+    by gasnap, just became active (a caller-named overlay, Nova's, belongs to a
+    directory gasnap does not manage)."""
+    available = {m.id for m in metas if m.status is Status.AVAILABLE}
+    for v in the_plan.volumes:
+        if (v.domain in the_plan.live and v.snapshot_id in available
+                and v.overlay == overlay_path(v.image, v.snapshot_id)):
+            ctx.spares.prepare(_spare_of(v.overlay), v.overlay, "qcow2", v.size)
 
 
 async def _freeze_window(
@@ -322,6 +366,7 @@ async def _freeze_window(
     """Freeze, switch every live domain, thaw.  Returns the consistency per domain."""
     consistency = {d: Consistency.CRASH.value for d in [*the_plan.live, *the_plan.stopped]}
     to_freeze = [] if the_plan.quiesce is Quiesce.OFF else list(the_plan.running)
+    marks = [time.monotonic()]
     if to_freeze:
         try:
             await ctx.guard.arm(to_freeze, ctx.freeze_timeout)
@@ -332,16 +377,23 @@ async def _freeze_window(
             to_freeze = []
     op = await ctx.journal.step(op, "freezing", frozen=to_freeze)
     started = time.monotonic()
+    marks.append(started)
     try:
         frozen = await _freeze(ctx, to_freeze, the_plan.quiesce)
+        marks.append(time.monotonic())
         for name in frozen:
             consistency[name] = Consistency.FILESYSTEM.value
         op = await ctx.journal.step(op, "switching", consistency=consistency)
         faults.hit("create:switching")
         await _switch_live(ctx, the_plan)
+        marks.append(time.monotonic())
         faults.hit("create:switched")
     finally:
         await _thaw(ctx, to_freeze)
+    marks.append(time.monotonic())
+    if len(marks) == 5:
+        log.debug("window of %s: arm %.1f ms, freeze %.1f ms, switch %.1f ms, thaw %.1f ms",
+                  ",".join(the_plan.live), *((b - a) * 1e3 for a, b in itertools.pairwise(marks)))
     if time.monotonic() - started >= ctx.freeze_timeout:
         # The guard may have thawed before the switch: no longer a frozen image.
         log.warning("freeze window exceeded %.1fs; recording crash consistency",
@@ -434,7 +486,8 @@ async def settle(
     metas = []
     for name in dict.fromkeys(v.domain for v in the_plan.volumes):
         try:
-            dom: Domain | None = await ctx.hv.get_domain(name)
+            # Only the disks matter here: no ping of the guest agent.
+            dom: Domain | None = await ctx.hv.get_domain(name, probe_agent=False)
         except NotFound:
             dom = None
         for v in the_plan.of(name):
