@@ -11,8 +11,6 @@ import pytest
 
 from gasnap import domxml
 from gasnap.hypervisor import AgentState, Domain, DomainState, Layer, Volume
-from gasnap.metadata import SnapshotMeta, Status
-from gasnap.service import _parents
 from gasnap.workflows import Context
 from gasnap.workflows.create import (
     CreateRequest,
@@ -55,20 +53,6 @@ def test_offline_switch_rewrites_only_the_chosen_disks() -> None:
     assert out[1].chain == (Layer("/v/b", "qcow2"),)
     with pytest.raises(domxml.DomainXMLError):
         domxml.with_disk_sources(xml, {"vdz": "/x"})
-
-
-def meta(snapshot_id: str, volume: str, when: str, status: Status) -> SnapshotMeta:
-    return SnapshotMeta(snapshot_id, volume, "n", "", 1, when, "d", None, "vda", status)
-
-
-def test_parent_is_the_previous_good_snapshot_of_the_volume() -> None:
-    metas = [
-        meta("a", "v1", "1", Status.AVAILABLE),
-        meta("b", "v2", "2", Status.AVAILABLE),
-        meta("c", "v1", "3", Status.ERROR),
-        meta("d", "v1", "4", Status.AVAILABLE),
-    ]
-    assert _parents(metas) == {"a": None, "b": None, "c": "a", "d": "a"}
 
 
 class FakeHypervisor:

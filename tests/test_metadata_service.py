@@ -7,11 +7,13 @@ import asyncio
 import stat
 from pathlib import Path
 
+import pytest
 import requests
+from aiohttp import web
 
 from conftest import gasnap
 from gasnap.metaclient import RemoteMetadata
-from gasnap.metadata import Consistency, Finalization, NewSnapshot, Status
+from gasnap.metadata import Consistency, Finalization, InvalidMarker, NewSnapshot, Status
 from metaservice import GASNAP, TOKEN, MetadataServer, free_port
 from pgcluster import Cluster
 
@@ -77,3 +79,40 @@ async def test_unix_socket_service(tmp_path: Path) -> None:
         await client.close()
         proc.terminate()
         await proc.wait()
+
+
+async def test_a_service_that_keeps_to_the_contract_alone() -> None:
+    """Another implementation of the metadata protocol: its listing has no
+    parents and ignores domain, limit and marker.  The agent works them out."""
+    records = [{"id": sid, "volume_id": vol, "name": "", "description": "", "size": 1,
+                "created_at": f"2026-01-01T00:00:0{i}Z", "domain": dom, "group_id": None,
+                "target": "vda", "status": status, "file": None, "backing_file": None,
+                "consistency": None, "error": None, "progress": None}
+               for i, (sid, vol, dom, status) in enumerate([
+                   ("a", "v1", "d1", "available"), ("b", "v2", "d2", "available"),
+                   ("c", "v1", "d1", "error"), ("d", "v1", "d1", "available")])]
+
+    async def listing(request: web.Request) -> web.Response:
+        volume = request.query.get("volume_id")
+        return web.json_response({"snapshots": [
+            r for r in records if volume is None or r["volume_id"] == volume]})
+
+    app = web.Application()
+    app.router.add_get("/v1/snapshots", listing)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    client = RemoteMetadata(f"http://127.0.0.1:{port}", "", deadline=5)
+    try:
+        metas = await client.list_snapshots()
+        assert {m.id: m.parent for m in metas} == {"a": None, "b": None, "c": "a", "d": "a"}
+        assert [m.id for m in await client.list_snapshots(domain="d1", limit=2)] == ["a", "c"]
+        page = await client.list_snapshots(domain="d1", limit=2, marker="c")
+        assert [(m.id, m.parent) for m in page] == [("d", "a")]
+        assert [m.id for m in await client.list_snapshots(status=Status.ERROR)] == ["c"]
+        with pytest.raises(InvalidMarker):
+            await client.list_snapshots(marker="zz")
+    finally:
+        await client.close()
+        await runner.cleanup()

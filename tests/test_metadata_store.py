@@ -14,6 +14,7 @@ from gasnap.metaclient import RemoteMetadata
 from gasnap.metadata import (
     Consistency,
     Finalization,
+    InvalidMarker,
     MetadataService,
     NewSnapshot,
     SnapshotNotFound,
@@ -188,3 +189,37 @@ async def test_a_group_lists_in_the_order_it_was_made(store: MetadataService) ->
     for sid in ("s9", "s1", "s5"):
         await store.create_snapshot_metadata(new(sid, volume_id=f"v-{sid}"))
     assert [m.id for m in await store.list_snapshots()] == ["s9", "s1", "s5"]
+
+
+async def test_parents_and_pages(store: MetadataService) -> None:
+    """A record's parent is its volume's latest earlier snapshot that did not
+    fail; pages of LIMIT after MARKER walk the same order as the full list."""
+    plan = [("a", "v1", Status.AVAILABLE), ("b", "v2", Status.AVAILABLE),
+            ("c", "v1", Status.ERROR), ("d", "v1", Status.AVAILABLE),
+            ("e", "v2", Status.AVAILABLE)]
+    for i, (sid, vol, status) in enumerate(plan):
+        await store.create_snapshot_metadata(new(sid, vol, f"2026-01-01T00:00:0{i}Z"))
+        await store.finalize_snapshot_metadata(sid, Finalization(
+            status, f"/v/f.{sid}" if status is Status.AVAILABLE else None, "/v/f",
+            Consistency.FILESYSTEM, error=None if status is Status.AVAILABLE else "failed"))
+    everything = await store.list_snapshots()
+    assert {m.id: m.parent for m in everything} == {
+        "a": None, "b": None, "c": "a", "d": "a", "e": "b"}
+    assert (await store.get_snapshot("d")).parent == "a"
+    assert [m.parent for m in await store.list_snapshots(volume_id="v1")] == [None, "a", "a"]
+
+    pages, marker = [], None
+    while True:
+        page = await store.list_snapshots(limit=2, marker=marker)
+        pages.append([m.id for m in page])
+        if len(page) < 2:
+            break
+        marker = page[-1].id
+    assert pages == [["a", "b"], ["c", "d"], ["e"]]
+    assert [m.id for m in await store.list_snapshots(volume_id="v1", limit=5, marker="a")] == [
+        "c", "d"]
+    assert [m.id for m in await store.list_snapshots(domain="dom", status=Status.ERROR)] == [
+        "c"]
+    assert await store.list_snapshots(domain="elsewhere") == []
+    with pytest.raises(InvalidMarker):
+        await store.list_snapshots(limit=2, marker="no-such-snapshot")

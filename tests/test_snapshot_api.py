@@ -149,3 +149,26 @@ async def test_cli_snapshots_and_tasks(agent: Agent, guest: Domain) -> None:
     failed = gasnap(*api, "snapshot", "create", "gt-no-such-domain", check=False)
     assert failed.returncode == 1
     assert failed.stderr.count("\n") == 1 and "gt-no-such-domain" in failed.stderr
+
+
+async def test_listing_in_pages(agent: Agent, guest: Domain) -> None:
+    for _ in range(3):
+        assert create_snapshots(agent, {"domains": [guest.name], "disks": {
+            guest.name: ["vda"]}, "quiesce": "off"})["state"] == "succeeded"
+    everything = agent.client.get(f"/v1/snapshots?domain={guest.name}")
+    assert "next_marker" not in everything
+    walked, marker = [], ""
+    while True:
+        page = agent.client.get(f"/v1/snapshots?domain={guest.name}&limit=2{marker}")
+        assert len(page["snapshots"]) <= 2
+        walked += page["snapshots"]
+        if "next_marker" not in page:
+            break
+        assert page["next_marker"] == page["snapshots"][-1]["id"]
+        marker = f"&marker={page['next_marker']}"
+    assert walked == everything["snapshots"]  # same records, order and parents
+    for query, code in (("limit=0", "invalid_limit"), ("limit=1001", "invalid_limit"),
+                        ("limit=two", "invalid_limit"), ("marker=nope", "invalid_marker")):
+        with pytest.raises(ApiError) as info:
+            agent.client.get(f"/v1/snapshots?{query}")
+        assert (info.value.details["status"], info.value.code) == (400, code)

@@ -146,6 +146,33 @@ def only_keys(doc: dict[str, Any], allowed: set[str], where: str = "the body") -
 # --- running ------------------------------------------------------------------
 
 
+MAX_LIMIT = 1000  # Cinder's osapi_max_limit: the largest page a caller may ask for
+
+
+def page_query(request: web.Request) -> tuple[int | None, str | None]:
+    """``?limit=N&marker=ID`` of a listing: no limit means every record."""
+    raw = request.query.get("limit")
+    limit = None
+    if raw is not None:
+        if not raw.isdigit() or not 1 <= int(raw) <= MAX_LIMIT:
+            raise BadRequest(f"limit must be an integer from 1 to {MAX_LIMIT}",
+                             code="invalid_limit")
+        limit = int(raw)
+    marker = request.query.get("marker")
+    if marker is not None:
+        _check_text(marker, "marker")
+    return limit, marker
+
+
+def page_answer(key: str, items: list[Any], limit: int | None,
+                last_id: Callable[[Any], str]) -> dict[str, Any]:
+    """ITEMS were read with LIMIT + 1: the extra one only tells that there is
+    a next page, whose marker is the last id of this one."""
+    if limit is None or len(items) <= limit:
+        return {key: items}
+    return {key: items[:limit], "next_marker": last_id(items[limit - 1])}
+
+
 def _prepare_socket(path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     if not path.exists():

@@ -9,6 +9,7 @@ safe.  4xx answers are the service's word and are never retried.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from typing import Any
@@ -29,6 +30,7 @@ from .errors import BadRequest
 from .metadata import (
     Consistency,
     Finalization,
+    InvalidMarker,
     MetadataError,
     MetadataUnavailable,
     NewSnapshot,
@@ -63,7 +65,20 @@ def meta_from_dict(doc: dict[str, Any]) -> SnapshotMeta:
         backing_file=doc.get("backing_file"),
         consistency=Consistency(doc["consistency"]) if doc.get("consistency") else None,
         error=doc.get("error"), progress=doc.get("progress"), schedule=doc.get("schedule"),
+        parent=doc.get("parent"),
     )
+
+
+def contract_parents(metas: list[SnapshotMeta]) -> dict[str, str | None]:
+    """Each snapshot's previous snapshot of the same volume that did not fail,
+    from a listing in the contract's order (oldest first)."""
+    parents: dict[str, str | None] = {}
+    last: dict[str, str] = {}
+    for meta in metas:
+        parents[meta.id] = last.get(meta.volume_id)
+        if meta.status is not Status.ERROR:
+            last[meta.volume_id] = meta.id
+    return parents
 
 
 class RemoteMetadata:
@@ -110,6 +125,8 @@ class RemoteMetadata:
                 raise SnapshotNotFound(message, code=code)
             if status == 409:
                 raise WrongStatus(message, code=code)
+            if code == InvalidMarker.code:
+                raise InvalidMarker(message)
             raise MetadataRejected(f"metadata service: {message}", status=status)
         return doc
 
@@ -191,10 +208,36 @@ class RemoteMetadata:
         return meta_from_dict(doc["snapshot"])
 
     async def list_snapshots(
-        self, volume_id: str | None = None, status: Status | None = None
+        self, volume_id: str | None = None, status: Status | None = None, *,
+        domain: str | None = None, limit: int | None = None, marker: str | None = None,
+    ) -> list[SnapshotMeta]:
+        given = {"volume_id": volume_id, "status": status.value if status else None,
+                 "domain": domain, "limit": None if limit is None else str(limit),
+                 "marker": marker}
+        query = {k: v for k, v in given.items() if v is not None}
+        doc = await self._call("GET", "/v1/snapshots", query=query)
+        docs = doc["snapshots"]
+        if all("parent" in d for d in docs):
+            return [meta_from_dict(d) for d in docs]
+        # A service that keeps to the contract alone: no parents, and domain,
+        # limit and marker may have been ignored.  Work them out here, from
+        # the contract's own listing.
+        return await self._contract_listing(volume_id, status, domain, limit, marker)
+
+    async def _contract_listing(
+        self, volume_id: str | None, status: Status | None, domain: str | None,
+        limit: int | None, marker: str | None,
     ) -> list[SnapshotMeta]:
         query = {"volume_id": volume_id} if volume_id is not None else {}
-        if status is not None:
-            query["status"] = status.value
-        doc = await self._call("GET", "/v1/snapshots", query=query)
-        return [meta_from_dict(d) for d in doc["snapshots"]]
+        everything = [meta_from_dict(d) for d in
+                      (await self._call("GET", "/v1/snapshots", query=query))["snapshots"]]
+        parents = contract_parents(everything)
+        metas = [dataclasses.replace(m, parent=parents[m.id]) for m in everything
+                 if (status is None or m.status is status)
+                 and (domain is None or m.domain == domain)]
+        if marker is not None:
+            ids = [m.id for m in metas]
+            if marker not in ids:
+                raise InvalidMarker(f"marker {marker} is not a snapshot id")
+            metas = metas[ids.index(marker) + 1:]
+        return metas if limit is None else metas[:limit]

@@ -13,7 +13,7 @@ import enum
 from dataclasses import asdict, dataclass
 from typing import Any, Protocol
 
-from .errors import Conflict, GasnapError, NotFound, Unavailable
+from .errors import BadRequest, Conflict, GasnapError, NotFound, Unavailable
 
 
 class MetadataError(GasnapError):
@@ -22,6 +22,10 @@ class MetadataError(GasnapError):
 
 class SnapshotNotFound(MetadataError, NotFound):
     code = "snapshot_not_found"
+
+
+class InvalidMarker(MetadataError, BadRequest):
+    code = "invalid_marker"
 
 
 class WrongStatus(MetadataError, Conflict):
@@ -88,6 +92,9 @@ class SnapshotMeta:
     error: str | None = None
     progress: str | None = None
     schedule: str | None = None  # the schedule that took it, if one did
+    # Derived by the store when read: the volume's previous snapshot that did
+    # not fail (the layer below this one's image, unless made by hand).
+    parent: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         doc = asdict(self)
@@ -148,7 +155,10 @@ class MetadataService(Protocol):
     async def get_snapshot(self, snapshot_id: str) -> SnapshotMeta: ...
 
     async def list_snapshots(
-        self, volume_id: str | None = None, status: Status | None = None
-    ) -> list[SnapshotMeta]: ...
+        self, volume_id: str | None = None, status: Status | None = None, *,
+        domain: str | None = None, limit: int | None = None, marker: str | None = None,
+    ) -> list[SnapshotMeta]:
+        """Oldest first (a group in the order it was made); with LIMIT, at most
+        that many; with MARKER (a snapshot id), only those after it."""
 
     async def close(self) -> None: ...

@@ -11,6 +11,8 @@ from typing import Any
 
 from aiohttp import web
 
+from .httpkit import MAX_LIMIT
+
 Schema = dict[str, Any]
 
 OPENAPI_VERSION = "3.0.3"
@@ -117,3 +119,14 @@ def add_route(app: web.Application, spec: Schema) -> None:
         return web.json_response(spec)
 
     app.router.add_get("/openapi.json", serve_spec)
+
+
+def page_params() -> list[Schema]:
+    """``limit`` and ``marker`` of a paged listing (httpkit.page_query)."""
+    return [query_param("limit", {"type": "integer", "minimum": 1, "maximum": MAX_LIMIT}),
+            query_param("marker")]
+
+
+def page_of(key: str, item: Schema) -> Schema:
+    """A listing's answer: ``next_marker`` only when LIMIT left records out."""
+    return obj([key], {key: {"type": "array", "items": item}, "next_marker": STRING})

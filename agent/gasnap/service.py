@@ -29,7 +29,7 @@ class ScheduleRunning(Conflict):
     code = "schedule_running"
 
 
-def snapshot_record(meta: SnapshotMeta, parent: str | None) -> dict[str, Any]:
+def snapshot_record(meta: SnapshotMeta) -> dict[str, Any]:
     return {
         "id": meta.id,
         "name": meta.name,
@@ -41,24 +41,13 @@ def snapshot_record(meta: SnapshotMeta, parent: str | None) -> dict[str, Any]:
         "consistency": meta.consistency.value if meta.consistency else None,
         "file": meta.file,
         "image": meta.backing_file,
-        "parent": parent,
+        "parent": meta.parent,
         "group_id": meta.group_id,
         "created_at": meta.created_at,
         "size": meta.size,
         "error": meta.error,
         "schedule": meta.schedule,
     }
-
-
-def _parents(metas: list[SnapshotMeta]) -> dict[str, str | None]:
-    """Each snapshot's previous (non-failed) snapshot of the same volume."""
-    parents: dict[str, str | None] = {}
-    last: dict[str, str] = {}
-    for meta in sorted(metas, key=lambda m: m.created_at):
-        parents[meta.id] = last.get(meta.volume_id)
-        if meta.status is not Status.ERROR:
-            last[meta.volume_id] = meta.id
-    return parents
 
 
 class SnapshotService:
@@ -73,22 +62,19 @@ class SnapshotService:
     # reading
 
     async def records(self, *, domain: str | None = None, volume_id: str | None = None,
-                      status: str | None = None) -> list[dict[str, Any]]:
+                      status: str | None = None, limit: int | None = None,
+                      marker: str | None = None) -> list[dict[str, Any]]:
+        """The records, oldest first; LIMIT and MARKER page through them."""
         try:
             wanted = Status(status) if status is not None else None
         except ValueError as err:
             raise BadRequest(f"unknown status {status!r}", code="invalid_status") from err
-        metas = await self.ctx.metadata.list_snapshots(volume_id=volume_id)
-        parents = _parents(metas)
-        return [
-            snapshot_record(m, parents[m.id]) for m in metas
-            if (domain is None or m.domain == domain) and (wanted is None or m.status is wanted)
-        ]
+        metas = await self.ctx.metadata.list_snapshots(
+            volume_id=volume_id, status=wanted, domain=domain, limit=limit, marker=marker)
+        return [snapshot_record(m) for m in metas]
 
     async def record(self, snapshot_id: str) -> dict[str, Any]:
-        meta = await self.ctx.metadata.get_snapshot(snapshot_id)
-        volume = await self.ctx.metadata.list_snapshots(volume_id=meta.volume_id)
-        return snapshot_record(meta, _parents(volume).get(meta.id))
+        return snapshot_record(await self.ctx.metadata.get_snapshot(snapshot_id))
 
     async def _records_of(self, metas: list[SnapshotMeta]) -> list[dict[str, Any]]:
         return [await self.record(m.id) for m in metas]

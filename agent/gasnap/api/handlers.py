@@ -11,7 +11,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from .. import __version__, metrics, nova
 from ..config import Schedule
 from ..errors import BadRequest, NotFound
-from ..httpkit import get_string, json_body
+from ..httpkit import get_string, json_body, page_answer, page_query
 from ..workflows.create import CreateRequest, Quiesce
 from ..workflows.delete import Strategy
 from .keys import HYPERVISOR, SERVICE, SETTINGS
@@ -78,11 +78,13 @@ async def create_snapshots(request: web.Request) -> web.Response:
 
 async def list_snapshots(request: web.Request) -> web.Response:
     query = request.query
+    limit, marker = page_query(request)
     records = await request.app[SERVICE].records(
         domain=query.get("domain"), volume_id=query.get("volume_id"),
-        status=query.get("status"),
+        status=query.get("status"), limit=None if limit is None else limit + 1, marker=marker,
     )
-    return web.json_response({"snapshots": records})
+    return web.json_response(page_answer("snapshots", records, limit,
+                                         lambda record: str(record["id"])))
 
 
 async def get_snapshot(request: web.Request) -> web.Response:

@@ -15,6 +15,8 @@ from ..openapi import (
     nullable,
     obj,
     operation,
+    page_of,
+    page_params,
     path_param,
     query_param,
     ref,
@@ -93,10 +95,12 @@ PATHS: Schema = {
                           202, ref("TaskAnswer"), [400, 404, 409, 503],
                           body=json_body(ref("CreateRequest"))),
         "get": operation(
-            "Snapshot records", 200,
-            obj(["snapshots"], {"snapshots": {"type": "array", "items": ref("Snapshot")}}),
+            "Snapshot records, oldest first: all of them, or pages of limit after marker "
+            "(next_marker is there while more remain)", 200,
+            page_of("snapshots", ref("Snapshot")),
             [400, 503], params=[query_param("domain"), query_param("volume_id"),
-                                query_param("status", {"type": "string", "enum": STATUSES})]),
+                                query_param("status", {"type": "string", "enum": STATUSES}),
+                                *page_params()]),
     },
     "/v1/snapshots/{id}": {
         "get": operation("One snapshot record", 200, ref("Snapshot"), [404, 503],

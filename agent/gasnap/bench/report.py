@@ -19,10 +19,13 @@ def _row(result: Result) -> list[str]:
                 f"{statistics.median(result.b):.3f} / {p99(result.b):.3f} {result.unit}",
                 f"{result.ratio:.2f}x", result.target, "yes" if result.met() else "NO",
                 str(len(result.a))]
+    if result.bound is None:
+        target, met = "-", "reference"
+    else:
+        target, met = f"<= {result.bound:g} {result.unit}", "yes" if result.met() else "NO"
     return [result.case, result.what,
             f"{statistics.median(result.samples):.1f} / {result.value:.1f} {result.unit}", "-",
-            "-", f"<= {result.bound:g} {result.unit}", "yes" if result.met() else "NO",
-            str(len(result.samples))]
+            "-", target, met, str(len(result.samples))]
 
 
 HEAD = ["case", "what", "gasnap median / p99", "baseline median / p99", "ratio", "target",

@@ -9,7 +9,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from .. import __version__, metrics
 from ..errors import BadRequest
-from ..httpkit import get_object, get_string, json_body, only_keys
+from ..httpkit import get_object, get_string, json_body, only_keys, page_answer, page_query
 from ..metadata import Consistency, Finalization, NewSnapshot, SnapshotMeta, Status
 from .keys import STORE
 
@@ -133,13 +133,18 @@ async def snapshot_action(request: web.Request) -> web.Response:
 
 
 async def list_snapshots(request: web.Request) -> web.Response:
-    only_keys(dict(request.query), {"volume_id", "status"}, "the query")
+    only_keys(dict(request.query), {"volume_id", "status", "domain", "limit", "marker"},
+              "the query")
     status = request.query.get("status")
+    limit, marker = page_query(request)
     metas = await request.app[STORE].list_snapshots(
         volume_id=request.query.get("volume_id"),
         status=_enum(Status, status, "status") if status is not None else None,
+        domain=request.query.get("domain"),
+        limit=None if limit is None else limit + 1, marker=marker,
     )
-    return web.json_response({"snapshots": [m.to_dict() for m in metas]})
+    return web.json_response(page_answer("snapshots", [m.to_dict() for m in metas], limit,
+                                         lambda doc: str(doc["id"])))
 
 
 async def get_snapshot(request: web.Request) -> web.Response:

@@ -15,6 +15,8 @@ from ..openapi import (
     nullable,
     obj,
     operation,
+    page_of,
+    page_params,
     path_param,
     query_param,
     ref,
@@ -37,7 +39,7 @@ SCHEMAS: Schema = {
          "group_id": OPT, "target": OPT, "status": {"type": "string", "enum": STATUSES},
          "file": OPT, "backing_file": OPT,
          "consistency": nullable("string", enum=["filesystem", "crash", None]),
-         "error": OPT, "progress": OPT, "schedule": OPT},
+         "error": OPT, "progress": OPT, "schedule": OPT, "parent": OPT},
     ),
     "SnapshotAnswer": obj(["snapshot"], {"snapshot": ref("Snapshot")}),
     "CreateAction": _action("create-snapshot-metadata", obj(
@@ -80,10 +82,11 @@ PATHS: Schema = {
             body=json_body(ref("SnapshotAction"))),
     }},
     "/v1/snapshots": {"get": operation(
-        "Snapshot records, oldest first", 200,
-        obj(["snapshots"], {"snapshots": {"type": "array", "items": ref("Snapshot")}}),
-        [400, 503], params=[query_param("volume_id"),
-                            query_param("status", {"type": "string", "enum": STATUSES})])},
+        "Snapshot records, oldest first; parent: the volume's latest earlier snapshot "
+        "that did not fail", 200, page_of("snapshots", ref("Snapshot")),
+        [400, 503], params=[query_param("volume_id"), query_param("domain"),
+                            query_param("status", {"type": "string", "enum": STATUSES}),
+                            *page_params()])},
     "/v1/snapshots/{id}": {"get": operation(
         "One snapshot record", 200, ref("SnapshotAnswer"), [404, 503],
         params=[path_param("id")])},

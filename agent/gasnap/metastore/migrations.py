@@ -54,6 +54,16 @@ STEPS: list[tuple[int, dict[str, list[str]]]] = [
         "sqlite": [],
         "postgresql": ["ALTER TABLE snapshots ADD COLUMN seq BIGSERIAL"],
     }),
+    (5, {
+        # Pages of a listing (limit/marker) walk this order, and each
+        # record's parent is found by the volume's: index lookups, not sorts
+        # of the whole table per page.
+        "sqlite": ["CREATE INDEX snapshots_order ON snapshots (created_at)",
+                   "CREATE INDEX snapshots_lineage ON snapshots (volume_id, created_at, status)"],
+        "postgresql": [
+            "CREATE INDEX snapshots_order ON snapshots (created_at, seq)",
+            "CREATE INDEX snapshots_lineage ON snapshots (volume_id, created_at, seq)"],
+    }),
 ]
 
 LATEST = STEPS[-1][0]

@@ -13,6 +13,7 @@ from ..metadata import (
     DELETABLE,
     Consistency,
     Finalization,
+    InvalidMarker,
     MetadataError,
     NewSnapshot,
     SnapshotMeta,
@@ -40,6 +41,7 @@ def _meta(row: Row) -> SnapshotMeta:
         status=Status(row["status"]), file=row["file"], backing_file=row["backing_file"],
         consistency=Consistency(row["consistency"]) if row["consistency"] else None,
         error=row["error"], progress=row["progress"], schedule=row["schedule"],
+        parent=row["parent"],
     )
 
 
@@ -56,8 +58,20 @@ class SqlMetadata:
     async def close(self) -> None:
         await self._db.close()
 
+    def _select(self) -> str:
+        """The records with their parents: the volume's latest earlier
+        snapshot that did not fail (an index lookup each, on snapshots_volume)."""
+        order = self._db.insertion_order
+        return (
+            f"SELECT {_COLUMNS}, (SELECT p.id FROM snapshots p"  # noqa: S608
+            " WHERE p.volume_id = s.volume_id AND p.status <> 'error'"
+            f" AND (p.created_at, p.{order}) < (s.created_at, s.{order})"
+            f" ORDER BY p.created_at DESC, p.{order} DESC LIMIT 1) AS parent"
+            " FROM snapshots s"
+        )
+
     def _get(self, tx: Tx, snapshot_id: str, *, lock: bool = False) -> SnapshotMeta:
-        sql = f"SELECT {_COLUMNS} FROM snapshots WHERE id = ?"  # noqa: S608
+        sql = f"{self._select()} WHERE s.id = ?"
         row = tx.one(sql + (self._db.lock_rows if lock else ""), (snapshot_id,))
         if row is None:
             raise SnapshotNotFound(f"no snapshot {snapshot_id}", snapshot_id=snapshot_id)
@@ -169,16 +183,34 @@ class SqlMetadata:
         return await self._db.run(lambda tx: self._get(tx, snapshot_id))
 
     async def list_snapshots(
-        self, volume_id: str | None = None, status: Status | None = None
+        self, volume_id: str | None = None, status: Status | None = None, *,
+        domain: str | None = None, limit: int | None = None, marker: str | None = None,
     ) -> list[SnapshotMeta]:
-        query = f"SELECT {_COLUMNS} FROM snapshots WHERE 1=1"  # noqa: S608
+        order = self._db.insertion_order
+        query = f"{self._select()} WHERE 1=1"
         args: list[Any] = []
-        if volume_id is not None:
-            query += " AND volume_id = ?"
-            args.append(volume_id)
-        if status is not None:
-            query += " AND status = ?"
-            args.append(status.value)
+        for column, value in (("volume_id", volume_id), ("domain", domain),
+                              ("status", status.value if status else None)):
+            if value is not None:
+                query += f" AND s.{column} = ?"
+                args.append(value)
+        if marker is not None:
+            query += f" AND (s.created_at, s.{order}) > (?, ?)"
         # A group's records share created_at: then the order they were made in.
-        query += f" ORDER BY created_at, {self._db.insertion_order}"
-        return await self._db.run(lambda tx: [_meta(row) for row in tx.all(query, args)])
+        query += f" ORDER BY s.created_at, s.{order}"
+        if limit is not None:
+            query += " LIMIT ?"
+
+        def run(tx: Tx) -> list[SnapshotMeta]:
+            tail: list[Any] = []
+            if marker is not None:
+                row = tx.one(f"SELECT created_at, {order} AS ord FROM snapshots"  # noqa: S608
+                             " WHERE id = ?", (marker,))
+                if row is None:
+                    raise InvalidMarker(f"marker {marker} is not a snapshot id")
+                tail += [row["created_at"], row["ord"]]
+            if limit is not None:
+                tail.append(limit)
+            return [_meta(r) for r in tx.all(query, [*args, *tail])]
+
+        return await self._db.run(run)
