@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import functools
 import json
 import logging
 import threading
@@ -41,6 +42,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 KEEPALIVE_INTERVAL = 5
+LIBVIRT_THREADS = 32  # concurrent libvirt calls (a group of 32 guests freezes at once)
 KEEPALIVE_COUNT = 3
 OUTAGE_LIMIT = 120.0  # how long a block job's follower waits for libvirtd to return
 
@@ -213,6 +215,12 @@ class LibvirtHypervisor:
 
     def __init__(self, uri: str) -> None:
         self.uri = uri
+        # Its own threads: asyncio's default pool has cores + 4 of them (6
+        # here), so the 7th guest of a group would wait for a thread to
+        # freeze, inside the others' freeze window.  These threads mostly wait
+        # on libvirtd (guest agents, block jobs), not on the CPU.
+        self._pool = concurrent.futures.ThreadPoolExecutor(
+            LIBVIRT_THREADS, thread_name_prefix="libvirt")
         self._conn: libvirt.virConnect | None = None
         self._lock = asyncio.Lock()
         self.agent = GuestAgent(self)
@@ -287,7 +295,8 @@ class LibvirtHypervisor:
         for attempt in (1, 2):
             conn = await self._connection()
             try:
-                return await asyncio.to_thread(fn, conn, *args)
+                return await asyncio.get_running_loop().run_in_executor(
+                    self._pool, functools.partial(fn, conn, *args))
             except libvirt.libvirtError as err:
                 if _is_connection_error(err):
                     self._drop(conn)

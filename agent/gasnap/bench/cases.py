@@ -69,23 +69,47 @@ async def group(hv: LibvirtHypervisor, agent: Agent, runs: int, size: int
     p3 = Comparison("P3", f"group of {size} guests vs 1 guest, wall time", "s",
                     f"{size} guests, one group", "1 guest", "<= 2x")
     windows: list[float] = []
+    busy: dict[str, list[float]] = {"a": [], "b": []}
     names = [f"gb-g{n}" for n in range(1, size + 1)]
     async with guests(hv, names):
+        before = cpu_times()
+        await asyncio.sleep(2)
+        idle = cpu_busy(before, cpu_times())
         for i in range(runs):
             for which in _order(i):
+                chosen = names if which == "a" else names[:1]
+                since = await asyncio.gather(*(log_length(hv, n) for n in chosen))
+                before = cpu_times()
+                seconds = await timed(agent.cli("snapshot", "create", *chosen,
+                                                "--quiesce", "required"))
+                busy[which].append(cpu_busy(before, cpu_times()))
+                (p3.a if which == "a" else p3.b).append(seconds)
                 if which == "a":
-                    since = await asyncio.gather(*(log_length(hv, n) for n in names))
-                    p3.a.append(await timed(agent.cli("snapshot", "create", *names,
-                                                      "--quiesce", "required")))
                     each = await asyncio.gather(*(window_ms(hv, n, s)
                                                   for n, s in zip(names, since, strict=True)))
                     windows.append(max(each))
-                else:
-                    p3.b.append(await timed(agent.cli("snapshot", "create", names[0],
-                                                      "--quiesce", "required")))
     longest = Figure("P3", f"freeze window of the {size}-guest group (longest guest)", "ms",
                      windows, 250.0)
-    return [p3, longest]
+    return [p3, longest,
+            Figure("P3", f"host CPU busy during the {size}-guest create", "%", busy["a"], None,
+                   note="all cores, from /proc/stat"),
+            Figure("P3", "host CPU busy during the 1-guest create", "%", busy["b"], None,
+                   note="all cores, from /proc/stat"),
+            Figure("P3", f"host CPU busy with the {size} guests idle (2 s)", "%", [idle], None,
+                   use="max")]
+
+
+def cpu_times() -> tuple[int, int]:
+    """(busy, total) jiffies of all CPUs since boot."""
+    fields = [int(f) for f in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = fields[3] + fields[4]  # idle + iowait
+    return sum(fields) - idle, sum(fields)
+
+
+def cpu_busy(before: tuple[int, int], after: tuple[int, int]) -> float:
+    """Percent of all cores' time that was busy between BEFORE and AFTER."""
+    total = after[1] - before[1]
+    return 100.0 * (after[0] - before[0]) / total if total else 0.0
 
 
 # --- P4: merging 1 GiB written by the guest ------------------------------------------
