@@ -62,12 +62,12 @@ async def create_vs_virsh(hv: LibvirtHypervisor, agent: Agent, runs: int
                     p2.b.append(await window_ms(hv, name, since))
             # Where P1's time goes: the same request from a running client (the
             # agent's share), and the CLI process answering a trivial request.
-            api.append(await asyncio.to_thread(_api_create, agent.api, name))
-            floor.append(await timed(agent.cli("task", "list")))
+            api.append(await asyncio.to_thread(_api_create, agent.api, name) * 1000)
+            floor.append(await timed(agent.cli("task", "list")) * 1000)
     return [p1, p2,
-            Figure("P1", "the same create through the API from a running client", "s", api,
+            Figure("P1", "the same create through the API from a running client", "ms", api,
                    None, note="the agent's share of P1"),
-            Figure("P1", "gasnap task list (the CLI process alone)", "s", floor, None,
+            Figure("P1", "gasnap task list (the CLI process alone)", "ms", floor, None,
                    note="interpreter start, imports, one request")]
 
 
@@ -95,6 +95,7 @@ async def group(hv: LibvirtHypervisor, agent: Agent, runs: int, size: int
     busy: dict[str, list[float]] = {"a": [], "b": []}
     names = [f"gb-g{n}" for n in range(1, size + 1)]
     async with guests(hv, names):
+        await asyncio.sleep(5)  # the guests' own start-up work settles
         before = cpu_times()
         await asyncio.sleep(2)
         idle = cpu_busy(before, cpu_times())
