@@ -10,7 +10,14 @@ from pathlib import Path
 
 import pytest
 
-from conftest import Agent, chain_of, create_snapshots, running_agent, wait_until
+from conftest import (
+    Agent,
+    chain_of,
+    create_snapshots,
+    delete_snapshot,
+    running_agent,
+    wait_until,
+)
 from gasnap.hypervisor import Domain
 from gasnap.qemuimg import QemuImgError, read_qcow2_header
 from gasnap.virt import LibvirtHypervisor
@@ -84,6 +91,34 @@ async def test_a_spare_left_behind_by_a_chain_change_is_not_used(
     assert (await chain_of(hv, guest.name, "vda"))[:3] == [later["file"], by_hand,
                                                           first["file"]]
     assert backing_of(later["file"]) == Path(by_hand).name
+
+
+@pytest.mark.parametrize("strategy", ["commit", "pull"])
+async def test_a_merge_removes_the_spare_only_if_it_pointed_at_the_removed_file(
+    agent: Agent, hv: LibvirtHypervisor, guest: Domain, strategy: str
+) -> None:
+    older = snapshot(agent, guest)
+    newest = snapshot(agent, guest)
+    spare = await spare_ready(newest["file"])
+    inode = spare.stat().st_ino
+    # newest's overlay is active.  commit: active commit + pivot, the overlay
+    # (the spare's backing file) is removed; pull: older's overlay is removed,
+    # the active layer and so the spare stay valid.
+    task = delete_snapshot(agent, newest["id"], strategy)
+    assert task["state"] == "succeeded", task
+    active = older["file"] if strategy == "commit" else newest["file"]
+    removed = newest["file"] if strategy == "commit" else older["file"]
+    assert not Path(removed).exists()
+    assert (await chain_of(hv, guest.name, "vda"))[0] == active
+    assert spare.exists() is (strategy == "pull")
+    if strategy == "pull":
+        with spare.open("rb"):  # held open: its inode cannot be reused
+            later = snapshot(agent, guest)
+        assert Path(later["file"]).stat().st_ino == inode  # the spare, taken
+    else:
+        later = snapshot(agent, guest)
+    assert backing_of(later["file"]) == Path(active).name
+    await spare_ready(later["file"])
 
 
 @pytest.mark.parametrize("damage", ["garbage", "other size"])

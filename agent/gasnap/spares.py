@@ -79,6 +79,18 @@ class Spares:
         log.debug("spare %s taken as %s", spare, overlay)
         return True
 
+    async def forget(self, spare: str, backing: str) -> None:
+        """Remove SPARE if it points at BACKING, a file leaving the chain: no
+        file next to the disks should point at one that is gone.  Done even
+        when spares are off (one may be left from before)."""
+        try:
+            header = await asyncio.to_thread(qemuimg.read_qcow2_header, spare)
+        except (OSError, GasnapError):
+            return  # none, or not ours to judge: the next take() checks it
+        if header.backing_file == Path(backing).name:
+            log.debug("spare %s pointed at %s, which leaves the chain", spare, backing)
+            await self._discard(spare)
+
     def prepare(self, spare: str, image: str, fmt: str, size: int) -> None:
         """Start making SPARE on top of IMAGE in the background."""
         if not self.enabled or spare in self._making:

@@ -160,7 +160,8 @@ def overlay_path(active_file: str, snapshot_id: str) -> str:
     return str(Path(active_file).with_name(f"{volume_base(active_file)}.{snapshot_id}"))
 
 
-def _spare_of(image: str) -> str:
+def spare_of(image: str) -> str:
+    """The spare overlay of the volume whose active file is IMAGE."""
     return spare_path(image, volume_base(image))
 
 
@@ -343,7 +344,7 @@ async def _make_overlays(ctx: Context, op: Operation, the_plan: CreatePlan) -> O
 
 
 async def _make_overlay(ctx: Context, v: VolumePlan) -> None:
-    if await ctx.spares.take(_spare_of(v.image), v.image, v.format, v.size, v.overlay):
+    if await ctx.spares.take(spare_of(v.image), v.image, v.format, v.size, v.overlay):
         return
     await qemuimg.create_overlay(v.overlay, Path(v.image).name, v.format, v.size)
     await adopt_owner(v.overlay, v.image)
@@ -357,7 +358,7 @@ def _prepare_spares(ctx: Context, the_plan: CreatePlan, metas: list[SnapshotMeta
     for v in the_plan.volumes:
         if (v.domain in the_plan.live and v.snapshot_id in available
                 and v.overlay == overlay_path(v.image, v.snapshot_id)):
-            ctx.spares.prepare(_spare_of(v.overlay), v.overlay, "qcow2", v.size)
+            ctx.spares.prepare(spare_of(v.overlay), v.overlay, "qcow2", v.size)
 
 
 async def _freeze_window(

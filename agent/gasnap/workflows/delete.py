@@ -37,6 +37,7 @@ from ..hypervisor import Domain, DomainState, Volume
 from ..journal import Operation
 from ..metadata import SnapshotMeta, Status, WrongStatus
 from . import Context
+from .create import spare_of
 from .records import until_recorded
 
 log = logging.getLogger(__name__)
@@ -316,6 +317,7 @@ async def cleanup(ctx: Context, op: Operation, the_plan: DeletePlan) -> None:
                               relink.backing_file), f"relink {relink.snapshot_id}")
     faults.hit("delete:cleanup")
     await asyncio.to_thread(Path(the_plan.remove).unlink, missing_ok=True)
+    await ctx.spares.forget(spare_of(the_plan.remove), the_plan.remove)
     meta = await until_recorded(functools.partial(meta_svc.get_snapshot, sid), f"read {sid}")
     if meta.status is not Status.DELETING:
         await until_recorded(functools.partial(
