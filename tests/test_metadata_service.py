@@ -97,8 +97,13 @@ async def test_a_service_that_keeps_to_the_contract_alone() -> None:
         return web.json_response({"snapshots": [
             r for r in records if volume is None or r["volume_id"] == volume]})
 
+    async def one(request: web.Request) -> web.Response:
+        return web.json_response({"snapshot": next(
+            r for r in records if r["id"] == request.match_info["id"])})
+
     app = web.Application()
     app.router.add_get("/v1/snapshots", listing)
+    app.router.add_get("/v1/snapshots/{id}", one)
     runner = web.AppRunner(app)
     await runner.setup()
     port = free_port()
@@ -113,6 +118,7 @@ async def test_a_service_that_keeps_to_the_contract_alone() -> None:
         assert [m.id for m in await client.list_snapshots(status=Status.ERROR)] == ["c"]
         with pytest.raises(InvalidMarker):
             await client.list_snapshots(marker="zz")
+        assert (await client.get_snapshot("d")).parent == "a"
     finally:
         await client.close()
         await runner.cleanup()

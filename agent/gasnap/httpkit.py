@@ -164,13 +164,12 @@ def page_query(request: web.Request) -> tuple[int | None, str | None]:
     return limit, marker
 
 
-def page_answer(key: str, items: list[Any], limit: int | None,
-                last_id: Callable[[Any], str]) -> dict[str, Any]:
+def page_answer(key: str, items: list[dict[str, Any]], limit: int | None) -> dict[str, Any]:
     """ITEMS were read with LIMIT + 1: the extra one only tells that there is
     a next page, whose marker is the last id of this one."""
     if limit is None or len(items) <= limit:
         return {key: items}
-    return {key: items[:limit], "next_marker": last_id(items[limit - 1])}
+    return {key: items[:limit], "next_marker": str(items[limit - 1]["id"])}
 
 
 def _prepare_socket(path: Path) -> None:

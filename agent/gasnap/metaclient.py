@@ -204,8 +204,13 @@ class RemoteMetadata:
         await self._action(snapshot_id, "snapshot-delete-metadata", {})
 
     async def get_snapshot(self, snapshot_id: str) -> SnapshotMeta:
-        doc = await self._call("GET", f"/v1/snapshots/{snapshot_id}")
-        return meta_from_dict(doc["snapshot"])
+        doc = (await self._call("GET", f"/v1/snapshots/{snapshot_id}"))["snapshot"]
+        meta = meta_from_dict(doc)
+        if "parent" in doc:
+            return meta
+        # A contract-only service: the parent comes from the volume's listing.
+        volume = await self._contract_listing(meta.volume_id, None, None, None, None)
+        return next((m for m in volume if m.id == snapshot_id), meta)
 
     async def list_snapshots(
         self, volume_id: str | None = None, status: Status | None = None, *,

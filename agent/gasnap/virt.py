@@ -42,8 +42,8 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 KEEPALIVE_INTERVAL = 5
-LIBVIRT_THREADS = 32  # concurrent libvirt calls (a group of 32 guests freezes at once)
 KEEPALIVE_COUNT = 3
+LIBVIRT_THREADS = 32  # concurrent libvirt calls (a group of 32 guests freezes at once)
 OUTAGE_LIMIT = 120.0  # how long a block job's follower waits for libvirtd to return
 
 

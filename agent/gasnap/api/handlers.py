@@ -83,8 +83,7 @@ async def list_snapshots(request: web.Request) -> web.Response:
         domain=query.get("domain"), volume_id=query.get("volume_id"),
         status=query.get("status"), limit=None if limit is None else limit + 1, marker=marker,
     )
-    return web.json_response(page_answer("snapshots", records, limit,
-                                         lambda record: str(record["id"])))
+    return web.json_response(page_answer("snapshots", records, limit))
 
 
 async def get_snapshot(request: web.Request) -> web.Response:

@@ -143,8 +143,7 @@ async def list_snapshots(request: web.Request) -> web.Response:
         domain=request.query.get("domain"),
         limit=None if limit is None else limit + 1, marker=marker,
     )
-    return web.json_response(page_answer("snapshots", [m.to_dict() for m in metas], limit,
-                                         lambda doc: str(doc["id"])))
+    return web.json_response(page_answer("snapshots", [m.to_dict() for m in metas], limit))
 
 
 async def get_snapshot(request: web.Request) -> web.Response:

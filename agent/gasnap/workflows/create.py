@@ -392,9 +392,8 @@ async def _freeze_window(
     finally:
         await _thaw(ctx, to_freeze)
     marks.append(time.monotonic())
-    if len(marks) == 5:
-        log.debug("window of %s: arm %.1f ms, freeze %.1f ms, switch %.1f ms, thaw %.1f ms",
-                  ",".join(the_plan.live), *((b - a) * 1e3 for a, b in itertools.pairwise(marks)))
+    log.debug("window of %s: arm %.1f ms, freeze %.1f ms, switch %.1f ms, thaw %.1f ms",
+              ",".join(the_plan.live), *((b - a) * 1e3 for a, b in itertools.pairwise(marks)))
     if time.monotonic() - started >= ctx.freeze_timeout:
         # The guard may have thawed before the switch: no longer a frozen image.
         log.warning("freeze window exceeded %.1fs; recording crash consistency",
