@@ -13,6 +13,7 @@ from gasnap import domxml
 from gasnap.hypervisor import AgentState, Domain, DomainState, Layer, Volume
 from gasnap.workflows import Context
 from gasnap.workflows.create import (
+    CreatePlan,
     CreateRequest,
     DomainStateConflict,
     Quiesce,
@@ -88,3 +89,23 @@ async def test_crashed_domain_is_a_conflict(tmp_path: Path) -> None:
     dom = Domain("d", "u", DomainState.CRASHED, AgentState.ABSENT, (vol,))
     with pytest.raises(DomainStateConflict):
         await plan(context(dom), CreateRequest(["d"], {}, "n", "", Quiesce.OFF))
+
+
+async def test_the_plan_names_the_disks_left_alone(tmp_path: Path) -> None:
+    """The switch runs with the guest frozen and gets every other disk from the
+    plan (as snapshot='no'), not from a read of the definition in the window;
+    the journal keeps them, and a plan journaled before the field reads back."""
+    images = {t: tmp_path / t for t in ("vda", "vdb", "vdc")}
+    for image in images.values():
+        image.write_bytes(b"\0" * 512)
+    vols = tuple(Volume(f"d/{t}", t, None, "file", (Layer(str(p), "raw"),))
+                 for t, p in images.items())
+    dom = Domain("d", "u", DomainState.RUNNING, AgentState.CONNECTED, vols)
+    the_plan = await plan(context(dom), CreateRequest(["d"], {"d": ["vdb"]}, "n", "",
+                                                      Quiesce.OFF))
+    assert the_plan.left_alone == {"d": ["vda", "vdc"]}
+    assert [v.target for v in the_plan.volumes] == ["vdb"]
+    doc = the_plan.to_dict()
+    assert CreatePlan.from_dict(doc) == the_plan
+    del doc["left_alone"]
+    assert CreatePlan.from_dict(doc).left_alone == {}

@@ -3,6 +3,7 @@ the way Cinder's remotefs drivers drive it (keystoneauth1 session, token)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
@@ -23,6 +24,7 @@ from conftest import Agent, chain_of, running_agent, volume_files
 from gasnap.client import ApiError
 from gasnap.hypervisor import Domain, Volume
 from gasnap.virt import LibvirtHypervisor
+from gasnap.workflows.create import overlay_path, spare_of
 
 TOKEN = "n0va-token"
 
@@ -104,6 +106,27 @@ async def test_create_makes_or_reuses_new_file(
     record2 = settled(tcp_agent, sid2)
     assert record2 is not None and record2["status"] == "available", record2
     assert os.stat(record2["file"]).st_ino == inode  # used as it was, not recreated
+
+
+async def test_no_spare_next_to_a_volume_whose_overlays_cinder_makes(
+    tcp_agent: Agent, nova: Any, hv: LibvirtHypervisor, guest: Domain
+) -> None:
+    """Cinder names new_file as gasnap would (volume-<vol>.<snap>) and makes it
+    itself: gasnap leaves nothing of its own in Cinder's share."""
+    vol = await volume(hv, guest)
+    spare = Path(spare_of(vol.active_file))
+    spare.unlink(missing_ok=True)
+    sid = str(uuid.uuid4())
+    new_file = Path(overlay_path(vol.active_file, sid))
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", vol.format, "-b",
+                    Path(vol.active_file).name, str(new_file)], check=True)
+    nova_create(nova, vol, new_file.name, sid)
+    record = settled(tcp_agent, sid)
+    assert record is not None and record["status"] == "available", record
+    assert record["file"] == str(new_file)
+    assert (await chain_of(hv, guest.name, vol.target))[0] == str(new_file)
+    await asyncio.sleep(1)  # a spare, were one made, is ready within ~20 ms
+    assert not spare.exists()
 
 
 @pytest.mark.parametrize("new_file", ["../escape.qcow2", "/tmp/elsewhere.qcow2",

@@ -94,30 +94,37 @@ async def test_a_spare_left_behind_by_a_chain_change_is_not_used(
 
 
 @pytest.mark.parametrize("strategy", ["commit", "pull"])
-async def test_a_merge_removes_the_spare_only_if_it_pointed_at_the_removed_file(
+async def test_after_a_merge_the_spare_is_on_the_active_layer(
     agent: Agent, hv: LibvirtHypervisor, guest: Domain, strategy: str
 ) -> None:
     older = snapshot(agent, guest)
     newest = snapshot(agent, guest)
     spare = await spare_ready(newest["file"])
-    inode = spare.stat().st_ino
-    # newest's overlay is active.  commit: active commit + pivot, the overlay
-    # (the spare's backing file) is removed; pull: older's overlay is removed,
-    # the active layer and so the spare stay valid.
-    task = delete_snapshot(agent, newest["id"], strategy)
-    assert task["state"] == "succeeded", task
-    active = older["file"] if strategy == "commit" else newest["file"]
-    removed = newest["file"] if strategy == "commit" else older["file"]
-    assert not Path(removed).exists()
-    assert (await chain_of(hv, guest.name, "vda"))[0] == active
-    assert spare.exists() is (strategy == "pull")
-    if strategy == "pull":
-        with spare.open("rb"):  # held open: its inode cannot be reused
-            later = snapshot(agent, guest)
-        assert Path(later["file"]).stat().st_ino == inode  # the spare, taken
-    else:
+    # newest's overlay is active.  commit: active commit + pivot removes that
+    # overlay (the spare's backing file), so the spare goes and a new one is
+    # made on older's overlay, active again; pull: older's overlay is removed,
+    # the active layer and so the spare stay as they were.
+    with spare.open("rb") as held:  # its inode cannot be reused meanwhile
+        task = delete_snapshot(agent, newest["id"], strategy)
+        assert task["state"] == "succeeded", task
+        active = older["file"] if strategy == "commit" else newest["file"]
+        removed = newest["file"] if strategy == "commit" else older["file"]
+        assert not Path(removed).exists()
+        assert (await chain_of(hv, guest.name, "vda"))[0] == active
+
+        async def on_active() -> bool:
+            try:
+                return read_qcow2_header(str(spare)).backing_file == Path(active).name
+            except (OSError, QemuImgError):
+                return False
+
+        await wait_until(on_active, timeout=30, interval=0.05)
+        assert (spare.stat().st_ino == os.fstat(held.fileno()).st_ino) is (strategy == "pull")
+    with spare.open("rb") as current:
         later = snapshot(agent, guest)
+        assert Path(later["file"]).stat().st_ino == os.fstat(current.fileno()).st_ino  # taken
     assert backing_of(later["file"]) == Path(active).name
+    assert (await chain_of(hv, guest.name, "vda"))[:2] == [later["file"], active]
     await spare_ready(later["file"])
 
 

@@ -108,9 +108,11 @@ class Hypervisor(Protocol):
         self, domain: str, command: str, arguments: dict[str, Any] | None, timeout: float
     ) -> Any: ...
 
-    async def switch_overlays(self, name: str, overlays: dict[str, str]) -> None:
+    async def switch_overlays(self, name: str, overlays: dict[str, str],
+                              others: list[str]) -> None:
         """Running or paused domain: make each target's pre-created overlay its
-        active layer, all at once."""
+        active layer, all at once; the disks in OTHERS stay as they are.  Called
+        with the guest frozen: everything it can learn beforehand, it is told."""
 
     async def define_overlays(self, name: str, overlays: dict[str, str]) -> None:
         """Stopped domain: point the persistent definition at the overlays."""

@@ -1,9 +1,11 @@
 """Spare overlays: the next snapshot's overlay, made before it is asked for.
 
 Making an overlay costs a ``qemu-img`` process (13 ms here, per volume); a
-request that finds a spare ready only renames it.  After a snapshot of a
-running domain becomes active, a spare on top of the new active file is made
-in the background, next to it: ``.<volume base name>.gasnap-spare``.
+request that finds a spare ready only renames it.  Whenever gasnap changes a
+running domain's active file (a snapshot's overlay becomes active, or an
+active commit makes the layer below active again), a spare on top of the new
+active file is made in the background, next to it:
+``.<volume base name>.gasnap-spare``.
 
 A spare is trusted only after its header is read back at the moment of use:
 it must be qcow2, point (relatively) at the volume's active file of the
@@ -79,17 +81,22 @@ class Spares:
         log.debug("spare %s taken as %s", spare, overlay)
         return True
 
-    async def forget(self, spare: str, backing: str) -> None:
+    async def forget(self, spare: str, backing: str) -> bool:
         """Remove SPARE if it points at BACKING, a file leaving the chain: no
         file next to the disks should point at one that is gone.  Done even
-        when spares are off (one may be left from before)."""
+        when spares are off (one may be left from before).  True if removed."""
+        making = self._making.get(spare)
+        if making is not None:  # one still being written would land afterwards
+            await asyncio.wait([making])
         try:
             header = await asyncio.to_thread(qemuimg.read_qcow2_header, spare)
         except (OSError, GasnapError):
-            return  # none, or not ours to judge: the next take() checks it
-        if header.backing_file == Path(backing).name:
-            log.debug("spare %s pointed at %s, which leaves the chain", spare, backing)
-            await self._discard(spare)
+            return False  # none, or not ours to judge: the next take() checks it
+        if header.backing_file != Path(backing).name:
+            return False
+        log.debug("spare %s pointed at %s, which leaves the chain", spare, backing)
+        await self._discard(spare)
+        return True
 
     def prepare(self, spare: str, image: str, fmt: str, size: int) -> None:
         """Start making SPARE on top of IMAGE in the background."""

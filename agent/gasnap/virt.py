@@ -384,9 +384,12 @@ class LibvirtHypervisor:
 
     # switching overlays
 
-    async def switch_overlays(self, name: str, overlays: dict[str, str]) -> None:
+    async def switch_overlays(self, name: str, overlays: dict[str, str],
+                              others: list[str]) -> None:
         """Make each pre-created overlay the active layer of its disk, all
-        disks of the domain at once (ATOMIC), without libvirt metadata."""
+        disks of the domain at once (ATOMIC), without libvirt metadata.  OTHERS
+        are named ``snapshot='no'``: a disk left out would get an overlay of
+        libvirt's choosing."""
         flags = (
             libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_DISK_ONLY
             | libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_REUSE_EXT
@@ -394,10 +397,12 @@ class LibvirtHypervisor:
             | libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_ATOMIC
         )
 
+        # Built before the call: the guest is frozen while it runs, and reading
+        # the definition here cost an XMLDesc inside the freeze window.
+        xml = domxml.snapshot_xml(overlays, [*overlays, *others])
+
         def run(conn: libvirt.virConnect) -> None:
-            dom = conn.lookupByName(name)
-            targets = [spec.target for spec in domxml.disks(dom.XMLDesc(0))]
-            dom.snapshotCreateXML(domxml.snapshot_xml(overlays, targets), flags)
+            conn.lookupByName(name).snapshotCreateXML(xml, flags)
 
         await self.call(run, what=f"{name}: snapshot", retry=False)
 

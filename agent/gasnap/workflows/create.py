@@ -5,12 +5,14 @@
 
   planned → recording (create-snapshot-metadata, status creating)
           → overlays (qemu-img create, relative backing)
-          → freezing (guard armed, fsfreeze) → switching (snapshotCreateXML)
+          → freezing (guard armed, fsfreeze, snapshotCreateXML)
           → thawed (always) → offline (stopped domains' persistent XML)
           → finalizing (chain checked in the live XML; available | error)
 
 Only the switch happens inside the freeze window: the overlays exist before
-the first guest is frozen.
+the first guest is frozen, and no journal write comes between freeze and
+switch (recovery judges a switch from the live chain either way, and proves
+consistency only from "thawed").
 """
 
 from __future__ import annotations
@@ -122,6 +124,9 @@ class CreatePlan:
     running: list[str]  # the live ones whose guests can be frozen
     stopped: list[str]  # switched offline in the persistent definition
     schedule: str | None = None
+    # by domain: the disks not snapshotted, named to libvirt as such (without
+    # a read of the definition inside the freeze window)
+    left_alone: dict[str, list[str]] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         doc = asdict(self)
@@ -135,7 +140,7 @@ class CreatePlan:
             quiesce=Quiesce(doc["quiesce"]), created_at=doc["created_at"],
             volumes=[VolumePlan(**v) for v in doc["volumes"]], live=list(doc["live"]),
             running=list(doc["running"]), stopped=list(doc["stopped"]),
-            schedule=doc.get("schedule"),
+            schedule=doc.get("schedule"), left_alone=dict(doc.get("left_alone", {})),
         )
 
     def of(self, domain: str) -> list[VolumePlan]:
@@ -165,7 +170,7 @@ def spare_of(image: str) -> str:
     return spare_path(image, volume_base(image))
 
 
-async def _virtual_size(path: str, fmt: str) -> int:
+async def virtual_size(path: str, fmt: str) -> int:
     """Read from the qcow2 header (or a raw file's length), not ``qemu-img
     info``: a process per volume is most of what planning would cost."""
     if fmt == "qcow2":
@@ -233,6 +238,7 @@ async def plan(ctx: Context, req: CreateRequest) -> CreatePlan:
     live: list[str] = []
     running: list[str] = []
     stopped: list[str] = []
+    left_alone: dict[str, list[str]] = {}
     # Only quiesce=required needs the guest agent's answer before anything is
     # touched; otherwise the freeze itself finds out (one ping less).
     probe = req.quiesce is Quiesce.REQUIRED
@@ -252,10 +258,12 @@ async def plan(ctx: Context, req: CreateRequest) -> CreatePlan:
         chosen = _selected(dom, req.disks.get(dom.name))
         if not chosen:
             raise BadRequest(f"{dom.name} has no disk to snapshot", code="invalid_request")
+        taken = {v.target for v in chosen}
+        left_alone[dom.name] = [v.target for v in dom.volumes if v.target not in taken]
         for vol in chosen:
             _check_volume(dom.name, vol)
             try:
-                size = await _virtual_size(vol.active_file, vol.format)
+                size = await virtual_size(vol.active_file, vol.format)
             except (OSError, qemuimg.QemuImgError) as err:
                 raise UnsupportedDisk(f"{dom.name}/{vol.target}: cannot read "
                                       f"{vol.active_file}: {err}") from err
@@ -271,6 +279,7 @@ async def plan(ctx: Context, req: CreateRequest) -> CreatePlan:
         name=req.name, description=req.description, quiesce=req.quiesce,
         created_at=datetime.now(UTC).isoformat(timespec="microseconds"),
         volumes=volumes, live=live, running=running, stopped=stopped, schedule=req.schedule,
+        left_alone=left_alone,
     )
 
 
@@ -351,12 +360,13 @@ async def _make_overlay(ctx: Context, v: VolumePlan) -> None:
 
 
 def _prepare_spares(ctx: Context, the_plan: CreatePlan, metas: list[SnapshotMeta]) -> None:
-    """Spares for the next snapshot of the live volumes whose overlay, named
-    by gasnap, just became active (a caller-named overlay, Nova's, belongs to a
-    directory gasnap does not manage)."""
+    """Spares for the next snapshot of the live volumes whose overlay, made
+    and named by gasnap, just became active (an overlay the caller made, as
+    Cinder makes Nova's ``new_file``, is in a directory gasnap does not
+    manage)."""
     available = {m.id for m in metas if m.status is Status.AVAILABLE}
     for v in the_plan.volumes:
-        if (v.domain in the_plan.live and v.snapshot_id in available
+        if (v.domain in the_plan.live and v.snapshot_id in available and not v.reuse
                 and v.overlay == overlay_path(v.image, v.snapshot_id)):
             ctx.spares.prepare(spare_of(v.overlay), v.overlay, "qcow2", v.size)
 
@@ -384,7 +394,6 @@ async def _freeze_window(
         marks.append(time.monotonic())
         for name in frozen:
             consistency[name] = Consistency.FILESYSTEM.value
-        op = await ctx.journal.step(op, "switching", consistency=consistency)
         faults.hit("create:switching")
         await _switch_live(ctx, the_plan)
         marks.append(time.monotonic())
@@ -425,7 +434,8 @@ async def _freeze(ctx: Context, domains: list[str], quiesce: Quiesce) -> list[st
 
 async def _switch_live(ctx: Context, the_plan: CreatePlan) -> None:
     results = await asyncio.gather(
-        *(ctx.hv.switch_overlays(d, {v.target: v.overlay for v in the_plan.of(d)})
+        *(ctx.hv.switch_overlays(d, {v.target: v.overlay for v in the_plan.of(d)},
+                                 the_plan.left_alone.get(d, []))
           for d in the_plan.live),
         return_exceptions=True,
     )

@@ -37,7 +37,7 @@ from ..hypervisor import Domain, DomainState, Volume
 from ..journal import Operation
 from ..metadata import SnapshotMeta, Status, WrongStatus
 from . import Context
-from .create import spare_of
+from .create import spare_of, virtual_size
 from .records import until_recorded
 
 log = logging.getLogger(__name__)
@@ -317,7 +317,8 @@ async def cleanup(ctx: Context, op: Operation, the_plan: DeletePlan) -> None:
                               relink.backing_file), f"relink {relink.snapshot_id}")
     faults.hit("delete:cleanup")
     await asyncio.to_thread(Path(the_plan.remove).unlink, missing_ok=True)
-    await ctx.spares.forget(spare_of(the_plan.remove), the_plan.remove)
+    if await ctx.spares.forget(spare_of(the_plan.remove), the_plan.remove):
+        await _replace_spare(ctx, the_plan)
     meta = await until_recorded(functools.partial(meta_svc.get_snapshot, sid), f"read {sid}")
     if meta.status is not Status.DELETING:
         await until_recorded(functools.partial(
@@ -325,6 +326,21 @@ async def cleanup(ctx: Context, op: Operation, the_plan: DeletePlan) -> None:
     await until_recorded(functools.partial(meta_svc.snapshot_delete_metadata, sid),
                          f"delete record {sid}")
     await ctx.journal.finish(op)
+
+
+async def _replace_spare(ctx: Context, the_plan: DeletePlan) -> None:
+    """The volume's spare pointed at the file just removed.  After an active
+    commit S.image is the active layer again: the next snapshot's spare goes
+    on top of it, as after a create.  (A volume that had no spare, such as
+    one whose overlays Cinder makes, gets none.)"""
+    if the_plan.method is not Method.ACTIVE_COMMIT:
+        return
+    try:
+        size = await virtual_size(the_plan.base, the_plan.base_format)
+    except (OSError, GasnapError) as err:
+        log.debug("no spare on %s: %s", the_plan.base, err)
+        return
+    ctx.spares.prepare(spare_of(the_plan.base), the_plan.base, the_plan.base_format, size)
 
 
 async def _failed(ctx: Context, op: Operation, the_plan: DeletePlan, err: GasnapError) -> None:

@@ -22,8 +22,9 @@ log = logging.getLogger(__name__)
 
 THAW_TIMEOUT = 5.0
 # Steps after which the journal's consistency is proven: the switch returned
-# while the guests were frozen.  Cut short at "switching", a switch libvirt
-# finished after the guard thawed would be no frozen image: record crash.
+# while the guests were frozen.  Cut short at "freezing" (journals of earlier
+# versions: "switching"), a switch libvirt finished after the guard thawed
+# would be no frozen image: record crash.
 CONSISTENCY_PROVEN = frozenset({"thawed", "offline", "finalizing"})
 INTERRUPTED = "interrupted: the agent stopped before this snapshot was finished"
 
