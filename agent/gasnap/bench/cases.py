@@ -12,13 +12,18 @@ import subprocess
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
-from .. import qemuimg
+import libvirt
+import libvirt_qemu
+
+from .. import domxml, qemuimg
 from ..client import ApiClient
 from ..lab.guests import Lab
 from ..lab.workload import sh
 from ..metastore import open_sqlite
 from ..virt import LibvirtHypervisor
+from ..workflows.create import virtual_size
 from .rig import URI, Agent, guests, log_length, timed, window_ms
 from .stats import Comparison, Figure
 
@@ -34,41 +39,102 @@ def _order(i: int) -> tuple[str, str]:
 
 async def create_vs_virsh(hv: LibvirtHypervisor, agent: Agent, runs: int
                           ) -> list[Comparison | Figure]:
+    """Every snapshot is merged back out of the chain right after it is
+    measured (not timed), each side's with its own tool: all runs start from
+    the same chain.  Left to grow, a chain slows both sides run after run
+    (libvirt's work in the window grows with every layer) and gasnap's spare
+    would never match a chain that virsh changed.
+
+    Two more freeze windows per round, for reference, with no gasnap in
+    between: a bare client doing gasnap's sequence (freeze, switch to a
+    pre-made overlay, thaw: three libvirt calls), and libvirt quiescing by
+    itself onto the same kind of pre-made overlay (one call)."""
     p1 = Comparison("P1", "end-to-end create of a quiesced snapshot", "s",
                     "gasnap snapshot create", "virsh snapshot-create-as --disk-only "
                     "--quiesce --atomic --no-metadata", "<= 1.2x")
     p2 = Comparison("P2", "freeze window inside the guest", "ms", "gasnap",
                     "libvirt QUIESCE", "<= 0.95x")
+    bare: dict[str, list[float]] = {"explicit": [], "quiesce": []}
     api: list[float] = []
     floor: list[float] = []
+    virsh_floor: list[float] = []
     async with guests(hv, ["gb-one"]) as (name,):
         dom = await hv.get_domain(name)
         vol = dom.volumes[0]
+        others = [v.target for v in dom.volumes[1:]]
         directory = Path(vol.active_file).parent
+        client = ApiClient(agent.api)
+        variants = ["a", "b", "explicit", "quiesce"]
         for i in range(runs):
-            for which in _order(i):
+            for which in variants[i % 4:] + variants[:i % 4]:
                 since = await log_length(hv, name)
                 if which == "a":
                     p1.a.append(await timed(agent.cli("snapshot", "create", name,
                                                       "--quiesce", "required")))
                     p2.a.append(await window_ms(hv, name, since))
-                else:
-                    overlay = directory / f"volume-virsh-{i}.qcow2"
+                    await _merge_back(hv, client, name, vol.target)
+                    continue
+                overlay = directory / f"volume-bench-{which}-{i}.qcow2"
+                if which == "b":
                     p1.b.append(await timed([
-                        "virsh", "-q", "-c", "qemu:///system", "snapshot-create-as", name,
+                        "virsh", "-q", "-c", URI, "snapshot-create-as", name,
                         "--name", f"bench-{i}", "--disk-only", "--quiesce", "--atomic",
                         "--no-metadata", "--diskspec",
-                        f"{vol.target},snapshot=external,file={overlay}"]))
+                        f"{vol.target},snapshot=external,file={overlay}",
+                        *[f"--diskspec={t},snapshot=no" for t in others]]))
                     p2.b.append(await window_ms(hv, name, since))
+                else:
+                    await qemuimg.create_overlay(str(overlay), Path(vol.active_file).name,
+                                                 vol.format, await virtual_size(
+                                                     vol.active_file, vol.format))
+                    since = await log_length(hv, name)
+                    await asyncio.to_thread(_bare_switch, name, {vol.target: str(overlay)},
+                                            others, in_libvirt=which == "quiesce")
+                    bare[which].append(await window_ms(hv, name, since))
+                await timed(["virsh", "-q", "-c", URI, "blockcommit", name, vol.target,
+                             "--active", "--shallow", "--pivot", "--wait"])
+                overlay.unlink()
             # Where P1's time goes: the same request from a running client (the
             # agent's share), and the CLI process answering a trivial request.
             api.append(await asyncio.to_thread(_api_create, agent.api, name) * 1000)
+            await _merge_back(hv, client, name, vol.target)
             floor.append(await timed(agent.cli("task", "list")) * 1000)
+            virsh_floor.append(await timed(["virsh", "-q", "-c", URI, "list"]) * 1000)
     return [p1, p2,
+            Figure("P2", "window of a bare client: freeze, switch, thaw (3 calls)", "ms",
+                   bare["explicit"], None, note="gasnap's sequence without gasnap: "
+                   "libvirt-python in one thread, the overlay made beforehand"),
+            Figure("P2", "window of libvirt QUIESCE onto a pre-made overlay (1 call)", "ms",
+                   bare["quiesce"], None, note="QUIESCE|REUSE_EXT: libvirt freezes, "
+                   "switches and thaws by itself"),
             Figure("P1", "the same create through the API from a running client", "ms", api,
                    None, note="the agent's share of P1"),
             Figure("P1", "gasnap task list (the CLI process alone)", "ms", floor, None,
-                   note="interpreter start, imports, one request")]
+                   note="interpreter start, imports, one request"),
+            Figure("P1", "virsh list (the virsh process alone)", "ms", virsh_floor, None,
+                   note="process start, connect to libvirtd, one call")]
+
+
+def _bare_switch(name: str, overlays: dict[str, str], others: list[str], *,
+                 in_libvirt: bool) -> None:
+    flags = (libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_DISK_ONLY
+             | libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_REUSE_EXT
+             | libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_NO_METADATA
+             | libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_ATOMIC)
+    xml = domxml.snapshot_xml(overlays, [*overlays, *others])
+    conn = libvirt.open(URI)
+    try:
+        dom = conn.lookupByName(name)
+        if in_libvirt:
+            dom.snapshotCreateXML(xml, flags | libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_QUIESCE)
+            return
+        libvirt_qemu.qemuAgentCommand(dom, '{"execute": "guest-fsfreeze-freeze"}', 10, 0)
+        try:
+            dom.snapshotCreateXML(xml, flags)
+        finally:
+            libvirt_qemu.qemuAgentCommand(dom, '{"execute": "guest-fsfreeze-thaw"}', 10, 0)
+    finally:
+        conn.close()
 
 
 def _api_create(api: str, domain: str) -> float:
@@ -76,12 +142,33 @@ def _api_create(api: str, domain: str) -> float:
     started = time.monotonic()
     task = client.request("POST", "/v1/snapshots", {"domains": [domain],
                                                     "quiesce": "required"})["task"]
-    while task["state"] in ("queued", "running"):
-        task = client.get(f"/v1/tasks/{task['id']}?wait=20")
+    task = _finished(client, task)
     elapsed = time.monotonic() - started
     if task["state"] != "succeeded":
         raise RuntimeError(f"create through the API failed: {task}")
     return elapsed
+
+
+def _finished(client: ApiClient, task: dict[str, Any]) -> dict[str, Any]:
+    while task["state"] in ("queued", "running"):
+        task = client.get(f"/v1/tasks/{task['id']}?wait=20")
+    return task
+
+
+async def _merge_back(hv: LibvirtHypervisor, client: ApiClient, domain: str,
+                      target: str) -> None:
+    """Delete the snapshot whose overlay is active now (gasnap's own active
+    commit + pivot): the chain is as it was before that snapshot."""
+    dom = await hv.get_domain(domain, probe_agent=False)
+    vol = dom.volume(target)
+    assert vol is not None
+    listing = await asyncio.to_thread(client.get, f"/v1/snapshots?domain={domain}")
+    newest = next(s for s in listing["snapshots"] if s["file"] == vol.active_file)
+    task = await asyncio.to_thread(client.request, "DELETE",
+                                   f"/v1/snapshots/{newest['id']}?strategy=commit")
+    task = await asyncio.to_thread(_finished, client, task["task"])
+    if task["state"] != "succeeded":
+        raise RuntimeError(f"merging {newest['id']} back failed: {task}")
 
 
 # --- P3: a group of guests vs one ---------------------------------------------------
