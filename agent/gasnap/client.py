@@ -22,6 +22,7 @@ if TYPE_CHECKING:
 
 DEFAULT_API = "unix:/run/gasnap/api.sock"
 TIMEOUT = 30.0
+WAIT_SLICE = 20  # seconds per long-poll of a task, under TIMEOUT
 MAX_ANSWER = 256 << 20  # a listing of every record stays far below this
 
 
@@ -49,6 +50,12 @@ class ApiClient:
 
     def get(self, path: str) -> Any:
         return self.request("GET", path)
+
+    def wait_task(self, task: dict[str, Any]) -> dict[str, Any]:
+        """TASK (as the API answered it) once it has ended, by long-polls."""
+        while task["state"] in ("queued", "running"):
+            task = self.get(f"/v1/tasks/{task['id']}?wait={WAIT_SLICE}")
+        return task
 
     def text(self, path: str) -> str:
         """A GET whose answer is not JSON (``/metrics``)."""

@@ -12,7 +12,6 @@ import subprocess
 import time
 import uuid
 from pathlib import Path
-from typing import Any
 
 import libvirt
 import libvirt_qemu
@@ -87,7 +86,6 @@ async def create_vs_virsh(hv: LibvirtHypervisor, agent: Agent, runs: int
                     await qemuimg.create_overlay(str(overlay), Path(vol.active_file).name,
                                                  vol.format, await virtual_size(
                                                      vol.active_file, vol.format))
-                    since = await log_length(hv, name)
                     await asyncio.to_thread(_bare_switch, name, {vol.target: str(overlay)},
                                             others, in_libvirt=which == "quiesce")
                     bare[which].append(await window_ms(hv, name, since))
@@ -142,17 +140,11 @@ def _api_create(api: str, domain: str) -> float:
     started = time.monotonic()
     task = client.request("POST", "/v1/snapshots", {"domains": [domain],
                                                     "quiesce": "required"})["task"]
-    task = _finished(client, task)
+    task = client.wait_task(task)
     elapsed = time.monotonic() - started
     if task["state"] != "succeeded":
         raise RuntimeError(f"create through the API failed: {task}")
     return elapsed
-
-
-def _finished(client: ApiClient, task: dict[str, Any]) -> dict[str, Any]:
-    while task["state"] in ("queued", "running"):
-        task = client.get(f"/v1/tasks/{task['id']}?wait=20")
-    return task
 
 
 async def _merge_back(hv: LibvirtHypervisor, client: ApiClient, domain: str,
@@ -166,7 +158,7 @@ async def _merge_back(hv: LibvirtHypervisor, client: ApiClient, domain: str,
     newest = next(s for s in listing["snapshots"] if s["file"] == vol.active_file)
     task = await asyncio.to_thread(client.request, "DELETE",
                                    f"/v1/snapshots/{newest['id']}?strategy=commit")
-    task = await asyncio.to_thread(_finished, client, task["task"])
+    task = await asyncio.to_thread(client.wait_task, task["task"])
     if task["state"] != "succeeded":
         raise RuntimeError(f"merging {newest['id']} back failed: {task}")
 

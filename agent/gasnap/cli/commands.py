@@ -93,7 +93,7 @@ def schedule_run(args: argparse.Namespace) -> int:
     client = _client(args)
     task = client.request("POST", f"/v1/schedules/{_quote(args.name)}/run")["task"]
     if not args.no_wait:
-        task = _wait(client, task)
+        task = client.wait_task(task)
     return _finish_task(args, task)
 
 
@@ -116,8 +116,6 @@ def domain_list(args: argparse.Namespace) -> int:
 
 # --- snapshots and tasks ---------------------------------------------------------
 
-WAIT_SLICE = 20  # seconds per long-poll of a task (the client times out at 30)
-
 
 def _disks(domains: list[str], specs: list[str]) -> dict[str, list[str]]:
     disks: dict[str, list[str]] = {}
@@ -126,12 +124,6 @@ def _disks(domains: list[str], specs: list[str]) -> dict[str, list[str]]:
         for name in [domain] if sep else domains:
             disks.setdefault(name, []).append(target)
     return disks
-
-
-def _wait(client: Any, task: dict[str, Any]) -> dict[str, Any]:
-    while task["state"] in ("queued", "running"):
-        task = client.get(f"/v1/tasks/{task['id']}?wait={WAIT_SLICE}")
-    return task
 
 
 def _finish_task(args: argparse.Namespace, task: dict[str, Any]) -> int:
@@ -153,7 +145,7 @@ def snapshot_create(args: argparse.Namespace) -> int:
     client = _client(args)
     task = client.request("POST", "/v1/snapshots", body)["task"]
     if not args.no_wait:
-        task = _wait(client, task)
+        task = client.wait_task(task)
     return _finish_task(args, task)
 
 
@@ -162,7 +154,7 @@ def snapshot_delete(args: argparse.Namespace) -> int:
     task = client.request(
         "DELETE", f"/v1/snapshots/{_quote(args.id)}?strategy={args.strategy}")["task"]
     if not args.no_wait:
-        task = _wait_with_bar(client, task) if sys.stderr.isatty() else _wait(client, task)
+        task = _wait_with_bar(client, task) if sys.stderr.isatty() else client.wait_task(task)
     return _finish_task(args, task)
 
 
@@ -218,7 +210,7 @@ def task_show(args: argparse.Namespace) -> int:
 
 def task_wait(args: argparse.Namespace) -> int:
     client = _client(args)
-    return _finish_task(args, _wait(client, client.get(f"/v1/tasks/{_quote(args.id)}")))
+    return _finish_task(args, client.wait_task(client.get(f"/v1/tasks/{_quote(args.id)}")))
 
 
 # --- lab --------------------------------------------------------------------
