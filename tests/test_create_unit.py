@@ -109,3 +109,19 @@ async def test_the_plan_names_the_disks_left_alone(tmp_path: Path) -> None:
     assert CreatePlan.from_dict(doc) == the_plan
     del doc["left_alone"]
     assert CreatePlan.from_dict(doc).left_alone == {}
+
+
+async def test_the_plan_keeps_each_domains_uuid(tmp_path: Path) -> None:
+    """The window holds its domains by the UUIDs seen at plan time; a plan
+    journaled before the field reads back with none (held by name then)."""
+    image = tmp_path / "vda"
+    image.write_bytes(b"\0" * 512)
+    vol = Volume("d/vda", "vda", None, "file", (Layer(str(image), "raw"),))
+    dom = Domain("d", "5f0e3b52-0c36-4f0c-9a57-3f7c2a1d9e11", DomainState.RUNNING,
+                 AgentState.CONNECTED, (vol,))
+    the_plan = await plan(context(dom), CreateRequest(["d"], {}, "n", "", Quiesce.OFF))
+    assert the_plan.uuids == {"d": dom.uuid}
+    doc = the_plan.to_dict()
+    assert CreatePlan.from_dict(doc) == the_plan
+    del doc["uuids"]
+    assert CreatePlan.from_dict(doc).uuids == {}

@@ -4,15 +4,19 @@ from __future__ import annotations
 
 import json
 import subprocess
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
+import libvirt
 import pytest
 
+from conftest import URI
 from gasnap import qemuimg
 from gasnap.guestagent import FreezeState
 from gasnap.hypervisor import AgentState, Domain, DomainState
 from gasnap.lab.workload import freeze_log
-from gasnap.virt import DomainNotFound, LibvirtHypervisor
+from gasnap.virt import DomainChanged, DomainNotFound, LibvirtHypervisor
 
 
 def external_overlay(domain: str, target: str, overlay: Path, others: list[str]) -> None:
@@ -85,3 +89,70 @@ async def test_agent_command_passes_arguments(hv: LibvirtHypervisor, guest: Doma
     enabled = {c["name"] for c in info["supported_commands"] if c["enabled"]}
     assert {"guest-exec", "guest-fsfreeze-freeze", "guest-fsfreeze-thaw"} <= enabled
     assert json.dumps(info)  # plain JSON types
+
+
+# --- held domains: resolved once, by UUID --------------------------------------
+
+_SHELL = """<domain type='qemu'><name>{name}</name><memory unit='MiB'>64</memory>
+  <os><type arch='x86_64'>hvm</type></os></domain>"""
+
+
+@pytest.fixture
+def lookups(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Every lookup by name this process makes through libvirt-python."""
+    seen: list[str] = []
+    real = libvirt.virConnect.lookupByName
+
+    def counting(conn: libvirt.virConnect, name: str) -> libvirt.virDomain:
+        seen.append(name)
+        return real(conn, name)
+
+    monkeypatch.setattr(libvirt.virConnect, "lookupByName", counting)
+    return seen
+
+
+async def test_calls_on_a_held_domain_need_no_lookup_by_name(
+    hv: LibvirtHypervisor, guest: Domain, lookups: list[str]
+) -> None:
+    """The freeze window's calls (agent commands, the switch) use the handle
+    the hold found: no round trip to libvirtd to resolve the name again."""
+    async with hv.hold({guest.name: guest.uuid}):
+        async with hv.hold({guest.name: guest.uuid}):  # holds nest (a group and a delete)
+            await hv.agent.ping(guest.name)
+        await hv.agent.ping(guest.name)
+        assert guest.uuid in await hv.domain_xml(guest.name)
+    assert lookups == []
+    await hv.agent.ping(guest.name)  # released: by name again
+    assert lookups == [guest.name]
+
+
+@pytest.fixture
+def shells() -> Iterator[libvirt.virConnect]:
+    """A connection for defining inactive domains named gt-held*, undefined after."""
+    conn = libvirt.open(URI)
+    try:
+        yield conn
+    finally:
+        for dom in conn.listAllDomains(0):
+            if dom.name().startswith("gt-held"):
+                dom.undefine()
+        conn.close()
+
+
+async def test_a_hold_follows_the_planned_domain_not_its_name(
+    hv: LibvirtHypervisor, shells: libvirt.virConnect
+) -> None:
+    planned = shells.defineXML(_SHELL.format(name="gt-held"))
+    planned_uuid = planned.UUIDString()
+    with pytest.raises(DomainNotFound):
+        async with hv.hold({"gt-held": str(uuid.uuid4())}):
+            pass
+    async with hv.hold({"gt-held": planned_uuid}):
+        planned.rename("gt-held-renamed", 0)
+        newcomer = shells.defineXML(_SHELL.format(name="gt-held"))
+        # Inside the hold the name means the planned domain, not the newcomer.
+        assert planned_uuid in await hv.domain_xml("gt-held")
+    assert newcomer.UUIDString() in await hv.domain_xml("gt-held")
+    with pytest.raises(DomainChanged, match="gt-held-renamed"):
+        async with hv.hold({"gt-held": planned_uuid}):
+            pass

@@ -8,6 +8,7 @@ code must depend on this module, never on ``libvirt`` directly.
 from __future__ import annotations
 
 import enum
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -103,6 +104,12 @@ class Hypervisor(Protocol):
         """NAME as it is now.  ``probe_agent=False``: the guest agent's state
         comes from the domain's definition alone (no ping: ABSENT or
         CONNECTED), for callers that only read disks."""
+
+    def hold(self, domains: dict[str, str]) -> AbstractAsyncContextManager[None]:
+        """Keep DOMAINS (name -> UUID, from ``get_domain`` at plan time)
+        resolved while the block runs, so that the calls inside reach the
+        planned domains without resolving their names again; a name that no
+        longer belongs to its planned domain fails here (a Conflict)."""
 
     async def agent_command(
         self, domain: str, command: str, arguments: dict[str, Any] | None, timeout: float

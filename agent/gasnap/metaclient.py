@@ -176,7 +176,7 @@ class RemoteMetadata:
                 "consistency": final.consistency.value if final.consistency else None,
                 "error": final.error}
         doc = await self._action(snapshot_id, "finalize-snapshot-metadata", body)
-        return meta_from_dict(doc["snapshot"])
+        return await self._with_parent(doc["snapshot"])
 
     async def update_snapshot_status(
         self, snapshot_id: str, status: Status, progress: str
@@ -204,13 +204,16 @@ class RemoteMetadata:
         await self._action(snapshot_id, "snapshot-delete-metadata", {})
 
     async def get_snapshot(self, snapshot_id: str) -> SnapshotMeta:
-        doc = (await self._call("GET", f"/v1/snapshots/{snapshot_id}"))["snapshot"]
+        return await self._with_parent(
+            (await self._call("GET", f"/v1/snapshots/{snapshot_id}"))["snapshot"])
+
+    async def _with_parent(self, doc: dict[str, Any]) -> SnapshotMeta:
         meta = meta_from_dict(doc)
         if "parent" in doc:
             return meta
         # A contract-only service: the parent comes from the volume's listing.
         volume = await self._contract_listing(meta.volume_id, None, None, None, None)
-        return next((m for m in volume if m.id == snapshot_id), meta)
+        return next((m for m in volume if m.id == meta.id), meta)
 
     async def list_snapshots(
         self, volume_id: str | None = None, status: Status | None = None, *,

@@ -76,9 +76,6 @@ class SnapshotService:
     async def record(self, snapshot_id: str) -> dict[str, Any]:
         return snapshot_record(await self.ctx.metadata.get_snapshot(snapshot_id))
 
-    async def _records_of(self, metas: list[SnapshotMeta]) -> list[dict[str, Any]]:
-        return [await self.record(m.id) for m in metas]
-
     async def rename(self, snapshot_id: str, name: str | None,
                      description: str | None) -> dict[str, Any]:
         if name is not None:
@@ -99,7 +96,8 @@ class SnapshotService:
                        extra: dict[str, Any] | None = None) -> dict[str, Any]:
         """Run a planned create; its result, or SnapshotFailed carrying it."""
         outcome = await create.execute(self.ctx, the_plan)
-        result = {**(extra or {}), "snapshots": await self._records_of(outcome.snapshots)}
+        # As finalize answered them (parents included): no second read each.
+        result = {**(extra or {}), "snapshots": [snapshot_record(m) for m in outcome.snapshots]}
         failed = [m for m in outcome.snapshots if m.status is not Status.AVAILABLE]
         if outcome.failure is not None:
             raise SnapshotFailed(outcome.failure.message, code=outcome.failure.code,

@@ -116,7 +116,10 @@ class TaskManager:
         runner.add_done_callback(self._running.discard)
 
     async def _run(self, task: Task, work: Work) -> None:
-        await self.update(task, state=TaskState.RUNNING)
+        # Not written to the journal: after a restart an unfinished task reads
+        # "interrupted" whether it was queued or running, and the write would
+        # sit between the request and its first step.
+        task.state = TaskState.RUNNING
         try:
             result = await work(task)
         except GasnapError as err:

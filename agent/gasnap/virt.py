@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import functools
 import json
 import logging
 import threading
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import libvirt
@@ -61,6 +63,10 @@ class DomainNotFound(VirtError, NotFound):
 
 class DomainNotRunning(VirtError, Conflict):
     code = "domain_not_running"
+
+
+class DomainChanged(VirtError, Conflict):
+    code = "domain_changed"
 
 
 _STATES = {
@@ -225,6 +231,7 @@ class LibvirtHypervisor:
         self._lock = asyncio.Lock()
         self.agent = GuestAgent(self)
         self.block_events = BlockJobEvents()
+        self._held: dict[str, _Held] = {}  # by name; read from worker threads
 
     # connection
 
@@ -306,6 +313,47 @@ class LibvirtHypervisor:
                 raise mapper(err, what) from err
         raise AssertionError("unreachable")
 
+    # held domains
+
+    @contextlib.asynccontextmanager
+    async def hold(self, domains: dict[str, str]) -> AsyncIterator[None]:
+        """Keep DOMAINS (name -> UUID, as planned) resolved while the block
+        runs: calls on them use the handle found here, by UUID, instead of a
+        lookup by name each (a freeze window makes three, each a round trip
+        to libvirtd with the guest frozen), and a name that no longer belongs
+        to the planned domain is refused (DomainChanged), never acted on."""
+        taken: list[str] = []
+        try:
+            for name, uuid in domains.items():
+                await self._hold(name, uuid)
+                taken.append(name)
+            yield
+        finally:
+            for name in taken:
+                held = self._held[name]
+                held.holders -= 1
+                if not held.holders:
+                    del self._held[name]
+
+    async def _hold(self, name: str, uuid: str) -> None:
+        if name not in self._held:
+            conn, dom = await self.call(_by_uuid, name, uuid, what=f"domain {name}")
+            self._held.setdefault(name, _Held(uuid, conn, dom))
+        held = self._held[name]
+        if held.uuid != uuid:
+            raise DomainChanged(f"domain {name} is {held.uuid} for another operation, "
+                                f"not {uuid} as planned")
+        held.holders += 1
+
+    def _domain(self, conn: libvirt.virConnect, name: str) -> libvirt.virDomain:
+        """NAME's handle, in a worker thread: the held one, else by name."""
+        held = self._held.get(name)
+        if held is None:
+            return conn.lookupByName(name)
+        if held.conn is conn:
+            return held.dom
+        return _by_uuid(conn, name, held.uuid)[1]  # reconnected since the hold
+
     # domains
 
     async def list_domains(self) -> list[Domain]:
@@ -329,7 +377,7 @@ class LibvirtHypervisor:
     async def domain_xml(self, name: str, *, inactive: bool = False) -> str:
         flags = libvirt.VIR_DOMAIN_XML_INACTIVE if inactive else 0
         return await self.call(
-            lambda c: c.lookupByName(name).XMLDesc(flags), what=f"domain {name} XML"
+            lambda c: self._domain(c, name).XMLDesc(flags), what=f"domain {name} XML"
         )
 
     async def _volume(self, domain: str, spec: domxml.DiskSpec) -> Volume:
@@ -367,11 +415,10 @@ class LibvirtHypervisor:
             payload["arguments"] = arguments
         # libvirt takes whole seconds; never round a short timeout down to "no wait".
         seconds = max(1, int(-(-timeout // 1)))
+        text = json.dumps(payload)
         raw = await self.call(
-            _agent_command,
-            domain,
-            json.dumps(payload),
-            seconds,
+            lambda c: str(libvirt_qemu.qemuAgentCommand(self._domain(c, domain), text,
+                                                        seconds, 0)),
             what=f"{domain}: {command}",
             retry=False,  # an agent command may have side effects
             mapper=_map_agent_error,
@@ -402,7 +449,7 @@ class LibvirtHypervisor:
         xml = domxml.snapshot_xml(overlays, [*overlays, *others])
 
         def run(conn: libvirt.virConnect) -> None:
-            conn.lookupByName(name).snapshotCreateXML(xml, flags)
+            self._domain(conn, name).snapshotCreateXML(xml, flags)
 
         await self.call(run, what=f"{name}: snapshot", retry=False)
 
@@ -411,7 +458,7 @@ class LibvirtHypervisor:
         points each disk at its overlay."""
 
         def run(conn: libvirt.virConnect) -> None:
-            dom = conn.lookupByName(name)
+            dom = self._domain(conn, name)
             if dom.isActive():
                 raise VirtError(f"{name} started while its overlays were being switched")
             xml = dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE | libvirt.VIR_DOMAIN_XML_SECURE)
@@ -429,7 +476,7 @@ class LibvirtHypervisor:
         if active:
             flags |= libvirt.VIR_DOMAIN_BLOCK_COMMIT_ACTIVE
         self.block_events.forget(name, target)
-        await self.call(lambda c: c.lookupByName(name).blockCommit(
+        await self.call(lambda c: self._domain(c, name).blockCommit(
             target, base, top, bandwidth, flags), what=f"{name}/{target}: block commit",
             retry=False)
 
@@ -438,11 +485,11 @@ class LibvirtHypervisor:
         """Pull everything above BASE into the active layer (BASE None: all)."""
         flags = libvirt.VIR_DOMAIN_BLOCK_REBASE_RELATIVE if base else 0
         self.block_events.forget(name, target)
-        await self.call(lambda c: c.lookupByName(name).blockRebase(
+        await self.call(lambda c: self._domain(c, name).blockRebase(
             target, base, bandwidth, flags), what=f"{name}/{target}: block pull", retry=False)
 
     async def block_job_info(self, name: str, target: str) -> JobInfo | None:
-        info = await self.call(lambda c: c.lookupByName(name).blockJobInfo(target, 0),
+        info = await self.call(lambda c: self._domain(c, name).blockJobInfo(target, 0),
                                what=f"{name}/{target}: block job")
         return JobInfo(int(info["cur"]), int(info["end"])) if info else None
 
@@ -451,7 +498,7 @@ class LibvirtHypervisor:
         return domxml.mirror_ready(xml, target)
 
     async def pivot(self, name: str, target: str) -> None:
-        await self.call(lambda c: c.lookupByName(name).blockJobAbort(
+        await self.call(lambda c: self._domain(c, name).blockJobAbort(
             target, libvirt.VIR_DOMAIN_BLOCK_JOB_ABORT_PIVOT),
             what=f"{name}/{target}: pivot", retry=False, mapper=_map_job_error)
 
@@ -476,7 +523,7 @@ class LibvirtHypervisor:
 
     async def define_disk_source(self, name: str, target: str, path: str, fmt: str) -> None:
         def run(conn: libvirt.virConnect) -> None:
-            dom = conn.lookupByName(name)
+            dom = self._domain(conn, name)
             if dom.isActive():
                 raise VirtError(f"{name} started while its disk {target} was being changed")
             xml = dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE | libvirt.VIR_DOMAIN_XML_SECURE)
@@ -499,32 +546,32 @@ class LibvirtHypervisor:
         return await self.call(run, what="define domain", retry=False)
 
     async def start(self, name: str) -> None:
-        await self.call(lambda c: c.lookupByName(name).create(), what=f"start {name}",
+        await self.call(lambda c: self._domain(c, name).create(), what=f"start {name}",
                         retry=False)
 
     async def reboot(self, name: str) -> None:
         """A clean reboot through the guest agent (qemu-ga never answers it)."""
-        await self.call(lambda c: c.lookupByName(name).reboot(
+        await self.call(lambda c: self._domain(c, name).reboot(
             libvirt.VIR_DOMAIN_REBOOT_GUEST_AGENT), what=f"reboot {name}", retry=False)
 
     async def destroy(self, name: str) -> None:
         """Power off at once; a domain that is already off is fine."""
 
         def run(conn: libvirt.virConnect) -> None:
-            dom = conn.lookupByName(name)
+            dom = self._domain(conn, name)
             if dom.isActive():
                 dom.destroy()
 
         await self.call(run, what=f"destroy {name}")
 
     async def undefine(self, name: str) -> None:
-        await self.call(lambda c: c.lookupByName(name).undefine(), what=f"undefine {name}")
+        await self.call(lambda c: self._domain(c, name).undefine(), what=f"undefine {name}")
 
     async def metadata(self, name: str, uri: str) -> str | None:
         """The custom metadata element under URI, or None."""
 
         def run(conn: libvirt.virConnect) -> str | None:
-            dom = conn.lookupByName(name)
+            dom = self._domain(conn, name)
             try:
                 return str(dom.metadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, uri, 0))
             except libvirt.libvirtError as err:
@@ -543,15 +590,29 @@ class LibvirtHypervisor:
 # --- blocking helpers (run in worker threads) -------------------------------
 
 
+@dataclass
+class _Held:
+    """A domain held by ``hold``: its handle is valid on CONN only."""
+
+    uuid: str
+    conn: libvirt.virConnect
+    dom: libvirt.virDomain
+    holders: int = 0
+
+
 def _read_domain(conn: libvirt.virConnect, name: str) -> tuple[str, DomainState, str]:
+    # Always by name, never a held handle: this is where names are resolved.
     dom = conn.lookupByName(name)
     state = _STATES.get(dom.state()[0], DomainState.NOSTATE)
     return dom.UUIDString(), state, dom.XMLDesc(0)
 
 
-def _agent_command(conn: libvirt.virConnect, name: str, payload: str, seconds: int) -> str:
-    dom = conn.lookupByName(name)
-    return str(libvirt_qemu.qemuAgentCommand(dom, payload, seconds, 0))
+def _by_uuid(conn: libvirt.virConnect, name: str, uuid: str
+             ) -> tuple[libvirt.virConnect, libvirt.virDomain]:
+    dom = conn.lookupByUUIDString(uuid)
+    if dom.name() != name:
+        raise DomainChanged(f"domain {uuid} is named {dom.name()} now, not {name}")
+    return conn, dom
 
 
 async def _probe_chain(top: Layer) -> tuple[Layer, ...]:

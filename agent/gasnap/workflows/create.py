@@ -10,8 +10,9 @@
           → finalizing (chain checked in the live XML; available | error)
 
 Only the switch happens inside the freeze window: the overlays exist before
-the first guest is frozen, and no journal write comes between freeze and
-switch (recovery judges a switch from the live chain either way, and proves
+the first guest is frozen, the domains are held by the UUIDs planned (no name
+lookups in the window), and no journal write comes between freeze and switch
+(recovery judges a switch from the live chain either way, and proves
 consistency only from "thawed").
 """
 
@@ -127,6 +128,9 @@ class CreatePlan:
     # by domain: the disks not snapshotted, named to libvirt as such (without
     # a read of the definition inside the freeze window)
     left_alone: dict[str, list[str]] = field(default_factory=dict)
+    # by domain: its UUID when planned; the window's calls hold the domains by
+    # it (``Hypervisor.hold``) rather than resolve each name again
+    uuids: dict[str, str] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         doc = asdict(self)
@@ -141,6 +145,7 @@ class CreatePlan:
             volumes=[VolumePlan(**v) for v in doc["volumes"]], live=list(doc["live"]),
             running=list(doc["running"]), stopped=list(doc["stopped"]),
             schedule=doc.get("schedule"), left_alone=dict(doc.get("left_alone", {})),
+            uuids=dict(doc.get("uuids", {})),
         )
 
     def of(self, domain: str) -> list[VolumePlan]:
@@ -239,6 +244,7 @@ async def plan(ctx: Context, req: CreateRequest) -> CreatePlan:
     running: list[str] = []
     stopped: list[str] = []
     left_alone: dict[str, list[str]] = {}
+    uuids: dict[str, str] = {}
     # Only quiesce=required needs the guest agent's answer before anything is
     # touched; otherwise the freeze itself finds out (one ping less).
     probe = req.quiesce is Quiesce.REQUIRED
@@ -255,6 +261,7 @@ async def plan(ctx: Context, req: CreateRequest) -> CreatePlan:
             raise DomainStateConflict(f"{dom.name} is {dom.state.value}; gasnap snapshots "
                                       "running, paused and stopped domains")
         _check_quiesce(dom, req.quiesce)
+        uuids[dom.name] = dom.uuid
         chosen = _selected(dom, req.disks.get(dom.name))
         if not chosen:
             raise BadRequest(f"{dom.name} has no disk to snapshot", code="invalid_request")
@@ -279,7 +286,7 @@ async def plan(ctx: Context, req: CreateRequest) -> CreatePlan:
         name=req.name, description=req.description, quiesce=req.quiesce,
         created_at=datetime.now(UTC).isoformat(timespec="microseconds"),
         volumes=volumes, live=live, running=running, stopped=stopped, schedule=req.schedule,
-        left_alone=left_alone,
+        left_alone=left_alone, uuids=uuids,
     )
 
 
@@ -302,7 +309,9 @@ async def execute(ctx: Context, the_plan: CreatePlan) -> Outcome:
         op = await _record(ctx, op, the_plan)
         recorded = True
         op = await _make_overlays(ctx, op, the_plan)
-        op, consistency = await _freeze_window(ctx, op, the_plan)
+        async with ctx.hv.hold({d: the_plan.uuids[d] for d in the_plan.live
+                                if d in the_plan.uuids}):
+            op, consistency = await _freeze_window(ctx, op, the_plan)
         op = await _switch_offline(ctx, op, the_plan)
     except GasnapError as err:
         failure = err
