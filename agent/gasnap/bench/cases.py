@@ -44,16 +44,17 @@ async def create_vs_virsh(hv: LibvirtHypervisor, agent: Agent, runs: int
     (libvirt's work in the window grows with every layer) and gasnap's spare
     would never match a chain that virsh changed.
 
-    Two more freeze windows per round, for reference, with no gasnap in
+    Three more freeze windows per round, for reference, with no gasnap in
     between: a bare client doing gasnap's sequence (freeze, switch to a
-    pre-made overlay, thaw: three libvirt calls), and libvirt quiescing by
-    itself onto the same kind of pre-made overlay (one call)."""
+    pre-made overlay, thaw: three libvirt calls), libvirt quiescing by itself
+    onto the same kind of pre-made overlay (one call), and the floor of any
+    window: freeze and thaw with nothing between."""
     p1 = Comparison("P1", "end-to-end create of a quiesced snapshot", "s",
                     "gasnap snapshot create", "virsh snapshot-create-as --disk-only "
                     "--quiesce --atomic --no-metadata", "<= 1.2x")
     p2 = Comparison("P2", "freeze window inside the guest", "ms", "gasnap",
                     "libvirt QUIESCE", "<= 0.95x")
-    bare: dict[str, list[float]] = {"explicit": [], "quiesce": []}
+    bare: dict[str, list[float]] = {"explicit": [], "quiesce": [], "floor": []}
     api: list[float] = []
     floor: list[float] = []
     virsh_floor: list[float] = []
@@ -63,15 +64,19 @@ async def create_vs_virsh(hv: LibvirtHypervisor, agent: Agent, runs: int
         others = [v.target for v in dom.volumes[1:]]
         directory = Path(vol.active_file).parent
         client = ApiClient(agent.api)
-        variants = ["a", "b", "explicit", "quiesce"]
+        variants = ["a", "b", "explicit", "quiesce", "floor"]
         for i in range(runs):
-            for which in variants[i % 4:] + variants[:i % 4]:
+            for which in variants[i % 5:] + variants[:i % 5]:
                 since = await log_length(hv, name)
                 if which == "a":
                     p1.a.append(await timed(agent.cli("snapshot", "create", name,
                                                       "--quiesce", "required")))
                     p2.a.append(await window_ms(hv, name, since))
                     await _merge_back(hv, client, name, vol.target)
+                    continue
+                if which == "floor":
+                    await asyncio.to_thread(_bare_switch, name, {}, others, mode="floor")
+                    bare[which].append(await window_ms(hv, name, since))
                     continue
                 overlay = directory / f"volume-bench-{which}-{i}.qcow2"
                 if which == "b":
@@ -87,7 +92,7 @@ async def create_vs_virsh(hv: LibvirtHypervisor, agent: Agent, runs: int
                                                  vol.format, await virtual_size(
                                                      vol.active_file, vol.format))
                     await asyncio.to_thread(_bare_switch, name, {vol.target: str(overlay)},
-                                            others, in_libvirt=which == "quiesce")
+                                            others, mode=which)
                     bare[which].append(await window_ms(hv, name, since))
                 await timed(["virsh", "-q", "-c", URI, "blockcommit", name, vol.target,
                              "--active", "--shallow", "--pivot", "--wait"])
@@ -105,6 +110,9 @@ async def create_vs_virsh(hv: LibvirtHypervisor, agent: Agent, runs: int
             Figure("P2", "window of libvirt QUIESCE onto a pre-made overlay (1 call)", "ms",
                    bare["quiesce"], None, note="QUIESCE|REUSE_EXT: libvirt freezes, "
                    "switches and thaws by itself"),
+            Figure("P2", "window of a freeze and a thaw with nothing between (2 calls)",
+                   "ms", bare["floor"], None, note="the floor of any window on this guest: "
+                   "the guest agent's two round trips and hooks"),
             Figure("P1", "the same create through the API from a running client", "ms", api,
                    None, note="the agent's share of P1"),
             Figure("P1", "gasnap task list (the CLI process alone)", "ms", floor, None,
@@ -114,21 +122,24 @@ async def create_vs_virsh(hv: LibvirtHypervisor, agent: Agent, runs: int
 
 
 def _bare_switch(name: str, overlays: dict[str, str], others: list[str], *,
-                 in_libvirt: bool) -> None:
+                 mode: str) -> None:
+    """MODE explicit: freeze, switch, thaw; quiesce: libvirt's one call;
+    floor: freeze, thaw."""
     flags = (libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_DISK_ONLY
              | libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_REUSE_EXT
              | libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_NO_METADATA
              | libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_ATOMIC)
-    xml = domxml.snapshot_xml(overlays, [*overlays, *others])
+    xml = domxml.snapshot_xml(overlays, [*overlays, *others]) if overlays else ""
     conn = libvirt.open(URI)
     try:
         dom = conn.lookupByName(name)
-        if in_libvirt:
+        if mode == "quiesce":
             dom.snapshotCreateXML(xml, flags | libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_QUIESCE)
             return
         libvirt_qemu.qemuAgentCommand(dom, '{"execute": "guest-fsfreeze-freeze"}', 10, 0)
         try:
-            dom.snapshotCreateXML(xml, flags)
+            if mode == "explicit":
+                dom.snapshotCreateXML(xml, flags)
         finally:
             libvirt_qemu.qemuAgentCommand(dom, '{"execute": "guest-fsfreeze-thaw"}', 10, 0)
     finally:
