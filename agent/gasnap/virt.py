@@ -216,6 +216,16 @@ def _map_agent_error(err: libvirt.libvirtError, what: str) -> GasnapError:
 # --- the hypervisor --------------------------------------------------------
 
 
+@dataclass
+class _Held:
+    """A domain held by ``hold``: its handle is valid on CONN only."""
+
+    uuid: str
+    conn: libvirt.virConnect
+    dom: libvirt.virDomain
+    holders: int = 0
+
+
 class LibvirtHypervisor:
     """``gasnap.hypervisor.Hypervisor`` on top of libvirt."""
 
@@ -337,7 +347,8 @@ class LibvirtHypervisor:
 
     async def _hold(self, name: str, uuid: str) -> None:
         if name not in self._held:
-            conn, dom = await self.call(_by_uuid, name, uuid, what=f"domain {name}")
+            conn, dom = await self.call(lambda c: (c, _by_uuid(c, name, uuid)),
+                                        what=f"domain {name}")
             self._held.setdefault(name, _Held(uuid, conn, dom))
         held = self._held[name]
         if held.uuid != uuid:
@@ -352,7 +363,7 @@ class LibvirtHypervisor:
             return conn.lookupByName(name)
         if held.conn is conn:
             return held.dom
-        return _by_uuid(conn, name, held.uuid)[1]  # reconnected since the hold
+        return _by_uuid(conn, name, held.uuid)  # reconnected since the hold
 
     # domains
 
@@ -590,16 +601,6 @@ class LibvirtHypervisor:
 # --- blocking helpers (run in worker threads) -------------------------------
 
 
-@dataclass
-class _Held:
-    """A domain held by ``hold``: its handle is valid on CONN only."""
-
-    uuid: str
-    conn: libvirt.virConnect
-    dom: libvirt.virDomain
-    holders: int = 0
-
-
 def _read_domain(conn: libvirt.virConnect, name: str) -> tuple[str, DomainState, str]:
     # Always by name, never a held handle: this is where names are resolved.
     dom = conn.lookupByName(name)
@@ -607,12 +608,11 @@ def _read_domain(conn: libvirt.virConnect, name: str) -> tuple[str, DomainState,
     return dom.UUIDString(), state, dom.XMLDesc(0)
 
 
-def _by_uuid(conn: libvirt.virConnect, name: str, uuid: str
-             ) -> tuple[libvirt.virConnect, libvirt.virDomain]:
+def _by_uuid(conn: libvirt.virConnect, name: str, uuid: str) -> libvirt.virDomain:
     dom = conn.lookupByUUIDString(uuid)
     if dom.name() != name:
         raise DomainChanged(f"domain {uuid} is named {dom.name()} now, not {name}")
-    return conn, dom
+    return dom
 
 
 async def _probe_chain(top: Layer) -> tuple[Layer, ...]:
