@@ -25,7 +25,9 @@ import pytest
 
 from gasnap.client import ApiClient
 from gasnap.hypervisor import Domain
+from gasnap.images import read_qcow2_header
 from gasnap.lab.guests import Lab
+from gasnap.lab.workload import sh
 from gasnap.virt import LibvirtHypervisor
 from metaservice import free_port
 from pgcluster import Cluster, private_cluster
@@ -89,6 +91,14 @@ async def second(lab: Lab) -> AsyncIterator[Domain]:
 async def merge_guest(lab: Lab) -> AsyncIterator[Domain]:
     """A lab guest for deletes: one 256 MiB disk, room for long merges."""
     dom = await lab.up(f"{PREFIX}merge", disks=1, size_mib=256)
+    yield dom
+    await lab.down(dom.name)
+
+
+@pytest.fixture(scope="session")
+async def raw_guest(lab: Lab) -> AsyncIterator[Domain]:
+    """A lab guest whose one data disk is raw (a Cinder NFS volume's layout)."""
+    dom = await lab.up(f"{PREFIX}raw", disks=1, size_mib=64, disk_format="raw")
     yield dom
     await lab.down(dom.name)
 
@@ -204,7 +214,8 @@ def agent(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Agent]:
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Tests that use a lab fixture are marked ``lab`` (select with -m)."""
-    lab_fixtures = {"guest", "lab", "hv", "agent", "second", "noagent", "merge_guest"}
+    lab_fixtures = {"guest", "lab", "hv", "agent", "second", "noagent", "merge_guest",
+                    "raw_guest"}
     for item in items:
         if lab_fixtures & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.lab)
@@ -261,13 +272,27 @@ def delete_snapshot(agent: Agent, snapshot_id: str, strategy: str = "auto") -> d
     return wait_task(agent, task["task"]["id"])
 
 
-def image_digest(path: str) -> str:
+def image_digest(path: str, fmt: str) -> str:
     """sha256 of an image's content as the guest would read it (whole chain)."""
     with tempfile.TemporaryDirectory() as tmp:
         raw = Path(tmp) / "raw"
-        subprocess.run(["qemu-img", "convert", "-U", "-O", "raw", path, str(raw)], check=True)
+        subprocess.run(["qemu-img", "convert", "-U", "-f", fmt, "-O", "raw", path, str(raw)],
+                       check=True)
         digest = hashlib.sha256()
         with raw.open("rb") as fh:
             for block in iter(lambda: fh.read(1 << 20), b""):
                 digest.update(block)
         return digest.hexdigest()
+
+
+def record_digest(rec: dict[str, Any]) -> str:
+    """image_digest of a snapshot's image, in the format its overlay records."""
+    return image_digest(rec["image"], str(read_qcow2_header(rec["file"]).backing_format))
+
+
+async def active_digest(hv: LibvirtHypervisor, domain: str, target: str = "vda") -> str:
+    """image_digest of the disk as the running guest sees it (synced first)."""
+    await sh(hv, domain, "sync")
+    vol = (await hv.get_domain(domain)).volume(target)
+    assert vol is not None
+    return image_digest(vol.active_file, vol.format)

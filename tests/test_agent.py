@@ -4,8 +4,6 @@ and recovery from a libvirtd restart."""
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import signal
 import subprocess
 import time
@@ -14,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+import libvirtd
 from conftest import GASNAP, Agent, gasnap
 from gasnap.client import ApiClient, ApiError
 from gasnap.hypervisor import Domain
@@ -130,45 +129,25 @@ def test_tcp_with_token(tmp_path: Path) -> None:
 # --- libvirtd restart ------------------------------------------------------
 
 
-def _libvirtd_pid() -> int | None:
-    out = subprocess.run(["pgrep", "-x", "libvirtd"], capture_output=True, text=True,
-                         check=False).stdout.split()
-    return int(out[0]) if out else None
-
-
 @pytest.fixture
-def restartable_libvirtd() -> Iterator[None]:
-    """Only where libvirtd runs as a plain daemon (HOST.md's recipe); a host's
-    systemd-managed libvirtd is not ours to kill."""
-    if _libvirtd_pid() is None or shutil.which("libvirtd") is None:
-        pytest.skip("no libvirtd process to restart")
-    if os.path.exists("/run/systemd/system"):
-        pytest.skip("libvirtd is managed by systemd here")
-    yield
-    if _libvirtd_pid() is None:
-        subprocess.run(["libvirtd", "-d"], check=True)
-
-
-def _stop_libvirtd() -> None:
-    pid = _libvirtd_pid()
-    assert pid is not None
-    os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + 30
-    while _libvirtd_pid() is not None:
-        assert time.monotonic() < deadline, "libvirtd did not stop"
-        time.sleep(0.1)
+def restartable_libvirtd() -> Iterator[bool]:
+    """libvirtd stopped and started the way the host runs it (tests/libvirtd.py);
+    whatever happens, it runs again afterwards."""
+    managed = libvirtd.systemd_managed()
+    yield managed
+    libvirtd.start(managed)
 
 
 def test_agent_recovers_from_a_libvirtd_restart(
-    agent: Agent, guest: Domain, restartable_libvirtd: None
+    agent: Agent, guest: Domain, restartable_libvirtd: bool
 ) -> None:
     assert guest.name in [d["name"] for d in agent.client.get("/v1/domains")["domains"]]
-    _stop_libvirtd()
+    libvirtd.stop()
     with pytest.raises(ApiError) as info:
         agent.client.get("/v1/domains")
     assert info.value.details["status"] == 503
     assert info.value.code == "libvirt_unavailable"
-    subprocess.run(["libvirtd", "-d"], check=True)
+    libvirtd.start(restartable_libvirtd)
     # libvirtd re-attaches each domain's monitor and agent in the background
     # after it starts, so "absent" may be the truth for a moment.
     deadline = time.monotonic() + 60

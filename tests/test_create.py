@@ -22,7 +22,7 @@ from conftest import (
 from gasnap.client import ApiError
 from gasnap.hypervisor import Domain, DomainState
 from gasnap.lab.guests import Lab
-from gasnap.lab.verify import fsck_image
+from gasnap.lab.verify import fsck_snapshot
 from gasnap.lab.workload import freeze_log, sh, start_load, stop_load
 from gasnap.virt import LibvirtHypervisor
 
@@ -67,7 +67,7 @@ async def test_twenty_quiesced_snapshots_have_clean_images(
         assert Path(snap["file"]).name.count(".") == 1  # Cinder naming: volume-X.snap
         st = Path(snap["file"]).stat()
         assert (st.st_uid, st.st_gid, st.st_mode) == (base.st_uid, base.st_gid, base.st_mode)
-        result = await fsck_image(snap["image"])
+        result = await fsck_snapshot(snap)
         assert result.clean, f"{snap['image']}:\n{result.output}"
     header = json.loads(subprocess.run(
         ["qemu-img", "info", "-U", "--output=json", snaps[-1]["file"]],

@@ -60,7 +60,8 @@ class FakeHypervisor:
     def __init__(self, domain: Domain) -> None:
         self.domain = domain
 
-    async def get_domain(self, name: str, *, probe_agent: bool = True) -> Domain:
+    async def get_domain(self, name: str, *, probe_agent: bool = False,
+                         uuid: str | None = None) -> Domain:
         return self.domain
 
     def __getattr__(self, name: str) -> Any:

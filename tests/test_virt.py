@@ -12,7 +12,7 @@ import libvirt
 import pytest
 
 from conftest import URI
-from gasnap import qemuimg
+from gasnap import images
 from gasnap.guestagent import FreezeState
 from gasnap.hypervisor import AgentState, Domain, DomainState
 from gasnap.lab.workload import freeze_log
@@ -48,9 +48,14 @@ async def test_chain_from_the_live_xml_matches_qemu_img(
     external_overlay(guest.name, "vda", overlay, others=["vdb"])
     dom = await hv.get_domain(guest.name)
     for vol in dom.volumes:
-        probed = await qemuimg.info_chain(vol.active_file)
-        assert [layer.path for layer in vol.chain] == [i.filename for i in probed]
-        assert [layer.format for layer in vol.chain] == [i.format for i in probed]
+        # qemu-img with the top format named, and gasnap's own header walk
+        out = subprocess.run(["qemu-img", "info", "-U", "-f", vol.format, "--backing-chain",
+                              "--output=json", vol.active_file], check=True,
+                             capture_output=True, text=True).stdout
+        probed = json.loads(out)
+        assert [layer.path for layer in vol.chain] == [i["filename"] for i in probed]
+        assert [layer.format for layer in vol.chain] == [i["format"] for i in probed]
+        assert await images.read_chain(vol.active_file, vol.format) == vol.chain
     new_vda = dom.volume("vda")
     assert new_vda is not None
     assert [layer.path for layer in new_vda.chain] == [str(overlay), *(x.path for x in vda.chain)]

@@ -44,6 +44,7 @@ class JobEnd(enum.Enum):
 class JobInfo:
     cur: int
     end: int
+    kind: str = ""  # pull, commit, active-commit, copy, other
 
     @property
     def percent(self) -> int:

@@ -18,7 +18,7 @@ from typing import Any
 from .config import Settings
 from .errors import GasnapError
 from .lab.guests import Lab
-from .lab.verify import fsck_image
+from .lab.verify import fsck_snapshot
 from .lab.workload import freeze_log, sh, start_load, stop_load
 from .runtime import Runtime, open_runtime
 from .workflows.create import CreateRequest, Quiesce
@@ -60,7 +60,7 @@ async def _fsck(snapshots: list[dict[str, Any]], say: Callable[..., None]
                 ) -> list[dict[str, Any]]:
     checks = []
     for snap in snapshots:
-        result = await fsck_image(snap["image"])
+        result = await fsck_snapshot(snap)
         checks.append({"snapshot": snap["id"], "image": snap["image"],
                        "e2fsck_exit": result.exitcode,
                        "journal_recovery": result.needs_journal_recovery})

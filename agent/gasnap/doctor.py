@@ -50,7 +50,7 @@ def _state_dir(path: Path) -> Check:
 
 async def _guests(hv: LibvirtHypervisor) -> list[Check]:
     checks = []
-    for dom in await hv.list_domains():
+    for dom in await hv.list_domains(probe_agent=True):
         name = f"guest agent {dom.name}"
         if dom.state is not DomainState.RUNNING:
             checks.append(Check(name, Status.OK, f"{dom.state.value}: not checked"))

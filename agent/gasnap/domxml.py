@@ -30,6 +30,8 @@ class DiskSpec:
     # False when the XML does not say where the chain ends (inactive XML):
     # the layers below the first one must then be read from the images.
     chain_complete: bool
+    shareable: bool = False
+    readonly: bool = False
 
 
 @dataclass(frozen=True)
@@ -86,8 +88,17 @@ def disks(xml: str) -> list[DiskSpec]:
         serial_elem = disk.find("serial")
         serial = serial_elem.text.strip() if serial_elem is not None and serial_elem.text else None
         chain, complete = _chain(disk, source_type)
-        result.append(DiskSpec(str(target.get("dev")), serial, source_type, chain, complete))
+        result.append(DiskSpec(str(target.get("dev")), serial, source_type, chain, complete,
+                               shareable=disk.find("shareable") is not None,
+                               readonly=disk.find("readonly") is not None))
     return result
+
+
+def name(xml: str) -> str:
+    elem = _parse(xml).find("name")
+    if elem is None or not elem.text:
+        raise DomainXMLError("domain XML without a name")
+    return elem.text
 
 
 def agent_channel(xml: str) -> AgentChannel:

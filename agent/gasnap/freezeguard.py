@@ -5,39 +5,46 @@ Linux qemu-ga never thaws by itself, so the guard cannot live in the agent's
 process.  The agent starts one guard process, in its own session so that a
 signal to the agent does not reach it, and talks to it over a pipe:
 
-* ``arm`` DOMAINS TIMEOUT before freezing: the guard starts a deadline per
-  domain on its own monotonic clock;
-* ``disarm`` DOMAINS once the agent has thawed them.
+* ``arm`` DOMAINS TIMEOUT OWNER before freezing: the guard starts a
+  deadline per domain on its own monotonic clock, for that owner (the
+  operation freezing);
+* ``disarm`` DOMAINS OWNER once the owner has thawed them: a domain armed
+  by another owner is left armed, so nobody cancels a deadline it did not set.
 
 The guard thaws an armed domain when its deadline passes, and thaws every
 armed domain at once when the pipe closes (the agent died, however) or when
-it receives SIGTERM (systemd stopping the service).  It uses its own libvirt
-connection and the same guest-agent code as the agent.
+it receives SIGTERM (systemd stopping the service).  A thaw is retried,
+through guest-agent errors and libvirtd restarts alike, until it succeeds
+or the domain is no longer running.  It uses its own libvirt connection and
+the same guest-agent code as the agent.
 
 Run as ``python -m gasnap.freezeguard --uri URI``; protocol: one JSON object
-per line each way.
+per line each way, each reply carrying the ``id`` of its request (a reply
+that comes after its request timed out is recognised and dropped).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import logging
 import os
 import signal
 import sys
 import time
+from dataclasses import dataclass
 from typing import Any
 
-from .errors import GasnapError, Unavailable
-from .guestagent import GuestAgentError
+from .errors import GasnapError, NotFound, Unavailable
 
 log = logging.getLogger(__name__)
 
 THAW_TIMEOUT = 5.0
-THAW_RETRY_FOR = 30.0  # a dead agent's freeze may still hold qemu-ga for a moment
+THAW_PAUSE_MAX = 5.0  # between thaw attempts, growing from 0.2 s
 START_TIMEOUT = 30.0
+REPLY_TIMEOUT = 10.0
 
 
 class FreezeGuardError(Unavailable):
@@ -54,6 +61,7 @@ class FreezeGuard:
         self.uri = uri
         self._proc: asyncio.subprocess.Process | None = None
         self._lock = asyncio.Lock()
+        self._ids = itertools.count(1)
 
     async def start(self) -> None:
         async with self._lock:
@@ -95,20 +103,28 @@ class FreezeGuard:
         async with self._lock:
             proc = await self._ensure()
             assert proc.stdin is not None
+            request = next(self._ids)
             try:
-                proc.stdin.write(json.dumps(doc).encode() + b"\n")
+                proc.stdin.write(json.dumps({**doc, "id": request}).encode() + b"\n")
                 await proc.stdin.drain()
             except (BrokenPipeError, ConnectionResetError) as err:
                 raise FreezeGuardError("freeze guard is gone") from err
-            reply = await self._read(proc, 10)
+            deadline = time.monotonic() + REPLY_TIMEOUT
+            while True:
+                reply = await self._read(proc, max(0.0, deadline - time.monotonic()))
+                if reply.get("id") == request:
+                    break
+                log.warning("freeze guard: dropped a late reply %s", reply)
             if not reply.get("ok"):
-                raise FreezeGuardError(f"freeze guard refused {doc['op']}: {reply}")
+                raise FreezeGuardError(f"freeze guard refused {doc['op']}: "
+                                       f"{reply.get('error', reply)}")
 
-    async def arm(self, domains: list[str], timeout: float) -> None:
-        await self._call({"op": "arm", "domains": domains, "timeout": timeout})
+    async def arm(self, domains: list[str], timeout: float, *, owner: str) -> None:
+        await self._call({"op": "arm", "domains": domains, "timeout": timeout,
+                          "owner": owner})
 
-    async def disarm(self, domains: list[str]) -> None:
-        await self._call({"op": "disarm", "domains": domains})
+    async def disarm(self, domains: list[str], *, owner: str) -> None:
+        await self._call({"op": "disarm", "domains": domains, "owner": owner})
 
     async def close(self) -> None:
         proc, self._proc = self._proc, None
@@ -129,29 +145,42 @@ class FreezeGuard:
 # --- the guard process -------------------------------------------------------
 
 
+@dataclass
+class _Armed:
+    owner: str
+    timer: asyncio.TimerHandle
+
+
 class _Guard:
     def __init__(self, uri: str) -> None:
         from .virt import LibvirtHypervisor  # noqa: PLC0415 - only in the guard process
 
         self.hv = LibvirtHypervisor(uri)
-        self.armed: dict[str, asyncio.TimerHandle] = {}
+        self.armed: dict[str, _Armed] = {}
         self.pending: set[asyncio.Task[None]] = set()
 
-    def arm(self, domains: list[str], timeout: float) -> None:
+    def arm(self, domains: list[str], timeout: float, owner: str) -> str | None:
+        """Arm every one of DOMAINS for OWNER, or none (the error)."""
+        taken = [d for d in domains if d in self.armed and self.armed[d].owner != owner]
+        if taken:
+            return f"{', '.join(taken)} armed by another operation"
         loop = asyncio.get_running_loop()
         for name in domains:
-            self._cancel(name)
-            self.armed[name] = loop.call_later(timeout, self._expire, name)
+            self._drop(name)
+            self.armed[name] = _Armed(owner, loop.call_later(timeout, self._expire, name))
+        return None
 
-    def disarm(self, domains: list[str]) -> None:
+    def disarm(self, domains: list[str], owner: str | None) -> None:
+        """OWNER None: every one (the guard's own shutdown)."""
         for name in domains:
-            self._cancel(name)
-            self.armed.pop(name, None)
+            armed = self.armed.get(name)
+            if armed is not None and owner in (None, armed.owner):
+                self._drop(name)
 
-    def _cancel(self, name: str) -> None:
-        handle = self.armed.get(name)
-        if handle is not None:
-            handle.cancel()
+    def _drop(self, name: str) -> None:
+        armed = self.armed.pop(name, None)
+        if armed is not None:
+            armed.timer.cancel()
 
     def _expire(self, name: str) -> None:
         self.armed.pop(name, None)
@@ -161,24 +190,28 @@ class _Guard:
         task.add_done_callback(self.pending.discard)
 
     async def thaw(self, name: str) -> None:
-        deadline = time.monotonic() + THAW_RETRY_FOR
+        """Until the thaw succeeds: guest-agent errors and libvirtd restarts
+        are waited out; only a domain that no longer runs ends it."""
+        from .virt import DomainNotRunning  # noqa: PLC0415 - only in the guard process
+
+        pause = 0.2
         while True:
             try:
                 count = await self.hv.agent.fsthaw(name, THAW_TIMEOUT)
                 log.warning("freeze guard: thawed %s (%d filesystems)", name, count)
                 return
-            except GuestAgentError as err:
-                if time.monotonic() >= deadline:
-                    log.error("freeze guard: cannot thaw %s: %s", name, err)
-                    return
-            except GasnapError as err:
-                log.error("freeze guard: cannot thaw %s: %s", name, err)
+            except (NotFound, DomainNotRunning) as err:
+                log.warning("freeze guard: %s no longer runs: %s", name, err.message)
                 return
-            await asyncio.sleep(0.2)
+            except GasnapError as err:
+                log.error("freeze guard: cannot thaw %s yet (%s); retrying in %.1fs",
+                          name, err.message, pause)
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, THAW_PAUSE_MAX)
 
     async def thaw_all(self) -> None:
         names = list(self.armed)
-        self.disarm(names)
+        self.disarm(names, None)
         await asyncio.gather(*(self.thaw(n) for n in names), *self.pending)
 
 
@@ -212,13 +245,15 @@ async def _serve(uri: str) -> None:
                     log.warning("freeze guard: agent gone; thawing %s", sorted(guard.armed))
                 break
             doc = json.loads(line)
+            error = None
             if doc["op"] == "arm":
-                guard.arm(list(doc["domains"]), float(doc["timeout"]))
+                error = guard.arm(list(doc["domains"]), float(doc["timeout"]),
+                                  str(doc["owner"]))
             elif doc["op"] == "disarm":
-                guard.disarm(list(doc["domains"]))
+                guard.disarm(list(doc["domains"]), str(doc["owner"]))
             elif doc["op"] == "exit":
                 break
-            _reply({"ok": True})
+            _reply({"id": doc.get("id"), "ok": error is None, "error": error})
     finally:
         await guard.thaw_all()
         await guard.hv.close()

@@ -49,6 +49,12 @@ class Volume:
     serial: str | None
     source_type: str  # "file", "block", "network", ...
     chain: tuple[Layer, ...]  # active layer first
+    # Why the chain below the first layer could not be read without guessing
+    # (a stopped domain's images); then ``chain`` holds the first layer only
+    # and nothing may act on the volume.
+    chain_error: str | None = None
+    shareable: bool = False  # <shareable/>: other domains may write it too
+    readonly: bool = False  # <readonly/>
 
     @property
     def active_file(self) -> str:
@@ -98,12 +104,18 @@ class Hypervisor(Protocol):
     ``gasnap.guestagent`` on top of ``agent_command``, the transport.
     """
 
-    async def list_domains(self) -> list[Domain]: ...
+    async def list_domains(self, *, probe_agent: bool = False) -> list[Domain]: ...
 
-    async def get_domain(self, name: str, *, probe_agent: bool = True) -> Domain:
-        """NAME as it is now.  ``probe_agent=False``: the guest agent's state
-        comes from the domain's definition alone (no ping: ABSENT or
-        CONNECTED), for callers that only read disks."""
+    async def get_domain(self, name: str, *, probe_agent: bool = False,
+                         uuid: str | None = None) -> Domain:
+        """NAME as it is now, or with UUID the domain of that UUID whatever
+        it is called now (its record carries the current name).  The guest
+        agent's state comes from the definition alone (ABSENT or CONNECTED)
+        unless ``probe_agent`` asks for a ping."""
+
+    async def files_in_use(self) -> set[str]:
+        """The real path of every layer of every chain of every domain, in
+        its running and its persistent definition: what nothing may remove."""
 
     def hold(self, domains: dict[str, str]) -> AbstractAsyncContextManager[None]:
         """Keep DOMAINS (name -> UUID, from ``get_domain`` at plan time)

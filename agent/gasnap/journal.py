@@ -47,19 +47,33 @@ class Operation:
     payload: dict[str, Any]
 
 
+def _volumes(payload: dict[str, Any]) -> frozenset[str]:
+    if "volumes" in payload:
+        return frozenset(payload["volumes"])
+    plan = payload.get("plan", {})  # entries written before "volumes" was
+    if "volumes" in plan:
+        return frozenset(v["volume_id"] for v in plan["volumes"])
+    return frozenset([plan["volume_id"]]) if "volume_id" in plan else frozenset()
+
+
 class Journal:
     def __init__(self, path: Path) -> None:
         self._db = SqliteDB(path, SCHEMA)
         # Operations a workflow of this process is still driving; the others
         # (left by a crash, or released) are for recovery to settle.
         self._active: set[str] = set()
+        # The volumes of every unfinished operation known to this process:
+        # until it is settled, nothing else may act on them.
+        self._pending: dict[str, frozenset[str]] = {}
 
     def close(self) -> None:
         self._db.close()
 
     # operations
 
-    async def begin(self, kind: str, step: str, payload: dict[str, Any]) -> Operation:
+    async def begin(self, kind: str, step: str, payload: dict[str, Any],
+                    volumes: list[str]) -> Operation:
+        payload = {**payload, "volumes": sorted(volumes)}
         op = Operation(str(uuid.uuid4()), kind, step, payload)
         now = time.time()
         await self._db.run(lambda c: c.execute(
@@ -67,6 +81,7 @@ class Journal:
             (op.id, kind, step, json.dumps(payload), now, now),
         ))
         self._active.add(op.id)
+        self._pending[op.id] = frozenset(volumes)
         log.debug("%s %s: %s", kind, op.id, step)
         return op
 
@@ -83,11 +98,24 @@ class Journal:
     async def finish(self, op: Operation) -> None:
         await self._db.run(lambda c: c.execute("DELETE FROM operations WHERE id=?", (op.id,)))
         self._active.discard(op.id)
+        self._pending.pop(op.id, None)
         log.debug("%s %s: done", op.kind, op.id)
 
     def release(self, op: Operation) -> None:
-        """The workflow gives OP up unfinished: recovery will settle it."""
+        """The workflow gives OP up unfinished: recovery will settle it, and
+        its volumes stay held until then."""
         self._active.discard(op.id)
+
+    def claim(self, op: Operation) -> None:
+        """Recovery drives OP now (``release`` again if it cannot finish)."""
+        self._active.add(op.id)
+
+    def holder(self, volume: str) -> str | None:
+        """The unfinished operation that holds VOLUME, if any."""
+        for op_id, volumes in self._pending.items():
+            if volume in volumes:
+                return op_id
+        return None
 
     async def unfinished(self) -> list[Operation]:
         """Operations no workflow of this process is driving, oldest first."""
@@ -97,6 +125,8 @@ class Journal:
                     for r in rows]
 
         ops = await self._db.run(run)
+        for op in ops:
+            self._pending.setdefault(op.id, _volumes(op.payload))
         return [op for op in ops if op.id not in self._active]
 
     # tasks
@@ -108,8 +138,11 @@ class Journal:
             (doc["id"], json.dumps(doc), time.time()),
         ))
 
-    async def load_tasks(self) -> list[dict[str, Any]]:
+    async def load_tasks(self, keep: int) -> list[dict[str, Any]]:
+        """The newest KEEP tasks, oldest first; older ones are deleted."""
         def run(conn: sqlite3.Connection) -> list[dict[str, Any]]:
+            conn.execute("DELETE FROM tasks WHERE rowid NOT IN "
+                         "(SELECT rowid FROM tasks ORDER BY rowid DESC LIMIT ?)", (keep,))
             rows = conn.execute("SELECT doc FROM tasks ORDER BY rowid").fetchall()
             return [json.loads(r["doc"]) for r in rows]
 

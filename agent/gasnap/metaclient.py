@@ -26,7 +26,7 @@ from tenacity import (
 )
 
 from . import metrics
-from .errors import BadRequest
+from .errors import BadRequest, Unavailable
 from .metadata import (
     Consistency,
     Finalization,
@@ -50,6 +50,13 @@ class MetadataRejected(MetadataError, BadRequest):
     """The service refused the request itself (4xx other than 404/409)."""
 
     code = "metadata_rejected"
+
+
+class MetadataUnauthorized(MetadataError, Unavailable):
+    """The service refused the agent's credentials: a configuration to fix on
+    this host, not a bad request of the caller's (503)."""
+
+    code = "metadata_unauthorized"
 
 
 class _Retryable(Exception):
@@ -79,6 +86,11 @@ def contract_parents(metas: list[SnapshotMeta]) -> dict[str, str | None]:
         if meta.status is not Status.ERROR:
             last[meta.volume_id] = meta.id
     return parents
+
+
+def _segment(value: str) -> str:
+    """VALUE as one URL path segment: ``/``, ``..`` and ``?`` stay data."""
+    return quote(value, safe="") if value not in (".", "..") else quote(value).replace(".", "%2E")
 
 
 class RemoteMetadata:
@@ -121,13 +133,19 @@ class RemoteMetadata:
             error = (doc or {}).get("error", {}) if isinstance(doc, dict) else {}
             message = error.get("message", f"answered {status}")
             code = error.get("code")
-            if status == 404:
-                raise SnapshotNotFound(message, code=code)
-            if status == 409:
-                raise WrongStatus(message, code=code)
+            if status in (401, 403):
+                raise MetadataUnauthorized(f"metadata service {self._url}: {message} "
+                                           "(check [metadata] token)", status=status)
+            # Only the protocol's own answers mean what the protocol says: a
+            # 404 for something else (a volume, a path) is not "no such snapshot".
+            if status == 404 and code in (None, SnapshotNotFound.code):
+                raise SnapshotNotFound(message)
+            if status == 409:  # the protocol's one conflict: a status transition
+                raise WrongStatus(message, code=code or WrongStatus.code)
             if code == InvalidMarker.code:
                 raise InvalidMarker(message)
-            raise MetadataRejected(f"metadata service: {message}", status=status)
+            raise MetadataRejected(f"metadata service: {message}", status=status,
+                                   code=code or MetadataRejected.code)
         return doc
 
     def _before_sleep(self, state: RetryCallState) -> None:
@@ -155,7 +173,8 @@ class RemoteMetadata:
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def _action(self, snapshot_id: str, action: str, body: dict[str, Any]) -> Any:
-        return await self._call("POST", f"/v1/snapshots/{snapshot_id}/action", {action: body})
+        return await self._call("POST", f"/v1/snapshots/{_segment(snapshot_id)}/action",
+                                {action: body})
 
     # --- the protocol ---------------------------------------------------------
 
@@ -164,7 +183,7 @@ class RemoteMetadata:
                 "description": new.description, "size": new.size,
                 "created_at": new.created_at, "domain": new.domain,
                 "group_id": new.group_id, "target": new.target, "schedule": new.schedule}
-        doc = await self._call("POST", f"/v1/volumes/{quote(new.volume_id, safe='')}/action",
+        doc = await self._call("POST", f"/v1/volumes/{_segment(new.volume_id)}/action",
                                {"create-snapshot-metadata": body})
         return meta_from_dict(doc["snapshot"])
 
@@ -205,7 +224,7 @@ class RemoteMetadata:
 
     async def get_snapshot(self, snapshot_id: str) -> SnapshotMeta:
         return await self._with_parent(
-            (await self._call("GET", f"/v1/snapshots/{snapshot_id}"))["snapshot"])
+            (await self._call("GET", f"/v1/snapshots/{_segment(snapshot_id)}"))["snapshot"])
 
     async def _with_parent(self, doc: dict[str, Any]) -> SnapshotMeta:
         meta = meta_from_dict(doc)

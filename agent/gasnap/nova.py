@@ -12,20 +12,28 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import qemuimg
+from . import images
 from .errors import BadRequest
 from .hypervisor import Domain, Volume
 from .metadata import SnapshotNotFound
 from .service import SnapshotService
 from .tasks import Task
-from .workflows.create import CreateRequest, Preset, Quiesce, VolumeNotFound, check_name
+from .workflows.create import (
+    CreateRequest,
+    Preset,
+    Quiesce,
+    UnsupportedDisk,
+    VolumeNotFound,
+)
 from .workflows.delete import Strategy
 
 DESCRIPTION = "os-assisted-volume-snapshots"
+_SNAPSHOT_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,254}")
 
 
 class InvalidNovaRequest(BadRequest):
@@ -90,7 +98,9 @@ def parse_create(body: dict[str, Any]) -> NovaCreate:
         raise InvalidNovaRequest("snapshot.create_info must be an object")
     _qcow2_type(info, "create_info")
     snapshot_id = _text(info, "snapshot_id", "create_info")
-    check_name(snapshot_id)
+    if not _SNAPSHOT_ID.fullmatch(snapshot_id):
+        raise InvalidNovaRequest("create_info.snapshot_id must be an id (Cinder's: a UUID), "
+                                 "letters, digits, '.', '_' and '-'")
     reply_id = info.get("id", snapshot_id)
     if not isinstance(reply_id, str):
         raise InvalidNovaRequest("create_info.id must be a string")
@@ -130,32 +140,46 @@ def inside(directory: Path, name: str, what: str) -> Path:
     return resolved
 
 
-async def check_image(path: Path, directory: Path, backing: Path | None) -> None:
-    """An existing qcow2 must back onto BACKING (when given) and keep every
-    pointer, backing file and external data file alike, inside DIRECTORY."""
-    info = await qemuimg.info(str(path))
-    if info.format != "qcow2":
-        raise FileMismatch(f"{path.name} is {info.format}, not qcow2")
-    if info.backing_filename is not None:
-        found = inside(directory, info.full_backing_filename or info.backing_filename,
-                       f"the backing file of {path.name}")
-        if backing is not None and found != _real(str(backing)):
-            raise FileMismatch(f"{path.name} backs onto {found.name}, not {backing.name}")
-    elif backing is not None:
-        raise FileMismatch(f"{path.name} has no backing file; expected {backing.name}")
-    if info.data_file is not None:
-        inside(path.parent, info.data_file, f"the data file of {path.name}")
+async def check_overlay(path: Path, vol: Volume) -> None:
+    """A ``new_file`` the caller made: a qcow2 (the call's ``type``) whose
+    backing file is VOL's active file with the active file's format
+    recorded, its data in itself or in a file of the same directory.  Its
+    header is read as qcow2 only because the call says it is one; no format
+    is guessed."""
+    try:
+        header = await asyncio.to_thread(images.read_qcow2_header, str(path))
+    except OSError as err:
+        raise FileMismatch(f"{path.name} cannot be read: {err.strerror}") from err
+    except images.UnsafeImage as err:
+        raise FileMismatch(f"{path.name}: {err.message}") from err
+    if header.data_file is not None:
+        inside(path.parent, header.data_file, f"the data file of {path.name}")
+    active = Path(vol.active_file)
+    if header.backing_file is None:
+        raise FileMismatch(f"{path.name} has no backing file; expected {active.name}")
+    found = inside(path.parent, header.backing_file, f"the backing file of {path.name}")
+    if found != _real(str(active)):
+        raise FileMismatch(f"{path.name} backs onto {found.name}, not {active.name}")
+    if header.backing_format != vol.format:
+        raise FileMismatch(f"{path.name} records its backing file as "
+                           f"{header.backing_format or 'of no format'}; {active.name} is "
+                           f"{vol.format}")
 
 
 # --- the calls ----------------------------------------------------------------------
 
 
 async def _find_volume(service: SnapshotService, volume_id: str) -> tuple[Domain, Volume]:
-    for dom in await service.ctx.hv.list_domains():
-        for vol in dom.volumes:
-            if vol.volume_id == volume_id:
-                return dom, vol
-    raise VolumeNotFound(f"no domain has a disk with serial {volume_id}")
+    """The one disk whose serial is VOLUME_ID (no guest agent is pinged);
+    one attached to several domains is refused (Cinder's multiattach)."""
+    found = [(dom, vol) for dom in await service.ctx.hv.list_domains()
+             for vol in dom.volumes if vol.volume_id == volume_id]
+    if not found:
+        raise VolumeNotFound(f"no domain has a disk with serial {volume_id}")
+    if len(found) > 1:
+        names = ", ".join(dom.name for dom, _ in found)
+        raise UnsupportedDisk(f"volume {volume_id} is attached to several domains ({names})")
+    return found[0]
 
 
 async def create(service: SnapshotService, call: NovaCreate) -> Task:
@@ -166,7 +190,7 @@ async def create(service: SnapshotService, call: NovaCreate) -> Task:
     overlay = inside(active.parent, call.new_file, "new_file")
     reuse = await _exists(overlay)
     if reuse:
-        await check_image(overlay, active.parent, backing=active)
+        await check_overlay(overlay, vol)
     try:
         await service.ctx.metadata.get_snapshot(call.snapshot_id)
     except SnapshotNotFound:
@@ -194,10 +218,11 @@ async def delete(service: SnapshotService, snapshot_id: str, call: NovaDelete) -
     named = {key: inside(directory, value, key) if value is not None else None
              for key, value in (("file_to_merge", call.file_to_merge),
                                 ("merge_target_file", call.merge_target_file))}
+    # The live chain names every file and its format; a named file that is
+    # not in it is refused before anything is read.
     for path in filter(None, named.values()):
         if path not in chain:
             raise FileMismatch(f"{path.name} is not in the chain of {call.volume_id}")
-        await check_image(path, directory, backing=None)
     own = _real(meta.file or "/"), _real(meta.backing_file or "/")
     if call.merge_target_file is None:
         below = chain[chain.index(own[1]) + 1] if own[1] in chain[:-1] else None

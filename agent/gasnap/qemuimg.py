@@ -1,10 +1,16 @@
-"""The qemu-img boundary: every call runs as a subprocess off the event loop."""
+"""The qemu-img boundary: every call runs as a subprocess off the event loop.
+
+Every call names the format of each image it opens (``-f``, and ``-F`` for a
+backing file): qemu-img is never left to guess one from bytes a guest may
+have written (see ``gasnap.images``).  Backing pointers are relative.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import logging
+import os
 import shutil
 from dataclasses import dataclass
 from typing import Any
@@ -51,7 +57,8 @@ class ImageInfo:
 
 
 async def run(*args: str, timeout: float | None = None) -> str:
-    """Run ``qemu-img ARGS`` and return its stdout; raise QemuImgError on failure."""
+    """Run ``qemu-img ARGS`` and return its stdout; raise QemuImgError on failure.
+    Cancelled or timed out, the process is killed: no qemu-img outlives its call."""
     if shutil.which(QEMU_IMG) is None:
         raise QemuImgMissing("qemu-img is not installed (Debian package qemu-utils)")
     proc = await asyncio.create_subprocess_exec(
@@ -63,120 +70,71 @@ async def run(*args: str, timeout: float | None = None) -> str:
     try:
         out, err = await asyncio.wait_for(proc.communicate(), timeout)
     except TimeoutError as exc:
-        proc.kill()
-        await proc.wait()
+        await _kill(proc)
         raise QemuImgError(f"qemu-img {args[0]} timed out after {timeout}s") from exc
+    except asyncio.CancelledError:
+        await asyncio.shield(_kill(proc))
+        raise
     if proc.returncode != 0:
         message = err.decode(errors="replace").strip() or f"exit code {proc.returncode}"
         raise QemuImgError(f"qemu-img {args[0]} failed: {message}")
     return out.decode()
 
 
+async def _kill(proc: asyncio.subprocess.Process) -> None:
+    if proc.returncode is None:
+        proc.kill()
+    await proc.wait()
+
+
 async def version() -> str:
     return (await run("--version")).splitlines()[0]
 
 
-async def info_chain(path: str) -> list[ImageInfo]:
-    """``qemu-img info --backing-chain`` of PATH, top image first.
-
-    ``-U`` (force-share) because the image is usually open by a running QEMU.
-    """
-    out = await run("info", "-U", "--backing-chain", "--output=json", path)
-    docs = json.loads(out)
-    if isinstance(docs, dict):
-        docs = [docs]
-    return [ImageInfo.from_json(doc) for doc in docs]
-
-
-async def info(path: str) -> ImageInfo:
-    out = await run("info", "-U", "--output=json", path)
+async def info(path: str, fmt: str) -> ImageInfo:
+    """``qemu-img info`` of PATH opened as FMT.  ``-U`` (force-share): the
+    image is usually open by a running QEMU."""
+    out = await run("info", "-U", "-f", fmt, "--output=json", path)
     return ImageInfo.from_json(json.loads(out))
 
 
 async def create_overlay(path: str, backing: str, backing_format: str, size: int) -> None:
-    """A qcow2 overlay at PATH on top of BACKING, with a *relative* backing
-    pointer (BACKING's basename: both live in one directory).
+    """A qcow2 overlay at PATH on top of BACKING (a pointer relative to
+    PATH's directory) of BACKING_FORMAT.
 
     ``-u``: the backing image is open read-write by a running QEMU and its
     size is known, so qemu-img must not try to open it.
     """
-    if "/" in backing:
+    if os.path.isabs(backing):
         raise QemuImgError(f"backing pointer must be relative, not {backing!r}")
     await run("create", "-q", "-f", "qcow2", "-u", "-F", backing_format, "-b", backing,
               path, str(size))
 
 
 async def commit(top: str) -> None:
-    """Offline: write TOP's data into its backing file."""
-    await run("commit", "-q", top)
+    """Offline: write TOP's data (a qcow2 overlay) into its backing file,
+    opened with the format TOP's header names."""
+    await run("commit", "-q", "-f", "qcow2", top)
 
 
 async def rebase(image: str, backing: str | None, backing_format: str | None, *,
                  safe: bool) -> None:
-    """Offline: point IMAGE at BACKING (a relative name; None: no backing).
+    """Offline: point IMAGE (a qcow2 overlay) at BACKING, a pointer relative
+    to IMAGE's directory, of BACKING_FORMAT (None: no backing).
 
     ``safe`` copies what differs into IMAGE first (a pull); unsafe only
     rewrites the pointer, for when the contents are already equal (after a
     commit).
     """
-    if backing is not None and "/" in backing:
-        raise QemuImgError(f"backing pointer must be relative, not {backing!r}")
-    args = ["rebase", "-q"]
+    args = ["rebase", "-q", "-f", "qcow2"]
     if not safe:
         args.append("-u")
     if backing is None:
         args += ["-b", ""]
     else:
-        args += ["-F", backing_format or "qcow2", "-b", backing]
+        if os.path.isabs(backing):
+            raise QemuImgError(f"backing pointer must be relative, not {backing!r}")
+        if backing_format is None:
+            raise QemuImgError(f"no format named for the backing file {backing!r}")
+        args += ["-F", backing_format, "-b", backing]
     await run(*args, image)
-
-
-# --- qcow2 headers, read directly ---------------------------------------------------
-# A header read costs microseconds where ``qemu-img info`` costs a process; the
-# create path needs only the virtual size and the backing pointer.
-
-QCOW2_MAGIC = b"QFI\xfb"
-_BACKING_FORMAT_EXT = 0xE2792ACA
-_MAX_HEADER = 64 << 10
-
-
-@dataclass(frozen=True)
-class Qcow2Header:
-    version: int
-    virtual_size: int
-    backing_file: str | None
-    backing_format: str | None
-
-
-def read_qcow2_header(path: str) -> Qcow2Header:
-    """The qcow2 header of PATH (raises QemuImgError if PATH is not qcow2)."""
-    with open(path, "rb") as f:
-        head = f.read(_MAX_HEADER)
-    if len(head) < 72 or head[:4] != QCOW2_MAGIC:
-        raise QemuImgError(f"{path} is not a qcow2 image")
-    version = int.from_bytes(head[4:8], "big")
-    backing_offset = int.from_bytes(head[8:16], "big")
-    backing_size = int.from_bytes(head[16:20], "big")
-    virtual_size = int.from_bytes(head[24:32], "big")
-    backing = None
-    if backing_offset:
-        end = backing_offset + backing_size
-        if end > len(head):
-            raise QemuImgError(f"{path}: backing file name lies outside the header")
-        backing = head[backing_offset:end].decode("utf-8", errors="replace")
-    header_length = int.from_bytes(head[100:104], "big") if version >= 3 else 72
-    return Qcow2Header(version, virtual_size, backing,
-                       _backing_format(head, header_length, backing_offset or len(head)))
-
-
-def _backing_format(head: bytes, offset: int, limit: int) -> str | None:
-    """The backing-format header extension, if any (extensions end with type 0)."""
-    while offset + 8 <= min(limit, len(head)):
-        kind = int.from_bytes(head[offset:offset + 4], "big")
-        length = int.from_bytes(head[offset + 4:offset + 8], "big")
-        if kind == 0:
-            return None
-        if kind == _BACKING_FORMAT_EXT:
-            return head[offset + 8:offset + 8 + length].decode("ascii", errors="replace")
-        offset += 8 + (length + 7) // 8 * 8
-    return None

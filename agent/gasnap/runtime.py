@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from .config import Settings
-from .errors import GasnapError, Unavailable
+from .errors import Unavailable
 from .freezeguard import FreezeGuard
 from .journal import Journal
 from .metaclient import RemoteMetadata
@@ -74,32 +74,36 @@ async def _open_metadata(settings: Settings) -> MetadataService:
 
 
 async def _recover(ctx: Context, guard: FreezeGuard, service: SnapshotService) -> None:
-    """Connect, start the freeze guard, settle the journal; while libvirtd is
-    unreachable, try again (the API answers 503 meanwhile)."""
+    """Connect and start the freeze guard (while libvirtd is unreachable, try
+    again: the API answers 503 meanwhile), then settle the journal once; the
+    agent serves from then on, even if some operation could not be settled
+    (its volumes stay busy and the sweep tries it again)."""
     while True:
         try:
             await ctx.hv.list_domains()
             await guard.start()
-            settled = await recover(ctx)
-            if settled:
-                log.warning("recovery settled %d unfinished operation(s)", settled)
-            service.ready.set()
             break
         except Unavailable as err:
-            log.warning("recovery waits for libvirt or the metadata service: %s", err.message)
+            log.warning("recovery waits for libvirt: %s", err.message)
         await asyncio.sleep(RECOVERY_RETRY)
+    done = await recover(ctx)
+    if done.settled or done.failed:
+        log.warning("recovery settled %d unfinished operation(s); %d left for later",
+                    done.settled, done.failed)
+    service.ready.set()
     await _sweep(ctx)
 
 
 async def _sweep(ctx: Context) -> None:
-    """Settle, now and then, operations a workflow had to give up (the
-    metadata service was away); those still being driven are left alone."""
+    """Settle, now and then, operations a workflow had to give up (a service
+    was away) and those recovery could not settle yet; those still being
+    driven are left alone."""
     while True:
         await asyncio.sleep(SWEEP_INTERVAL)
         try:
-            settled = await recover(ctx)
-        except GasnapError as err:
-            log.info("sweep: %s; trying again later", err.message)
+            done = await recover(ctx)
+        except Exception as err:  # the journal unreadable: the sweep goes on
+            log.error("sweep: %s; trying again later", err, exc_info=True)
             continue
-        if settled:
-            log.warning("sweep settled %d operation(s) given up earlier", settled)
+        if done.settled:
+            log.warning("sweep settled %d operation(s) given up earlier", done.settled)

@@ -108,11 +108,29 @@ class SnapshotService:
                 f"{failed[0].error}", result=result)
         return result
 
+    async def _reserved_plan(self, kind: str, request: create.CreateRequest
+                             ) -> tuple[Task, create.CreatePlan]:
+        """Reserve the request's volumes, then plan it: a plan read before its
+        volumes were held could name an active file that a finishing task
+        replaces (an overlay then built on a stale image).  The first plan
+        only names the volumes; the one returned is read under the hold."""
+        self._check_ready()
+        volumes = {v.volume_id for v in (await create.plan(self.ctx, request)).volumes}
+        task = self.tasks.reserve(kind, volumes)
+        try:
+            the_plan = await create.plan(self.ctx, request)
+            if {v.volume_id for v in the_plan.volumes} != volumes:
+                raise Conflict("the domains' disks changed while the request was planned; "
+                               "try again", code="domain_changed")
+        except BaseException:
+            self.tasks.release(task)
+            self.tasks.discard(task)
+            raise
+        return task, the_plan
+
     async def create(self, request: create.CreateRequest) -> Task:
         """Validate now (errors reach the caller), then run as a task."""
-        self._check_ready()
-        the_plan = await create.plan(self.ctx, request)
-        task = self.tasks.reserve("snapshot-create", {v.volume_id for v in the_plan.volumes})
+        task, the_plan = await self._reserved_plan("snapshot-create", request)
 
         async def work(_task: Task) -> dict[str, Any]:
             return await self._created(the_plan)
@@ -131,9 +149,9 @@ class SnapshotService:
             raise ScheduleRunning(f"schedule {schedule.name} is still running "
                                   f"(task {previous.id}); try again when it ends",
                                   task=previous.id)
-        the_plan = await create.plan(self.ctx, schedule_flow.request(schedule))
+        task, the_plan = await self._reserved_plan("schedule-run",
+                                                   schedule_flow.request(schedule))
         volumes = {v.volume_id for v in the_plan.volumes}
-        task = self.tasks.reserve("schedule-run", volumes)
         self._schedule_runs[schedule.name] = task
 
         async def work(task: Task) -> dict[str, Any]:
@@ -158,9 +176,7 @@ class SnapshotService:
     # deleting
 
     async def delete(self, snapshot_id: str, strategy: delete.Strategy) -> Task:
-        if not self.ready.is_set():
-            raise Unavailable("the agent is still recovering unfinished operations",
-                              code="recovering")
+        self._check_ready()
         meta = await self.ctx.metadata.get_snapshot(snapshot_id)
         # Hold the volume before reading its chain, so the plan stays true.
         task = self.tasks.reserve("snapshot-delete", {meta.volume_id})

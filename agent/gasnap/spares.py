@@ -1,6 +1,6 @@
 """Spare overlays: the next snapshot's overlay, made before it is asked for.
 
-Making an overlay costs a ``qemu-img`` process (13 ms here, per volume); a
+Making an overlay costs a ``qemu-img`` process per volume; a
 request that finds a spare ready only renames it.  Whenever gasnap changes a
 running domain's active file (a snapshot's overlay becomes active, or an
 active commit makes the layer below active again), a spare on top of the new
@@ -8,8 +8,9 @@ active file is made in the background, next to it:
 ``.<volume base name>.gasnap-spare``.
 
 A spare is trusted only after its header is read back at the moment of use:
-it must be qcow2, point (relatively) at the volume's active file of the
-request being served, with that file's format and virtual size.  Anything
+it must be a plain qcow2 (no unknown feature, no external data file), point
+(relatively) at the volume's active file of the request being served, with
+that file's format and virtual size.  Anything
 else (the chain changed under it, the disk was resized, a half-written file
 after a crash) is removed and the overlay is made the ordinary way, so a
 stale spare costs time, never correctness.  A spare holds no data and is not
@@ -24,7 +25,7 @@ import logging
 import os
 from pathlib import Path
 
-from . import qemuimg
+from . import images, qemuimg
 from .errors import GasnapError
 
 log = logging.getLogger(__name__)
@@ -36,14 +37,6 @@ def spare_path(active_file: str, base: str) -> str:
     """The spare of the volume whose active file is ACTIVE_FILE; BASE is the
     volume's base name (its files' common prefix)."""
     return str(Path(active_file).with_name(f".{base}{SUFFIX}"))
-
-
-async def adopt_owner(path: str, like: str) -> None:
-    """Give PATH the owner and mode of LIKE, so the hypervisor opens it as it
-    opens the rest of the chain."""
-    st = await asyncio.to_thread(os.stat, like)
-    await asyncio.to_thread(os.chown, path, st.st_uid, st.st_gid)
-    await asyncio.to_thread(os.chmod, path, st.st_mode & 0o7777)
 
 
 class Spares:
@@ -59,7 +52,8 @@ class Spares:
         if not self.enabled:
             return False
         try:
-            header = await asyncio.to_thread(qemuimg.read_qcow2_header, spare)
+            header = await asyncio.to_thread(images.read_qcow2_header, spare)
+            images.check_plain(spare, header)
         except FileNotFoundError:
             return False
         except (OSError, GasnapError) as err:
@@ -89,7 +83,7 @@ class Spares:
         if making is not None:  # one still being written would land afterwards
             await asyncio.wait([making])
         try:
-            header = await asyncio.to_thread(qemuimg.read_qcow2_header, spare)
+            header = await asyncio.to_thread(images.read_qcow2_header, spare)
         except (OSError, GasnapError):
             return False  # none, or not ours to judge: the next take() checks it
         if header.backing_file != Path(backing).name:
@@ -121,7 +115,7 @@ class Spares:
         tmp = f"{spare}.tmp"
         try:
             await qemuimg.create_overlay(tmp, Path(image).name, fmt, size)
-            await adopt_owner(tmp, image)
+            await images.adopt_owner(tmp, image)
             await asyncio.to_thread(os.replace, tmp, spare)
             log.debug("spare %s ready on %s", spare, image)
         except (OSError, GasnapError) as err:

@@ -31,10 +31,13 @@ class SqliteDB:
             self._conn.execute("BEGIN IMMEDIATE")
             try:
                 result = fn(self._conn)
+                self._conn.execute("COMMIT")
             except BaseException:
-                self._conn.execute("ROLLBACK")
+                # Also after a failed COMMIT (busy, I/O error): the transaction
+                # is still open then, and the next BEGIN would fail forever.
+                if self._conn.in_transaction:
+                    self._conn.execute("ROLLBACK")
                 raise
-            self._conn.execute("COMMIT")
             return result
 
     async def run(self, fn: Callable[[sqlite3.Connection], T]) -> T:

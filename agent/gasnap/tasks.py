@@ -65,6 +65,9 @@ class Task:
 Work = Callable[[Task], Awaitable[dict[str, Any]]]
 
 
+KEEP_FINISHED = 1000  # finished tasks kept for ``task show``; the oldest go first
+
+
 class TaskManager:
     def __init__(self, journal: Journal) -> None:
         self._journal = journal
@@ -74,7 +77,7 @@ class TaskManager:
 
     async def load(self) -> None:
         """Tasks of earlier runs, read-only; one still open then was cut short."""
-        for doc in await self._journal.load_tasks():
+        for doc in await self._journal.load_tasks(KEEP_FINISHED):
             task = Task(doc["id"], doc["kind"], frozenset(), TaskState(doc["state"]),
                         doc.get("progress", 0), doc.get("result"), doc.get("error"))
             if not task.finished:
@@ -94,6 +97,11 @@ class TaskManager:
             if holder is not None:
                 raise VolumeBusy(f"volume {volume} is busy with task {holder}",
                                  task=holder)
+            op = self._journal.holder(volume)
+            if op is not None:
+                raise VolumeBusy(f"volume {volume} has an unfinished operation ({op}) that "
+                                 "recovery has not settled yet; see the agent's log",
+                                 code="volume_recovering", operation=op)
         task = Task(str(uuid.uuid4()), kind, wanted)
         for volume in wanted:
             self._busy[volume] = task.id
@@ -110,7 +118,12 @@ class TaskManager:
                 del self._busy[volume]
 
     async def start(self, task: Task, work: Work) -> None:
-        await self._journal.save_task(task.to_record())
+        try:
+            await self._journal.save_task(task.to_record())
+        except BaseException:
+            self.release(task)
+            self.discard(task)
+            raise
         runner = asyncio.get_running_loop().create_task(self._run(task, work))
         self._running.add(runner)
         runner.add_done_callback(self._running.discard)
@@ -137,6 +150,14 @@ class TaskManager:
         finally:
             self.release(task)
             task.done.set()
+            self._prune()
+
+    def _prune(self) -> None:
+        """Forget the oldest finished tasks past KEEP_FINISHED (in memory; the
+        journal trims its own copy when it loads them)."""
+        finished = [t for t in self._tasks.values() if t.finished]
+        for task in finished[:max(0, len(finished) - KEEP_FINISHED)]:
+            del self._tasks[task.id]
 
     async def update(self, task: Task, *, state: TaskState | None = None,
                      progress: int | None = None, result: dict[str, Any] | None = None,

@@ -17,6 +17,7 @@ import contextlib
 import functools
 import json
 import logging
+import os
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine
@@ -27,7 +28,7 @@ import libvirt
 import libvirt_qemu
 import libvirtaio
 
-from . import domxml, qemuimg
+from . import domxml, images
 from .blockjobs import BlockJobEvents, JobEnd, JobInfo, PivotNotReady, Progress, follow
 from .errors import Conflict, GasnapError, NotFound, Unavailable
 from .guestagent import (
@@ -78,6 +79,13 @@ _STATES = {
     libvirt.VIR_DOMAIN_SHUTOFF: DomainState.SHUTOFF,
     libvirt.VIR_DOMAIN_CRASHED: DomainState.CRASHED,
     libvirt.VIR_DOMAIN_PMSUSPENDED: DomainState.PMSUSPENDED,
+}
+
+_JOB_KINDS = {
+    libvirt.VIR_DOMAIN_BLOCK_JOB_TYPE_PULL: "pull",
+    libvirt.VIR_DOMAIN_BLOCK_JOB_TYPE_COPY: "copy",
+    libvirt.VIR_DOMAIN_BLOCK_JOB_TYPE_COMMIT: "commit",
+    libvirt.VIR_DOMAIN_BLOCK_JOB_TYPE_ACTIVE_COMMIT: "active-commit",
 }
 
 _CONNECTION_ERRORS = {
@@ -251,16 +259,13 @@ class LibvirtHypervisor:
     async def close(self) -> None:
         conn, self._conn = self._conn, None
         if conn is not None:
-            try:
-                conn.unregisterCloseCallback()
-            except libvirt.libvirtError:
-                log.debug("unregisterCloseCallback failed", exc_info=True)
-            await asyncio.to_thread(conn.close)
+            await asyncio.to_thread(_close, conn)
             await _settle()
 
     @property
     def connected(self) -> bool:
-        return self._conn is not None
+        # isAlive reads the client's own socket state: no round trip.
+        return self._conn is not None and bool(self._conn.isAlive())
 
     async def _connection(self) -> libvirt.virConnect:
         async with self._lock:
@@ -308,12 +313,20 @@ class LibvirtHypervisor:
     ) -> T:
         """Run ``fn(conn, *args)`` in a thread.  A connection error drops the
         connection; idempotent calls (``retry``) get one more try on a fresh one,
-        which is what makes a libvirtd restart invisible to readers."""
+        which is what makes a libvirtd restart invisible to readers.  A
+        connection found dead before the call was sent (libvirtd restarted
+        while it sat idle) is replaced for every call: nothing was sent."""
         for attempt in (1, 2):
             conn = await self._connection()
             try:
                 return await asyncio.get_running_loop().run_in_executor(
-                    self._pool, functools.partial(fn, conn, *args))
+                    self._pool, functools.partial(_alive_call, fn, conn, *args))
+            except _Stale:
+                self._drop(conn)
+                if attempt == 1:
+                    log.info("%s: connection found closed, reconnecting", what)
+                    continue
+                raise LibvirtUnavailable(f"{what}: the connection to libvirtd closed") from None
             except libvirt.libvirtError as err:
                 if _is_connection_error(err):
                     self._drop(conn)
@@ -367,23 +380,37 @@ class LibvirtHypervisor:
 
     # domains
 
-    async def list_domains(self) -> list[Domain]:
+    async def list_domains(self, *, probe_agent: bool = False) -> list[Domain]:
         names = await self.domain_names()
-        found = await asyncio.gather(*(self._domain_or_none(n) for n in names))
+        found = await asyncio.gather(*(self._domain_or_none(n, probe_agent) for n in names))
         return sorted((d for d in found if d is not None), key=lambda d: d.name)
 
-    async def _domain_or_none(self, name: str) -> Domain | None:
+    async def _domain_or_none(self, name: str, probe_agent: bool) -> Domain | None:
         try:
-            return await self.get_domain(name)
+            return await self.get_domain(name, probe_agent=probe_agent)
         except DomainNotFound:
             return None  # undefined between listing and reading
 
-    async def get_domain(self, name: str, *, probe_agent: bool = True) -> Domain:
-        uuid, state, xml = await self.call(_read_domain, name, what=f"domain {name}")
+    async def get_domain(self, name: str, *, probe_agent: bool = False,
+                         uuid: str | None = None) -> Domain:
+        found, found_uuid, state, xml = await self.call(_read_domain, name, uuid,
+                                                        what=f"domain {name}")
         specs = domxml.disks(xml)
-        volumes = await asyncio.gather(*(self._volume(name, spec) for spec in specs))
-        agent = await self._agent_state(name, state, xml, probe_agent)
-        return Domain(name, uuid, state, agent, tuple(volumes))
+        volumes = await asyncio.gather(*(self._volume(found, spec) for spec in specs))
+        agent = await self._agent_state(found, state, xml, probe_agent)
+        return Domain(found, found_uuid, state, agent, tuple(volumes))
+
+    async def files_in_use(self) -> set[str]:
+        """The real path of every layer of every disk of every domain, in its
+        running and its persistent definition alike."""
+        paths: list[str] = []
+        for xml in await self.call(_all_definitions, what="domains' disks"):
+            for spec in domxml.disks(xml):
+                chain = spec.chain
+                if not spec.chain_complete and spec.source_type == "file" and chain[0].path:
+                    chain, _ = await _read_chain(chain)
+                paths.extend(layer.path for layer in chain if layer.path)
+        return await asyncio.to_thread(lambda: {os.path.realpath(p) for p in paths})
 
     async def domain_xml(self, name: str, *, inactive: bool = False) -> str:
         flags = libvirt.VIR_DOMAIN_XML_INACTIVE if inactive else 0
@@ -392,11 +419,12 @@ class LibvirtHypervisor:
         )
 
     async def _volume(self, domain: str, spec: domxml.DiskSpec) -> Volume:
-        chain = spec.chain
+        chain, error = spec.chain, None
         if not spec.chain_complete and spec.source_type == "file" and chain[0].path:
-            chain = await _probe_chain(chain[0])
+            chain, error = await _read_chain(chain)
         return Volume(domxml.volume_id(domain, spec), spec.target, spec.serial,
-                      spec.source_type, chain)
+                      spec.source_type, chain, chain_error=error, shareable=spec.shareable,
+                      readonly=spec.readonly)
 
     # guest agent
 
@@ -472,8 +500,7 @@ class LibvirtHypervisor:
             dom = self._domain(conn, name)
             if dom.isActive():
                 raise VirtError(f"{name} started while its overlays were being switched")
-            xml = dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE | libvirt.VIR_DOMAIN_XML_SECURE)
-            conn.defineXML(domxml.with_disk_sources(xml, overlays))
+            conn.defineXML(domxml.with_disk_sources(_current_xml(dom, name), overlays))
 
         await self.call(run, what=f"{name}: switch overlays", retry=False)
 
@@ -502,7 +529,10 @@ class LibvirtHypervisor:
     async def block_job_info(self, name: str, target: str) -> JobInfo | None:
         info = await self.call(lambda c: self._domain(c, name).blockJobInfo(target, 0),
                                what=f"{name}/{target}: block job")
-        return JobInfo(int(info["cur"]), int(info["end"])) if info else None
+        if not info:
+            return None
+        return JobInfo(int(info["cur"]), int(info["end"]),
+                       _JOB_KINDS.get(int(info.get("type", 0)), "other"))
 
     async def mirror_ready(self, name: str, target: str) -> bool:
         xml = await self.domain_xml(name)
@@ -537,8 +567,8 @@ class LibvirtHypervisor:
             dom = self._domain(conn, name)
             if dom.isActive():
                 raise VirtError(f"{name} started while its disk {target} was being changed")
-            xml = dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE | libvirt.VIR_DOMAIN_XML_SECURE)
-            conn.defineXML(domxml.with_disk_sources(xml, {target: path}, fmt=fmt))
+            conn.defineXML(domxml.with_disk_sources(_current_xml(dom, name), {target: path},
+                                                    fmt=fmt))
 
         await self.call(run, what=f"{name}/{target}: change source", retry=False)
 
@@ -601,11 +631,55 @@ class LibvirtHypervisor:
 # --- blocking helpers (run in worker threads) -------------------------------
 
 
-def _read_domain(conn: libvirt.virConnect, name: str) -> tuple[str, DomainState, str]:
-    # Always by name, never a held handle: this is where names are resolved.
-    dom = conn.lookupByName(name)
+def _read_domain(conn: libvirt.virConnect, name: str, uuid: str | None
+                 ) -> tuple[str, str, DomainState, str]:
+    # By UUID when one is given (whatever the domain is called now), else by
+    # name, never a held handle: this is where names are resolved.
+    dom = conn.lookupByUUIDString(uuid) if uuid else conn.lookupByName(name)
     state = _STATES.get(dom.state()[0], DomainState.NOSTATE)
-    return dom.UUIDString(), state, dom.XMLDesc(0)
+    return str(dom.name()), dom.UUIDString(), state, dom.XMLDesc(0)
+
+
+def _all_definitions(conn: libvirt.virConnect) -> list[str]:
+    xmls = []
+    for dom in conn.listAllDomains(0):
+        try:
+            xmls.append(dom.XMLDesc(0))
+            if dom.isActive() and dom.isPersistent():
+                xmls.append(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE))
+        except libvirt.libvirtError as err:
+            if err.get_error_code() != libvirt.VIR_ERR_NO_DOMAIN:
+                raise  # one undefined meanwhile uses nothing any more
+    return xmls
+
+
+def _current_xml(dom: libvirt.virDomain, name: str) -> str:
+    """DOM's persistent definition, refused if the domain is not called NAME
+    any more (renamed since it was planned: never acted on)."""
+    xml = dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE | libvirt.VIR_DOMAIN_XML_SECURE)
+    current = domxml.name(xml)
+    if current != name:
+        raise DomainChanged(f"domain {name} is named {current} now; not changed")
+    return str(xml)
+
+
+class _Stale(Exception):
+    """The connection was already closed: the call was never sent."""
+
+
+def _alive_call(fn: Callable[..., T], conn: libvirt.virConnect, *args: Any) -> T:
+    # isAlive looks at the client's own socket: no round trip to libvirtd.
+    if not conn.isAlive():
+        raise _Stale
+    return fn(conn, *args)
+
+
+def _close(conn: libvirt.virConnect) -> None:
+    try:
+        conn.unregisterCloseCallback()
+    except libvirt.libvirtError:
+        log.debug("unregisterCloseCallback failed", exc_info=True)
+    conn.close()
 
 
 def _by_uuid(conn: libvirt.virConnect, name: str, uuid: str) -> libvirt.virDomain:
@@ -615,11 +689,15 @@ def _by_uuid(conn: libvirt.virConnect, name: str, uuid: str) -> libvirt.virDomai
     return dom
 
 
-async def _probe_chain(top: Layer) -> tuple[Layer, ...]:
-    """The chain of an inactive disk, read from the image headers."""
+async def _read_chain(known: tuple[Layer, ...]) -> tuple[tuple[Layer, ...], str | None]:
+    """The chain of an inactive disk: below the layers the XML names, read
+    from the headers with every format named (never guessed).  When that is
+    not possible, the layers known and the reason."""
+    last = known[-1]
     try:
-        infos = await qemuimg.info_chain(top.path)
-    except qemuimg.QemuImgError:
-        log.debug("cannot probe chain of %s", top.path, exc_info=True)
-        return (top,)
-    return tuple(Layer(i.filename, i.format) for i in infos)
+        below = await images.read_chain(last.path, last.format)
+    except (OSError, GasnapError) as err:
+        reason = err.message if isinstance(err, GasnapError) else str(err)
+        log.warning("cannot read the chain below %s: %s", last.path, reason)
+        return known, reason
+    return (*known[:-1], *below), None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from datetime import UTC, datetime
 from typing import Any
 
@@ -10,7 +11,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from .. import __version__, metrics, nova
 from ..config import Schedule
-from ..errors import BadRequest, NotFound
+from ..errors import BadRequest, NotFound, Unavailable
 from ..httpkit import get_string, json_body, page_answer, page_query
 from ..workflows.create import CreateRequest, Quiesce
 from ..workflows.delete import Strategy
@@ -54,19 +55,24 @@ def _create_request(doc: dict[str, Any]) -> CreateRequest:
 
 
 async def health(request: web.Request) -> web.Response:
-    libvirt = "connected" if request.app[HYPERVISOR].connected else "disconnected"
+    hv = request.app[HYPERVISOR]
+    if not hv.connected:
+        with contextlib.suppress(Unavailable):
+            await hv.connect()  # libvirtd may be back since the last call
+    libvirt = "connected" if hv.connected else "disconnected"
     recovery = "done" if request.app[SERVICE].ready.is_set() else "pending"
     return web.json_response({"status": "ok", "version": __version__, "libvirt": libvirt,
                               "recovery": recovery})
 
 
 async def list_domains(request: web.Request) -> web.Response:
-    domains = await request.app[HYPERVISOR].list_domains()
+    domains = await request.app[HYPERVISOR].list_domains(probe_agent=True)
     return web.json_response({"domains": [d.to_record() for d in domains]})
 
 
 async def get_domain(request: web.Request) -> web.Response:
-    domain = await request.app[HYPERVISOR].get_domain(request.match_info["name"])
+    domain = await request.app[HYPERVISOR].get_domain(request.match_info["name"],
+                                                      probe_agent=True)
     return web.json_response(domain.to_record())
 
 

@@ -18,11 +18,11 @@ import libvirt_qemu
 
 from .. import domxml, qemuimg
 from ..client import ApiClient
+from ..images import virtual_size
 from ..lab.guests import Lab
 from ..lab.workload import sh
 from ..metastore import open_sqlite
 from ..virt import LibvirtHypervisor
-from ..workflows.create import virtual_size
 from .rig import URI, Agent, guests, log_length, timed, window_ms
 from .stats import Comparison, Figure
 
@@ -268,12 +268,13 @@ async def _offline_copy(overlay: str, scratch: Path) -> Path:
     """The guest's overlay (its 1 GiB) on top of a fresh base, for qemu-img."""
     directory = scratch / "copy"
     directory.mkdir(parents=True, exist_ok=True)
-    info = await qemuimg.info(overlay)
+    info = await qemuimg.info(overlay, "qcow2")
     base = directory / "base.qcow2"
     await qemuimg.run("create", "-q", "-f", "qcow2", str(base), str(info.virtual_size))
     copy = directory / "overlay.qcow2"
     await asyncio.to_thread(shutil.copyfile, overlay, copy)
-    await qemuimg.run("rebase", "-q", "-u", "-F", "qcow2", "-b", base.name, str(copy))
+    await qemuimg.run("rebase", "-q", "-u", "-f", "qcow2", "-F", "qcow2", "-b", base.name,
+                      str(copy))
     return copy
 
 

@@ -232,7 +232,8 @@ def _lab_run(args: argparse.Namespace, coro_factory: Any,
 
 
 def lab_up(args: argparse.Namespace) -> int:
-    dom = _lab_run(args, lambda lab: lab.up(args.name, disks=args.disks, size_mib=args.size))
+    dom = _lab_run(args, lambda lab: lab.up(args.name, disks=args.disks, size_mib=args.size,
+                                            disk_format=args.disk_format))
     _show(args, dom.to_record(), lambda record: output.domains([record]))
     return 0
 

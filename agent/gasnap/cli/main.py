@@ -156,6 +156,8 @@ def _lab_parsers(group: argparse.ArgumentParser) -> None:
     up.add_argument("--disks", type=int, default=1)
     up.add_argument("--size", type=int, default=128, help="MiB per data disk")
     _add_json(up)
+    up.add_argument("--disk-format", choices=("qcow2", "raw"), default="qcow2",
+                    help="format of the data disks (default qcow2)")
     up.set_defaults(func=commands.lab_up)
     down = lab.add_parser("down", help="destroy a lab guest and its files")
     down.add_argument("name")

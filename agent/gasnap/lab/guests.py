@@ -1,7 +1,8 @@
 """Disposable lab guests: persistent TCG domains with ext4 data disks and qemu-ga.
 
-Each data disk is laid out as Nova attaches a Cinder volume: a qcow2 file
-``volume-<uuid>`` whose ``<serial>`` is that uuid.  Lab domains carry a
+Each data disk is laid out as Nova attaches a Cinder volume: a qcow2 (or,
+with ``disk_format="raw"``, raw) file ``volume-<uuid>`` whose ``<serial>``
+is that uuid.  Lab domains carry a
 metadata element so that ``lab list``/``lab down`` never touch a domain that
 gasnap did not create.
 """
@@ -64,8 +65,9 @@ async def _run(*argv: str) -> None:
         raise LabError(f"{argv[0]} failed: {err.decode(errors='replace').strip()}")
 
 
-async def make_data_disk(directory: Path, size_mib: int) -> tuple[str, Path]:
-    """A qcow2 ``volume-<uuid>`` holding a fresh ext4; returns (uuid, path)."""
+async def make_data_disk(directory: Path, size_mib: int, fmt: str = "qcow2"
+                         ) -> tuple[str, Path]:
+    """A ``volume-<uuid>`` of FMT holding a fresh ext4; returns (uuid, path)."""
     volume_uuid = str(uuid.uuid4())
     path = directory / f"volume-{volume_uuid}"
     raw = directory / f".{path.name}.raw"
@@ -75,7 +77,10 @@ async def make_data_disk(directory: Path, size_mib: int) -> tuple[str, Path]:
         # Eager init: no lazy-init writes in the guest to blur test results.
         await _run("mkfs.ext4", "-q", "-F", "-E", "lazy_itable_init=0,lazy_journal_init=0",
                    str(raw))
-        await qemuimg.run("convert", "-f", "raw", "-O", "qcow2", str(raw), str(path))
+        if fmt == "raw":
+            raw.rename(path)
+        else:
+            await qemuimg.run("convert", "-f", "raw", "-O", "qcow2", str(raw), str(path))
     finally:
         raw.unlink(missing_ok=True)
     return volume_uuid, path
@@ -85,14 +90,14 @@ async def make_data_disk(directory: Path, size_mib: int) -> tuple[str, Path]:
 
 
 def domain_xml(name: str, image: LabImage, disks: list[tuple[str, Path]],
-               console_log: Path, *, agent: bool = True) -> str:
+               console_log: Path, *, agent: bool = True, disk_format: str = "qcow2") -> str:
     cmdline = f"console=ttyS0 panic=-1 quiet gasnap.disks={len(disks)}"
     if not agent:
         cmdline += " gasnap.agent=off"
     disk_xml = "".join(
         f"""
     <disk type='file' device='disk'>
-      <driver name='qemu' type='qcow2'/>
+      <driver name='qemu' type='{disk_format}'/>
       <source file={quoteattr(str(path))}/>
       <target dev='vd{chr(ord("a") + i)}' bus='virtio'/>
       <serial>{escape(serial)}</serial>
@@ -147,13 +152,16 @@ class Lab:
         return [n for n, is_lab in zip(names, flags, strict=True) if is_lab]
 
     async def list(self) -> list[Domain]:
-        return [await self.hv.get_domain(n) for n in await self.names()]
+        return [await self.hv.get_domain(n, probe_agent=True) for n in await self.names()]
 
     async def up(self, name: str, *, disks: int = 1, size_mib: int = 128,
-                 agent: bool = True, timeout: float = BOOT_TIMEOUT) -> Domain:
+                 agent: bool = True, timeout: float = BOOT_TIMEOUT,
+                 disk_format: str = "qcow2") -> Domain:
         """Create and boot NAME, or boot it if it already exists; return its
         record once the guest agent answers."""
         _validate(name, disks, size_mib)
+        if disk_format not in ("qcow2", "raw"):
+            raise BadRequest(f"--disk-format must be qcow2 or raw, not {disk_format!r}")
         if name in await self.hv.domain_names():
             if not await self.is_lab_guest(name):
                 raise NotALabGuest(f"domain {name} exists and is not a lab guest")
@@ -161,20 +169,22 @@ class Lab:
             if dom.state is DomainState.SHUTOFF:
                 await self.hv.start(name)
         else:
-            await self._create(name, disks, size_mib, agent)
+            await self._create(name, disks, size_mib, agent, disk_format)
         if agent:
             await self.wait_for_agent(name, timeout)
-        return await self.hv.get_domain(name)
+        return await self.hv.get_domain(name, probe_agent=True)
 
-    async def _create(self, name: str, disks: int, size_mib: int, agent: bool) -> None:
+    async def _create(self, name: str, disks: int, size_mib: int, agent: bool,
+                      disk_format: str) -> None:
         image = await ensure_image()
         directory = self.lab_dir / name
         shutil.rmtree(directory, ignore_errors=True)  # leftovers of a failed up
         directory.mkdir(parents=True)
         try:
-            made = await asyncio.gather(*(make_data_disk(directory, size_mib)
+            made = await asyncio.gather(*(make_data_disk(directory, size_mib, disk_format)
                                           for _ in range(disks)))
-            xml = domain_xml(name, image, list(made), directory / "console.log", agent=agent)
+            xml = domain_xml(name, image, list(made), directory / "console.log", agent=agent,
+                             disk_format=disk_format)
             await self.hv.define_and_start(xml)
         except BaseException:
             shutil.rmtree(directory, ignore_errors=True)

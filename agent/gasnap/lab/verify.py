@@ -7,8 +7,9 @@ import asyncio
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from .. import qemuimg
+from .. import images, qemuimg
 
 
 @dataclass(frozen=True)
@@ -26,11 +27,19 @@ class FsckResult:
         return self.exitcode == 0 and not self.needs_journal_recovery
 
 
-async def fsck_image(image: str) -> FsckResult:
-    """e2fsck -fn on a raw copy of IMAGE (read through its backing chain)."""
+async def fsck_snapshot(snapshot: dict[str, Any]) -> FsckResult:
+    """fsck_image on a snapshot record's image, whose format its overlay
+    (``file``, written by gasnap) records."""
+    header = await asyncio.to_thread(images.read_qcow2_header, snapshot["file"])
+    return await fsck_image(snapshot["image"], header.backing_format or "")
+
+
+async def fsck_image(image: str, fmt: str) -> FsckResult:
+    """e2fsck -fn on a raw copy of IMAGE of format FMT (read through its
+    backing chain)."""
     with tempfile.TemporaryDirectory(prefix="gasnap-fsck-") as tmp:
         raw = Path(tmp) / "image.raw"
-        await qemuimg.run("convert", "-U", "-O", "raw", image, str(raw))
+        await qemuimg.run("convert", "-U", "-f", fmt, "-O", "raw", image, str(raw))
         proc = await asyncio.create_subprocess_exec(
             "e2fsck", "-fn", str(raw),
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,

@@ -1,8 +1,12 @@
 """PostgreSQL backend: one store shared by every host and service replica.
 
-One connection per process, used by one worker thread at a time; it is
-reopened after a failure, so a database restart costs the calls made while it
-was down (answered 503, nothing changed) and nothing after.
+A few connections per process (``POOL_SIZE``), each used by one worker
+thread at a time, so one slow call does not queue every other one behind it.
+Every statement and every lock wait is bounded on the server
+(``statement_timeout``, ``lock_timeout``): a call that hits a bound is
+answered 503 with nothing changed, never left hanging.  A connection that
+failed is dropped and the next call opens a fresh one, so a database restart
+costs the calls made while it was down and nothing after.
 """
 
 from __future__ import annotations
@@ -19,6 +23,12 @@ from .backend import Row, StoreUnavailable
 
 T = TypeVar("T")
 CONNECT_TIMEOUT = 5
+POOL_SIZE = 4
+STATEMENT_TIMEOUT_MS = 30_000
+LOCK_TIMEOUT_MS = 10_000
+IDLE_IN_TRANSACTION_MS = 60_000
+_OPTIONS = (f"-c statement_timeout={STATEMENT_TIMEOUT_MS} -c lock_timeout={LOCK_TIMEOUT_MS} "
+            f"-c idle_in_transaction_session_timeout={IDLE_IN_TRANSACTION_MS}")
 
 
 def _sql(sql: str) -> str:
@@ -47,33 +57,52 @@ class PostgresBackend:
 
     def __init__(self, url: str) -> None:
         self._url = url
-        self._conn: psycopg.Connection[Row] | None = None
-        self._lock = threading.Lock()
+        self._idle: list[psycopg.Connection[Row]] = []
+        self._lock = threading.Lock()  # guards _idle
+        self._slots = threading.BoundedSemaphore(POOL_SIZE)
+        self._closed = False
 
-    def _connection(self) -> psycopg.Connection[Row]:
-        if self._conn is None or self._conn.closed:
-            self._conn = psycopg.connect(self._url, autocommit=True, row_factory=dict_row,
-                                         connect_timeout=CONNECT_TIMEOUT)
-        return self._conn
-
-    def _locked(self, fn: Callable[[_PgTx], T]) -> T:
+    def _take(self) -> psycopg.Connection[Row]:
         with self._lock:
+            while self._idle:
+                conn = self._idle.pop()
+                if not conn.closed:
+                    return conn
+        return psycopg.connect(self._url, autocommit=True, row_factory=dict_row,
+                               connect_timeout=CONNECT_TIMEOUT, options=_OPTIONS)
+
+    def _give_back(self, conn: psycopg.Connection[Row]) -> None:
+        with self._lock:
+            if self._closed or conn.closed:
+                conn.close()
+            else:
+                self._idle.append(conn)
+
+    def _run(self, fn: Callable[[_PgTx], T]) -> T:
+        with self._slots:
+            conn: psycopg.Connection[Row] | None = None
             try:
-                conn = self._connection()
+                conn = self._take()
                 with conn.transaction():
-                    return fn(_PgTx(conn))
+                    result = fn(_PgTx(conn))
             except psycopg.OperationalError as err:
-                if self._conn is not None:
-                    self._conn.close()
-                self._conn = None
+                if conn is not None:
+                    conn.close()
                 # The message can hold the host but never the password.
                 raise StoreUnavailable(f"PostgreSQL: {str(err).strip()}") from err
+            except BaseException:
+                if conn is not None:
+                    self._give_back(conn)
+                raise
+            self._give_back(conn)
+            return result
 
     async def run(self, fn: Callable[[_PgTx], T]) -> T:
-        return await asyncio.to_thread(self._locked, fn)
+        return await asyncio.to_thread(self._run, fn)
 
     async def close(self) -> None:
         with self._lock:
-            if self._conn is not None:
-                self._conn.close()
-                self._conn = None
+            self._closed = True
+            idle, self._idle = self._idle, []
+        for conn in idle:
+            conn.close()

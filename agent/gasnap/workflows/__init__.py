@@ -10,6 +10,7 @@ from ..hypervisor import Hypervisor
 from ..journal import Journal
 from ..metadata import MetadataService
 from ..spares import Spares
+from .windows import Windows
 
 
 @dataclass(frozen=True)
@@ -24,3 +25,4 @@ class Context:
     freeze_timeout: float
     merge_bandwidth: int = 0  # MiB/s, 0: unlimited
     spares: Spares = field(default_factory=lambda: Spares(enabled=False))
+    windows: Windows = field(default_factory=Windows)

@@ -32,10 +32,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from .. import faults, metrics, qemuimg
+from .. import faults, images, metrics, qemuimg
 from ..errors import BadRequest, Conflict, GasnapError, NotFound, Unavailable
 from ..freezeguard import FreezeGuardError
-from ..guestagent import AgentAbsent, AgentUnresponsive, GuestAgentError
+from ..guestagent import AgentAbsent, AgentCommandFailed, AgentUnresponsive, GuestAgentError
 from ..hypervisor import AgentState, Domain, DomainState, Volume
 from ..journal import Operation
 from ..metadata import (
@@ -46,7 +46,7 @@ from ..metadata import (
     SnapshotNotFound,
     Status,
 )
-from ..spares import adopt_owner, spare_path
+from ..spares import spare_path
 from . import Context
 from .records import until_recorded
 
@@ -55,7 +55,6 @@ log = logging.getLogger(__name__)
 THAW_TIMEOUT = 5.0
 MAX_NAME = 255
 MAX_DESCRIPTION = 4096
-SNAPSHOT_FORMATS = ("qcow2", "raw")
 
 
 class Quiesce(enum.Enum):
@@ -175,14 +174,6 @@ def spare_of(image: str) -> str:
     return spare_path(image, volume_base(image))
 
 
-async def virtual_size(path: str, fmt: str) -> int:
-    """Read from the qcow2 header (or a raw file's length), not ``qemu-img
-    info``: a process per volume is most of what planning would cost."""
-    if fmt == "qcow2":
-        return (await asyncio.to_thread(qemuimg.read_qcow2_header, path)).virtual_size
-    return (await asyncio.to_thread(os.stat, path)).st_size
-
-
 def check_name(name: str) -> None:
     if len(name) > MAX_NAME:
         raise BadRequest(f"name is longer than {MAX_NAME} characters", code="invalid_name")
@@ -196,7 +187,14 @@ def _check_volume(domain: str, vol: Volume) -> None:
             f"{domain}/{vol.target} is a {vol.source_type} disk; gasnap snapshots file-backed "
             "disks only"
         )
-    if vol.format not in SNAPSHOT_FORMATS:
+    if vol.shareable or vol.readonly:
+        kind = "shareable" if vol.shareable else "read-only"
+        raise UnsupportedDisk(f"{domain}/{vol.target} is {kind}; gasnap snapshots disks "
+                              "that one domain writes")
+    if vol.chain_error is not None:
+        raise UnsupportedDisk(f"{domain}/{vol.target}: its chain cannot be read safely: "
+                              f"{vol.chain_error}")
+    if vol.format not in images.FORMATS:
         raise UnsupportedDisk(
             f"{domain}/{vol.target} is {vol.format or 'of unknown format'}; gasnap snapshots "
             "qcow2 and raw disks only"
@@ -270,8 +268,8 @@ async def plan(ctx: Context, req: CreateRequest) -> CreatePlan:
         for vol in chosen:
             _check_volume(dom.name, vol)
             try:
-                size = await virtual_size(vol.active_file, vol.format)
-            except (OSError, qemuimg.QemuImgError) as err:
+                size = await images.virtual_size(vol.active_file, vol.format)
+            except (OSError, GasnapError) as err:
                 raise UnsupportedDisk(f"{dom.name}/{vol.target}: cannot read "
                                       f"{vol.active_file}: {err}") from err
             preset = req.presets.get(vol.volume_id)
@@ -300,7 +298,8 @@ class Outcome:
 
 
 async def execute(ctx: Context, the_plan: CreatePlan) -> Outcome:
-    op = await ctx.journal.begin("create", "planned", {"plan": the_plan.to_dict()})
+    op = await ctx.journal.begin("create", "planned", {"plan": the_plan.to_dict()},
+                                 volumes=[v.volume_id for v in the_plan.volumes])
     faults.hit("create:planned")
     consistency: dict[str, str] = {}
     failure: GasnapError | None = None
@@ -309,12 +308,15 @@ async def execute(ctx: Context, the_plan: CreatePlan) -> Outcome:
         op = await _record(ctx, op, the_plan)
         recorded = True
         op = await _make_overlays(ctx, op, the_plan)
-        async with ctx.hv.hold({d: the_plan.uuids[d] for d in the_plan.live
-                                if d in the_plan.uuids}):
+        # Every planned domain, stopped ones too: a name that changed hands
+        # since the plan is refused here, never switched.
+        async with ctx.hv.hold(the_plan.uuids):
             op, consistency = await _freeze_window(ctx, op, the_plan)
-        op = await _switch_offline(ctx, op, the_plan)
+            op = await _switch_offline(ctx, op, the_plan)
     except GasnapError as err:
         failure = err
+    except OSError as err:  # chown, chmod, link: the host refused
+        failure = HostIOError(f"{err.strerror or err}: {err.filename or ''}".rstrip(": "))
     reason = failure.message if failure else "the overlay did not become active"
     op = await ctx.journal.step(op, "finalizing", consistency=consistency)
     faults.hit("create:finalizing")
@@ -323,16 +325,19 @@ async def execute(ctx: Context, the_plan: CreatePlan) -> Outcome:
         # records must be finalized, however long the service is away.
         metas = await settle(ctx, the_plan, consistency, reason, persist=recorded)
     except Unavailable as err:
-        # Nothing was touched and the service is still away: the journal keeps
-        # the operation, and the agent's sweep finalizes whatever records
-        # reached the service (an answer lost on the way) once it is back.
-        log.error("create: cannot finalize while the metadata service is away: %s",
-                  err.message)
+        # libvirt, or (before any record existed) the metadata service, is
+        # away: the journal keeps the operation and its volumes, and the
+        # agent's sweep settles it once both answer.
+        log.error("create: cannot finalize now (%s); the sweep will", err.message)
         ctx.journal.release(op)
         return Outcome([], failure or err)
     await ctx.journal.finish(op)
     _prepare_spares(ctx, the_plan, metas)
     return Outcome(metas, failure)
+
+
+class HostIOError(GasnapError):
+    code = "host_io"
 
 
 async def _record(ctx: Context, op: Operation, the_plan: CreatePlan) -> Operation:
@@ -364,8 +369,9 @@ async def _make_overlays(ctx: Context, op: Operation, the_plan: CreatePlan) -> O
 async def _make_overlay(ctx: Context, v: VolumePlan) -> None:
     if await ctx.spares.take(spare_of(v.image), v.image, v.format, v.size, v.overlay):
         return
-    await qemuimg.create_overlay(v.overlay, Path(v.image).name, v.format, v.size)
-    await adopt_owner(v.overlay, v.image)
+    await qemuimg.create_overlay(v.overlay, images.relative_pointer(v.overlay, v.image),
+                                 v.format, v.size)
+    await images.adopt_owner(v.overlay, v.image)
 
 
 def _prepare_spares(ctx: Context, the_plan: CreatePlan, metas: list[SnapshotMeta]) -> None:
@@ -383,13 +389,22 @@ def _prepare_spares(ctx: Context, the_plan: CreatePlan, metas: list[SnapshotMeta
 async def _freeze_window(
     ctx: Context, op: Operation, the_plan: CreatePlan
 ) -> tuple[Operation, dict[str, str]]:
-    """Freeze, switch every live domain, thaw.  Returns the consistency per domain."""
+    """Freeze, switch every live domain, thaw.  Returns the consistency per
+    domain.  The window owns its domains' freezes (``windows``): another
+    window on one of them waits until this one has thawed."""
+    async with ctx.windows.owning(the_plan.uuids.get(d, d) for d in the_plan.live):
+        return await _owned_window(ctx, op, the_plan)
+
+
+async def _owned_window(
+    ctx: Context, op: Operation, the_plan: CreatePlan
+) -> tuple[Operation, dict[str, str]]:
     consistency = {d: Consistency.CRASH.value for d in [*the_plan.live, *the_plan.stopped]}
     to_freeze = [] if the_plan.quiesce is Quiesce.OFF else list(the_plan.running)
     marks = [time.monotonic()]
     if to_freeze:
         try:
-            await ctx.guard.arm(to_freeze, ctx.freeze_timeout)
+            await ctx.guard.arm(to_freeze, ctx.freeze_timeout, owner=op.id)
         except FreezeGuardError as err:
             if the_plan.quiesce is Quiesce.REQUIRED:
                 raise QuiesceFailed(f"cannot freeze safely: {err.message}") from err
@@ -398,17 +413,23 @@ async def _freeze_window(
     op = await ctx.journal.step(op, "freezing", frozen=to_freeze)
     started = time.monotonic()
     marks.append(started)
+    owned = to_freeze
+    switch_errors: dict[str, str] = {}
     try:
-        frozen = await _freeze(ctx, to_freeze, the_plan.quiesce)
+        frozen, owned, stop = await _freeze(ctx, to_freeze, the_plan.quiesce)
+        if stop is not None:
+            raise stop
         marks.append(time.monotonic())
         for name in frozen:
             consistency[name] = Consistency.FILESYSTEM.value
         faults.hit("create:switching")
-        await _switch_live(ctx, the_plan)
+        switch_errors = await _switch_live(ctx, the_plan)
         marks.append(time.monotonic())
         faults.hit("create:switched")
     finally:
-        await _thaw(ctx, to_freeze)
+        await _thaw(ctx, owned, op.id)
+        # A freeze that failed outright was never ours: only its guard goes.
+        await _disarm(ctx, [d for d in to_freeze if d not in owned], op.id)
     marks.append(time.monotonic())
     log.debug("window of %s: arm %.1f ms, freeze %.1f ms, switch %.1f ms, thaw %.1f ms",
               ",".join(the_plan.live), *((b - a) * 1e3 for a, b in itertools.pairwise(marks)))
@@ -420,46 +441,64 @@ async def _freeze_window(
     if to_freeze:
         metrics.FREEZE_SECONDS.observe(time.monotonic() - started)
     op = await ctx.journal.step(op, "thawed", consistency=consistency)
+    if switch_errors:
+        raise SwitchFailed("; ".join(f"{d}: {m}" for d, m in switch_errors.items()))
     return op, consistency
 
 
-async def _freeze(ctx: Context, domains: list[str], quiesce: Quiesce) -> list[str]:
+class SwitchFailed(GasnapError):
+    code = "snapshot_switch_failed"
+
+
+async def _freeze(ctx: Context, domains: list[str], quiesce: Quiesce
+                  ) -> tuple[list[str], list[str], BaseException | None]:
+    """Freeze DOMAINS.  Returns those frozen; those whose freeze is ours to
+    thaw: every one but those whose agent answered the freeze with an error
+    (qemu-ga then froze nothing, or the guest was already frozen by someone
+    else, whose freeze is not ours to end), while a timeout is ours (the
+    guest may have frozen and answered late); and what must stop the create."""
     results = await asyncio.gather(
         *(ctx.agent.fsfreeze(d, ctx.freeze_timeout) for d in domains), return_exceptions=True
     )
-    frozen = []
+    frozen, owned = [], []
+    stop: BaseException | None = None
     for name, result in zip(domains, results, strict=True):
-        if isinstance(result, GuestAgentError):
-            if quiesce is Quiesce.REQUIRED:
-                raise QuiesceFailed(f"{name}: freeze failed: {result.message}") from result
+        if not isinstance(result, AgentCommandFailed):
+            owned.append(name)
+        if not isinstance(result, BaseException):
+            frozen.append(name)
+        elif not isinstance(result, GuestAgentError):
+            stop = stop or result
+        elif quiesce is Quiesce.REQUIRED:
+            stop = stop or QuiesceFailed(f"{name}: freeze failed: {result.message}")
+        else:
             log.warning("%s: freeze failed (%s); its snapshot is crash-consistent",
                         name, result.message)
-        elif isinstance(result, BaseException):
-            raise result
-        else:
-            frozen.append(name)
-    return frozen
+    return frozen, owned, stop
 
 
-async def _switch_live(ctx: Context, the_plan: CreatePlan) -> None:
+async def _switch_live(ctx: Context, the_plan: CreatePlan) -> dict[str, str]:
+    """Switch every live domain; returns libvirt's error per domain that failed
+    (what happened to its disks is judged later, from the live XML)."""
     results = await asyncio.gather(
         *(ctx.hv.switch_overlays(d, {v.target: v.overlay for v in the_plan.of(d)},
                                  the_plan.left_alone.get(d, []))
           for d in the_plan.live),
         return_exceptions=True,
     )
+    errors = {}
     for name, result in zip(the_plan.live, results, strict=True):
         if isinstance(result, GasnapError):
-            # Judged later from the live XML, like every other outcome.
             log.error("%s: snapshot failed: %s", name, result.message)
+            errors[name] = result.message
         elif isinstance(result, BaseException):
             raise result
+    return errors
 
 
-async def _thaw(ctx: Context, domains: list[str]) -> None:
-    """Thaw every domain we tried to freeze, also those whose freeze reported
-    failure (it may have frozen and answered late).  The guard stays armed for
-    any that cannot be thawed now."""
+async def _thaw(ctx: Context, domains: list[str], owner: str) -> None:
+    """Thaw the domains whose freeze is ours.  The guard stays armed for any
+    that cannot be thawed now, and thaws them at its deadline."""
     if not domains:
         return
     results = await asyncio.gather(
@@ -471,11 +510,16 @@ async def _thaw(ctx: Context, domains: list[str]) -> None:
             log.error("%s: thaw failed (%s); the freeze guard will retry", name, result)
         else:
             thawed.append(name)
-    if thawed:
-        try:
-            await ctx.guard.disarm(thawed)
-        except FreezeGuardError as err:
-            log.warning("freeze guard: %s", err.message)
+    await _disarm(ctx, thawed, owner)
+
+
+async def _disarm(ctx: Context, domains: list[str], owner: str) -> None:
+    if not domains:
+        return
+    try:
+        await ctx.guard.disarm(domains, owner=owner)
+    except FreezeGuardError as err:
+        log.warning("freeze guard: %s", err.message)
 
 
 async def _switch_offline(ctx: Context, op: Operation, the_plan: CreatePlan) -> Operation:
@@ -498,42 +542,66 @@ async def settle(
     ctx: Context, the_plan: CreatePlan, consistency: dict[str, str], reason: str,
     *, persist: bool = False,
 ) -> list[SnapshotMeta]:
-    """Finalize every volume from what the domain uses now: overlay active →
-    available (image = the layer below it); otherwise remove the overlay and
-    record the error.  Used by create and by recovery alike.  PERSIST: wait
-    out a metadata outage instead of failing (the disks already changed)."""
+    """Finalize every volume from what its domain (found by the UUID planned,
+    whatever its name now) uses: the overlay in the chain on the planned
+    image → available; otherwise error, and the overlay is removed only
+    after the record says so and only if no chain of any domain holds it.
+    Used by create and by recovery alike.  PERSIST: wait out a metadata
+    outage instead of failing (the disks already changed)."""
     metas = []
+    in_use: set[str] | None = None  # read once, and only if a file may go
     for name in dict.fromkeys(v.domain for v in the_plan.volumes):
-        try:
-            # Only the disks matter here: no ping of the guest agent.
-            dom: Domain | None = await ctx.hv.get_domain(name, probe_agent=False)
-        except NotFound:
-            dom = None
+        dom = await _planned_domain(ctx, the_plan, name)
         for v in the_plan.of(name):
             vol = dom.volume(v.target) if dom is not None else None
+            final = _judge(v, vol, consistency.get(name), reason)
+            remove = final.status is Status.ERROR and not v.reuse and (
+                vol is None or vol.chain_error is None)
+            if remove and in_use is None:
+                in_use = await ctx.hv.files_in_use()
             try:
-                metas.append(await _settle_volume(ctx, v, vol, consistency.get(name), reason,
-                                                  persist=persist))
+                metas.append(await _finalize(ctx, v, final, persist=persist))
             except SnapshotNotFound:
                 log.info("snapshot %s was never recorded; nothing to finalize", v.snapshot_id)
+            if remove and await _real(v.overlay) not in (in_use or set()):
+                await asyncio.to_thread(Path(v.overlay).unlink, missing_ok=True)
+            elif remove:
+                log.warning("snapshot %s failed, but its overlay %s is in a chain: kept",
+                            v.snapshot_id, v.overlay)
     return metas
 
 
-async def _settle_volume(
-    ctx: Context, v: VolumePlan, vol: Volume | None, consistency: str | None, reason: str,
-    *, persist: bool,
-) -> SnapshotMeta:
-    if vol is not None and vol.active_file == v.overlay and len(vol.chain) > 1:
-        final = Finalization(
-            Status.AVAILABLE, file=v.overlay, backing_file=vol.chain[1].path,
-            consistency=Consistency(consistency or Consistency.CRASH.value),
-        )
-    else:
-        if not v.reuse:
-            await asyncio.to_thread(Path(v.overlay).unlink, missing_ok=True)
-        final = Finalization(Status.ERROR, file=None, backing_file=None, consistency=None,
-                             error=reason)
+async def _real(path: str) -> str:
+    return await asyncio.to_thread(os.path.realpath, path)
 
+
+async def _planned_domain(ctx: Context, the_plan: CreatePlan, name: str) -> Domain | None:
+    try:
+        return await ctx.hv.get_domain(name, uuid=the_plan.uuids.get(name))
+    except NotFound:
+        return None
+
+
+def _judge(v: VolumePlan, vol: Volume | None, consistency: str | None,
+           reason: str) -> Finalization:
+    chain = [layer.path for layer in vol.chain] if vol is not None else []
+    if v.overlay in chain:
+        index = chain.index(v.overlay)
+        below = chain[index + 1] if index + 1 < len(chain) else None
+        if below == v.image:
+            return Finalization(
+                Status.AVAILABLE, file=v.overlay, backing_file=v.image,
+                consistency=Consistency(consistency or Consistency.CRASH.value))
+        reason = (f"the overlay {v.overlay} lies on {below} in the live chain, not on the "
+                  f"planned image {v.image}")
+    elif vol is not None and vol.chain_error is not None:
+        reason = f"{reason} (the chain cannot be read: {vol.chain_error})"
+    return Finalization(Status.ERROR, file=None, backing_file=None, consistency=None,
+                        error=reason)
+
+
+async def _finalize(ctx: Context, v: VolumePlan, final: Finalization, *,
+                    persist: bool) -> SnapshotMeta:
     def finalize() -> Awaitable[SnapshotMeta]:
         return ctx.metadata.finalize_snapshot_metadata(v.snapshot_id, final)
 

@@ -24,20 +24,21 @@ import asyncio
 import enum
 import functools
 import logging
+import os
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .. import faults, metrics, qemuimg
+from .. import faults, images, metrics, qemuimg
 from ..blockjobs import JobEnd, JobInfo, PivotNotReady
 from ..errors import Conflict, GasnapError, NotFound, Unavailable
 from ..hypervisor import Domain, DomainState, Volume
 from ..journal import Operation
 from ..metadata import SnapshotMeta, Status, WrongStatus
 from . import Context
-from .create import spare_of, virtual_size
+from .create import HostIOError, UnsupportedDisk, spare_of
 from .records import until_recorded
 
 log = logging.getLogger(__name__)
@@ -80,6 +81,10 @@ class MergeFailed(GasnapError):
     code = "merge_failed"
 
 
+class DomainRenamed(Conflict):
+    code = "domain_changed"
+
+
 @dataclass(frozen=True)
 class Relink:
     snapshot_id: str
@@ -103,6 +108,15 @@ class DeletePlan:
     moved_bytes: int
     chain: list[str]  # the chain when planned, active first
     relinks: list[Relink] = field(default_factory=list)
+    uuid: str | None = None  # the domain's, when planned: every step acts on it alone
+    formats: dict[str, str] = field(default_factory=dict)  # chain file -> its format
+
+    def format_of(self, path: str) -> str:
+        """PATH's format as the live chain named it when planned (never probed)."""
+        try:
+            return self.formats[path]
+        except KeyError:
+            raise MergeFailed(f"no recorded format for {path}; delete again to replan") from None
 
     def to_dict(self) -> dict[str, Any]:
         doc = asdict(self)
@@ -141,10 +155,6 @@ def _locate(meta: SnapshotMeta, dom: Domain) -> tuple[Volume, list[str], int]:
     return vol, chain, index
 
 
-async def _allocated(path: str) -> int:
-    return (await qemuimg.info(path)).actual_size
-
-
 async def plan(ctx: Context, snapshot_id: str, strategy: Strategy) -> DeletePlan:
     meta = await ctx.metadata.get_snapshot(snapshot_id)
     if meta.status not in DELETE_FROM:
@@ -155,6 +165,9 @@ async def plan(ctx: Context, snapshot_id: str, strategy: Strategy) -> DeletePlan
         raise Conflict(f"{dom.name} is {dom.state.value}", code="domain_state")
     live = dom.state is not DomainState.SHUTOFF
     vol, chain, index = _locate(meta, dom)
+    if vol.chain_error is not None or vol.shareable or vol.readonly:
+        raise UnsupportedDisk(f"{dom.name}/{vol.target} cannot be merged safely: "
+                              f"{vol.chain_error or 'shareable or read-only'}")
     if live and await ctx.hv.block_job_info(dom.name, vol.target) is not None:
         raise Conflict(f"a block job already runs on {dom.name}/{vol.target}",
                        code="block_job_running")
@@ -170,7 +183,8 @@ async def plan(ctx: Context, snapshot_id: str, strategy: Strategy) -> DeletePlan
             snapshot_id=meta.id, domain=dom.name, target=vol.target,
             volume_id=meta.volume_id, method=method, top=str(meta.file), base=image,
             remove=remove, pull_base=pull_base, above=above, base_format=base_format,
-            moved_bytes=moved, chain=chain, relinks=relinks or [],
+            moved_bytes=moved, chain=chain, relinks=relinks or [], uuid=dom.uuid,
+            formats={layer.path: layer.format for layer in vol.chain},
         )
 
     if index > 0:  # inner
@@ -178,10 +192,10 @@ async def plan(ctx: Context, snapshot_id: str, strategy: Strategy) -> DeletePlan
             raise StrategyUnsupported(f"snapshot {meta.id} is not the newest of its volume: "
                                       "only commit can merge an inner layer")
         return make(Method.COMMIT if live else Method.OFFLINE_COMMIT, str(meta.file),
-                    above=chain[index - 1], moved=await _allocated(str(meta.file)),
+                    above=chain[index - 1], moved=await images.allocated(str(meta.file)),
                     relinks=[Relink(m.id, backing_file=image) for m in others
                              if m.backing_file == meta.file])
-    top_bytes, base_bytes = await _allocated(str(meta.file)), await _allocated(image)
+    top_bytes, base_bytes = await images.allocated(str(meta.file)), await images.allocated(image)
     if strategy is Strategy.AUTO:
         strategy = Strategy.PULL if base_bytes < top_bytes else Strategy.COMMIT
     if strategy is Strategy.COMMIT:
@@ -197,43 +211,60 @@ async def plan(ctx: Context, snapshot_id: str, strategy: Strategy) -> DeletePlan
 
 
 async def execute(ctx: Context, the_plan: DeletePlan, progress: ProgressSink) -> None:
-    op = await ctx.journal.begin("delete", "planned", {"plan": the_plan.to_dict()})
+    op = await ctx.journal.begin("delete", "planned", {"plan": the_plan.to_dict()},
+                                 volumes=[the_plan.volume_id])
     faults.hit("delete:planned")
     op = await ctx.journal.step(op, "deleting")
     try:
         await ctx.metadata.update_snapshot_status(the_plan.snapshot_id, Status.DELETING, "0%")
     except Unavailable:
-        await ctx.journal.finish(op)  # nothing touched: the record stays as it was
+        # The write may have landed before its answer was lost: the sweep
+        # looks at the record once the service is back (available: nothing
+        # happened; deleting: error_deleting, delete again).
+        ctx.journal.release(op)
         raise
     faults.hit("delete:deleting")
     op = await ctx.journal.step(op, "job")
     started = time.monotonic()
     try:
-        if the_plan.method.live:
-            op = await _live_merge(ctx, op, the_plan, progress, started=False)
-        else:
-            await _offline_merge(ctx, the_plan)
-        faults.hit("delete:merged")
-        await verify(ctx, the_plan)
-    except GasnapError as err:
-        await _failed(ctx, op, the_plan, err)
+        async with ctx.hv.hold(_held(the_plan)):
+            if the_plan.method.live:
+                op = await _live_merge(ctx, op, the_plan, progress, started=False)
+            else:
+                await _offline_merge(ctx, the_plan)
+            faults.hit("delete:merged")
+            await verify(ctx, the_plan)
+    except Unavailable:
+        # libvirtd away: QEMU goes on with the job.  The record stays
+        # deleting and the sweep finishes the merge when libvirtd is back.
+        ctx.journal.release(op)
         raise
+    except (GasnapError, OSError) as err:
+        failure = _as_gasnap(err)
+        await _failed(ctx, op, the_plan, failure)
+        raise failure from err
     metrics.MERGE_SECONDS.labels(the_plan.method.value).observe(time.monotonic() - started)
     metrics.MERGE_BYTES.labels(the_plan.method.value).inc(the_plan.moved_bytes)
     await cleanup(ctx, op, the_plan)
+
+
+def _held(the_plan: DeletePlan) -> dict[str, str]:
+    return {the_plan.domain: the_plan.uuid} if the_plan.uuid else {}
+
+
+def _as_gasnap(err: GasnapError | OSError) -> GasnapError:
+    if isinstance(err, GasnapError):
+        return err
+    return HostIOError(f"{err.strerror or err}: {err.filename or ''}".rstrip(": "))
 
 
 async def _live_merge(ctx: Context, op: Operation, the_plan: DeletePlan,
                       progress: ProgressSink, *, started: bool) -> Operation:
     name, target = the_plan.domain, the_plan.target
     if not started:
-        if the_plan.method is Method.PULL:
-            await ctx.hv.block_pull(name, target, the_plan.pull_base,
-                                    bandwidth=ctx.merge_bandwidth)
-        else:
-            await ctx.hv.block_commit(name, target, the_plan.top, the_plan.base,
-                                      active=the_plan.method is Method.ACTIVE_COMMIT,
-                                      bandwidth=ctx.merge_bandwidth)
+        # Never inside a freeze window of the same domain (see windows).
+        async with ctx.windows.owning([the_plan.uuid or name]):
+            await _start_job(ctx, the_plan)
     faults.hit("delete:job")
     reporter = _Reporter(ctx, the_plan.snapshot_id, progress)
     want_ready = the_plan.method is Method.ACTIVE_COMMIT
@@ -249,6 +280,16 @@ async def _live_merge(ctx: Context, op: Operation, the_plan: DeletePlan,
         raise MergeFailed(f"{name}/{target}: the block job {end.value}")
     await reporter.done()
     return op
+
+
+async def _start_job(ctx: Context, the_plan: DeletePlan) -> None:
+    name, target = the_plan.domain, the_plan.target
+    if the_plan.method is Method.PULL:
+        await ctx.hv.block_pull(name, target, the_plan.pull_base, bandwidth=ctx.merge_bandwidth)
+    else:
+        await ctx.hv.block_commit(name, target, the_plan.top, the_plan.base,
+                                  active=the_plan.method is Method.ACTIVE_COMMIT,
+                                  bandwidth=ctx.merge_bandwidth)
 
 
 async def _pivot(ctx: Context, name: str, target: str) -> None:
@@ -273,25 +314,33 @@ async def _chain_settles(ctx: Context, the_plan: DeletePlan) -> None:
 
 
 async def _offline_merge(ctx: Context, the_plan: DeletePlan) -> None:
+    """qemu-img with every format named from the plan's chain and relative
+    pointers (a layer may sit in another directory than the one below)."""
     if the_plan.method is Method.OFFLINE_COMMIT:
         await qemuimg.commit(the_plan.top)
         if the_plan.above is not None:
-            await qemuimg.rebase(the_plan.above, Path(the_plan.base).name,
+            await qemuimg.rebase(the_plan.above,
+                                 images.relative_pointer(the_plan.above, the_plan.base),
                                  the_plan.base_format, safe=False)
     else:
         below = the_plan.pull_base
-        fmt = (await qemuimg.info(below)).format if below else None
-        await qemuimg.rebase(the_plan.top, Path(below).name if below else None, fmt, safe=True)
+        await qemuimg.rebase(
+            the_plan.top, images.relative_pointer(the_plan.top, below) if below else None,
+            the_plan.format_of(below) if below else None, safe=True)
     # libvirt keeps the whole <backingStore> chain in the persistent definition
     # and trusts it at the next start: rewrite the disk so that it names the
     # new active layer and nothing below it (read from the headers again).
     active = the_plan.expected_chain[0]
     await ctx.hv.define_disk_source(the_plan.domain, the_plan.target, active,
-                                    (await qemuimg.info(active)).format)
+                                    the_plan.format_of(active))
 
 
 async def _chain(ctx: Context, the_plan: DeletePlan) -> list[str]:
-    dom = await ctx.hv.get_domain(the_plan.domain)
+    """The volume's chain now, read from the planned domain (by UUID)."""
+    dom = await ctx.hv.get_domain(the_plan.domain, uuid=the_plan.uuid)
+    if dom.name != the_plan.domain:
+        raise DomainRenamed(f"domain {the_plan.domain} is named {dom.name} now; "
+                            "its merge is not touched")
     vol = dom.volume(the_plan.target)
     return [layer.path for layer in vol.chain] if vol is not None else []
 
@@ -316,7 +365,7 @@ async def cleanup(ctx: Context, op: Operation, the_plan: DeletePlan) -> None:
             functools.partial(meta_svc.update_snapshot_files, relink.snapshot_id, relink.file,
                               relink.backing_file), f"relink {relink.snapshot_id}")
     faults.hit("delete:cleanup")
-    await asyncio.to_thread(Path(the_plan.remove).unlink, missing_ok=True)
+    await _remove(ctx, the_plan.remove)
     if await ctx.spares.forget(spare_of(the_plan.remove), the_plan.remove):
         await _replace_spare(ctx, the_plan)
     meta = await until_recorded(functools.partial(meta_svc.get_snapshot, sid), f"read {sid}")
@@ -328,6 +377,14 @@ async def cleanup(ctx: Context, op: Operation, the_plan: DeletePlan) -> None:
     await ctx.journal.finish(op)
 
 
+async def _remove(ctx: Context, path: str) -> None:
+    """PATH left the planned chain; it goes unless another chain holds it."""
+    if await asyncio.to_thread(os.path.realpath, path) in await ctx.hv.files_in_use():
+        log.error("%s left the merged chain but another chain uses it: kept", path)
+        return
+    await asyncio.to_thread(Path(path).unlink, missing_ok=True)
+
+
 async def _replace_spare(ctx: Context, the_plan: DeletePlan) -> None:
     """The volume's spare pointed at the file just removed.  After an active
     commit S.image is the active layer again: the next snapshot's spare goes
@@ -336,7 +393,7 @@ async def _replace_spare(ctx: Context, the_plan: DeletePlan) -> None:
     if the_plan.method is not Method.ACTIVE_COMMIT:
         return
     try:
-        size = await virtual_size(the_plan.base, the_plan.base_format)
+        size = await images.virtual_size(the_plan.base, the_plan.base_format)
     except (OSError, GasnapError) as err:
         log.debug("no spare on %s: %s", the_plan.base, err)
         return
@@ -378,37 +435,63 @@ class _Reporter:
 # --- recovery -------------------------------------------------------------------
 
 
+_JOB_KIND = {Method.PULL: "pull", Method.COMMIT: "commit",
+             Method.ACTIVE_COMMIT: "active-commit"}
+
+
 async def resume(ctx: Context, op: Operation) -> None:
     """Finish or settle a delete the journal shows unfinished, from the live
-    chain and libvirt's job state (libvirt keeps jobs across our restarts)."""
+    chain and libvirt's job state (libvirt keeps jobs across our restarts).
+    Only the planned domain (by UUID, under its planned name) is acted on,
+    and only a job of the kind gasnap started is followed or pivoted."""
     the_plan = DeletePlan.from_dict(op.payload["plan"])
     try:
         meta = await ctx.metadata.get_snapshot(the_plan.snapshot_id)
     except NotFound:
         await ctx.journal.finish(op)  # cleanup had already finished
         return
-    chain = await _chain(ctx, the_plan)
+    try:
+        chain = await _chain(ctx, the_plan)
+    except (NotFound, DomainRenamed) as err:
+        await _give_up(ctx, op, the_plan, meta, f"{err.message}; nothing was changed")
+        return
     if chain == the_plan.expected_chain:
         log.warning("recovery: merge for %s is done; cleaning up", the_plan.snapshot_id)
         await cleanup(ctx, op, the_plan)
         return
-    running = (the_plan.method.live and op.step in ("job", "pivot")
-               and await ctx.hv.block_job_info(the_plan.domain, the_plan.target) is not None)
-    if running:
-        log.warning("recovery: resuming the block job of %s", the_plan.snapshot_id)
-        try:
+    job = None
+    if the_plan.method.live and op.step in ("job", "pivot"):
+        job = await ctx.hv.block_job_info(the_plan.domain, the_plan.target)
+    if job is not None and job.kind != _JOB_KIND[the_plan.method]:
+        await _give_up(ctx, op, the_plan, meta, f"a {job.kind} job that gasnap did not start "
+                       f"runs on {the_plan.domain}/{the_plan.target}; left alone")
+        return
+    if job is None:
+        await _give_up(ctx, op, the_plan, meta,
+                       "interrupted: the merge did not finish; delete again to retry")
+        return
+    log.warning("recovery: resuming the block job of %s", the_plan.snapshot_id)
+    try:
+        async with ctx.hv.hold(_held(the_plan)):
             op = await _live_merge(ctx, op, the_plan, _no_progress, started=True)
             await verify(ctx, the_plan)
-        except GasnapError as err:
-            await _failed(ctx, op, the_plan, err)
-            return
-        await cleanup(ctx, op, the_plan)
+    except Unavailable:
+        raise  # libvirtd still away: the next sweep tries again
+    except GasnapError as err:
+        await _failed(ctx, op, the_plan, err)
         return
+    await cleanup(ctx, op, the_plan)
+
+
+async def _give_up(ctx: Context, op: Operation, the_plan: DeletePlan, meta: SnapshotMeta,
+                   reason: str) -> None:
+    """End OP without touching disks: error_deleting if the merge may have
+    started (delete again to retry), the record as it was otherwise."""
     if meta.status is Status.DELETING:
-        reason = MergeFailed("interrupted: the merge did not finish; delete again to retry")
-        await _failed(ctx, op, the_plan, reason)
+        await _failed(ctx, op, the_plan, MergeFailed(reason))
     else:
-        await ctx.journal.finish(op)  # never started: the record is as it was
+        log.warning("recovery: delete of %s never started (%s)", the_plan.snapshot_id, reason)
+        await ctx.journal.finish(op)
 
 
 async def _no_progress(_percent: int) -> None:

@@ -1,7 +1,10 @@
 """Recovery at start: settle every operation the journal shows unfinished.
 
 Deletes are resumed from the live chain and libvirt's job state (see
-``delete.resume``); creates are settled as below.
+``delete.resume``); creates are settled as below.  Each operation is
+settled on its own: one that cannot be settled now (a domain gone, a
+service away, anything unexpected) is logged with its reason and tried
+again at the next pass, its volumes held meanwhile, and the others go on.
 
 The journal says what may have happened; the live domain XML says what did.
 Guests the journal shows (possibly) frozen are thawed first.  An unfinished
@@ -12,9 +15,11 @@ or ``error`` (overlay removed): no record stays ``creating``.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
-from ..errors import GasnapError
+from ..errors import GasnapError, NotFound
 from ..guestagent import GuestAgentError
+from ..journal import Operation
 from . import Context, delete
 from .create import CreatePlan, settle
 
@@ -35,35 +40,71 @@ async def thaw(ctx: Context, domains: list[str]) -> None:
             count = await ctx.agent.fsthaw(name, THAW_TIMEOUT)
         except GuestAgentError as err:
             log.warning("recovery: thaw of %s: %s", name, err.message)
-        except GasnapError as err:
-            log.warning("recovery: cannot reach %s to thaw it: %s", name, err.message)
+        except NotFound as err:
+            log.warning("recovery: %s is gone; nothing to thaw: %s", name, err.message)
         else:
             if count:
                 log.warning("recovery: %s was still frozen; thawed %d filesystems", name, count)
 
 
-async def recover(ctx: Context) -> int:
-    """Settle unfinished operations; returns how many were settled."""
-    settled = 0
+@dataclass
+class Pass:
+    """What one pass of recovery did."""
+
+    settled: int = 0
+    failed: int = 0
+
+
+async def recover(ctx: Context) -> Pass:
+    """Settle the operations no workflow drives.  Each one alone: whatever
+    goes wrong with one is logged, leaves it (and its volumes) for the next
+    pass, and does not stop the others."""
+    done = Pass()
     for op in await ctx.journal.unfinished():
-        if op.kind == "delete":
-            log.warning("recovery: delete %s stopped at step %s; settling it", op.id, op.step)
-            await delete.resume(ctx, op)
-            settled += 1
-            continue
-        if op.kind != "create":
-            log.error("recovery: unknown operation kind %s (%s); left as is", op.kind, op.id)
-            continue
-        the_plan = CreatePlan.from_dict(op.payload["plan"])
-        log.warning("recovery: create %s stopped at step %s; settling it", op.id, op.step)
-        await thaw(ctx, list(op.payload.get("frozen", [])))
-        consistency = dict(op.payload.get("consistency", {}))
-        if op.step not in CONSISTENCY_PROVEN:
-            consistency = {}
-        metas = await settle(ctx, the_plan, consistency, INTERRUPTED)
-        for meta in metas:
-            log.warning("recovery: snapshot %s of %s is %s", meta.id, meta.volume_id,
-                        meta.status.value)
-        await ctx.journal.finish(op)
-        settled += 1
-    return settled
+        ctx.journal.claim(op)
+        try:
+            await _settle(ctx, op)
+        except Exception as err:  # one operation must not stop the others
+            ctx.journal.release(op)
+            done.failed += 1
+            reason = err.message if isinstance(err, GasnapError) else repr(err)
+            log.error("recovery: %s %s (step %s) not settled: %s; trying again later",
+                      op.kind, op.id, op.step, reason, exc_info=_FIRST.get(op.id) != reason)
+            _FIRST[op.id] = reason
+        else:
+            done.settled += 1
+            _FIRST.pop(op.id, None)
+    return done
+
+
+# The last failure logged per operation: its traceback is logged when it
+# changes, not every pass.
+_FIRST: dict[str, str] = {}
+
+
+async def _settle(ctx: Context, op: Operation) -> None:
+    log.warning("recovery: %s %s stopped at step %s; settling it", op.kind, op.id, op.step)
+    if op.kind == "delete":
+        await delete.resume(ctx, op)
+    elif op.kind == "create":
+        await _settle_create(ctx, op)
+    else:
+        raise GasnapError(f"unknown operation kind {op.kind}")
+
+
+async def _settle_create(ctx: Context, op: Operation) -> None:
+    the_plan = CreatePlan.from_dict(op.payload["plan"])
+    if op.step == "freezing":
+        # Cut short inside its window: those freezes are this operation's
+        # (past the window they were thawed, and may belong to a newer one).
+        frozen = list(op.payload.get("frozen", []))
+        async with ctx.windows.owning(the_plan.uuids.get(d, d) for d in frozen):
+            await thaw(ctx, frozen)
+    consistency = dict(op.payload.get("consistency", {}))
+    if op.step not in CONSISTENCY_PROVEN:
+        consistency = {}
+    metas = await settle(ctx, the_plan, consistency, INTERRUPTED)
+    for meta in metas:
+        log.warning("recovery: snapshot %s of %s is %s", meta.id, meta.volume_id,
+                    meta.status.value)
+    await ctx.journal.finish(op)

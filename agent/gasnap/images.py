@@ -1,0 +1,202 @@
+"""Image files and what gasnap may believe about them.
+
+A disk's bytes belong to its guest: a ``raw`` disk whose first bytes look
+like a qcow2 header (anything a guest can write) must stay raw, or the
+guest could name a host file as its backing file and read it at the next
+boot (OSSA-2014-033, CVE-2024-32498).  So no format here is ever probed:
+
+* the top layer's format comes from the domain XML;
+* a qcow2 layer's backing format comes from its own header's
+  backing-format extension (written by gasnap, libvirt or Cinder with the
+  format named); a qcow2 layer that has a backing file but no recorded
+  format is refused, since reading further would mean guessing;
+* a raw layer has no backing file, whatever its bytes say;
+* every backing file and external data file must lie inside the volume's
+  directory.
+
+qcow2 headers are read directly (microseconds, where ``qemu-img info``
+costs a process), and only where the format is already known to be qcow2:
+then the header was written by the host, never by the guest.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import BadRequest
+from .hypervisor import Layer
+
+QCOW2_MAGIC = b"QFI\xfb"
+FORMATS = ("qcow2", "raw")  # what gasnap snapshots, merges and chains through
+MAX_CHAIN = 1024  # deeper than any chain gasnap makes: a loop or a hostile header
+
+_EXT_END = 0
+_EXT_BACKING_FORMAT = 0xE2792ACA
+_EXT_DATA_FILE = 0x44415441
+_MAX_HEADER = 64 << 10
+# Incompatible feature bits qemu defines: dirty, corrupt, external data file,
+# compression type, extended L2.  Any other bit means a qcow2 this code does
+# not understand, and is refused.
+_KNOWN_INCOMPATIBLE = 0b11111
+_INCOMPAT_CORRUPT = 1 << 1
+_INCOMPAT_DATA_FILE = 1 << 2
+
+
+class UnsafeImage(BadRequest):
+    """An image whose header would make gasnap guess, or leave the volume."""
+
+    code = "unsafe_image"
+
+
+@dataclass(frozen=True)
+class Qcow2Header:
+    version: int
+    virtual_size: int
+    backing_file: str | None
+    backing_format: str | None
+    data_file: str | None
+    incompatible: int  # incompatible feature bits
+
+
+# --- headers ----------------------------------------------------------------------
+
+
+def read_qcow2_header(path: str) -> Qcow2Header:
+    """The qcow2 header of PATH (UnsafeImage if PATH is not a qcow2 image).
+    Blocking: call from a thread."""
+    with open(path, "rb") as f:
+        head = f.read(_MAX_HEADER)
+    if len(head) < 72 or head[:4] != QCOW2_MAGIC:
+        raise UnsafeImage(f"{path} is not a qcow2 image")
+    version = int.from_bytes(head[4:8], "big")
+    backing_offset = int.from_bytes(head[8:16], "big")
+    backing_size = int.from_bytes(head[16:20], "big")
+    virtual_size = int.from_bytes(head[24:32], "big")
+    incompatible = int.from_bytes(head[72:80], "big") if version >= 3 else 0
+    backing = None
+    if backing_offset:
+        end = backing_offset + backing_size
+        if end > len(head):
+            raise UnsafeImage(f"{path}: backing file name lies outside the header")
+        backing = head[backing_offset:end].decode("utf-8", errors="replace")
+    header_length = int.from_bytes(head[100:104], "big") if version >= 3 else 72
+    extensions = _extensions(head, header_length, backing_offset or len(head))
+    return Qcow2Header(
+        version, virtual_size, backing,
+        _text(extensions.get(_EXT_BACKING_FORMAT)), _text(extensions.get(_EXT_DATA_FILE)),
+        incompatible,
+    )
+
+
+def _text(raw: bytes | None) -> str | None:
+    return raw.decode("utf-8", errors="replace") if raw is not None else None
+
+
+def _extensions(head: bytes, offset: int, limit: int) -> dict[int, bytes]:
+    """The header extensions by type (the list ends with type 0)."""
+    found: dict[int, bytes] = {}
+    while offset + 8 <= min(limit, len(head)):
+        kind = int.from_bytes(head[offset:offset + 4], "big")
+        length = int.from_bytes(head[offset + 4:offset + 8], "big")
+        if kind == _EXT_END:
+            break
+        found.setdefault(kind, head[offset + 8:offset + 8 + length])
+        offset += 8 + (length + 7) // 8 * 8
+    return found
+
+
+def check_plain(path: str, header: Qcow2Header) -> None:
+    """HEADER is one gasnap can stack on or reuse: no feature it does not
+    know, not marked corrupt, no external data file (an overlay gasnap makes
+    has none; one that has one is not what it claims to be)."""
+    if header.incompatible & ~_KNOWN_INCOMPATIBLE:
+        raise UnsafeImage(f"{path} uses qcow2 features gasnap does not know "
+                          f"({header.incompatible:#x})")
+    if header.incompatible & _INCOMPAT_CORRUPT:
+        raise UnsafeImage(f"{path} is marked corrupt")
+    if header.data_file is not None or header.incompatible & _INCOMPAT_DATA_FILE:
+        raise UnsafeImage(f"{path} keeps its data in an external file")
+
+
+# --- paths ------------------------------------------------------------------------
+
+
+def resolve_inside(directory: str, name: str, what: str) -> str:
+    """NAME (relative to DIRECTORY, or absolute) as a real path, refused
+    unless it names a file directly inside DIRECTORY (no ``..``, no symlink
+    out, no absolute path elsewhere)."""
+    candidate = name if os.path.isabs(name) else os.path.join(directory, name)
+    real = os.path.realpath(candidate)
+    if Path(real).parent != Path(os.path.realpath(directory)) or Path(candidate).name in (
+            "", ".", ".."):
+        raise UnsafeImage(f"{what} {name!r} lies outside {directory}")
+    return real
+
+
+def relative_pointer(image: str, backing: str) -> str:
+    """The backing pointer to write into IMAGE for BACKING: relative to
+    IMAGE's directory, so a moved mount keeps the chain whole."""
+    return os.path.relpath(backing, os.path.dirname(image))
+
+
+# --- chains -----------------------------------------------------------------------
+
+
+def chain(path: str, fmt: str, directory: str | None = None) -> tuple[Layer, ...]:
+    """The chain from PATH (format FMT, named by the caller) down, active
+    first, every format taken from the layer above; UnsafeImage where it
+    would have to be guessed or would leave DIRECTORY (default: PATH's).
+    Blocking: call from a thread."""
+    directory = directory or os.path.dirname(path)
+    layers = [Layer(path, fmt)]
+    seen = {os.path.realpath(path)}
+    while fmt == "qcow2":
+        header = read_qcow2_header(path)
+        if header.data_file is not None:
+            resolve_inside(directory, header.data_file, f"the data file of {path}")
+        if header.backing_file is None:
+            break
+        if header.backing_format is None:
+            raise UnsafeImage(f"{path} names no format for its backing file "
+                              f"{header.backing_file!r}; gasnap does not guess one")
+        if header.backing_format not in FORMATS:
+            raise UnsafeImage(f"{path} backs onto a {header.backing_format} image")
+        path = resolve_inside(directory, header.backing_file, f"the backing file of {path}")
+        fmt = header.backing_format
+        if path in seen or len(layers) >= MAX_CHAIN:
+            raise UnsafeImage(f"the chain below {layers[0].path} loops or is too deep")
+        seen.add(path)
+        layers.append(Layer(path, fmt))
+    if fmt not in FORMATS:
+        raise UnsafeImage(f"{path} is {fmt or 'of unknown format'}")
+    return tuple(layers)
+
+
+async def read_chain(path: str, fmt: str, directory: str | None = None) -> tuple[Layer, ...]:
+    return await asyncio.to_thread(chain, path, fmt, directory)
+
+
+# --- sizes and owners -------------------------------------------------------------
+
+
+async def virtual_size(path: str, fmt: str) -> int:
+    """FMT named by the caller: a qcow2 header's size, or a raw file's length."""
+    if fmt == "qcow2":
+        return (await asyncio.to_thread(read_qcow2_header, path)).virtual_size
+    return (await asyncio.to_thread(os.stat, path)).st_size
+
+
+async def allocated(path: str) -> int:
+    """Bytes the file occupies on the host (what a merge of it moves)."""
+    return (await asyncio.to_thread(os.stat, path)).st_blocks * 512
+
+
+async def adopt_owner(path: str, like: str) -> None:
+    """Give PATH the owner and mode of LIKE, so the hypervisor opens it as it
+    opens the rest of the chain."""
+    st = await asyncio.to_thread(os.stat, like)
+    await asyncio.to_thread(os.chown, path, st.st_uid, st.st_gid)
+    await asyncio.to_thread(os.chmod, path, st.st_mode & 0o7777)

@@ -1,0 +1,130 @@
+"""What gasnap believes about image files: formats named, never guessed.
+
+Images made with the real qemu-img; the hostile ones are what a guest (a raw
+disk's bytes) or a careless caller (a header without a backing format) can
+produce.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from gasnap import images
+from gasnap.hypervisor import Layer
+
+
+def qemu_img(*args: str, cwd: Path) -> None:
+    subprocess.run(["qemu-img", *args], check=True, cwd=cwd, capture_output=True)
+
+
+def hostile_raw(directory: Path, target: str = "/etc/hostname") -> Path:
+    """A raw disk whose first bytes are a qcow2 header backed by TARGET: what
+    any guest can write to its own disk."""
+    disk = directory / "volume-raw"
+    qemu_img("create", "-q", "-f", "qcow2", "-u", "-F", "raw", "-b", target, str(disk), "1M",
+             cwd=directory)
+    assert disk.read_bytes()[:4] == images.QCOW2_MAGIC
+    return disk
+
+
+def test_a_raw_disk_stays_raw_whatever_its_bytes_say(tmp_path: Path) -> None:
+    disk = hostile_raw(tmp_path)
+    assert images.chain(str(disk), "raw") == (Layer(str(disk), "raw"),)
+
+
+def test_an_overlay_on_a_raw_disk_ends_at_the_raw_disk(tmp_path: Path) -> None:
+    disk = hostile_raw(tmp_path)
+    top = tmp_path / "volume-raw.snap"
+    qemu_img("create", "-q", "-f", "qcow2", "-u", "-F", "raw", "-b", disk.name, str(top), "1M",
+             cwd=tmp_path)
+    assert images.chain(str(top), "qcow2") == (Layer(str(top), "qcow2"),
+                                               Layer(str(disk), "raw"))
+
+
+def test_formats_come_from_each_header_down_the_chain(tmp_path: Path) -> None:
+    qemu_img("create", "-q", "-f", "raw", "base", "1M", cwd=tmp_path)
+    qemu_img("create", "-q", "-f", "qcow2", "-F", "raw", "-b", "base", "mid", cwd=tmp_path)
+    qemu_img("create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", "mid", "top", cwd=tmp_path)
+    assert images.chain(str(tmp_path / "top"), "qcow2") == (
+        Layer(str(tmp_path / "top"), "qcow2"), Layer(str(tmp_path / "mid"), "qcow2"),
+        Layer(str(tmp_path / "base"), "raw"))
+
+
+def test_a_backing_file_without_a_recorded_format_is_refused(tmp_path: Path) -> None:
+    qemu_img("create", "-q", "-f", "raw", "base", "1M", cwd=tmp_path)
+    qemu_img("create", "-q", "-f", "qcow2", "-F", "raw", "-b", "base", "top", cwd=tmp_path)
+    # An older tool's header: the backing-format extension missing (its type
+    # overwritten with one nobody knows, which qemu skips).
+    top = tmp_path / "top"
+    data = top.read_bytes()
+    at = data.index(bytes.fromhex("e2792aca"))
+    top.write_bytes(data[:at] + bytes.fromhex("0badf00d") + data[at + 4:])
+    assert images.read_qcow2_header(str(tmp_path / "top")).backing_format is None
+    with pytest.raises(images.UnsafeImage, match="names no format"):
+        images.chain(str(tmp_path / "top"), "qcow2")
+
+
+@pytest.mark.parametrize("target", ["/etc/hostname", "../outside", "sub/inner"])
+def test_backing_files_outside_the_volume_directory_are_refused(tmp_path: Path,
+                                                                target: str) -> None:
+    volume = tmp_path / "vol"
+    (volume / "sub").mkdir(parents=True)
+    qemu_img("create", "-q", "-f", "qcow2", "-u", "-F", "raw", "-b", target, "top", "1M",
+             cwd=volume)
+    with pytest.raises(images.UnsafeImage, match="lies outside"):
+        images.chain(str(volume / "top"), "qcow2")
+
+
+def test_a_symlink_out_of_the_directory_is_refused(tmp_path: Path) -> None:
+    volume = tmp_path / "vol"
+    volume.mkdir()
+    (volume / "base").symlink_to("/etc/hostname")
+    qemu_img("create", "-q", "-f", "qcow2", "-u", "-F", "raw", "-b", "base", "top", "1M",
+             cwd=volume)
+    with pytest.raises(images.UnsafeImage, match="lies outside"):
+        images.chain(str(volume / "top"), "qcow2")
+
+
+def test_an_external_data_file_must_lie_in_the_directory(tmp_path: Path) -> None:
+    volume = tmp_path / "vol"
+    volume.mkdir()
+    qemu_img("create", "-q", "-f", "qcow2", "-o", "data_file=data.raw", "inside", "1M",
+             cwd=volume)
+    header = images.read_qcow2_header(str(volume / "inside"))
+    assert header.data_file == "data.raw"
+    assert images.chain(str(volume / "inside"), "qcow2") == (
+        Layer(str(volume / "inside"), "qcow2"),)
+    with pytest.raises(images.UnsafeImage, match="external file"):
+        images.check_plain(str(volume / "inside"), header)  # never taken as a spare
+    qemu_img("create", "-q", "-f", "qcow2", "-o", f"data_file={tmp_path / 'out.raw'}",
+             "outside", "1M", cwd=volume)
+    with pytest.raises(images.UnsafeImage, match="lies outside"):
+        images.chain(str(volume / "outside"), "qcow2")
+
+
+def test_unknown_incompatible_features_are_refused(tmp_path: Path) -> None:
+    qemu_img("create", "-q", "-f", "qcow2", "top", "1M", cwd=tmp_path)
+    path = tmp_path / "top"
+    images.check_plain(str(path), images.read_qcow2_header(str(path)))
+    data = bytearray(path.read_bytes())
+    data[72:80] = (1 << 40).to_bytes(8, "big")
+    path.write_bytes(bytes(data))
+    with pytest.raises(images.UnsafeImage, match="features"):
+        images.check_plain(str(path), images.read_qcow2_header(str(path)))
+
+
+def test_a_chain_that_loops_is_refused(tmp_path: Path) -> None:
+    qemu_img("create", "-q", "-f", "qcow2", "-u", "-F", "qcow2", "-b", "b", "a", "1M",
+             cwd=tmp_path)
+    qemu_img("create", "-q", "-f", "qcow2", "-u", "-F", "qcow2", "-b", "a", "b", "1M",
+             cwd=tmp_path)
+    with pytest.raises(images.UnsafeImage, match="loops"):
+        images.chain(str(tmp_path / "a"), "qcow2")
+
+
+def test_relative_pointers_span_directories() -> None:
+    assert images.relative_pointer("/v/a/top", "/v/a/base") == "base"
+    assert images.relative_pointer("/v/a/top", "/v/b/base") == "../b/base"
