@@ -20,9 +20,10 @@ from keystoneauth1.token_endpoint import Token
 from novaclient import client as nova_client
 from novaclient import exceptions as nova_exc
 
-from conftest import Agent, chain_of, running_agent, volume_files
+from conftest import PREFIX, Agent, chain_of, running_agent, volume_files
 from gasnap.client import ApiError
 from gasnap.hypervisor import Domain, Volume
+from gasnap.lab.guests import Lab
 from gasnap.virt import LibvirtHypervisor
 from gasnap.workflows.create import overlay_path, spare_of
 
@@ -143,7 +144,7 @@ async def test_new_file_outside_the_volume_dir_is_refused(
     assert not Path("/tmp/elsewhere.qcow2").exists()
 
 
-@pytest.mark.parametrize("pointer", ["backing", "data-file", "wrong-backing"])
+@pytest.mark.parametrize("pointer", ["backing", "data-file", "wrong-backing", "wrong-format"])
 async def test_existing_new_file_pointing_elsewhere_is_refused(
     tcp_agent: Agent, nova: Any, hv: LibvirtHypervisor, guest: Domain, tmp_path: Path,
     pointer: str
@@ -158,9 +159,11 @@ async def test_existing_new_file_pointing_elsewhere_is_refused(
         args = ["-F", "qcow2", "-b", str(outside)]
     elif pointer == "data-file":
         args = ["-o", f"data_file={tmp_path / 'data.raw'}"]
-    else:  # inside the directory, but not the active file
+    elif pointer == "wrong-backing":  # inside the directory, but not the active file
         chain = await chain_of(hv, guest.name, vol.target)
         args = ["-F", "qcow2", "-b", Path(chain[-1]).name]
+    else:  # the active file, but as raw: its qcow2 internals would reach the guest
+        args = ["-u", "-F", "raw", "-b", Path(vol.active_file).name]
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", *args, str(target), "128M"],
                    check=True, cwd=directory)
     try:
@@ -237,3 +240,34 @@ async def test_delete_by_commit_and_by_pull(
     assert settled(tcp_agent, second, gone=True) is None
     assert await chain_of(hv, guest.name, vol.target) == [b["file"], *chain[3:]]
     assert not Path(a["image"]).exists()
+
+
+async def test_a_raw_base_volume_through_nova(
+    tcp_agent: Agent, nova: Any, hv: LibvirtHypervisor, lab: Lab
+) -> None:
+    """Cinder's NFS volumes are raw files: Cinder makes new_file on the raw
+    base (format named), and its delete commits into the raw file.  Every
+    step names the raw format; the disk stays raw in the definition."""
+    dom = await lab.up(f"{PREFIX}nova-raw", disks=1, size_mib=32, disk_format="raw")
+    try:
+        (vol,) = dom.volumes
+        base = Path(vol.active_file)
+        assert vol.format == "raw"
+        sid = str(uuid.uuid4())
+        new_file = base.with_name(f"{base.name}.{sid}")
+        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b", base.name,
+                        str(new_file)], check=True, cwd=base.parent)
+        nova_create(nova, vol, new_file.name, sid)
+        record = settled(tcp_agent, sid)
+        assert record is not None and record["status"] == "available", record
+        assert (record["file"], record["image"]) == (str(new_file), str(base))
+        assert await chain_of(hv, dom.name, vol.target) == [str(new_file), str(base)]
+        nova.assisted_volume_snapshots.delete(sid, {
+            "volume_id": vol.volume_id, "type": "qcow2",
+            "file_to_merge": new_file.name, "merge_target_file": base.name})
+        assert settled(tcp_agent, sid, gone=True) is None
+        assert await chain_of(hv, dom.name, vol.target) == [str(base)]
+        assert (await hv.get_domain(dom.name)).volumes[0].format == "raw"
+        assert not new_file.exists()
+    finally:
+        await lab.down(dom.name)

@@ -62,7 +62,8 @@ def domains_json(agent: Agent) -> dict[str, Any]:
 
 
 def assert_no_host_file(agent: Agent, dom: str, raw_disk: str) -> list[str]:
-    """The chain every reader shows ends at the raw disk, never the host file."""
+    """The chain every reader shows ends at the raw disk, never the host file;
+    returns it."""
     vol = domains_json(agent)[dom]["volumes"][0]
     assert HOST_FILE not in vol["chain"]
     assert vol["chain"][-1] == raw_disk
@@ -73,12 +74,26 @@ def assert_no_host_file(agent: Agent, dom: str, raw_disk: str) -> list[str]:
     return chain
 
 
+@pytest.fixture
+async def hostile(lab: Lab) -> AsyncIterator[Domain]:
+    """A fresh guest whose one data disk is raw, made with the CLI."""
+    name = f"{PREFIX}hostile"
+    doc = json.loads(gasnap("lab", "up", name, "--disk-format", "raw", "--size", "32",
+                            "--json").stdout)
+    dom = await lab.hv.get_domain(doc["name"])
+    assert dom.volumes[0].format == "raw"
+    yield dom
+    await lab.down(name)
+
+
 async def test_a_raw_disk_whose_bytes_look_like_qcow2_stays_raw(
-    agent: Agent, hv: LibvirtHypervisor, lab: Lab, raw_guest: Domain
+    agent: Agent, hv: LibvirtHypervisor, lab: Lab, hostile: Domain
 ) -> None:
     """REVIEW R1, on every path that reads a chain: the offline create, the
     domain list, the offline merge, the live create and the live merge."""
-    raw_disk = (await hv.get_domain(raw_guest.name)).volumes[0].active_file
+    raw_guest = hostile
+    raw_disk = raw_guest.volumes[0].active_file
+    before = [raw_disk]
     await hv.destroy(raw_guest.name)
     try:
         with guest_written_header(raw_disk):
@@ -87,15 +102,15 @@ async def test_a_raw_disk_whose_bytes_look_like_qcow2_stays_raw(
             assert task["state"] == "succeeded", task
             (snap,) = task["result"]["snapshots"]
             header = images.read_qcow2_header(snap["file"])
-            assert (header.backing_file, header.backing_format) == (Path(raw_disk).name, "raw")
             assert snap["image"] == raw_disk
+            assert (header.backing_file, header.backing_format) == (Path(raw_disk).name, "raw")
             assert assert_no_host_file(agent, raw_guest.name, raw_disk) == [snap["file"],
-                                                                             raw_disk]
+                                                                             *before]
             # The offline merge (qemu-img with -f/-F from the plan) keeps it raw.
             done = delete_snapshot(agent, snap["id"], "commit")
             assert (done["state"], done["result"]["strategy"]) == ("succeeded",
                                                                     "offline-commit"), done
-            assert assert_no_host_file(agent, raw_guest.name, raw_disk) == [raw_disk]
+            assert assert_no_host_file(agent, raw_guest.name, raw_disk) == before
             (disk,) = domxml.disks(await hv.domain_xml(raw_guest.name, inactive=True))
             assert disk.chain[0].format == "raw"
             # Live: libvirt opens it as the XML says, and so does every step.
@@ -105,10 +120,10 @@ async def test_a_raw_disk_whose_bytes_look_like_qcow2_stays_raw(
             (snap,) = live["result"]["snapshots"]
             assert snap["consistency"] == "filesystem"
             assert assert_no_host_file(agent, raw_guest.name, raw_disk) == [snap["file"],
-                                                                             raw_disk]
+                                                                             *before]
             done = delete_snapshot(agent, snap["id"], "commit")
             assert done["state"] == "succeeded", done
-            assert assert_no_host_file(agent, raw_guest.name, raw_disk) == [raw_disk]
+            assert assert_no_host_file(agent, raw_guest.name, raw_disk) == before
             # The guest wrote those bytes: they are still its data, untouched.
             first = Path(raw_disk).read_bytes()[:1024]
             assert first == hostile_header()

@@ -382,7 +382,13 @@ async def _remove(ctx: Context, path: str) -> None:
     if await asyncio.to_thread(os.path.realpath, path) in await ctx.hv.files_in_use():
         log.error("%s left the merged chain but another chain uses it: kept", path)
         return
-    await asyncio.to_thread(Path(path).unlink, missing_ok=True)
+    try:
+        await asyncio.to_thread(Path(path).unlink, missing_ok=True)
+    except OSError as err:
+        # The merge is done and verified: the snapshot is gone from the chain
+        # whatever happens to the file, which is in no chain now.
+        log.error("%s left the chain but cannot be removed (%s); remove it by hand",
+                  path, err.strerror or err)
 
 
 async def _replace_spare(ctx: Context, the_plan: DeletePlan) -> None:
