@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ from conftest import (
     chain_of,
     create_snapshots,
     record_digest,
+    running_agent,
     wait_task,
 )
 from gasnap.client import ApiError
@@ -117,3 +119,42 @@ async def test_libvirtd_restart_during_a_long_merge(
     finally:
         libvirtd.start(managed)
         agent.stop()
+
+
+def virsh(*args: str) -> str:
+    return subprocess.run(["virsh", "-q", "-c", "qemu:///system", *args], check=True,
+                          capture_output=True, text=True).stdout
+
+
+async def test_recovery_leaves_alone_a_block_job_it_did_not_start(
+    tmp_path: Path, hv: LibvirtHypervisor, merge_guest: Domain
+) -> None:
+    """The agent dies in its commit; by the restart an operator has replaced
+    that job with a pull of their own.  Recovery does not follow or pivot a
+    job of another kind: the delete ends error_deleting, the job runs on."""
+    agent = Agent(tmp_path, env={"GASNAP_TEST_FAULT": "delete:job"})
+    agent.wait_ready()
+    _older, victim = newest_two(agent, merge_guest)
+    try:
+        agent.client.request("DELETE", f"/v1/snapshots/{victim['id']}?strategy=commit")
+    except ApiError as err:
+        assert err.code == "agent_unreachable"
+    assert agent.wait_exit() == -signal.SIGKILL
+    virsh("blockjob", merge_guest.name, "vda", "--abort")
+    virsh("blockpull", merge_guest.name, "vda", "--bandwidth", "1")
+    restarted = Agent(tmp_path)
+    try:
+        restarted.wait_ready()
+        rec = restarted.client.get(f"/v1/snapshots/{victim['id']}")
+        assert rec["status"] == "error_deleting", rec
+        info = subprocess.run(["virsh", "-c", "qemu:///system", "blockjob", merge_guest.name,
+                               "vda", "--info"], check=True, capture_output=True, text=True)
+        assert "Block Pull" in info.stdout + info.stderr  # virsh prints progress on stderr
+        assert "gasnap did not start" in restarted.output()
+    finally:
+        subprocess.run(["virsh", "-q", "blockjob", merge_guest.name, "vda", "--abort"],
+                       capture_output=True, check=False)
+        restarted.stop()
+    with running_agent(tmp_path) as again:  # and the delete can be retried
+        task = again.client.request("DELETE", f"/v1/snapshots/{victim['id']}")["task"]
+        assert wait_task(again, task["id"])["state"] == "succeeded"
