@@ -11,7 +11,10 @@ host's are left alone. An HTML comment before a block changes how it runs:
 * ``<!-- doc-test: background -->``: each line is a service; started in the
   background, waited for until it listens, stopped when the page ends;
 * ``<!-- doc-test: file PATH -->``: the block is the content of PATH;
-* ``<!-- doc-test: skip REASON -->``: not run here, for REASON.
+* ``<!-- doc-test: skip REASON -->``: not run here, for REASON;
+* ``<!-- doc-test: expect REGEX -->``: run, and what the block prints must
+  match REGEX (Python syntax, multi-line: ``^`` and ``$`` at each line): the
+  output the page promises, not only an exit code.
 """
 
 from __future__ import annotations
@@ -73,7 +76,7 @@ def test_every_shell_block_of_every_page_is_covered() -> None:
     for page in pages - set(PAGES):
         assert not [b for b in blocks(page) if b.lang == "sh"], f"{page} is not run"
     for block in (b for page in PAGES for b in blocks(page)):
-        assert block.mode in ("run", "background", "file", "skip"), block
+        assert block.mode in ("run", "background", "file", "skip", "expect"), block
         if block.mode == "skip":
             assert block.arg.strip(), f"{block.page}: a skipped block must say why"
 
@@ -124,6 +127,10 @@ def script(page: str, sandbox: Path) -> str:
                         f"python {ROOT}/tests/docwait.py {_listen(command)} {kind}"]
         elif block.mode == "run":
             out.append(body)
+        elif block.mode == "expect":
+            printed = f"{sandbox}/{page}-{number}.out"
+            out += ["{", body.rstrip("\n"), f"}} > {printed}", f"cat {printed}",
+                    f"python {ROOT}/tests/docexpect.py {shlex.quote(block.arg)} {printed}"]
     return "\n".join(out) + "\n"
 
 

@@ -126,7 +126,16 @@ async def test_no_spare_next_to_a_volume_whose_overlays_cinder_makes(
     assert record is not None and record["status"] == "available", record
     assert record["file"] == str(new_file)
     assert (await chain_of(hv, guest.name, vol.target))[0] == str(new_file)
-    await asyncio.sleep(1)  # a spare, were one made, is ready within ~20 ms
+    # A spare is started before the create's task ends: once the task has
+    # ended and nothing is being made, none was.
+    def ended() -> bool:
+        return any(sid in [s["id"] for s in (t.get("result") or {}).get("snapshots", [])]
+                   for t in tcp_agent.client.get("/v1/tasks")["tasks"])
+
+    deadline = time.monotonic() + 30
+    while not ended() or "gasnap_spares_pending 0.0" not in tcp_agent.client.text("/metrics"):
+        assert time.monotonic() < deadline, "spares still being made"
+        await asyncio.sleep(0.05)
     assert not spare.exists()
 
 

@@ -32,6 +32,9 @@ METADATA_RETRIES = Counter(
     "gasnap_metadata_retries", "Calls to the metadata service that were retried",
     registry=AGENT,
 )
+SPARES_PENDING = Gauge(
+    "gasnap_spares_pending", "Spare overlays being made in the background", registry=AGENT,
+)
 GUEST_AGENT_FAILURES = Counter(
     "gasnap_guest_agent_failures", "Guest-agent commands that failed, by command and error",
     ["command", "code"], registry=AGENT,

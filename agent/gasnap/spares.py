@@ -25,7 +25,7 @@ import logging
 import os
 from pathlib import Path
 
-from . import images, qemuimg
+from . import images, metrics, qemuimg
 from .errors import GasnapError
 
 log = logging.getLogger(__name__)
@@ -98,7 +98,13 @@ class Spares:
             return
         task = asyncio.get_running_loop().create_task(self._make(spare, image, fmt, size))
         self._making[spare] = task
-        task.add_done_callback(lambda _t: self._making.pop(spare, None))
+        metrics.SPARES_PENDING.inc()
+
+        def done(_task: asyncio.Task[None]) -> None:
+            self._making.pop(spare, None)
+            metrics.SPARES_PENDING.dec()
+
+        task.add_done_callback(done)
 
     async def settled(self) -> None:
         """Wait for the spares being made (tests and shutdown)."""
