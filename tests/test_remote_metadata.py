@@ -5,9 +5,12 @@ fail a snapshot cleanly before disks are touched, and are waited out after."""
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import sqlite3
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -21,6 +24,7 @@ from conftest import (
     volume_files,
     wait_task,
 )
+from gasnap.client import ApiError
 from gasnap.hypervisor import Domain
 from gasnap.lab.workload import sh
 from gasnap.virt import LibvirtHypervisor
@@ -148,3 +152,52 @@ async def test_outage_before_disks_delays_then_fails_cleanly(
 def journal_operations(agent: Agent) -> int:
     with sqlite3.connect(agent.state_dir / "journal.db") as conn:
         return int(conn.execute("SELECT count(*) FROM operations").fetchone()[0])
+
+
+async def test_outage_as_a_delete_starts_is_swept(
+    service: MetadataServer, hv: LibvirtHypervisor, guest: Domain, tmp_path: Path
+) -> None:
+    """REVIEW item 9: the service goes away between the delete's plan and its
+    ``deleting`` write.  The task fails, but the operation is handed to the
+    sweep (a write whose answer was lost may have landed): the volume stays
+    held until the sweep has looked at the record, then the delete can run."""
+    vol = guest.volumes[0]
+    config = (f'[metadata]\nurl = "{service.url}"\ntoken = "{TOKEN}"\n'
+              f"deadline = {DEADLINE}\n")
+    agent = Agent(tmp_path, config=config, env={"GASNAP_TEST_FAULT": "delete:planned:stop"})
+    try:
+        agent.wait_ready()
+        snap = create_snapshots(agent, {"domains": [guest.name],
+                                        "disks": {guest.name: [vol.target]}})
+        snap = snap["result"]["snapshots"][0]
+        chain = await chain_of(hv, guest.name, vol.target)
+        task = agent.client.request("DELETE", f"/v1/snapshots/{snap['id']}")["task"]
+        deadline = time.monotonic() + 30
+        while "stopping the agent at delete:planned" not in agent.output():
+            assert time.monotonic() < deadline, "the delete never started"
+            await asyncio.sleep(0.05)
+        service.stop()
+        try:
+            os.kill(agent.proc.pid, signal.SIGCONT)
+            failed = wait_task(agent, task["id"], timeout=DEADLINE * 4)
+            assert (failed["state"], failed["error"]["code"]) == ("failed",
+                                                                  "metadata_unavailable")
+            with pytest.raises(ApiError) as info:
+                agent.client.request("POST", "/v1/snapshots", {
+                    "domains": [guest.name], "disks": {guest.name: [vol.target]}})
+            assert info.value.code == "volume_recovering"
+        finally:
+            service.start()
+        deadline = time.monotonic() + 60
+        while journal_operations(agent):
+            assert time.monotonic() < deadline, "the sweep never settled the delete"
+            await asyncio.sleep(0.5)
+        (record,) = [r for r in service_records(service, vol.volume_id) if r["id"] == snap["id"]]
+        assert record["status"] == "available"  # the write never landed: nothing happened
+        assert await chain_of(hv, guest.name, vol.target) == chain
+    finally:
+        if agent.proc.poll() is None:
+            os.kill(agent.proc.pid, signal.SIGCONT)
+        agent.stop()
+    with running_agent(tmp_path, config=config) as again:
+        assert delete_snapshot(again, snap["id"])["state"] == "succeeded"

@@ -89,8 +89,11 @@ def contract_parents(metas: list[SnapshotMeta]) -> dict[str, str | None]:
 
 
 def _segment(value: str) -> str:
-    """VALUE as one URL path segment: ``/``, ``..`` and ``?`` stay data."""
-    return quote(value, safe="") if value not in (".", "..") else quote(value).replace(".", "%2E")
+    """VALUE as one URL path segment: ``/`` and ``?`` stay data.  A dot
+    segment would be resolved away on the way (RFC 3986), so it is refused."""
+    if value in ("", ".", ".."):
+        raise MetadataRejected(f"{value!r} cannot name a record", code="invalid_id")
+    return quote(value, safe="")
 
 
 class RemoteMetadata:
