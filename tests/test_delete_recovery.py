@@ -158,3 +158,49 @@ async def test_recovery_leaves_alone_a_block_job_it_did_not_start(
     with running_agent(tmp_path) as again:  # and the delete can be retried
         task = again.client.request("DELETE", f"/v1/snapshots/{victim['id']}")["task"]
         assert wait_task(again, task["id"])["state"] == "succeeded"
+
+
+async def test_a_longer_libvirtd_outage_hands_the_merge_to_the_sweep(
+    tmp_path: Path, hv: LibvirtHypervisor, merge_guest: Domain
+) -> None:
+    """REVIEW item 13: libvirtd away for longer than the merge may wait.  The
+    task fails, but the record stays ``deleting`` (QEMU runs the job all
+    along, never marked error_deleting under it), and once libvirtd is back
+    the sweep follows the job to its end and cleans up."""
+    managed = libvirtd.systemd_managed()
+    agent = Agent(tmp_path, config="[agent]\nmerge_bandwidth = 4\nlibvirt_outage_wait = 2\n")
+    try:
+        agent.wait_ready()
+        first = create_snapshots(agent, {"domains": [merge_guest.name]})["result"]["snapshots"][0]
+        await sh(hv, merge_guest.name, "dd if=/dev/zero of=/data/long bs=1M count=48; sync",
+                 timeout=120)
+        create_snapshots(agent, {"domains": [merge_guest.name]})
+        digest = await active_digest(hv, merge_guest.name)
+        task = agent.client.request("DELETE", f"/v1/snapshots/{first['id']}")["task"]
+        deadline = time.monotonic() + 60
+        while agent.client.get(f"/v1/tasks/{task['id']}")["progress"] < 5:
+            assert time.monotonic() < deadline, "the merge did not start"
+            await asyncio.sleep(0.2)
+        libvirtd.stop()
+        try:
+            failed = wait_task(agent, task["id"], timeout=60)
+            assert (failed["state"], failed["error"]["code"]) == ("failed",
+                                                                  "libvirt_unavailable")
+            assert agent.client.get(f"/v1/snapshots/{first['id']}")["status"] == "deleting"
+        finally:
+            libvirtd.start(managed)
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                agent.client.get(f"/v1/snapshots/{first['id']}")
+            except ApiError as err:
+                assert err.details["status"] == 404
+                break
+            assert time.monotonic() < deadline, "the sweep never finished the merge"
+            await asyncio.sleep(0.5)
+        await hv.list_domains()  # a read reconnects this test's own connection
+        assert await active_digest(hv, merge_guest.name) == digest
+        assert not Path(first["file"]).exists()
+    finally:
+        libvirtd.start(managed)
+        agent.stop()

@@ -41,7 +41,7 @@ class Runtime:
 @contextlib.asynccontextmanager
 async def open_runtime(settings: Settings) -> AsyncIterator[Runtime]:
     settings.state_dir.mkdir(parents=True, exist_ok=True)
-    hv = LibvirtHypervisor(settings.libvirt_uri)
+    hv = LibvirtHypervisor(settings.libvirt_uri, outage_wait=settings.libvirt_outage_wait)
     journal = Journal(settings.state_dir / "journal.db")
     metadata = await _open_metadata(settings)
     guard = FreezeGuard(settings.libvirt_uri)

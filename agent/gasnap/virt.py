@@ -47,7 +47,7 @@ T = TypeVar("T")
 KEEPALIVE_INTERVAL = 5
 KEEPALIVE_COUNT = 3
 LIBVIRT_THREADS = 32  # concurrent libvirt calls (a group of 32 guests freezes at once)
-OUTAGE_LIMIT = 120.0  # how long a block job's follower waits for libvirtd to return
+OUTAGE_WAIT = 120.0  # how long a block job's follower waits for libvirtd to return
 
 
 class VirtError(GasnapError):
@@ -237,8 +237,9 @@ class _Held:
 class LibvirtHypervisor:
     """``gasnap.hypervisor.Hypervisor`` on top of libvirt."""
 
-    def __init__(self, uri: str) -> None:
+    def __init__(self, uri: str, *, outage_wait: float = OUTAGE_WAIT) -> None:
         self.uri = uri
+        self.outage_wait = outage_wait
         # Its own threads: asyncio's default pool has cores + 4 of them (6
         # here), so the 7th guest of a group would wait for a thread to
         # freeze, inside the others' freeze window.  These threads mostly wait
@@ -546,10 +547,11 @@ class LibvirtHypervisor:
     async def follow_block_job(self, name: str, target: str, *, want_ready: bool,
                                progress: Progress) -> JobEnd:
         """Events first, a check every few seconds second; a libvirtd outage
-        is waited out (QEMU keeps running the job), up to OUTAGE_LIMIT."""
+        is waited out (QEMU keeps running the job), up to ``outage_wait``;
+        past it LibvirtUnavailable, and the caller hands the merge on."""
 
         async def check() -> JobInfo | None:
-            deadline = time.monotonic() + OUTAGE_LIMIT
+            deadline = time.monotonic() + self.outage_wait
             while True:
                 try:
                     return await self.block_job_info(name, target)
