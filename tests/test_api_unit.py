@@ -3,6 +3,7 @@ and token checks (libvirt's real answers are covered in test_agent.py)."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 
 import pytest
@@ -45,6 +46,16 @@ async def test_errors_become_json(error: Exception, status: int, code: str) -> N
         missing = await client.get("/nope")
         assert missing.status == 404
         assert (await missing.json())["error"]["code"] == "not_found"
+
+
+async def test_a_bug_is_logged_with_its_traceback(caplog: pytest.LogCaptureFixture) -> None:
+    """The caller sees no detail; the operator's log has the whole traceback
+    at ERROR (REVIEW item 17: it used to be at DEBUG only)."""
+    with caplog.at_level(logging.ERROR, logger="gasnap.httpkit"):
+        async with TestClient(TestServer(make_app(RuntimeError("secret detail")))) as client:
+            assert (await client.get("/boom")).status == 500
+    (record,) = [r for r in caplog.records if "internal error" in r.getMessage()]
+    assert record.levelno == logging.ERROR and record.exc_info is not None
 
 
 @pytest.fixture

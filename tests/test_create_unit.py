@@ -3,6 +3,7 @@ validation errors a real lab guest cannot produce on demand (fake hypervisor).""
 
 from __future__ import annotations
 
+import os
 import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Any
@@ -126,3 +127,77 @@ async def test_the_plan_keeps_each_domains_uuid(tmp_path: Path) -> None:
     assert CreatePlan.from_dict(doc) == the_plan
     del doc["uuids"]
     assert CreatePlan.from_dict(doc).uuids == {}
+
+
+# --- settle: what the live chain proves -------------------------------------------
+
+
+class SettleHypervisor:
+    """The chain settle reads, and what every domain's chains hold."""
+
+    def __init__(self, domain: Domain, in_use: set[str]) -> None:
+        self.domain = domain
+        self.in_use = in_use
+        self.uuids: list[str | None] = []
+
+    async def get_domain(self, name: str, *, probe_agent: bool = False,
+                         uuid: str | None = None) -> Domain:
+        self.uuids.append(uuid)
+        return self.domain
+
+    async def files_in_use(self) -> set[str]:
+        return self.in_use
+
+
+async def _settled(tmp_path: Path, chain: list[str], in_use: set[str]
+                   ) -> tuple[Any, Path, SettleHypervisor]:
+    from gasnap.metadata import NewSnapshot  # noqa: PLC0415
+    from gasnap.metastore import open_sqlite  # noqa: PLC0415
+    from gasnap.workflows.create import VolumePlan, settle  # noqa: PLC0415
+
+    overlay = tmp_path / f"vol.{SNAP1}"
+    overlay.write_bytes(b"")
+    vol = Volume("d/vda", "vda", None, "file", tuple(Layer(p, "qcow2") for p in chain))
+    hv = SettleHypervisor(Domain("d", "uuid-d", DomainState.RUNNING, AgentState.CONNECTED,
+                                 (vol,)), in_use)
+    store = await open_sqlite(tmp_path / "meta.db")
+    await store.create_snapshot_metadata(NewSnapshot(SNAP1, "d/vda", "n", "", 1, "t", "d"))
+    plan_ = CreatePlan(None, "n", "", Quiesce.OFF, "t", [VolumePlan(
+        SNAP1, "d", "d/vda", "vda", str(tmp_path / "vol"), "qcow2", str(overlay), 1)],
+        ["d"], ["d"], [], uuids={"d": "uuid-d"})
+    ctx = Context(hv, None, store, None, None, 10.0)  # type: ignore[arg-type]
+    (meta,) = await settle(ctx, plan_, {"d": "filesystem"}, "failed")
+    await store.close()
+    return meta, overlay, hv
+
+
+async def test_settle_reads_the_planned_domain_by_uuid(tmp_path: Path) -> None:
+    meta, overlay, hv = await _settled(
+        tmp_path, [str(tmp_path / f"vol.{SNAP1}"), str(tmp_path / "vol")], set())
+    assert (meta.status.value, meta.backing_file) == ("available", str(tmp_path / "vol"))
+    assert hv.uuids == ["uuid-d"] and overlay.exists()
+
+
+async def test_an_overlay_on_another_image_is_an_error_and_is_kept(tmp_path: Path) -> None:
+    """REVIEW item 5: the overlay became active on a file other than the one
+    planned (a stale plan): never recorded available on the wrong image, and
+    never removed while a chain holds it."""
+    stale = [str(tmp_path / f"vol.{SNAP1}"), str(tmp_path / "vol.other")]
+    meta, overlay, _ = await _settled(tmp_path, stale, {str(overlay_path_of(tmp_path))})
+    assert meta.status.value == "error" and "not on the planned image" in str(meta.error)
+    assert overlay.exists()
+
+
+async def test_a_failed_overlay_is_removed_only_when_no_chain_holds_it(tmp_path: Path) -> None:
+    held_dir, free_dir = tmp_path / "held", tmp_path / "free"
+    held_dir.mkdir()
+    free_dir.mkdir()
+    held, overlay, _ = await _settled(held_dir, [str(held_dir / "vol")],
+                                      {str(overlay_path_of(held_dir))})
+    assert held.status.value == "error" and overlay.exists()  # another domain uses it
+    gone, overlay, _ = await _settled(free_dir, [str(free_dir / "vol")], set())
+    assert gone.status.value == "error" and not overlay.exists()
+
+
+def overlay_path_of(directory: Path) -> Path:
+    return Path(os.path.realpath(directory / f"vol.{SNAP1}"))

@@ -555,8 +555,10 @@ async def settle(
         for v in the_plan.of(name):
             vol = dom.volume(v.target) if dom is not None else None
             final = _judge(v, vol, consistency.get(name), reason)
-            remove = final.status is Status.ERROR and not v.reuse and (
-                vol is None or vol.chain_error is None)
+            # Not the caller's file, not in this chain, and the chain known:
+            # then every other domain's chains are asked too.
+            remove = final.status is Status.ERROR and not v.reuse and (vol is None or (
+                vol.chain_error is None and v.overlay not in (x.path for x in vol.chain)))
             if remove and in_use is None:
                 in_use = await ctx.hv.files_in_use()
             try:

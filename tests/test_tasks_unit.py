@@ -1,0 +1,61 @@
+"""Tasks and the volumes they hold, on a real journal: a task whose first
+journal write fails holds nothing afterwards, and finished tasks do not pile
+up for ever (REVIEW item 17)."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gasnap import tasks
+from gasnap.journal import Journal
+from gasnap.tasks import TaskManager, VolumeBusy
+
+
+async def test_a_task_whose_journal_write_fails_releases_its_volumes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    journal = Journal(tmp_path / "journal.db")
+    manager = TaskManager(journal)
+
+    async def broken(_doc: dict[str, Any]) -> None:
+        raise sqlite3.OperationalError("disk I/O error")
+
+    async def work(_task: tasks.Task) -> dict[str, Any]:
+        return {}
+
+    task = manager.reserve("snapshot-create", {"v1"})
+    with monkeypatch.context() as patch:
+        patch.setattr(journal, "save_task", broken)
+        with pytest.raises(sqlite3.OperationalError):
+            await manager.start(task, work)
+    again = manager.reserve("snapshot-create", {"v1"})  # not busy with a task that never ran
+    with pytest.raises(VolumeBusy):
+        manager.reserve("snapshot-create", {"v1"})
+    manager.release(again)
+    journal.close()
+
+
+async def test_finished_tasks_are_pruned(tmp_path: Path,
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(tasks, "KEEP_FINISHED", 3)
+    journal = Journal(tmp_path / "journal.db")
+    manager = TaskManager(journal)
+
+    async def work(_task: tasks.Task) -> dict[str, Any]:
+        return {}
+
+    made = []
+    for i in range(5):
+        task = manager.reserve("snapshot-create", {f"v{i}"})
+        await manager.start(task, work)
+        await task.done.wait()
+        made.append(task.id)
+    assert [t.id for t in manager.list()] == made[-3:]
+    journal.close()
+    reopened = TaskManager(Journal(tmp_path / "journal.db"))
+    await reopened.load()
+    assert [t.id for t in reopened.list()] == made[-3:]
