@@ -121,3 +121,24 @@ async def test_a_chain_that_cannot_be_read_without_guessing_is_left_alone(
         assert "names no format" in str(info.value)
     assert sorted(p.name for p in tmp_path.iterdir() if p.name != "agent") == before
     assert disk_of(name) == str(top)
+
+
+async def test_a_disk_of_two_domains_is_refused(tmp_path: Path, names: list[str]) -> None:
+    """One file attached to two domains without <shareable/> (a multi-attached
+    volume): switching one domain would leave the other writing into the
+    snapshot's image.  Refused, nothing changed (REVIEW item 12)."""
+    first, second = f"{PREFIX}twin-{uuid.uuid4().hex[:6]}", f"{PREFIX}twin-{uuid.uuid4().hex[:6]}"
+    names += [first, second]
+    disk = image(tmp_path / "volume-shared")
+    define(first, disk)
+    define(second, disk)
+    (tmp_path / "agent").mkdir()
+    with running_agent(tmp_path / "agent") as agent:
+        with pytest.raises(ApiError) as info:
+            agent.client.request("POST", "/v1/snapshots", {"domains": [first], "quiesce": "off"})
+        assert (info.value.details["status"], info.value.code) == (400, "unsupported_disk")
+        assert "another domain" in str(info.value)
+        assert agent.client.get("/v1/snapshots")["snapshots"] == []
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("volume-")) == [
+        "volume-shared"]
+    assert disk_of(first) == disk_of(second) == str(disk)

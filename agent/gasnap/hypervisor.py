@@ -113,9 +113,10 @@ class Hypervisor(Protocol):
         agent's state comes from the definition alone (ABSENT or CONNECTED)
         unless ``probe_agent`` asks for a ping."""
 
-    async def files_in_use(self) -> set[str]:
-        """The real path of every layer of every chain of every domain, in
-        its running and its persistent definition: what nothing may remove."""
+    async def files_in_use(self, *, besides: frozenset[str] = frozenset()) -> set[str]:
+        """The real path of every layer of every chain of every domain (but
+        those whose UUID is in BESIDES), in its running and its persistent
+        definition: what nothing may remove."""
 
     def hold(self, domains: dict[str, str]) -> AbstractAsyncContextManager[None]:
         """Keep DOMAINS (name -> UUID, from ``get_domain`` at plan time)

@@ -122,6 +122,7 @@ class SnapshotService:
             if {v.volume_id for v in the_plan.volumes} != volumes:
                 raise Conflict("the domains' disks changed while the request was planned; "
                                "try again", code="domain_changed")
+            await create.check_exclusive(self.ctx, the_plan)
         except BaseException:
             self.tasks.release(task)
             self.tasks.discard(task)

@@ -401,11 +401,12 @@ class LibvirtHypervisor:
         agent = await self._agent_state(found, state, xml, probe_agent)
         return Domain(found, found_uuid, state, agent, tuple(volumes))
 
-    async def files_in_use(self) -> set[str]:
-        """The real path of every layer of every disk of every domain, in its
-        running and its persistent definition alike."""
+    async def files_in_use(self, *, besides: frozenset[str] = frozenset()) -> set[str]:
+        """The real path of every layer of every disk of every domain (but
+        those whose UUID is in BESIDES), in its running and its persistent
+        definition alike."""
         paths: list[str] = []
-        for xml in await self.call(_all_definitions, what="domains' disks"):
+        for xml in await self.call(_all_definitions, besides, what="domains' disks"):
             for spec in domxml.disks(xml):
                 chain = spec.chain
                 if not spec.chain_complete and spec.source_type == "file" and chain[0].path:
@@ -642,10 +643,12 @@ def _read_domain(conn: libvirt.virConnect, name: str, uuid: str | None
     return str(dom.name()), dom.UUIDString(), state, dom.XMLDesc(0)
 
 
-def _all_definitions(conn: libvirt.virConnect) -> list[str]:
+def _all_definitions(conn: libvirt.virConnect, besides: frozenset[str]) -> list[str]:
     xmls = []
     for dom in conn.listAllDomains(0):
         try:
+            if dom.UUIDString() in besides:
+                continue
             xmls.append(dom.XMLDesc(0))
             if dom.isActive() and dom.isPersistent():
                 xmls.append(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE))

@@ -288,6 +288,17 @@ async def plan(ctx: Context, req: CreateRequest) -> CreatePlan:
     )
 
 
+async def check_exclusive(ctx: Context, the_plan: CreatePlan) -> None:
+    """No planned disk is a disk of another domain too (a multi-attached
+    volume without ``<shareable/>``): its snapshot would switch one domain
+    while the other kept writing into the point-in-time image."""
+    others = await ctx.hv.files_in_use(besides=frozenset(the_plan.uuids.values()))
+    for v in the_plan.volumes:
+        if await _real(v.image) in others:
+            raise UnsupportedDisk(f"{v.domain}/{v.target}: {v.image} is a disk of another "
+                                  "domain too; gasnap snapshots disks that one domain writes")
+
+
 # --- execute -----------------------------------------------------------------
 
 
