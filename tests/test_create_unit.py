@@ -153,7 +153,8 @@ async def _settled(tmp_path: Path, chain: list[str], in_use: set[str]
                    ) -> tuple[Any, Path, SettleHypervisor]:
     from gasnap.metadata import NewSnapshot  # noqa: PLC0415
     from gasnap.metastore import open_sqlite  # noqa: PLC0415
-    from gasnap.workflows.create import VolumePlan, settle  # noqa: PLC0415
+    from gasnap.workflows.create import VolumePlan  # noqa: PLC0415
+    from gasnap.workflows.settle import settle  # noqa: PLC0415
 
     overlay = tmp_path / f"vol.{SNAP1}"
     overlay.write_bytes(b"")

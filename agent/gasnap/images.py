@@ -136,6 +136,11 @@ def resolve_inside(directory: str, name: str, what: str) -> str:
     return real
 
 
+async def real_path(path: str) -> str:
+    """PATH with every symlink resolved (off the loop: it touches the disk)."""
+    return await asyncio.to_thread(os.path.realpath, path)
+
+
 def relative_pointer(image: str, backing: str) -> str:
     """The backing pointer to write into IMAGE for BACKING: relative to
     IMAGE's directory, so a moved mount keeps the chain whole."""

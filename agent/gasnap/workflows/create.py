@@ -7,7 +7,7 @@
           → overlays (qemu-img create, relative backing)
           → freezing (guard armed, fsfreeze, snapshotCreateXML)
           → thawed (always) → offline (stopped domains' persistent XML)
-          → finalizing (chain checked in the live XML; available | error)
+          → finalizing (``settle``: the live chain decides available | error)
 
 Only the switch happens inside the freeze window: the overlays exist before
 the first guest is frozen, the domains are held by the UUIDs planned (no name
@@ -22,11 +22,9 @@ import asyncio
 import enum
 import itertools
 import logging
-import os
 import re
 import time
 import uuid
-from collections.abc import Awaitable
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -40,15 +38,14 @@ from ..hypervisor import AgentState, Domain, DomainState, Volume
 from ..journal import Operation
 from ..metadata import (
     Consistency,
-    Finalization,
     NewSnapshot,
     SnapshotMeta,
-    SnapshotNotFound,
     Status,
 )
 from ..spares import spare_path
 from . import Context
-from .records import until_recorded
+from .settle import settle
+from .steps import CreateStep, Kind
 
 log = logging.getLogger(__name__)
 
@@ -294,7 +291,7 @@ async def check_exclusive(ctx: Context, the_plan: CreatePlan) -> None:
     while the other kept writing into the point-in-time image."""
     others = await ctx.hv.files_in_use(besides=frozenset(the_plan.uuids.values()))
     for v in the_plan.volumes:
-        if await _real(v.image) in others:
+        if await images.real_path(v.image) in others:
             raise UnsupportedDisk(f"{v.domain}/{v.target}: {v.image} is a disk of another "
                                   "domain too; gasnap snapshots disks that one domain writes")
 
@@ -309,7 +306,7 @@ class Outcome:
 
 
 async def execute(ctx: Context, the_plan: CreatePlan) -> Outcome:
-    op = await ctx.journal.begin("create", "planned", {"plan": the_plan.to_dict()},
+    op = await ctx.journal.begin(Kind.CREATE, CreateStep.PLANNED, {"plan": the_plan.to_dict()},
                                  volumes=[v.volume_id for v in the_plan.volumes])
     faults.hit("create:planned")
     consistency: dict[str, str] = {}
@@ -329,7 +326,7 @@ async def execute(ctx: Context, the_plan: CreatePlan) -> Outcome:
     except OSError as err:  # chown, chmod, link: the host refused
         failure = HostIOError(f"{err.strerror or err}: {err.filename or ''}".rstrip(": "))
     reason = failure.message if failure else "the overlay did not become active"
-    op = await ctx.journal.step(op, "finalizing", consistency=consistency)
+    op = await ctx.journal.step(op, CreateStep.FINALIZING, consistency=consistency)
     faults.hit("create:finalizing")
     try:
         # Once every record exists, disks may change: from then on the
@@ -352,7 +349,7 @@ class HostIOError(GasnapError):
 
 
 async def _record(ctx: Context, op: Operation, the_plan: CreatePlan) -> Operation:
-    op = await ctx.journal.step(op, "recording")
+    op = await ctx.journal.step(op, CreateStep.RECORDING)
     for v in the_plan.volumes:
         await ctx.metadata.create_snapshot_metadata(NewSnapshot(
             snapshot_id=v.snapshot_id, volume_id=v.volume_id, name=the_plan.name,
@@ -365,7 +362,7 @@ async def _record(ctx: Context, op: Operation, the_plan: CreatePlan) -> Operatio
 
 
 async def _make_overlays(ctx: Context, op: Operation, the_plan: CreatePlan) -> Operation:
-    op = await ctx.journal.step(op, "overlays")
+    op = await ctx.journal.step(op, CreateStep.OVERLAYS)
     # All at once, and every one finished before an error is raised: settle
     # must not remove an overlay that is still being written.
     results = await asyncio.gather(*(_make_overlay(ctx, v) for v in the_plan.volumes
@@ -421,7 +418,7 @@ async def _owned_window(
                 raise QuiesceFailed(f"cannot freeze safely: {err.message}") from err
             log.warning("no freeze guard (%s): taking crash-consistent snapshots", err)
             to_freeze = []
-    op = await ctx.journal.step(op, "freezing", frozen=to_freeze)
+    op = await ctx.journal.step(op, CreateStep.FREEZING, frozen=to_freeze)
     started = time.monotonic()
     marks.append(started)
     owned = to_freeze
@@ -451,7 +448,7 @@ async def _owned_window(
         consistency = {d: Consistency.CRASH.value for d in consistency}
     if to_freeze:
         metrics.FREEZE_SECONDS.observe(time.monotonic() - started)
-    op = await ctx.journal.step(op, "thawed", consistency=consistency)
+    op = await ctx.journal.step(op, CreateStep.THAWED, consistency=consistency)
     if switch_errors:
         raise SwitchFailed("; ".join(f"{d}: {m}" for d, m in switch_errors.items()))
     return op, consistency
@@ -536,7 +533,7 @@ async def _disarm(ctx: Context, domains: list[str], owner: str) -> None:
 async def _switch_offline(ctx: Context, op: Operation, the_plan: CreatePlan) -> Operation:
     if not the_plan.stopped:
         return op
-    op = await ctx.journal.step(op, "offline")
+    op = await ctx.journal.step(op, CreateStep.OFFLINE)
     for name in the_plan.stopped:
         try:
             await ctx.hv.define_overlays(name, {v.target: v.overlay for v in the_plan.of(name)})
@@ -544,82 +541,3 @@ async def _switch_offline(ctx: Context, op: Operation, the_plan: CreatePlan) -> 
             log.error("%s: offline switch failed: %s", name, err.message)
     faults.hit("create:offline")
     return op
-
-
-# --- settle: the live XML decides ------------------------------------------------
-
-
-async def settle(
-    ctx: Context, the_plan: CreatePlan, consistency: dict[str, str], reason: str,
-    *, persist: bool = False,
-) -> list[SnapshotMeta]:
-    """Finalize every volume from what its domain (found by the UUID planned,
-    whatever its name now) uses: the overlay in the chain on the planned
-    image → available; otherwise error, and the overlay is removed only
-    after the record says so and only if no chain of any domain holds it.
-    Used by create and by recovery alike.  PERSIST: wait out a metadata
-    outage instead of failing (the disks already changed)."""
-    metas = []
-    in_use: set[str] | None = None  # read once, and only if a file may go
-    for name in dict.fromkeys(v.domain for v in the_plan.volumes):
-        dom = await _planned_domain(ctx, the_plan, name)
-        for v in the_plan.of(name):
-            vol = dom.volume(v.target) if dom is not None else None
-            final = _judge(v, vol, consistency.get(name), reason)
-            # Not the caller's file, not in this chain, and the chain known:
-            # then every other domain's chains are asked too.
-            remove = final.status is Status.ERROR and not v.reuse and (vol is None or (
-                vol.chain_error is None and v.overlay not in (x.path for x in vol.chain)))
-            if remove and in_use is None:
-                in_use = await ctx.hv.files_in_use()
-            try:
-                metas.append(await _finalize(ctx, v, final, persist=persist))
-            except SnapshotNotFound:
-                log.info("snapshot %s was never recorded; nothing to finalize", v.snapshot_id)
-            if remove and await _real(v.overlay) not in (in_use or set()):
-                await asyncio.to_thread(Path(v.overlay).unlink, missing_ok=True)
-            elif remove:
-                log.warning("snapshot %s failed, but its overlay %s is in a chain: kept",
-                            v.snapshot_id, v.overlay)
-    return metas
-
-
-async def _real(path: str) -> str:
-    return await asyncio.to_thread(os.path.realpath, path)
-
-
-async def _planned_domain(ctx: Context, the_plan: CreatePlan, name: str) -> Domain | None:
-    try:
-        return await ctx.hv.get_domain(name, uuid=the_plan.uuids.get(name))
-    except NotFound:
-        return None
-
-
-def _judge(v: VolumePlan, vol: Volume | None, consistency: str | None,
-           reason: str) -> Finalization:
-    chain = [layer.path for layer in vol.chain] if vol is not None else []
-    if v.overlay in chain:
-        index = chain.index(v.overlay)
-        below = chain[index + 1] if index + 1 < len(chain) else None
-        if below == v.image:
-            return Finalization(
-                Status.AVAILABLE, file=v.overlay, backing_file=v.image,
-                consistency=Consistency(consistency or Consistency.CRASH.value))
-        reason = (f"the overlay {v.overlay} lies on {below} in the live chain, not on the "
-                  f"planned image {v.image}")
-    elif vol is not None and vol.chain_error is not None:
-        reason = f"{reason} (the chain cannot be read: {vol.chain_error})"
-    return Finalization(Status.ERROR, file=None, backing_file=None, consistency=None,
-                        error=reason)
-
-
-async def _finalize(ctx: Context, v: VolumePlan, final: Finalization, *,
-                    persist: bool) -> SnapshotMeta:
-    def finalize() -> Awaitable[SnapshotMeta]:
-        return ctx.metadata.finalize_snapshot_metadata(v.snapshot_id, final)
-
-    meta = await (until_recorded(finalize, f"finalize {v.snapshot_id}") if persist
-                  else finalize())
-    metrics.SNAPSHOTS.labels(meta.status.value,
-                             meta.consistency.value if meta.consistency else "none").inc()
-    return meta

@@ -24,7 +24,6 @@ import asyncio
 import enum
 import functools
 import logging
-import os
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
@@ -40,6 +39,7 @@ from ..metadata import SnapshotMeta, Status, WrongStatus
 from . import Context
 from .create import HostIOError, UnsupportedDisk, spare_of
 from .records import until_recorded
+from .steps import JOB_STEPS, DeleteStep, Kind
 
 log = logging.getLogger(__name__)
 
@@ -211,10 +211,10 @@ async def plan(ctx: Context, snapshot_id: str, strategy: Strategy) -> DeletePlan
 
 
 async def execute(ctx: Context, the_plan: DeletePlan, progress: ProgressSink) -> None:
-    op = await ctx.journal.begin("delete", "planned", {"plan": the_plan.to_dict()},
+    op = await ctx.journal.begin(Kind.DELETE, DeleteStep.PLANNED, {"plan": the_plan.to_dict()},
                                  volumes=[the_plan.volume_id])
     faults.hit("delete:planned")
-    op = await ctx.journal.step(op, "deleting")
+    op = await ctx.journal.step(op, DeleteStep.DELETING)
     try:
         await ctx.metadata.update_snapshot_status(the_plan.snapshot_id, Status.DELETING, "0%")
     except Unavailable:
@@ -224,7 +224,7 @@ async def execute(ctx: Context, the_plan: DeletePlan, progress: ProgressSink) ->
         ctx.journal.release(op)
         raise
     faults.hit("delete:deleting")
-    op = await ctx.journal.step(op, "job")
+    op = await ctx.journal.step(op, DeleteStep.JOB)
     started = time.monotonic()
     try:
         async with ctx.hv.hold(_held(the_plan)):
@@ -272,7 +272,7 @@ async def _live_merge(ctx: Context, op: Operation, the_plan: DeletePlan,
                                         progress=reporter)
     log.info("%s/%s: block job ended: %s", name, target, end.value)
     if end is JobEnd.READY:
-        op = await ctx.journal.step(op, "pivot")
+        op = await ctx.journal.step(op, DeleteStep.PIVOT)
         faults.hit("delete:pivot")
         await _pivot(ctx, name, target)
         await _chain_settles(ctx, the_plan)
@@ -358,7 +358,7 @@ async def verify(ctx: Context, the_plan: DeletePlan) -> None:
 async def cleanup(ctx: Context, op: Operation, the_plan: DeletePlan) -> None:
     """Records first (they must never point at a file that is gone), then the
     file, then the snapshot's own record.  Idempotent: recovery repeats it."""
-    op = await ctx.journal.step(op, "cleanup")
+    op = await ctx.journal.step(op, DeleteStep.CLEANUP)
     sid, meta_svc = the_plan.snapshot_id, ctx.metadata
     for relink in the_plan.relinks:
         await until_recorded(
@@ -379,7 +379,7 @@ async def cleanup(ctx: Context, op: Operation, the_plan: DeletePlan) -> None:
 
 async def _remove(ctx: Context, path: str) -> None:
     """PATH left the planned chain; it goes unless another chain holds it."""
-    if await asyncio.to_thread(os.path.realpath, path) in await ctx.hv.files_in_use():
+    if await images.real_path(path) in await ctx.hv.files_in_use():
         log.error("%s left the merged chain but another chain uses it: kept", path)
         return
     try:
@@ -466,7 +466,7 @@ async def resume(ctx: Context, op: Operation) -> None:
         await cleanup(ctx, op, the_plan)
         return
     job = None
-    if the_plan.method.live and op.step in ("job", "pivot"):
+    if the_plan.method.live and op.step in JOB_STEPS:
         job = await ctx.hv.block_job_info(the_plan.domain, the_plan.target)
     if job is not None and job.kind != _JOB_KIND[the_plan.method]:
         await _give_up(ctx, op, the_plan, meta, f"a {job.kind} job that gasnap did not start "

@@ -21,16 +21,13 @@ from ..errors import GasnapError, NotFound
 from ..guestagent import GuestAgentError
 from ..journal import Operation
 from . import Context, delete
-from .create import CreatePlan, settle
+from .create import CreatePlan
+from .settle import settle
+from .steps import CONSISTENCY_PROVEN, CreateStep, Kind
 
 log = logging.getLogger(__name__)
 
 THAW_TIMEOUT = 5.0
-# Steps after which the journal's consistency is proven: the switch returned
-# while the guests were frozen.  Cut short at "freezing" (journals of earlier
-# versions: "switching"), a switch libvirt finished after the guard thawed
-# would be no frozen image: record crash.
-CONSISTENCY_PROVEN = frozenset({"thawed", "offline", "finalizing"})
 INTERRUPTED = "interrupted: the agent stopped before this snapshot was finished"
 
 
@@ -84,9 +81,9 @@ _FIRST: dict[str, str] = {}
 
 async def _settle(ctx: Context, op: Operation) -> None:
     log.warning("recovery: %s %s stopped at step %s; settling it", op.kind, op.id, op.step)
-    if op.kind == "delete":
+    if op.kind == Kind.DELETE:
         await delete.resume(ctx, op)
-    elif op.kind == "create":
+    elif op.kind == Kind.CREATE:
         await _settle_create(ctx, op)
     else:
         raise GasnapError(f"unknown operation kind {op.kind}")
@@ -94,7 +91,7 @@ async def _settle(ctx: Context, op: Operation) -> None:
 
 async def _settle_create(ctx: Context, op: Operation) -> None:
     the_plan = CreatePlan.from_dict(op.payload["plan"])
-    if op.step == "freezing":
+    if op.step == CreateStep.FREEZING:
         # Cut short inside its window: those freezes are this operation's
         # (past the window they were thawed, and may belong to a newer one).
         frozen = list(op.payload.get("frozen", []))

@@ -1,0 +1,45 @@
+"""The journal's vocabulary, shared by the workflows that write it and the
+recovery that reads it back: operation kinds and each kind's steps.
+
+Values are the strings stored in ``journal.db``; they never change, so a
+journal written by an older agent reads back the same.
+"""
+
+from __future__ import annotations
+
+import enum
+
+
+class Kind(enum.StrEnum):
+    CREATE = "create"
+    DELETE = "delete"
+
+
+class CreateStep(enum.StrEnum):
+    """Each written before the action it names (see ``create``)."""
+
+    PLANNED = "planned"
+    RECORDING = "recording"
+    OVERLAYS = "overlays"
+    FREEZING = "freezing"
+    THAWED = "thawed"
+    OFFLINE = "offline"
+    FINALIZING = "finalizing"
+
+
+class DeleteStep(enum.StrEnum):
+    """Each written before the action it names (see ``delete``)."""
+
+    PLANNED = "planned"
+    DELETING = "deleting"
+    JOB = "job"
+    PIVOT = "pivot"
+    CLEANUP = "cleanup"
+
+
+# Steps after which a create's recorded consistency is proven: the switch
+# returned while the guests were frozen.  Cut short at FREEZING, a switch
+# libvirt finished after the guard thawed would be no frozen image.
+CONSISTENCY_PROVEN = frozenset({CreateStep.THAWED, CreateStep.OFFLINE, CreateStep.FINALIZING})
+# A delete cut short at these may have a block job of its own still running.
+JOB_STEPS = frozenset({DeleteStep.JOB, DeleteStep.PIVOT})
