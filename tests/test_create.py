@@ -70,7 +70,7 @@ async def test_twenty_quiesced_snapshots_have_clean_images(
         result = await fsck_snapshot(snap)
         assert result.clean, f"{snap['image']}:\n{result.output}"
     header = json.loads(subprocess.run(
-        ["qemu-img", "info", "-U", "--output=json", snaps[-1]["file"]],
+        ["qemu-img", "info", "-U", "-f", "qcow2", "--output=json", snaps[-1]["file"]],
         check=True, capture_output=True, text=True).stdout)
     assert header["backing-filename"] == Path(snaps[-1]["image"]).name  # relative
 

@@ -87,6 +87,24 @@ async def test_agent_stopped_at_each_delete_step(
         restarted.stop()
 
 
+async def long_merge(agent: Agent, hv: LibvirtHypervisor, dom: Domain
+                     ) -> tuple[dict[str, Any], str, dict[str, Any]]:
+    """A delete of an inner snapshot with 48 MiB to commit, under way: the
+    snapshot, the disk's digest as the guest sees it, and the task."""
+    first = create_snapshots(agent, {"domains": [dom.name]})["result"]["snapshots"][0]
+    # 48 MiB written into first's overlay, which the next snapshot makes inner.
+    await sh(hv, dom.name, "dd if=/dev/zero of=/data/long bs=1M count=48; sync", timeout=120)
+    create_snapshots(agent, {"domains": [dom.name]})
+    digest = await active_digest(hv, dom.name)
+    task: dict[str, Any] = agent.client.request(
+        "DELETE", f"/v1/snapshots/{first['id']}")["task"]
+    deadline = time.monotonic() + 60
+    while agent.client.get(f"/v1/tasks/{task['id']}")["progress"] < 5:
+        assert time.monotonic() < deadline, "the merge did not start"
+        await asyncio.sleep(0.2)
+    return first, digest, task
+
+
 async def test_libvirtd_restart_during_a_long_merge(
     tmp_path: Path, hv: LibvirtHypervisor, merge_guest: Domain
 ) -> None:
@@ -96,17 +114,7 @@ async def test_libvirtd_restart_during_a_long_merge(
     agent = Agent(tmp_path, config="[agent]\nmerge_bandwidth = 4\n")  # MiB/s
     try:
         agent.wait_ready()
-        first = create_snapshots(agent, {"domains": [merge_guest.name]})["result"]["snapshots"][0]
-        # 48 MiB written into first's overlay, which the next snapshot makes inner.
-        await sh(hv, merge_guest.name, "dd if=/dev/zero of=/data/long bs=1M count=48; sync",
-                 timeout=120)
-        create_snapshots(agent, {"domains": [merge_guest.name]})
-        digest = await active_digest(hv, merge_guest.name)
-        task = agent.client.request("DELETE", f"/v1/snapshots/{first['id']}")["task"]
-        deadline = time.monotonic() + 60
-        while agent.client.get(f"/v1/tasks/{task['id']}")["progress"] < 5:
-            assert time.monotonic() < deadline, "the merge did not start"
-            await asyncio.sleep(0.2)
+        first, digest, task = await long_merge(agent, hv, merge_guest)
         libvirtd.stop()
         await asyncio.sleep(2)
         libvirtd.start(managed)
@@ -171,16 +179,7 @@ async def test_a_longer_libvirtd_outage_hands_the_merge_to_the_sweep(
     agent = Agent(tmp_path, config="[agent]\nmerge_bandwidth = 4\nlibvirt_outage_wait = 2\n")
     try:
         agent.wait_ready()
-        first = create_snapshots(agent, {"domains": [merge_guest.name]})["result"]["snapshots"][0]
-        await sh(hv, merge_guest.name, "dd if=/dev/zero of=/data/long bs=1M count=48; sync",
-                 timeout=120)
-        create_snapshots(agent, {"domains": [merge_guest.name]})
-        digest = await active_digest(hv, merge_guest.name)
-        task = agent.client.request("DELETE", f"/v1/snapshots/{first['id']}")["task"]
-        deadline = time.monotonic() + 60
-        while agent.client.get(f"/v1/tasks/{task['id']}")["progress"] < 5:
-            assert time.monotonic() < deadline, "the merge did not start"
-            await asyncio.sleep(0.2)
+        first, digest, task = await long_merge(agent, hv, merge_guest)
         libvirtd.stop()
         try:
             failed = wait_task(agent, task["id"], timeout=60)

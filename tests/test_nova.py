@@ -77,7 +77,8 @@ def nova_create(nova: Any, vol: Volume, new_file: str, snapshot_id: str | None =
 
 
 def backing_of(path: str) -> str | None:
-    info = json.loads(subprocess.run(["qemu-img", "info", "-U", "--output=json", path],
+    info = json.loads(subprocess.run(["qemu-img", "info", "-U", "-f", "qcow2", "--output=json",
+                                       path],
                                      check=True, capture_output=True, text=True).stdout)
     backing: str | None = info.get("backing-filename")
     return backing

@@ -31,7 +31,8 @@ def spare_of(active: str) -> Path:
 
 def backing_of(path: str) -> str:
     """The backing pointer as qemu-img reads it (relative: a bare name)."""
-    doc = json.loads(subprocess.run(["qemu-img", "info", "-U", "--output=json", path],
+    doc = json.loads(subprocess.run(["qemu-img", "info", "-U", "-f", "qcow2", "--output=json",
+                                      path],
                                     check=True, capture_output=True, text=True).stdout)
     return str(doc["backing-filename"])
 

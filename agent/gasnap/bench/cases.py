@@ -248,7 +248,7 @@ async def merge(hv: LibvirtHypervisor, agent: Agent, runs: int, scratch: Path
                                             "--strategy", "commit"))
             p4.a.append(seconds)
             dd.a.append(seconds)
-            p4.b.append(await timed(["qemu-img", "commit", "-q", str(copy)]))
+            p4.b.append(await timed(["qemu-img", "commit", "-q", "-f", "qcow2", str(copy)]))
             dd.b.append(await timed(["dd", "if=/dev/zero", f"of={scratch / 'dd.raw'}",
                                      "bs=1M", "count=1024", "conv=fsync", "status=none"]))
             shutil.rmtree(scratch / "copy", ignore_errors=True)
