@@ -128,3 +128,30 @@ def test_a_chain_that_loops_is_refused(tmp_path: Path) -> None:
 def test_relative_pointers_span_directories() -> None:
     assert images.relative_pointer("/v/a/top", "/v/a/base") == "base"
     assert images.relative_pointer("/v/a/top", "/v/b/base") == "../b/base"
+
+
+async def test_a_cancelled_qemu_img_does_not_outlive_its_call(tmp_path: Path) -> None:
+    """REVIEW item 17: a cancelled call (a task cancelled at shutdown) kills
+    its qemu-img instead of leaving it writing next to the disks."""
+    import asyncio  # noqa: PLC0415
+
+    from gasnap import qemuimg  # noqa: PLC0415
+
+    qemu_img("create", "-q", "-f", "qcow2", "busy.qcow2", "64M", cwd=tmp_path)
+    marker = str(tmp_path / "busy.qcow2")
+    call = asyncio.create_task(qemuimg.run("bench", "-f", "qcow2", "-c", "100000000", marker))
+
+    def running() -> bool:
+        found = subprocess.run(["pgrep", "-f", f"qemu-img bench .*{marker}"],
+                               capture_output=True, check=False)
+        return found.returncode == 0
+
+    for _ in range(100):
+        if running():
+            break
+        await asyncio.sleep(0.05)
+    assert running()
+    call.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await call
+    assert not running()

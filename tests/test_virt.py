@@ -7,6 +7,7 @@ import subprocess
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import libvirt
 import pytest
@@ -85,6 +86,28 @@ async def test_agent_round_trip(hv: LibvirtHypervisor, guest: Domain) -> None:
     assert await agent.fsthaw(name, 10) == 0
     mounts = {fs["mountpoint"] for fs in await agent.fsinfo(name, 5)}
     assert {"/data", "/data1"} <= mounts
+
+
+async def test_reading_disks_pings_no_guest_agent(
+    hv: LibvirtHypervisor, guest: Domain, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """REVIEW item 16: reading a domain's disks (plans, delete's chain polls,
+    Nova's volume lookup across every domain) sends nothing to qemu-ga; only
+    a caller that asks for the agent's state pings it."""
+    sent: list[str] = []
+    real = hv.agent_command
+
+    async def counting(domain: str, command: str, arguments: Any, timeout: float) -> Any:
+        sent.append(command)
+        return await real(domain, command, arguments, timeout)
+
+    monkeypatch.setattr(hv, "agent_command", counting)
+    dom = await hv.get_domain(guest.name)
+    await hv.list_domains()
+    assert sent == []
+    assert dom.guest_agent is AgentState.CONNECTED  # as the channel says
+    probed = await hv.get_domain(guest.name, probe_agent=True)
+    assert (probed.guest_agent, sent) == (AgentState.CONNECTED, ["guest-ping"])
 
 
 async def test_agent_command_passes_arguments(hv: LibvirtHypervisor, guest: Domain) -> None:
