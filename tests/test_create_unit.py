@@ -12,12 +12,12 @@ import pytest
 
 from gasnap import domxml
 from gasnap.hypervisor import AgentState, Domain, DomainState, Layer, Volume
+from gasnap.quiesce import Quiesce
 from gasnap.workflows import Context
 from gasnap.workflows.create import (
     CreatePlan,
     CreateRequest,
     DomainStateConflict,
-    Quiesce,
     UnsupportedDisk,
     overlay_path,
     plan,

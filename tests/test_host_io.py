@@ -21,10 +21,11 @@ import pytest
 from conftest import chain_of, volume_files
 from gasnap.config import Settings
 from gasnap.hypervisor import Domain
+from gasnap.quiesce import Quiesce
 from gasnap.runtime import open_runtime
 from gasnap.tasks import TaskState
 from gasnap.virt import LibvirtHypervisor
-from gasnap.workflows.create import CreateRequest, Quiesce
+from gasnap.workflows.create import CreateRequest
 
 
 async def test_a_refused_chown_ends_in_an_error_record(

@@ -1,8 +1,9 @@
 """A small client for the agent's HTTP API, standard library only.
 
 The CLI's request path must stay on light imports: ``import aiohttp`` alone
-costs about 200 ms, and even ``http.client`` costs 35-45 ms here (it pulls in
-the ``email`` parser and ``ssl``), a quarter of a whole snapshot request.  So
+costs more than a whole snapshot request, and even ``http.client`` a large
+share of one (it pulls in the ``email`` parser and ``ssl``; see
+docs/benchmarks.md for the measured figures).  So
 plain HTTP/1.1 (unix socket or TCP) is spoken over a bare socket, one request
 per connection; only ``https://`` falls back to ``http.client``.
 """
@@ -14,8 +15,7 @@ import socket
 
 from .errors import BadRequest, GasnapError, Unavailable
 
-# typing costs 5 ms to import and annotations are never evaluated
-# (``from __future__ import annotations``): mypy and ruff still see it.
+# typing for the type checker only, as in gasnap.errors (the CLI's imports stay light)
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any

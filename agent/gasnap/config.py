@@ -10,12 +10,13 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
+from .quiesce import VALUES as QUIESCE_VALUES
+from .quiesce import Quiesce
 
 DEFAULT_CONFIG = Path("/etc/gasnap/agent.toml")
 
 
 SCHEDULE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")  # a systemd instance name
-QUIESCE = ("required", "preferred", "off")
 
 
 @dataclass(frozen=True)
@@ -26,7 +27,7 @@ class Schedule:
     name: str
     domains: tuple[str, ...]
     keep: int
-    quiesce: str = "preferred"
+    quiesce: Quiesce = Quiesce.PREFERRED
 
 
 @dataclass(frozen=True)
@@ -100,10 +101,10 @@ def _schedules(doc: Any) -> dict[str, Schedule]:
             raise ConfigError(f"{where}.domains names a domain twice")
         if values["keep"] < 1:
             raise ConfigError(f"{where}.keep must be at least 1")
-        quiesce = values.get("quiesce", "preferred")
-        if quiesce not in QUIESCE:
-            raise ConfigError(f"{where}.quiesce must be one of {', '.join(QUIESCE)}")
-        schedules[name] = Schedule(name, tuple(domains), values["keep"], quiesce)
+        quiesce = values.get("quiesce", Quiesce.PREFERRED.value)
+        if quiesce not in QUIESCE_VALUES:
+            raise ConfigError(f"{where}.quiesce must be one of {', '.join(QUIESCE_VALUES)}")
+        schedules[name] = Schedule(name, tuple(domains), values["keep"], Quiesce(quiesce))
     return schedules
 
 

@@ -20,8 +20,9 @@ from .errors import GasnapError
 from .lab.guests import Lab
 from .lab.verify import fsck_snapshot
 from .lab.workload import freeze_log, sh, start_load, stop_load
+from .quiesce import Quiesce
 from .runtime import Runtime, open_runtime
-from .workflows.create import CreateRequest, Quiesce
+from .workflows.create import CreateRequest
 from .workflows.delete import Strategy
 
 DEMO_GUEST = "gasnap-demo"

@@ -38,10 +38,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from .errors import GasnapError, NotFound, Unavailable
+from .guestagent import THAW_TIMEOUT
 
 log = logging.getLogger(__name__)
 
-THAW_TIMEOUT = 5.0
 THAW_PAUSE_MAX = 5.0  # between thaw attempts, growing from 0.2 s
 START_TIMEOUT = 30.0
 REPLY_TIMEOUT = 10.0

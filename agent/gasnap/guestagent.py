@@ -18,6 +18,7 @@ from .errors import Conflict, GasnapError
 log = logging.getLogger(__name__)
 
 PING_TIMEOUT = 2.0
+THAW_TIMEOUT = 5.0  # a thaw must not wait as long as a freeze may
 
 
 class GuestAgentError(GasnapError):

@@ -21,12 +21,12 @@ from . import images
 from .errors import BadRequest
 from .hypervisor import Domain, Volume
 from .metadata import SnapshotNotFound
+from .quiesce import Quiesce
 from .service import SnapshotService
 from .tasks import Task
 from .workflows.create import (
     CreateRequest,
     Preset,
-    Quiesce,
     UnsupportedDisk,
     VolumeNotFound,
 )

@@ -13,7 +13,8 @@ from .. import __version__, metrics, nova
 from ..config import Schedule
 from ..errors import BadRequest, NotFound, Unavailable
 from ..httpkit import get_string, json_body, page_answer, page_query
-from ..workflows.create import CreateRequest, Quiesce
+from ..quiesce import Quiesce
+from ..workflows.create import CreateRequest
 from ..workflows.delete import Strategy
 from .keys import HYPERVISOR, SERVICE, SETTINGS
 
@@ -142,7 +143,7 @@ class ScheduleNotFound(NotFound):
 
 def _schedule_record(schedule: Schedule) -> dict[str, Any]:
     return {"name": schedule.name, "domains": list(schedule.domains), "keep": schedule.keep,
-            "quiesce": schedule.quiesce}
+            "quiesce": schedule.quiesce.value}
 
 
 async def list_schedules(request: web.Request) -> web.Response:

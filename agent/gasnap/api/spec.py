@@ -21,6 +21,7 @@ from ..openapi import (
     query_param,
     ref,
 )
+from ..quiesce import VALUES as QUIESCE_VALUES
 
 NAMES = {"type": "array", "items": STRING}
 
@@ -48,7 +49,7 @@ SCHEMAS: Schema = {
     "TaskAnswer": obj(["task"], {"task": ref("Task")}),
     "Schedule": obj(["name", "domains", "keep", "quiesce"],
                     {"name": STRING, "domains": NAMES, "keep": {"type": "integer", "minimum": 1},
-                     "quiesce": {"type": "string", "enum": ["required", "preferred", "off"]}}),
+                     "quiesce": {"type": "string", "enum": list(QUIESCE_VALUES)}}),
     "Volume": obj(["volume_id", "target", "active_file", "chain"],
                   {"volume_id": STRING, "target": STRING, "active_file": STRING,
                    "chain": NAMES}),
@@ -64,7 +65,7 @@ SCHEMAS: Schema = {
                      "minItems": 1},
          "disks": {"type": "object", "additionalProperties": NAMES},
          "name": STRING, "description": STRING,
-         "quiesce": {"type": "string", "enum": ["required", "preferred", "off"]}},
+         "quiesce": {"type": "string", "enum": list(QUIESCE_VALUES)}},
         closed=True,
     ),
     "UpdateRequest": obj([], {"name": STRING, "description": STRING}, closed=True),

@@ -8,10 +8,11 @@ import sys
 from collections.abc import Callable, Sequence
 
 from ..errors import BadRequest, ConfigError, GasnapError
+from ..quiesce import VALUES as QUIESCE_VALUES
+from ..quiesce import Quiesce
 from . import commands
 
-# typing costs 5 ms to import and annotations are never evaluated
-# (``from __future__ import annotations``): mypy and ruff still see it.
+# typing for the type checker only, as in gasnap.errors (the CLI's imports stay light)
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any
@@ -109,8 +110,7 @@ def _snapshot_parsers(group: argparse.ArgumentParser) -> None:
                         help="only these disks (repeatable; TARGET alone: of every domain)")
     create.add_argument("--name")
     create.add_argument("--description")
-    create.add_argument("--quiesce", choices=("required", "preferred", "off"),
-                        default="preferred")
+    create.add_argument("--quiesce", choices=QUIESCE_VALUES, default=Quiesce.PREFERRED.value)
     create.add_argument("--no-wait", action="store_true", help="print the task and return")
     _add_json(create)
     create.set_defaults(func=commands.snapshot_create)

@@ -6,8 +6,7 @@ import json
 import sys
 from collections.abc import Iterable, Sequence
 
-# typing costs 5 ms to import and annotations are never evaluated
-# (``from __future__ import annotations``): mypy and ruff still see it.
+# typing for the type checker only, as in gasnap.errors (the CLI's imports stay light)
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from ..freezeguard import FreezeGuard
@@ -11,6 +12,12 @@ from ..journal import Journal
 from ..metadata import MetadataService
 from ..spares import Spares
 from .windows import Windows
+
+ProgressSink = Callable[[int], Awaitable[None]]  # a task's progress, 0-100
+
+
+async def no_progress(_percent: int) -> None:
+    """A sink for work no caller watches (recovery, retention)."""
 
 
 @dataclass(frozen=True)

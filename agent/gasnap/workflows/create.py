@@ -19,7 +19,6 @@ consistency only from "thawed").
 from __future__ import annotations
 
 import asyncio
-import enum
 import itertools
 import logging
 import re
@@ -33,7 +32,13 @@ from typing import Any
 from .. import faults, images, metrics, qemuimg
 from ..errors import BadRequest, Conflict, GasnapError, NotFound, Unavailable
 from ..freezeguard import FreezeGuardError
-from ..guestagent import AgentAbsent, AgentCommandFailed, AgentUnresponsive, GuestAgentError
+from ..guestagent import (
+    THAW_TIMEOUT,
+    AgentAbsent,
+    AgentCommandFailed,
+    AgentUnresponsive,
+    GuestAgentError,
+)
 from ..hypervisor import AgentState, Domain, DomainState, Volume
 from ..journal import Operation
 from ..metadata import (
@@ -42,6 +47,7 @@ from ..metadata import (
     SnapshotMeta,
     Status,
 )
+from ..quiesce import Quiesce
 from ..spares import spare_path
 from . import Context
 from .settle import settle
@@ -49,15 +55,8 @@ from .steps import CreateStep, Kind
 
 log = logging.getLogger(__name__)
 
-THAW_TIMEOUT = 5.0
 MAX_NAME = 255
 MAX_DESCRIPTION = 4096
-
-
-class Quiesce(enum.Enum):
-    REQUIRED = "required"
-    PREFERRED = "preferred"
-    OFF = "off"
 
 
 class VolumeNotFound(NotFound):

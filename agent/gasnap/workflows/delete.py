@@ -25,7 +25,6 @@ import enum
 import functools
 import logging
 import time
-from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,7 +35,7 @@ from ..errors import Conflict, GasnapError, NotFound, Unavailable
 from ..hypervisor import Domain, DomainState, Volume
 from ..journal import Operation
 from ..metadata import SnapshotMeta, Status, WrongStatus
-from . import Context
+from . import Context, ProgressSink, no_progress
 from .create import HostIOError, UnsupportedDisk, spare_of
 from .records import until_recorded
 from .steps import JOB_STEPS, DeleteStep, Kind
@@ -47,8 +46,6 @@ PIVOT_TRIES = 20
 PIVOT_RETRY = 0.5
 CHAIN_SETTLE = 10.0  # after a pivot libvirt's XML can lag the call (VDSM)
 DELETE_FROM = (Status.AVAILABLE, Status.ERROR_DELETING)  # error_deleting: a retry
-
-ProgressSink = Callable[[int], Awaitable[None]]
 
 
 class Strategy(enum.Enum):
@@ -479,7 +476,7 @@ async def resume(ctx: Context, op: Operation) -> None:
     log.warning("recovery: resuming the block job of %s", the_plan.snapshot_id)
     try:
         async with ctx.hv.hold(_held(the_plan)):
-            op = await _live_merge(ctx, op, the_plan, _no_progress, started=True)
+            op = await _live_merge(ctx, op, the_plan, no_progress, started=True)
             await verify(ctx, the_plan)
     except Unavailable:
         raise  # libvirtd still away: the next sweep tries again
@@ -498,7 +495,3 @@ async def _give_up(ctx: Context, op: Operation, the_plan: DeletePlan, meta: Snap
     else:
         log.warning("recovery: delete of %s never started (%s)", the_plan.snapshot_id, reason)
         await ctx.journal.finish(op)
-
-
-async def _no_progress(_percent: int) -> None:
-    return None

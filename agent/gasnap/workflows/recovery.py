@@ -18,7 +18,7 @@ import logging
 from dataclasses import dataclass
 
 from ..errors import GasnapError, NotFound
-from ..guestagent import GuestAgentError
+from ..guestagent import THAW_TIMEOUT, GuestAgentError
 from ..journal import Operation
 from . import Context, delete
 from .create import CreatePlan
@@ -27,7 +27,6 @@ from .steps import CONSISTENCY_PROVEN, CreateStep, Kind
 
 log = logging.getLogger(__name__)
 
-THAW_TIMEOUT = 5.0
 INTERRUPTED = "interrupted: the agent stopped before this snapshot was finished"
 
 

@@ -9,24 +9,20 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
-from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 
 from ..config import Schedule
 from ..metadata import SnapshotMeta, Status
-from . import Context, delete
-from .create import CreateRequest, Quiesce
+from . import Context, ProgressSink, delete, no_progress
+from .create import CreateRequest
 
 log = logging.getLogger(__name__)
-
-Progress = Callable[[int], Awaitable[None]]
-
 
 def request(schedule: Schedule) -> CreateRequest:
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     return CreateRequest(
         domains=list(schedule.domains), disks={}, name=f"{schedule.name}-{stamp}",
-        description=f"taken by schedule {schedule.name}", quiesce=Quiesce(schedule.quiesce),
+        description=f"taken by schedule {schedule.name}", quiesce=schedule.quiesce,
         schedule=schedule.name,
     )
 
@@ -48,7 +44,7 @@ def expired(metas: list[SnapshotMeta], schedule: str, keep: int,
 
 
 async def retain(ctx: Context, schedule: Schedule, volumes: set[str],
-                 progress: Progress) -> list[str]:
+                 progress: ProgressSink) -> list[str]:
     """Delete what ``expired`` names, one by one; the ids deleted."""
     metas = await ctx.metadata.list_snapshots()
     doomed = expired(metas, schedule.name, schedule.keep, volumes)
@@ -56,11 +52,7 @@ async def retain(ctx: Context, schedule: Schedule, volumes: set[str],
     for number, meta in enumerate(doomed, start=1):
         log.info("schedule %s: retention deletes %s (%s)", schedule.name, meta.id, meta.name)
         the_plan = await delete.plan(ctx, meta.id, delete.Strategy.AUTO)
-        await delete.execute(ctx, the_plan, _quiet)
+        await delete.execute(ctx, the_plan, no_progress)
         deleted.append(meta.id)
         await progress(50 + 50 * number // len(doomed))
     return deleted
-
-
-async def _quiet(_percent: int) -> None:
-    return None
