@@ -12,6 +12,7 @@ import pytest
 
 from gasnap import domxml
 from gasnap.hypervisor import AgentState, Domain, DomainState, Layer, Volume
+from gasnap.images import overlay_path
 from gasnap.quiesce import Quiesce
 from gasnap.workflows import Context
 from gasnap.workflows.create import (
@@ -19,7 +20,6 @@ from gasnap.workflows.create import (
     CreateRequest,
     DomainStateConflict,
     UnsupportedDisk,
-    overlay_path,
     plan,
 )
 

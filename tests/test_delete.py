@@ -26,12 +26,12 @@ from conftest import (
 from gasnap import domxml
 from gasnap.client import ApiError
 from gasnap.hypervisor import Domain
+from gasnap.images import overlay_path
 from gasnap.lab.guests import Lab
 from gasnap.lab.workload import sh, start_load, stop_load
 from gasnap.metadata import Status
 from gasnap.metastore import open_sqlite
 from gasnap.virt import LibvirtHypervisor
-from gasnap.workflows.create import overlay_path
 
 
 def snapshots(agent: Agent, dom: Domain, count: int) -> list[dict[str, Any]]:

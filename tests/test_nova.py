@@ -23,9 +23,10 @@ from novaclient import exceptions as nova_exc
 from conftest import PREFIX, Agent, chain_of, running_agent, volume_files
 from gasnap.client import ApiError
 from gasnap.hypervisor import Domain, Volume
+from gasnap.images import overlay_path
+from gasnap.images import spare_path as spare_of
 from gasnap.lab.guests import Lab
 from gasnap.virt import LibvirtHypervisor
-from gasnap.workflows.create import overlay_path, spare_of
 
 TOKEN = "n0va-token"
 

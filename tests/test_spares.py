@@ -20,13 +20,12 @@ from conftest import (
     wait_until,
 )
 from gasnap.hypervisor import Domain
-from gasnap.images import UnsafeImage, read_qcow2_header
+from gasnap.images import UnsafeImage, read_qcow2_header, spare_path
 from gasnap.virt import LibvirtHypervisor
-from gasnap.workflows.create import volume_base
 
 
 def spare_of(active: str) -> Path:
-    return Path(active).with_name(f".{volume_base(active)}.gasnap-spare")
+    return Path(spare_path(active))
 
 
 def backing_of(path: str) -> str:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -145,6 +146,31 @@ def relative_pointer(image: str, backing: str) -> str:
     """The backing pointer to write into IMAGE for BACKING: relative to
     IMAGE's directory, so a moved mount keeps the chain whole."""
     return os.path.relpath(backing, os.path.dirname(image))
+
+
+# --- names ------------------------------------------------------------------------
+
+_SNAPSHOT_SUFFIX = re.compile(r"(\.[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12})+$")
+SPARE_SUFFIX = ".gasnap-spare"
+
+
+def volume_base(active_file: str) -> str:
+    """The volume's base name: the active file's name without snapshot suffixes."""
+    name = Path(active_file).name
+    return _SNAPSHOT_SUFFIX.sub("", name) or name
+
+
+def overlay_path(active_file: str, snapshot_id: str) -> str:
+    """Cinder's naming: ``volume-<vol-uuid>.<snap-uuid>`` next to the active
+    file.  The base name drops earlier snapshot suffixes, so names do not grow
+    with every snapshot (NAME_MAX is 255)."""
+    return str(Path(active_file).with_name(f"{volume_base(active_file)}.{snapshot_id}"))
+
+
+def spare_path(active_file: str) -> str:
+    """The spare overlay of the volume whose active file is ACTIVE_FILE
+    (``gasnap.spares``): hidden, one per volume, next to its files."""
+    return str(Path(active_file).with_name(f".{volume_base(active_file)}{SPARE_SUFFIX}"))
 
 
 # --- chains -----------------------------------------------------------------------

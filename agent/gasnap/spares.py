@@ -5,7 +5,7 @@ request that finds a spare ready only renames it.  Whenever gasnap changes a
 running domain's active file (a snapshot's overlay becomes active, or an
 active commit makes the layer below active again), a spare on top of the new
 active file is made in the background, next to it:
-``.<volume base name>.gasnap-spare``.
+``.<volume base name>.gasnap-spare`` (``images.spare_path``).
 
 A spare is trusted only after its header is read back at the moment of use:
 it must be a plain qcow2 (no unknown feature, no external data file), point
@@ -29,15 +29,6 @@ from . import images, metrics, qemuimg
 from .errors import GasnapError
 
 log = logging.getLogger(__name__)
-
-SUFFIX = ".gasnap-spare"
-
-
-def spare_path(active_file: str, base: str) -> str:
-    """The spare of the volume whose active file is ACTIVE_FILE; BASE is the
-    volume's base name (its files' common prefix)."""
-    return str(Path(active_file).with_name(f".{base}{SUFFIX}"))
-
 
 class Spares:
     """One spare per volume at most; ``enabled=False`` makes every call a no-op."""

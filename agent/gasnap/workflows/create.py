@@ -21,12 +21,10 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-import re
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 from .. import faults, images, metrics, qemuimg
@@ -48,7 +46,6 @@ from ..metadata import (
     Status,
 )
 from ..quiesce import Quiesce
-from ..spares import spare_path
 from . import Context
 from .settle import settle
 from .steps import CreateStep, Kind
@@ -148,27 +145,6 @@ class CreatePlan:
 
 
 # --- plan: validation, no side effects ----------------------------------------
-
-_SNAPSHOT_SUFFIX = re.compile(r"(\.[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12})+$")
-
-
-def volume_base(active_file: str) -> str:
-    """The volume's base name: the active file's name without snapshot suffixes."""
-    name = Path(active_file).name
-    return _SNAPSHOT_SUFFIX.sub("", name) or name
-
-
-def overlay_path(active_file: str, snapshot_id: str) -> str:
-    """Cinder's naming: ``volume-<vol-uuid>.<snap-uuid>`` next to the active
-    file.  The base name drops earlier snapshot suffixes, so names do not grow
-    with every snapshot (NAME_MAX is 255)."""
-    return str(Path(active_file).with_name(f"{volume_base(active_file)}.{snapshot_id}"))
-
-
-def spare_of(image: str) -> str:
-    """The spare overlay of the volume whose active file is IMAGE."""
-    return spare_path(image, volume_base(image))
-
 
 def check_name(name: str) -> None:
     if len(name) > MAX_NAME:
@@ -270,7 +246,8 @@ async def plan(ctx: Context, req: CreateRequest) -> CreatePlan:
                                       f"{vol.active_file}: {err}") from err
             preset = req.presets.get(vol.volume_id)
             snapshot_id = preset.snapshot_id if preset else str(uuid.uuid4())
-            overlay = preset.overlay if preset else overlay_path(vol.active_file, snapshot_id)
+            overlay = (preset.overlay if preset
+                       else images.overlay_path(vol.active_file, snapshot_id))
             volumes.append(VolumePlan(
                 snapshot_id, dom.name, vol.volume_id, vol.target, vol.active_file, vol.format,
                 overlay, size, reuse=preset.reuse if preset else False,
@@ -374,7 +351,7 @@ async def _make_overlays(ctx: Context, op: Operation, the_plan: CreatePlan) -> O
 
 
 async def _make_overlay(ctx: Context, v: VolumePlan) -> None:
-    if await ctx.spares.take(spare_of(v.image), v.image, v.format, v.size, v.overlay):
+    if await ctx.spares.take(images.spare_path(v.image), v.image, v.format, v.size, v.overlay):
         return
     await qemuimg.create_overlay(v.overlay, images.relative_pointer(v.overlay, v.image),
                                  v.format, v.size)
@@ -389,8 +366,8 @@ def _prepare_spares(ctx: Context, the_plan: CreatePlan, metas: list[SnapshotMeta
     available = {m.id for m in metas if m.status is Status.AVAILABLE}
     for v in the_plan.volumes:
         if (v.domain in the_plan.live and v.snapshot_id in available and not v.reuse
-                and v.overlay == overlay_path(v.image, v.snapshot_id)):
-            ctx.spares.prepare(spare_of(v.overlay), v.overlay, "qcow2", v.size)
+                and v.overlay == images.overlay_path(v.image, v.snapshot_id)):
+            ctx.spares.prepare(images.spare_path(v.overlay), v.overlay, "qcow2", v.size)
 
 
 async def _freeze_window(

@@ -36,7 +36,7 @@ from ..hypervisor import Domain, DomainState, Volume
 from ..journal import Operation
 from ..metadata import SnapshotMeta, Status, WrongStatus
 from . import Context, ProgressSink, no_progress
-from .create import HostIOError, UnsupportedDisk, spare_of
+from .create import HostIOError, UnsupportedDisk
 from .records import until_recorded
 from .steps import JOB_STEPS, DeleteStep, Kind
 
@@ -363,7 +363,7 @@ async def cleanup(ctx: Context, op: Operation, the_plan: DeletePlan) -> None:
                               relink.backing_file), f"relink {relink.snapshot_id}")
     faults.hit("delete:cleanup")
     await _remove(ctx, the_plan.remove)
-    if await ctx.spares.forget(spare_of(the_plan.remove), the_plan.remove):
+    if await ctx.spares.forget(images.spare_path(the_plan.remove), the_plan.remove):
         await _replace_spare(ctx, the_plan)
     meta = await until_recorded(functools.partial(meta_svc.get_snapshot, sid), f"read {sid}")
     if meta.status is not Status.DELETING:
@@ -400,7 +400,7 @@ async def _replace_spare(ctx: Context, the_plan: DeletePlan) -> None:
     except (OSError, GasnapError) as err:
         log.debug("no spare on %s: %s", the_plan.base, err)
         return
-    ctx.spares.prepare(spare_of(the_plan.base), the_plan.base, the_plan.base_format, size)
+    ctx.spares.prepare(images.spare_path(the_plan.base), the_plan.base, the_plan.base_format, size)
 
 
 async def _failed(ctx: Context, op: Operation, the_plan: DeletePlan, err: GasnapError) -> None:
