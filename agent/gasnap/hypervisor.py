@@ -13,6 +13,14 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from .blockjobs import JobEnd, JobInfo, Progress
+from .errors import Conflict
+
+
+class DomainChanged(Conflict):
+    """The name no longer belongs to the domain planned (renamed or replaced
+    since): whatever the backend, such a domain is never acted on."""
+
+    code = "domain_changed"
 
 
 class DomainState(enum.Enum):
@@ -122,7 +130,7 @@ class Hypervisor(Protocol):
         """Keep DOMAINS (name -> UUID, from ``get_domain`` at plan time)
         resolved while the block runs, so that the calls inside reach the
         planned domains without resolving their names again; a name that no
-        longer belongs to its planned domain fails here (a Conflict)."""
+        longer belongs to its planned domain fails here (DomainChanged)."""
 
     async def agent_command(
         self, domain: str, command: str, arguments: dict[str, Any] | None, timeout: float

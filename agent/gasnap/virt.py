@@ -28,7 +28,7 @@ import libvirt
 import libvirt_qemu
 import libvirtaio
 
-from . import domxml, images
+from . import domxml, hypervisor, images
 from .blockjobs import BlockJobEvents, JobEnd, JobInfo, PivotNotReady, Progress, follow
 from .errors import Conflict, GasnapError, NotFound, Unavailable
 from .guestagent import (
@@ -66,7 +66,7 @@ class DomainNotRunning(VirtError, Conflict):
     code = "domain_not_running"
 
 
-class DomainChanged(VirtError, Conflict):
+class DomainChanged(VirtError, hypervisor.DomainChanged):
     code = "domain_changed"
 
 

@@ -32,7 +32,7 @@ from typing import Any
 from .. import faults, images, metrics, qemuimg
 from ..blockjobs import JobEnd, JobInfo, PivotNotReady
 from ..errors import Conflict, GasnapError, NotFound, Unavailable
-from ..hypervisor import Domain, DomainState, Volume
+from ..hypervisor import Domain, DomainChanged, DomainState, Volume
 from ..journal import Operation
 from ..metadata import SnapshotMeta, Status, WrongStatus
 from . import Context, ProgressSink, no_progress
@@ -76,10 +76,6 @@ class StrategyUnsupported(Conflict):
 
 class MergeFailed(GasnapError):
     code = "merge_failed"
-
-
-class DomainRenamed(Conflict):
-    code = "domain_changed"
 
 
 @dataclass(frozen=True)
@@ -336,7 +332,7 @@ async def _chain(ctx: Context, the_plan: DeletePlan) -> list[str]:
     """The volume's chain now, read from the planned domain (by UUID)."""
     dom = await ctx.hv.get_domain(the_plan.domain, uuid=the_plan.uuid)
     if dom.name != the_plan.domain:
-        raise DomainRenamed(f"domain {the_plan.domain} is named {dom.name} now; "
+        raise DomainChanged(f"domain {the_plan.domain} is named {dom.name} now; "
                             "its merge is not touched")
     vol = dom.volume(the_plan.target)
     return [layer.path for layer in vol.chain] if vol is not None else []
@@ -455,7 +451,7 @@ async def resume(ctx: Context, op: Operation) -> None:
         return
     try:
         chain = await _chain(ctx, the_plan)
-    except (NotFound, DomainRenamed) as err:
+    except (NotFound, DomainChanged) as err:
         await _give_up(ctx, op, the_plan, meta, f"{err.message}; nothing was changed")
         return
     if chain == the_plan.expected_chain:

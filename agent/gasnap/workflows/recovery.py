@@ -65,17 +65,17 @@ async def recover(ctx: Context) -> Pass:
             done.failed += 1
             reason = err.message if isinstance(err, GasnapError) else repr(err)
             log.error("recovery: %s %s (step %s) not settled: %s; trying again later",
-                      op.kind, op.id, op.step, reason, exc_info=_FIRST.get(op.id) != reason)
-            _FIRST[op.id] = reason
+                      op.kind, op.id, op.step, reason, exc_info=_LAST_FAILURE.get(op.id) != reason)
+            _LAST_FAILURE[op.id] = reason
         else:
             done.settled += 1
-            _FIRST.pop(op.id, None)
+            _LAST_FAILURE.pop(op.id, None)
     return done
 
 
-# The last failure logged per operation: its traceback is logged when it
-# changes, not every pass.
-_FIRST: dict[str, str] = {}
+# The last failure logged per operation: the traceback is logged when the
+# reason changes, not at every pass of the sweep.
+_LAST_FAILURE: dict[str, str] = {}
 
 
 async def _settle(ctx: Context, op: Operation) -> None:
