@@ -21,6 +21,7 @@ import libvirtd
 from conftest import PREFIX, Agent, chain_of, create_snapshots, running_agent, wait_task
 from gasnap.client import ApiError
 from gasnap.hypervisor import Domain
+from gasnap.lab import domains
 from gasnap.lab.guests import LAB_DIR, Lab
 from gasnap.lab.workload import sh
 from gasnap.virt import LibvirtHypervisor
@@ -56,8 +57,8 @@ async def test_a_domain_undefined_during_a_cut_merge_does_not_stop_recovery(
         assert err.code == "agent_unreachable"
     assert agent.wait_exit() == -signal.SIGKILL
     files = sorted(p.name for p in Path(first["file"]).parent.iterdir())
-    await hv.destroy(doomed.name)
-    await hv.undefine(doomed.name)
+    await domains.destroy(hv.connection, doomed.name)
+    await domains.undefine(hv.connection, doomed.name)
     with running_agent(tmp_path, config=config) as restarted:  # ready: recovery ran
         rec = restarted.client.get(f"/v1/snapshots/{first['id']}")
         assert rec["status"] == "error_deleting", rec

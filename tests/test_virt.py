@@ -95,13 +95,13 @@ async def test_reading_disks_pings_no_guest_agent(
     Nova's volume lookup across every domain) sends nothing to qemu-ga; only
     a caller that asks for the agent's state pings it."""
     sent: list[str] = []
-    real = hv.agent_command
+    real = hv.agent_channel.agent_command
 
     async def counting(domain: str, command: str, arguments: Any, timeout: float) -> Any:
         sent.append(command)
         return await real(domain, command, arguments, timeout)
 
-    monkeypatch.setattr(hv, "agent_command", counting)
+    monkeypatch.setattr(hv.agent_channel, "agent_command", counting)
     dom = await hv.get_domain(guest.name)
     await hv.list_domains()
     assert sent == []
@@ -111,9 +111,9 @@ async def test_reading_disks_pings_no_guest_agent(
 
 
 async def test_agent_command_passes_arguments(hv: LibvirtHypervisor, guest: Domain) -> None:
-    reply = await hv.agent_command(guest.name, "guest-sync", {"id": 4242}, 5)
+    reply = await hv.agent.command(guest.name, "guest-sync", {"id": 4242}, 5)
     assert reply == 4242
-    info = await hv.agent_command(guest.name, "guest-info", None, 5)
+    info = await hv.agent.command(guest.name, "guest-info", None, 5)
     enabled = {c["name"] for c in info["supported_commands"] if c["enabled"]}
     assert {"guest-exec", "guest-fsfreeze-freeze", "guest-fsfreeze-thaw"} <= enabled
     assert json.dumps(info)  # plain JSON types

@@ -17,11 +17,13 @@ from typing import Any
 
 from .config import Settings
 from .errors import GasnapError
+from .hypervisor import Domain
 from .lab.guests import Lab
 from .lab.verify import fsck_snapshot
 from .lab.workload import freeze_log, sh, start_load, stop_load
 from .quiesce import Quiesce
 from .runtime import Runtime, open_runtime
+from .virt import LibvirtHypervisor
 from .workflows.create import CreateRequest
 from .workflows.delete import Strategy
 
@@ -71,12 +73,22 @@ async def _fsck(snapshots: list[dict[str, Any]], say: Callable[..., None]
     return checks
 
 
+async def _boot(uri: str) -> Domain:
+    # The lab defines and boots domains, which the agent's hypervisor
+    # interface never does: it has its own libvirt connection.
+    lab_hv = LibvirtHypervisor(uri)
+    try:
+        return await Lab(lab_hv).up(DEMO_GUEST, disks=2)
+    finally:
+        await lab_hv.close()
+
+
 async def run_demo(say: Callable[..., None], uri: str = "qemu:///system") -> dict[str, Any]:
     settings = Settings(state_dir=DEMO_STATE, libvirt_uri=uri)
     async with open_runtime(settings) as runtime:
         hv = runtime.hv
         say(f"1. booting lab guest {DEMO_GUEST} (TCG, 2 ext4 data disks, qemu-ga) ...")
-        dom = await Lab(hv).up(DEMO_GUEST, disks=2)
+        dom = await _boot(uri)
         say(f"   guest agent {dom.guest_agent.value}; disks "
             + ", ".join(f"{v.target}={Path(v.active_file).name}" for v in dom.volumes))
         say("2. starting an fsync'd write workload on /data and /data1")

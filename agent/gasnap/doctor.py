@@ -74,7 +74,7 @@ async def run_checks(libvirt_uri: str, state_dir: Path) -> list[Check]:
     hv = LibvirtHypervisor(libvirt_uri)
     try:
         await hv.connect()
-        version = await hv.call(lambda c: c.getLibVersion(), what="libvirt version")
+        version = await hv.connection.call(lambda c: c.getLibVersion(), what="libvirt version")
         major, minor = version // 1_000_000, version // 1000 % 1000
         detail = f"{libvirt_uri} reachable (libvirt {major}.{minor})"
         checks.append(Check("libvirtd", CheckStatus.OK, detail))

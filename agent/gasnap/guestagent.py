@@ -1,9 +1,10 @@
 """The QEMU guest agent boundary: qemu-ga's protocol over a hypervisor's transport.
 
-The transport (``Hypervisor.agent_command``) is libvirt's agent channel for
-the libvirt backend, so gasnap never opens a second connection to the
-agent's socket.  Every call has an explicit timeout: a hung agent must cost a
-bounded time, never a stuck task.
+Each hypervisor backend provides a ``GuestAgent`` (``Hypervisor.agent``) on
+its own transport: for libvirt, libvirt's agent channel (``virt.agent``), so
+gasnap never opens a second connection to the agent's socket.  Every call
+has an explicit timeout: a hung agent must cost a bounded time, never a
+stuck task.
 """
 
 from __future__ import annotations
@@ -60,12 +61,17 @@ class GuestAgent:
     def __init__(self, transport: AgentTransport) -> None:
         self._transport = transport
 
-    async def _run(self, domain: str, command: str, timeout: float) -> Any:
+    async def command(self, domain: str, command: str, arguments: dict[str, Any] | None,
+                      timeout: float) -> Any:
+        """Any qemu-ga command, its reply's ``return`` (the lab's guest-exec)."""
         try:
-            return await self._transport.agent_command(domain, command, None, timeout)
+            return await self._transport.agent_command(domain, command, arguments, timeout)
         except GuestAgentError as err:
             metrics.GUEST_AGENT_FAILURES.labels(command, err.code).inc()
             raise
+
+    async def _run(self, domain: str, command: str, timeout: float) -> Any:
+        return await self.command(domain, command, None, timeout)
 
     async def ping(self, domain: str, timeout: float = PING_TIMEOUT) -> None:
         await self._run(domain, "guest-ping", timeout)

@@ -1,6 +1,6 @@
 """The small interface workflow code uses to talk to a hypervisor.
 
-libvirt (``gasnap.virt``) is the first implementation; a QMP-only backend for
+libvirt (the ``gasnap.virt`` package) is the first implementation; a QMP-only backend for
 QEMU guests without libvirt is meant to implement the same protocol.  Workflow
 code must depend on this module, never on ``libvirt`` directly.
 """
@@ -14,6 +14,7 @@ from typing import Any, Protocol
 
 from .blockjobs import JobEnd, JobInfo, Progress
 from .errors import Conflict
+from .guestagent import GuestAgent
 
 
 class DomainChanged(Conflict):
@@ -108,9 +109,23 @@ class Hypervisor(Protocol):
     """What gasnap needs from a hypervisor.  Every method may block on I/O and
     is therefore async; implementations keep blocking calls off the loop.
 
-    The guest agent's protocol (ping, freeze, thaw, ...) lives in
-    ``gasnap.guestagent`` on top of ``agent_command``, the transport.
+    Each backend provides the guest agent on its own transport (``agent``).
     """
+
+    @property
+    def agent(self) -> GuestAgent:
+        """qemu-ga of this backend's domains (ping, freeze, thaw, ...)."""
+
+    async def connect(self) -> None:
+        """Reach the hypervisor now (calls reconnect by themselves anyway)."""
+
+    async def close(self) -> None: ...
+
+    @property
+    def connected(self) -> bool:
+        """Whether the backend is reachable now, as far as it knows without asking."""
+
+    async def domain_names(self) -> list[str]: ...
 
     async def list_domains(self, *, probe_agent: bool = False) -> list[Domain]: ...
 
@@ -131,10 +146,6 @@ class Hypervisor(Protocol):
         resolved while the block runs, so that the calls inside reach the
         planned domains without resolving their names again; a name that no
         longer belongs to its planned domain fails here (DomainChanged)."""
-
-    async def agent_command(
-        self, domain: str, command: str, arguments: dict[str, Any] | None, timeout: float
-    ) -> Any: ...
 
     async def switch_overlays(self, name: str, overlays: dict[str, str],
                               others: list[str]) -> None:

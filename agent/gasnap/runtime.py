@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from .config import Settings
 from .errors import Unavailable
 from .freezeguard import FreezeGuard
+from .hypervisor import Hypervisor
 from .journal import Journal
 from .metaclient import RemoteMetadata
 from .metadata import MetadataService
@@ -34,14 +35,19 @@ SWEEP_INTERVAL = 10.0
 
 @dataclass(frozen=True)
 class Runtime:
-    hv: LibvirtHypervisor
+    hv: Hypervisor
     service: SnapshotService
+
+
+def open_hypervisor(settings: Settings) -> Hypervisor:
+    """The backend the settings name; the one place that picks it."""
+    return LibvirtHypervisor(settings.libvirt_uri, outage_wait=settings.libvirt_outage_wait)
 
 
 @contextlib.asynccontextmanager
 async def open_runtime(settings: Settings) -> AsyncIterator[Runtime]:
     settings.state_dir.mkdir(parents=True, exist_ok=True)
-    hv = LibvirtHypervisor(settings.libvirt_uri, outage_wait=settings.libvirt_outage_wait)
+    hv = open_hypervisor(settings)
     journal = Journal(settings.state_dir / "journal.db")
     metadata = await _open_metadata(settings)
     guard = FreezeGuard(settings.libvirt_uri)

@@ -5,9 +5,9 @@ from __future__ import annotations
 from aiohttp import web
 
 from ..config import Settings
+from ..hypervisor import Hypervisor
 from ..service import SnapshotService
-from ..virt import LibvirtHypervisor
 
 SETTINGS = web.AppKey("settings", Settings)
-HYPERVISOR = web.AppKey("hypervisor", LibvirtHypervisor)
+HYPERVISOR = web.AppKey("hypervisor", Hypervisor)
 SERVICE = web.AppKey("service", SnapshotService)

@@ -7,7 +7,7 @@ import logging
 from ..config import Settings, check_domains
 from ..errors import Unavailable
 from ..httpkit import run_app
-from ..virt import LibvirtHypervisor
+from ..runtime import open_hypervisor
 from .app import create_app
 from .keys import SERVICE
 
@@ -21,7 +21,7 @@ async def check_schedules(settings: Settings, *, strict: bool) -> None:
     first loop that connects, for the life of the process."""
     if not settings.schedules:
         return
-    hv = LibvirtHypervisor(settings.libvirt_uri)
+    hv = open_hypervisor(settings)
     try:
         check_domains(settings, await hv.domain_names())
     except Unavailable:

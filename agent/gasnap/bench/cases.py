@@ -13,12 +13,10 @@ import time
 import uuid
 from pathlib import Path
 
-import libvirt
-import libvirt_qemu
-
-from .. import domxml, qemuimg
+from .. import qemuimg
 from ..client import ApiClient
 from ..images import virtual_size
+from ..lab.baseline import bare_switch
 from ..lab.guests import Lab
 from ..lab.workload import sh
 from ..metastore import open_sqlite
@@ -75,7 +73,7 @@ async def create_vs_virsh(hv: LibvirtHypervisor, agent: Agent, runs: int
                     await _merge_back(hv, client, name, vol.target)
                     continue
                 if which == "floor":
-                    await asyncio.to_thread(_bare_switch, name, {}, others, mode="floor")
+                    await asyncio.to_thread(bare_switch, URI, name, {}, others, mode="floor")
                     bare[which].append(await window_ms(hv, name, since))
                     continue
                 overlay = directory / f"volume-bench-{which}-{i}.qcow2"
@@ -91,7 +89,7 @@ async def create_vs_virsh(hv: LibvirtHypervisor, agent: Agent, runs: int
                     await qemuimg.create_overlay(str(overlay), Path(vol.active_file).name,
                                                  vol.format, await virtual_size(
                                                      vol.active_file, vol.format))
-                    await asyncio.to_thread(_bare_switch, name, {vol.target: str(overlay)},
+                    await asyncio.to_thread(bare_switch, URI, name, {vol.target: str(overlay)},
                                             others, mode=which)
                     bare[which].append(await window_ms(hv, name, since))
                 await timed(["virsh", "-q", "-c", URI, "blockcommit", name, vol.target,
@@ -119,31 +117,6 @@ async def create_vs_virsh(hv: LibvirtHypervisor, agent: Agent, runs: int
                    note="interpreter start, imports, one request"),
             Figure("P1", "virsh list (the virsh process alone)", "ms", virsh_floor, None,
                    note="process start, connect to libvirtd, one call")]
-
-
-def _bare_switch(name: str, overlays: dict[str, str], others: list[str], *,
-                 mode: str) -> None:
-    """MODE explicit: freeze, switch, thaw; quiesce: libvirt's one call;
-    floor: freeze, thaw."""
-    flags = (libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_DISK_ONLY
-             | libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_REUSE_EXT
-             | libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_NO_METADATA
-             | libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_ATOMIC)
-    xml = domxml.snapshot_xml(overlays, [*overlays, *others]) if overlays else ""
-    conn = libvirt.open(URI)
-    try:
-        dom = conn.lookupByName(name)
-        if mode == "quiesce":
-            dom.snapshotCreateXML(xml, flags | libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_QUIESCE)
-            return
-        libvirt_qemu.qemuAgentCommand(dom, '{"execute": "guest-fsfreeze-freeze"}', 10, 0)
-        try:
-            if mode == "explicit":
-                dom.snapshotCreateXML(xml, flags)
-        finally:
-            libvirt_qemu.qemuAgentCommand(dom, '{"execute": "guest-fsfreeze-thaw"}', 10, 0)
-    finally:
-        conn.close()
 
 
 def _api_create(api: str, domain: str) -> float:

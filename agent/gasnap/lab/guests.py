@@ -24,6 +24,7 @@ from ..errors import BadRequest, Conflict, GasnapError, NotFound
 from ..guestagent import GuestAgentError
 from ..hypervisor import Domain, DomainState
 from ..virt import DomainNotFound, LibvirtHypervisor
+from . import domains
 from .image import LabImage, ensure_image
 from .workload import sh
 
@@ -142,7 +143,7 @@ class Lab:
 
     async def is_lab_guest(self, name: str) -> bool:
         try:
-            return await self.hv.metadata(name, LAB_NS) is not None
+            return await domains.metadata(self.hv.connection, name, LAB_NS) is not None
         except DomainNotFound:
             return False
 
@@ -167,7 +168,7 @@ class Lab:
                 raise NotALabGuest(f"domain {name} exists and is not a lab guest")
             dom = await self.hv.get_domain(name)
             if dom.state is DomainState.SHUTOFF:
-                await self.hv.start(name)
+                await domains.start(self.hv.connection, name)
         else:
             await self._create(name, disks, size_mib, agent, disk_format)
         if agent:
@@ -185,7 +186,7 @@ class Lab:
                                           for _ in range(disks)))
             xml = domain_xml(name, image, list(made), directory / "console.log", agent=agent,
                              disk_format=disk_format)
-            await self.hv.define_and_start(xml)
+            await domains.define_and_start(self.hv.connection, xml)
         except BaseException:
             shutil.rmtree(directory, ignore_errors=True)
             raise
@@ -208,7 +209,7 @@ class Lab:
     async def reboot(self, name: str, timeout: float = BOOT_TIMEOUT) -> None:
         """Reboot NAME cleanly and return once its new boot answers."""
         boot_id = await sh(self.hv, name, "cat /proc/sys/kernel/random/boot_id")
-        await self.hv.reboot(name)
+        await domains.reboot(self.hv.connection, name)
         deadline = time.monotonic() + timeout
         while True:
             await self.wait_for_agent(name, max(1.0, deadline - time.monotonic()))
@@ -231,8 +232,8 @@ class Lab:
         elif not await self.is_lab_guest(name):
             raise NotALabGuest(f"domain {name} is not a lab guest; refusing to remove it")
         else:
-            await self.hv.destroy(name)
-            await self.hv.undefine(name)
+            await domains.destroy(self.hv.connection, name)
+            await domains.undefine(self.hv.connection, name)
         shutil.rmtree(self.lab_dir / name, ignore_errors=True)
         log.info("lab guest %s removed", name)
 

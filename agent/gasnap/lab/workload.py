@@ -27,14 +27,14 @@ class ExecResult:
 async def guest_exec(hv: Hypervisor, domain: str, argv: list[str],
                      timeout: float = EXEC_TIMEOUT) -> ExecResult:
     """Run ARGV in the guest and wait for it (guest-exec + guest-exec-status)."""
-    started = await hv.agent_command(
+    started = await hv.agent.command(
         domain, "guest-exec",
         {"path": argv[0], "arg": argv[1:], "capture-output": True}, 10,
     )
     pid = started["pid"]
     deadline = time.monotonic() + timeout
     while True:
-        status = await hv.agent_command(domain, "guest-exec-status", {"pid": pid}, 10)
+        status = await hv.agent.command(domain, "guest-exec-status", {"pid": pid}, 10)
         if status.get("exited"):
             return ExecResult(
                 int(status.get("exitcode", -1)),
@@ -57,18 +57,18 @@ async def sh(hv: Hypervisor, domain: str, script: str, timeout: float = EXEC_TIM
 
 
 async def read_file(hv: Hypervisor, domain: str, path: str) -> bytes:
-    handle = await hv.agent_command(domain, "guest-file-open", {"path": path, "mode": "r"}, 10)
+    handle = await hv.agent.command(domain, "guest-file-open", {"path": path, "mode": "r"}, 10)
     chunks: list[bytes] = []
     try:
         while True:
-            part = await hv.agent_command(
+            part = await hv.agent.command(
                 domain, "guest-file-read", {"handle": handle, "count": 65536}, 10
             )
             chunks.append(base64.b64decode(part.get("buf-b64", "")))
             if part.get("eof") or not part.get("count"):
                 break
     finally:
-        await hv.agent_command(domain, "guest-file-close", {"handle": handle}, 10)
+        await hv.agent.command(domain, "guest-file-close", {"handle": handle}, 10)
     return b"".join(chunks)
 
 

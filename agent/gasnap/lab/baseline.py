@@ -1,0 +1,39 @@
+"""The bare libvirt client the benchmarks measure gasnap against.
+
+gasnap's freeze, switch and thaw without gasnap (libvirt-python in one
+thread, nothing else), and libvirt's own QUIESCE: the baselines of P2.  Kept
+in the lab, beside the other direct libvirt commands, so the benchmarks
+themselves import no backend.
+"""
+
+from __future__ import annotations
+
+import libvirt
+import libvirt_qemu
+
+from .. import domxml
+
+
+def bare_switch(uri: str, name: str, overlays: dict[str, str], others: list[str], *,
+                 mode: str) -> None:
+    """MODE explicit: freeze, switch, thaw; quiesce: libvirt's one call;
+    floor: freeze, thaw."""
+    flags = (libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_DISK_ONLY
+             | libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_REUSE_EXT
+             | libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_NO_METADATA
+             | libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_ATOMIC)
+    xml = domxml.snapshot_xml(overlays, [*overlays, *others]) if overlays else ""
+    conn = libvirt.open(uri)
+    try:
+        dom = conn.lookupByName(name)
+        if mode == "quiesce":
+            dom.snapshotCreateXML(xml, flags | libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_QUIESCE)
+            return
+        libvirt_qemu.qemuAgentCommand(dom, '{"execute": "guest-fsfreeze-freeze"}', 10, 0)
+        try:
+            if mode == "explicit":
+                dom.snapshotCreateXML(xml, flags)
+        finally:
+            libvirt_qemu.qemuAgentCommand(dom, '{"execute": "guest-fsfreeze-thaw"}', 10, 0)
+    finally:
+        conn.close()

@@ -1,0 +1,387 @@
+"""``gasnap.hypervisor.Hypervisor`` on libvirt: domains, disks, chains, jobs.
+
+Reads domains and their chains (formats from the XML, never guessed),
+switches overlays, runs and follows block jobs.  Everything goes through the
+one ``Connection``; the guest agent is reached through libvirt's channel
+(``virt.agent``).  Domains taking part in an operation are held by UUID, so
+a rename or a replacement between plan and action is refused, never acted on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import libvirt
+
+from .. import domxml, images
+from ..blockjobs import BlockJobEvents, JobEnd, JobInfo, PivotNotReady, Progress, follow
+from ..errors import GasnapError
+from ..guestagent import AgentAbsent, GuestAgent, GuestAgentError
+from ..hypervisor import AgentState, Domain, DomainState, Layer, Volume
+from .agent import AgentChannel
+from .connection import (
+    Connection,
+    DomainChanged,
+    DomainNotFound,
+    LibvirtUnavailable,
+    VirtError,
+    map_error,
+)
+
+log = logging.getLogger(__name__)
+
+OUTAGE_WAIT = 120.0  # how long a block job's follower waits for libvirtd to return
+
+_STATES = {
+    libvirt.VIR_DOMAIN_NOSTATE: DomainState.NOSTATE,
+    libvirt.VIR_DOMAIN_RUNNING: DomainState.RUNNING,
+    libvirt.VIR_DOMAIN_BLOCKED: DomainState.BLOCKED,
+    libvirt.VIR_DOMAIN_PAUSED: DomainState.PAUSED,
+    libvirt.VIR_DOMAIN_SHUTDOWN: DomainState.SHUTDOWN,
+    libvirt.VIR_DOMAIN_SHUTOFF: DomainState.SHUTOFF,
+    libvirt.VIR_DOMAIN_CRASHED: DomainState.CRASHED,
+    libvirt.VIR_DOMAIN_PMSUSPENDED: DomainState.PMSUSPENDED,
+}
+
+_JOB_KINDS = {
+    libvirt.VIR_DOMAIN_BLOCK_JOB_TYPE_PULL: "pull",
+    libvirt.VIR_DOMAIN_BLOCK_JOB_TYPE_COPY: "copy",
+    libvirt.VIR_DOMAIN_BLOCK_JOB_TYPE_COMMIT: "commit",
+    libvirt.VIR_DOMAIN_BLOCK_JOB_TYPE_ACTIVE_COMMIT: "active-commit",
+}
+
+
+def _map_job_error(err: libvirt.libvirtError, what: str) -> GasnapError:
+    if err.get_error_code() in (libvirt.VIR_ERR_BLOCK_COPY_ACTIVE,
+                                libvirt.VIR_ERR_OPERATION_INVALID):
+        return PivotNotReady(f"{what}: {err.get_error_message()}")
+    return map_error(err, what)
+
+
+@dataclass
+class _Held:
+    """A domain held by ``hold``: its handle is valid on CONN only."""
+
+    uuid: str
+    conn: libvirt.virConnect
+    dom: libvirt.virDomain
+    holders: int = 0
+
+
+class LibvirtHypervisor:
+    """``gasnap.hypervisor.Hypervisor`` on top of libvirt."""
+
+    def __init__(self, uri: str, *, outage_wait: float = OUTAGE_WAIT) -> None:
+        self.uri = uri
+        self.outage_wait = outage_wait
+        self.connection = Connection(uri, on_open=self._register_events)
+        self.block_events = BlockJobEvents()
+        self._held: dict[str, _Held] = {}  # by name; read from worker threads
+        self.agent_channel = AgentChannel(self.connection, self.resolve)
+        self.agent = GuestAgent(self.agent_channel)
+
+    # connection
+
+    async def connect(self) -> None:
+        await self.connection.connect()
+
+    async def close(self) -> None:
+        await self.connection.close()
+
+    @property
+    def connected(self) -> bool:
+        return self.connection.connected
+
+    def _register_events(self, conn: libvirt.virConnect) -> None:
+        conn.domainEventRegisterAny(
+            None, libvirt.VIR_DOMAIN_EVENT_ID_BLOCK_JOB_2, self._on_block_job, None
+        )
+
+    def _on_block_job(self, _conn: libvirt.virConnect, dom: libvirt.virDomain, disk: str,
+                      _type: int, status: int, _opaque: object) -> None:
+        self.block_events.on_event(dom.name(), disk, status)
+
+    # held domains
+
+    @contextlib.asynccontextmanager
+    async def hold(self, domains: dict[str, str]) -> AsyncIterator[None]:
+        """Keep DOMAINS (name -> UUID, as planned) resolved while the block
+        runs: calls on them use the handle found here, by UUID, instead of a
+        lookup by name each (a freeze window makes three, each a round trip
+        to libvirtd with the guest frozen), and a name that no longer belongs
+        to the planned domain is refused (DomainChanged), never acted on."""
+        taken: list[str] = []
+        try:
+            for name, uuid in domains.items():
+                await self._hold(name, uuid)
+                taken.append(name)
+            yield
+        finally:
+            for name in taken:
+                held = self._held[name]
+                held.holders -= 1
+                if not held.holders:
+                    del self._held[name]
+
+    async def _hold(self, name: str, uuid: str) -> None:
+        if name not in self._held:
+            conn, dom = await self.connection.call(lambda c: (c, _by_uuid(c, name, uuid)),
+                                        what=f"domain {name}")
+            self._held.setdefault(name, _Held(uuid, conn, dom))
+        held = self._held[name]
+        if held.uuid != uuid:
+            raise DomainChanged(f"domain {name} is {held.uuid} for another operation, "
+                                f"not {uuid} as planned")
+        held.holders += 1
+
+    def resolve(self, conn: libvirt.virConnect, name: str) -> libvirt.virDomain:
+        """NAME's handle, in a worker thread: the held one, else by name."""
+        held = self._held.get(name)
+        if held is None:
+            return conn.lookupByName(name)
+        if held.conn is conn:
+            return held.dom
+        return _by_uuid(conn, name, held.uuid)  # reconnected since the hold
+
+    # domains
+
+    async def list_domains(self, *, probe_agent: bool = False) -> list[Domain]:
+        names = await self.domain_names()
+        found = await asyncio.gather(*(self._domain_or_none(n, probe_agent) for n in names))
+        return sorted((d for d in found if d is not None), key=lambda d: d.name)
+
+    async def _domain_or_none(self, name: str, probe_agent: bool) -> Domain | None:
+        try:
+            return await self.get_domain(name, probe_agent=probe_agent)
+        except DomainNotFound:
+            return None  # undefined between listing and reading
+
+    async def get_domain(self, name: str, *, probe_agent: bool = False,
+                         uuid: str | None = None) -> Domain:
+        found, found_uuid, state, xml = await self.connection.call(_read_domain, name, uuid,
+                                                        what=f"domain {name}")
+        specs = domxml.disks(xml)
+        volumes = await asyncio.gather(*(self._volume(found, spec) for spec in specs))
+        agent = await self._agent_state(found, state, xml, probe_agent)
+        return Domain(found, found_uuid, state, agent, tuple(volumes))
+
+    async def files_in_use(self, *, besides: frozenset[str] = frozenset()) -> set[str]:
+        """The real path of every layer of every disk of every domain (but
+        those whose UUID is in BESIDES), in its running and its persistent
+        definition alike."""
+        paths: list[str] = []
+        for xml in await self.connection.call(_all_definitions, besides, what="domains' disks"):
+            for spec in domxml.disks(xml):
+                chain = spec.chain
+                if not spec.chain_complete and spec.source_type == "file" and chain[0].path:
+                    chain, _ = await _read_chain(chain)
+                paths.extend(layer.path for layer in chain if layer.path)
+        return await asyncio.to_thread(lambda: {os.path.realpath(p) for p in paths})
+
+    async def domain_xml(self, name: str, *, inactive: bool = False) -> str:
+        flags = libvirt.VIR_DOMAIN_XML_INACTIVE if inactive else 0
+        return await self.connection.call(
+            lambda c: self.resolve(c, name).XMLDesc(flags), what=f"domain {name} XML"
+        )
+
+    async def _volume(self, domain: str, spec: domxml.DiskSpec) -> Volume:
+        chain, error = spec.chain, None
+        if not spec.chain_complete and spec.source_type == "file" and chain[0].path:
+            chain, error = await _read_chain(chain)
+        return Volume(domxml.volume_id(domain, spec), spec.target, spec.serial,
+                      spec.source_type, chain, chain_error=error, shareable=spec.shareable,
+                      readonly=spec.readonly)
+
+    # guest agent
+
+    async def _agent_state(self, name: str, state: DomainState, xml: str,
+                           probe: bool) -> AgentState:
+        channel = domxml.agent_channel(xml)
+        live = state in (DomainState.RUNNING, DomainState.PAUSED)
+        if not (channel.present and channel.connected and live):
+            return AgentState.ABSENT
+        if state is DomainState.PAUSED:
+            return AgentState.UNRESPONSIVE  # the vCPUs that would answer are stopped
+        if not probe:
+            return AgentState.CONNECTED  # as far as the channel tells
+        try:
+            await self.agent.ping(name)
+        except AgentAbsent:
+            return AgentState.ABSENT
+        except GuestAgentError:
+            return AgentState.UNRESPONSIVE
+        return AgentState.CONNECTED
+
+    # switching overlays
+
+    async def switch_overlays(self, name: str, overlays: dict[str, str],
+                              others: list[str]) -> None:
+        """Make each pre-created overlay the active layer of its disk, all
+        disks of the domain at once (ATOMIC), without libvirt metadata.  OTHERS
+        are named ``snapshot='no'``: a disk left out would get an overlay of
+        libvirt's choosing."""
+        flags = (
+            libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_DISK_ONLY
+            | libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_REUSE_EXT
+            | libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_NO_METADATA
+            | libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_ATOMIC
+        )
+
+        # Built before the call: the guest is frozen while it runs, and reading
+        # the definition here cost an XMLDesc inside the freeze window.
+        xml = domxml.snapshot_xml(overlays, [*overlays, *others])
+
+        def run(conn: libvirt.virConnect) -> None:
+            self.resolve(conn, name).snapshotCreateXML(xml, flags)
+
+        await self.connection.call(run, what=f"{name}: snapshot", retry=False)
+
+    async def define_overlays(self, name: str, overlays: dict[str, str]) -> None:
+        """The offline switch: the persistent definition of a stopped domain
+        points each disk at its overlay."""
+
+        def run(conn: libvirt.virConnect) -> None:
+            dom = self.resolve(conn, name)
+            if dom.isActive():
+                raise VirtError(f"{name} started while its overlays were being switched")
+            conn.defineXML(domxml.with_disk_sources(_current_xml(dom, name), overlays))
+
+        await self.connection.call(run, what=f"{name}: switch overlays", retry=False)
+
+    # block jobs
+
+    async def block_commit(self, name: str, target: str, top: str, base: str, *,
+                           active: bool, bandwidth: int = 0) -> None:
+        """Commit TOP into BASE, keeping relative backing names.  ACTIVE: TOP
+        is the active layer (two phases: READY, then ``pivot``)."""
+        flags = libvirt.VIR_DOMAIN_BLOCK_COMMIT_RELATIVE
+        if active:
+            flags |= libvirt.VIR_DOMAIN_BLOCK_COMMIT_ACTIVE
+        self.block_events.forget(name, target)
+        await self.connection.call(lambda c: self.resolve(c, name).blockCommit(
+            target, base, top, bandwidth, flags), what=f"{name}/{target}: block commit",
+            retry=False)
+
+    async def block_pull(self, name: str, target: str, base: str | None, *,
+                         bandwidth: int = 0) -> None:
+        """Pull everything above BASE into the active layer (BASE None: all)."""
+        flags = libvirt.VIR_DOMAIN_BLOCK_REBASE_RELATIVE if base else 0
+        self.block_events.forget(name, target)
+        await self.connection.call(lambda c: self.resolve(c, name).blockRebase(
+            target, base, bandwidth, flags), what=f"{name}/{target}: block pull", retry=False)
+
+    async def block_job_info(self, name: str, target: str) -> JobInfo | None:
+        info = await self.connection.call(lambda c: self.resolve(c, name).blockJobInfo(target, 0),
+                               what=f"{name}/{target}: block job")
+        if not info:
+            return None
+        return JobInfo(int(info["cur"]), int(info["end"]),
+                       _JOB_KINDS.get(int(info.get("type", 0)), "other"))
+
+    async def mirror_ready(self, name: str, target: str) -> bool:
+        xml = await self.domain_xml(name)
+        return domxml.mirror_ready(xml, target)
+
+    async def pivot(self, name: str, target: str) -> None:
+        await self.connection.call(lambda c: self.resolve(c, name).blockJobAbort(
+            target, libvirt.VIR_DOMAIN_BLOCK_JOB_ABORT_PIVOT),
+            what=f"{name}/{target}: pivot", retry=False, mapper=_map_job_error)
+
+    async def follow_block_job(self, name: str, target: str, *, want_ready: bool,
+                               progress: Progress) -> JobEnd:
+        """Events first, a check every few seconds second; a libvirtd outage
+        is waited out (QEMU keeps running the job), up to ``outage_wait``;
+        past it LibvirtUnavailable, and the caller hands the merge on."""
+
+        async def check() -> JobInfo | None:
+            deadline = time.monotonic() + self.outage_wait
+            while True:
+                try:
+                    return await self.block_job_info(name, target)
+                except LibvirtUnavailable:
+                    if time.monotonic() >= deadline:
+                        raise
+                    await asyncio.sleep(1.0)
+
+        return await follow(self.block_events, name, target, check=check,
+                            mirror_ready=lambda: self.mirror_ready(name, target),
+                            progress=progress, want_ready=want_ready)
+
+    async def define_disk_source(self, name: str, target: str, path: str, fmt: str) -> None:
+        def run(conn: libvirt.virConnect) -> None:
+            dom = self.resolve(conn, name)
+            if dom.isActive():
+                raise VirtError(f"{name} started while its disk {target} was being changed")
+            conn.defineXML(domxml.with_disk_sources(_current_xml(dom, name), {target: path},
+                                                    fmt=fmt))
+
+        await self.connection.call(run, what=f"{name}/{target}: change source", retry=False)
+
+    async def domain_names(self) -> list[str]:
+        return await self.connection.call(
+            lambda c: sorted(d.name() for d in c.listAllDomains(0)), what="list domains"
+        )
+
+
+# --- blocking helpers (run in worker threads) -------------------------------
+
+
+def _read_domain(conn: libvirt.virConnect, name: str, uuid: str | None
+                 ) -> tuple[str, str, DomainState, str]:
+    # By UUID when one is given (whatever the domain is called now), else by
+    # name, never a held handle: this is where names are resolved.
+    dom = conn.lookupByUUIDString(uuid) if uuid else conn.lookupByName(name)
+    state = _STATES.get(dom.state()[0], DomainState.NOSTATE)
+    return str(dom.name()), dom.UUIDString(), state, dom.XMLDesc(0)
+
+
+def _all_definitions(conn: libvirt.virConnect, besides: frozenset[str]) -> list[str]:
+    xmls = []
+    for dom in conn.listAllDomains(0):
+        try:
+            if dom.UUIDString() in besides:
+                continue
+            xmls.append(dom.XMLDesc(0))
+            if dom.isActive() and dom.isPersistent():
+                xmls.append(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE))
+        except libvirt.libvirtError as err:
+            if err.get_error_code() != libvirt.VIR_ERR_NO_DOMAIN:
+                raise  # one undefined meanwhile uses nothing any more
+    return xmls
+
+
+def _current_xml(dom: libvirt.virDomain, name: str) -> str:
+    """DOM's persistent definition, refused if the domain is not called NAME
+    any more (renamed since it was planned: never acted on)."""
+    xml = dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE | libvirt.VIR_DOMAIN_XML_SECURE)
+    current = domxml.name(xml)
+    if current != name:
+        raise DomainChanged(f"domain {name} is named {current} now; not changed")
+    return str(xml)
+
+
+def _by_uuid(conn: libvirt.virConnect, name: str, uuid: str) -> libvirt.virDomain:
+    dom = conn.lookupByUUIDString(uuid)
+    if dom.name() != name:
+        raise DomainChanged(f"domain {uuid} is named {dom.name()} now, not {name}")
+    return dom
+
+
+async def _read_chain(known: tuple[Layer, ...]) -> tuple[tuple[Layer, ...], str | None]:
+    """The chain of an inactive disk: below the layers the XML names, read
+    from the headers with every format named (never guessed).  When that is
+    not possible, the layers known and the reason."""
+    last = known[-1]
+    try:
+        below = await images.read_chain(last.path, last.format)
+    except (OSError, GasnapError) as err:
+        reason = err.message if isinstance(err, GasnapError) else str(err)
+        log.warning("cannot read the chain below %s: %s", last.path, reason)
+        return known, reason
+    return (*known[:-1], *below), None
