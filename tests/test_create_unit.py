@@ -15,7 +15,7 @@ from gasnap.hypervisor import AgentState, Domain, DomainState, Layer, Volume
 from gasnap.images import overlay_path
 from gasnap.quiesce import Quiesce
 from gasnap.workflows import Context
-from gasnap.workflows.create import (
+from gasnap.workflows.createplan import (
     CreatePlan,
     CreateRequest,
     DomainStateConflict,
@@ -103,12 +103,12 @@ async def test_the_plan_names_the_disks_left_alone(tmp_path: Path) -> None:
     vols = tuple(Volume(f"d/{t}", t, None, "file", (Layer(str(p), "raw"),))
                  for t, p in images.items())
     dom = Domain("d", "u", DomainState.RUNNING, AgentState.CONNECTED, vols)
-    the_plan = await plan(context(dom), CreateRequest(["d"], {"d": ["vdb"]}, "n", "",
+    planned = await plan(context(dom), CreateRequest(["d"], {"d": ["vdb"]}, "n", "",
                                                       Quiesce.OFF))
-    assert the_plan.left_alone == {"d": ["vda", "vdc"]}
-    assert [v.target for v in the_plan.volumes] == ["vdb"]
-    doc = the_plan.to_dict()
-    assert CreatePlan.from_dict(doc) == the_plan
+    assert planned.left_alone == {"d": ["vda", "vdc"]}
+    assert [v.target for v in planned.volumes] == ["vdb"]
+    doc = planned.to_dict()
+    assert CreatePlan.from_dict(doc) == planned
     del doc["left_alone"]
     assert CreatePlan.from_dict(doc).left_alone == {}
 
@@ -121,10 +121,10 @@ async def test_the_plan_keeps_each_domains_uuid(tmp_path: Path) -> None:
     vol = Volume("d/vda", "vda", None, "file", (Layer(str(image), "raw"),))
     dom = Domain("d", "5f0e3b52-0c36-4f0c-9a57-3f7c2a1d9e11", DomainState.RUNNING,
                  AgentState.CONNECTED, (vol,))
-    the_plan = await plan(context(dom), CreateRequest(["d"], {}, "n", "", Quiesce.OFF))
-    assert the_plan.uuids == {"d": dom.uuid}
-    doc = the_plan.to_dict()
-    assert CreatePlan.from_dict(doc) == the_plan
+    planned = await plan(context(dom), CreateRequest(["d"], {}, "n", "", Quiesce.OFF))
+    assert planned.uuids == {"d": dom.uuid}
+    doc = planned.to_dict()
+    assert CreatePlan.from_dict(doc) == planned
     del doc["uuids"]
     assert CreatePlan.from_dict(doc).uuids == {}
 
@@ -153,7 +153,7 @@ async def _settled(tmp_path: Path, chain: list[str], in_use: set[str]
                    ) -> tuple[Any, Path, SettleHypervisor]:
     from gasnap.metadata import NewSnapshot  # noqa: PLC0415
     from gasnap.metastore import open_sqlite  # noqa: PLC0415
-    from gasnap.workflows.create import VolumePlan  # noqa: PLC0415
+    from gasnap.workflows.createplan import VolumePlan  # noqa: PLC0415
     from gasnap.workflows.settle import settle  # noqa: PLC0415
 
     overlay = tmp_path / f"vol.{SNAP1}"

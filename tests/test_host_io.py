@@ -25,7 +25,7 @@ from gasnap.quiesce import Quiesce
 from gasnap.runtime import open_runtime
 from gasnap.tasks import TaskState
 from gasnap.virt import LibvirtHypervisor
-from gasnap.workflows.create import CreateRequest
+from gasnap.workflows.createplan import CreateRequest
 
 
 async def test_a_refused_chown_ends_in_an_error_record(
@@ -73,7 +73,7 @@ async def test_a_merged_file_that_cannot_be_removed_does_not_fail_the_delete(
         directory = Path(made[0]["file"]).parent
         subprocess.run(["chattr", "+i", str(directory)], check=True)
         try:
-            from gasnap.workflows.delete import Strategy  # noqa: PLC0415
+            from gasnap.workflows.deleteplan import Strategy  # noqa: PLC0415
             task = await runtime.service.delete(made[0]["id"], Strategy.COMMIT)
             await asyncio.wait_for(task.done.wait(), 120)
         finally:

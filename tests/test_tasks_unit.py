@@ -24,8 +24,8 @@ async def test_a_task_whose_journal_write_fails_releases_its_volumes(
     async def broken(_doc: dict[str, Any]) -> None:
         raise sqlite3.OperationalError("disk I/O error")
 
-    async def work(_task: tasks.Task) -> dict[str, Any]:
-        return {}
+    async def work(_task: tasks.Task) -> tasks.Done:
+        return tasks.Done({})
 
     task = manager.reserve("snapshot-create", {"v1"})
     with monkeypatch.context() as patch:
@@ -45,8 +45,8 @@ async def test_finished_tasks_are_pruned(tmp_path: Path,
     journal = Journal(tmp_path / "journal.db")
     manager = TaskManager(journal)
 
-    async def work(_task: tasks.Task) -> dict[str, Any]:
-        return {}
+    async def work(_task: tasks.Task) -> tasks.Done:
+        return tasks.Done({})
 
     made = []
     for i in range(5):

@@ -24,8 +24,8 @@ from .lab.workload import freeze_log, sh, start_load, stop_load
 from .quiesce import Quiesce
 from .runtime import Runtime, open_runtime
 from .virt import LibvirtHypervisor
-from .workflows.create import CreateRequest
-from .workflows.delete import Strategy
+from .workflows.createplan import CreateRequest
+from .workflows.deleteplan import Strategy
 
 DEMO_GUEST = "gasnap-demo"
 DEMO_STATE = Path("/var/lib/gasnap/demo")

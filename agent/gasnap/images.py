@@ -27,7 +27,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import BadRequest
+from .errors import BadRequest, GasnapError
 from .hypervisor import Layer
 
 QCOW2_MAGIC = b"QFI\xfb"
@@ -50,6 +50,16 @@ class UnsafeImage(BadRequest):
     """An image whose header would make gasnap guess, or leave the volume."""
 
     code = "unsafe_image"
+
+
+class HostIOError(GasnapError):
+    """The host refused a file operation (chown, chmod, link, unlink, ...)."""
+
+    code = "host_io"
+
+
+def host_error(err: OSError) -> HostIOError:
+    return HostIOError(f"{err.strerror or err}: {err.filename or ''}".rstrip(": "))
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict, Unpack, cast
 
 from .sqlitedb import SqliteDB
 
@@ -39,15 +39,26 @@ CREATE TABLE IF NOT EXISTS tasks (
 """
 
 
+class Payload(TypedDict, total=False):
+    """What an operation carries, read back by recovery: its plan (the
+    workflow's ``to_dict``), the volumes it holds, and what its steps
+    learned on the way."""
+
+    plan: dict[str, Any]
+    volumes: list[str]
+    frozen: list[str]  # create, from "freezing": the domains whose freeze is its own
+    consistency: dict[str, str]  # create, from "thawed": per domain, as proven
+
+
 @dataclass(frozen=True)
 class Operation:
     id: str
-    kind: str
-    step: str
-    payload: dict[str, Any]
+    kind: str  # a ``workflows.steps.Kind``
+    step: str  # one of that kind's steps
+    payload: Payload
 
 
-def _volumes(payload: dict[str, Any]) -> frozenset[str]:
+def _volumes(payload: Payload) -> frozenset[str]:
     if "volumes" in payload:
         return frozenset(payload["volumes"])
     plan = payload.get("plan", {})  # entries written before "volumes" was
@@ -71,9 +82,9 @@ class Journal:
 
     # operations
 
-    async def begin(self, kind: str, step: str, payload: dict[str, Any],
+    async def begin(self, kind: str, step: str, plan: dict[str, Any],
                     volumes: list[str]) -> Operation:
-        payload = {**payload, "volumes": sorted(volumes)}
+        payload = Payload(plan=plan, volumes=sorted(volumes))
         op = Operation(str(uuid.uuid4()), kind, step, payload)
         now = time.time()
         await self._db.run(lambda c: c.execute(
@@ -85,9 +96,9 @@ class Journal:
         log.debug("%s %s: %s", kind, op.id, step)
         return op
 
-    async def step(self, op: Operation, step: str, **updates: Any) -> Operation:
+    async def step(self, op: Operation, step: str, **updates: Unpack[Payload]) -> Operation:
         """Record that OP is about to do STEP (with payload UPDATES)."""
-        payload = {**op.payload, **updates}
+        payload = Payload(**{**op.payload, **updates})
         await self._db.run(lambda c: c.execute(
             "UPDATE operations SET step=?, payload=?, updated=? WHERE id=?",
             (step, json.dumps(payload), time.time(), op.id),
@@ -121,7 +132,8 @@ class Journal:
         """Operations no workflow of this process is driving, oldest first."""
         def run(conn: sqlite3.Connection) -> list[Operation]:
             rows = conn.execute("SELECT * FROM operations ORDER BY created").fetchall()
-            return [Operation(r["id"], r["kind"], r["step"], json.loads(r["payload"]))
+            return [Operation(r["id"], r["kind"], r["step"],
+                              cast(Payload, json.loads(r["payload"])))
                     for r in rows]
 
         ops = await self._db.run(run)

@@ -24,13 +24,13 @@ from .metadata import SnapshotNotFound
 from .quiesce import Quiesce
 from .service import SnapshotService
 from .tasks import Task
-from .workflows.create import (
+from .workflows.createplan import (
     CreateRequest,
     Preset,
     UnsupportedDisk,
     VolumeNotFound,
 )
-from .workflows.delete import Strategy
+from .workflows.deleteplan import Strategy
 
 DESCRIPTION = "os-assisted-volume-snapshots"
 _SNAPSHOT_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,254}")
@@ -172,7 +172,7 @@ async def check_overlay(path: Path, vol: Volume) -> None:
 async def _find_volume(service: SnapshotService, volume_id: str) -> tuple[Domain, Volume]:
     """The one disk whose serial is VOLUME_ID (no guest agent is pinged);
     one attached to several domains is refused (Cinder's multiattach)."""
-    found = [(dom, vol) for dom in await service.ctx.hv.list_domains()
+    found = [(dom, vol) for dom in await service.domains()
              for vol in dom.volumes if vol.volume_id == volume_id]
     if not found:
         raise VolumeNotFound(f"no domain has a disk with serial {volume_id}")
@@ -192,7 +192,7 @@ async def create(service: SnapshotService, call: NovaCreate) -> Task:
     if reuse:
         await check_overlay(overlay, vol)
     try:
-        await service.ctx.metadata.get_snapshot(call.snapshot_id)
+        await service.snapshot(call.snapshot_id)
     except SnapshotNotFound:
         pass
     else:
@@ -210,7 +210,7 @@ async def delete(service: SnapshotService, snapshot_id: str, call: NovaDelete) -
     """Nova's meaning: no merge target → pull into the active layer down to
     ``file_to_merge``; otherwise commit ``file_to_merge`` into the target."""
     _dom, vol = await _find_volume(service, call.volume_id)
-    meta = await service.ctx.metadata.get_snapshot(snapshot_id)
+    meta = await service.snapshot(snapshot_id)
     if meta.volume_id != call.volume_id:
         raise InvalidNovaRequest(f"snapshot {snapshot_id} belongs to volume {meta.volume_id}")
     directory = Path(vol.active_file).parent

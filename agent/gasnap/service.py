@@ -13,9 +13,10 @@ from typing import Any
 
 from .config import Schedule
 from .errors import BadRequest, Conflict, GasnapError, Unavailable
+from .hypervisor import Domain
 from .metadata import SnapshotMeta, Status
-from .tasks import Task, TaskManager
-from .workflows import Context, create, delete
+from .tasks import Done, Task, TaskManager
+from .workflows import Context, create, createplan, delete, deleteplan
 from .workflows import schedule as schedule_flow
 
 log = logging.getLogger(__name__)
@@ -73,15 +74,23 @@ class SnapshotService:
             volume_id=volume_id, status=wanted, domain=domain, limit=limit, marker=marker)
         return [snapshot_record(m) for m in metas]
 
+    async def domains(self) -> list[Domain]:
+        """Every domain with its disks (no guest agent is pinged)."""
+        return await self.ctx.hv.list_domains()
+
+    async def snapshot(self, snapshot_id: str) -> SnapshotMeta:
+        """The metadata service's view of one snapshot."""
+        return await self.ctx.metadata.get_snapshot(snapshot_id)
+
     async def record(self, snapshot_id: str) -> dict[str, Any]:
         return snapshot_record(await self.ctx.metadata.get_snapshot(snapshot_id))
 
     async def rename(self, snapshot_id: str, name: str | None,
                      description: str | None) -> dict[str, Any]:
         if name is not None:
-            create.check_name(name)
-        if description is not None and len(description) > create.MAX_DESCRIPTION:
-            raise BadRequest("description is too long", code="invalid_description")
+            createplan.check_name(name)
+        if description is not None:
+            createplan.check_description(description)
         await self.ctx.metadata.update_snapshot_metadata(snapshot_id, name, description)
         return await self.record(snapshot_id)
 
@@ -92,49 +101,49 @@ class SnapshotService:
             raise Unavailable("the agent is still recovering unfinished operations",
                               code="recovering")
 
-    async def _created(self, the_plan: create.CreatePlan,
-                       extra: dict[str, Any] | None = None) -> dict[str, Any]:
-        """Run a planned create; its result, or SnapshotFailed carrying it."""
-        outcome = await create.execute(self.ctx, the_plan)
-        # As finalize answered them (parents included): no second read each.
+    async def _created(self, planned: createplan.CreatePlan,
+                       extra: dict[str, Any] | None = None) -> Done:
+        """Run a planned create: its records as finalize answered them
+        (parents included: no second read each), and why it failed, if it did."""
+        outcome = await create.execute(self.ctx, planned)
         result = {**(extra or {}), "snapshots": [snapshot_record(m) for m in outcome.snapshots]}
-        failed = [m for m in outcome.snapshots if m.status is not Status.AVAILABLE]
         if outcome.failure is not None:
-            raise SnapshotFailed(outcome.failure.message, code=outcome.failure.code,
-                                 result=result)
+            return Done(result, SnapshotFailed(outcome.failure.message,
+                                               code=outcome.failure.code))
+        failed = [m for m in outcome.snapshots if m.status is not Status.AVAILABLE]
         if failed:
-            raise SnapshotFailed(
+            return Done(result, SnapshotFailed(
                 f"{len(failed)} of {len(outcome.snapshots)} snapshots failed: "
-                f"{failed[0].error}", result=result)
-        return result
+                f"{failed[0].error}"))
+        return Done(result)
 
-    async def _reserved_plan(self, kind: str, request: create.CreateRequest
-                             ) -> tuple[Task, create.CreatePlan]:
+    async def _reserved_plan(self, kind: str, request: createplan.CreateRequest
+                             ) -> tuple[Task, createplan.CreatePlan]:
         """Reserve the request's volumes, then plan it: a plan read before its
         volumes were held could name an active file that a finishing task
         replaces (an overlay then built on a stale image).  The first plan
         only names the volumes; the one returned is read under the hold."""
         self._check_ready()
-        volumes = {v.volume_id for v in (await create.plan(self.ctx, request)).volumes}
+        volumes = {v.volume_id for v in (await createplan.plan(self.ctx, request)).volumes}
         task = self.tasks.reserve(kind, volumes)
         try:
-            the_plan = await create.plan(self.ctx, request)
-            if {v.volume_id for v in the_plan.volumes} != volumes:
+            planned = await createplan.plan(self.ctx, request)
+            if {v.volume_id for v in planned.volumes} != volumes:
                 raise Conflict("the domains' disks changed while the request was planned; "
                                "try again", code="domain_changed")
-            await create.check_exclusive(self.ctx, the_plan)
+            await createplan.check_exclusive(self.ctx, planned)
         except BaseException:
             self.tasks.release(task)
             self.tasks.discard(task)
             raise
-        return task, the_plan
+        return task, planned
 
-    async def create(self, request: create.CreateRequest) -> Task:
+    async def create(self, request: createplan.CreateRequest) -> Task:
         """Validate now (errors reach the caller), then run as a task."""
-        task, the_plan = await self._reserved_plan("snapshot-create", request)
+        task, planned = await self._reserved_plan("snapshot-create", request)
 
-        async def work(_task: Task) -> dict[str, Any]:
-            return await self._created(the_plan)
+        async def work(_task: Task) -> Done:
+            return await self._created(planned)
 
         await self.tasks.start(task, work)
         return task
@@ -150,52 +159,55 @@ class SnapshotService:
             raise ScheduleRunning(f"schedule {schedule.name} is still running "
                                   f"(task {previous.id}); try again when it ends",
                                   task=previous.id)
-        task, the_plan = await self._reserved_plan("schedule-run",
+        task, planned = await self._reserved_plan("schedule-run",
                                                    schedule_flow.request(schedule))
-        volumes = {v.volume_id for v in the_plan.volumes}
+        volumes = {v.volume_id for v in planned.volumes}
         self._schedule_runs[schedule.name] = task
 
-        async def work(task: Task) -> dict[str, Any]:
-            result = await self._created(the_plan, {"schedule": schedule.name})
+        async def work(task: Task) -> Done:
+            created = await self._created(planned, {"schedule": schedule.name})
+            if created.error is not None:
+                return created  # no retention after a failed snapshot
             await self.tasks.update(task, progress=50)
 
             async def progress(percent: int) -> None:
                 await self.tasks.update(task, progress=percent)
 
-            try:
-                result["deleted"] = await schedule_flow.retain(self.ctx, schedule, volumes,
-                                                              progress)
-            except GasnapError as err:
-                raise SnapshotFailed(f"retention of schedule {schedule.name} failed: "
-                                     f"{err.message}", code="retention_failed",
-                                     result=result) from err
-            return result
+            retained = await schedule_flow.retain(self.ctx, schedule, volumes, progress)
+            result = {**(created.result or {}), "deleted": retained.deleted}
+            if retained.failure is not None:
+                return Done(result, SnapshotFailed(
+                    f"retention of schedule {schedule.name} failed: "
+                    f"{retained.failure.message}", code="retention_failed"))
+            return Done(result)
 
         await self.tasks.start(task, work)
         return task
 
     # deleting
 
-    async def delete(self, snapshot_id: str, strategy: delete.Strategy) -> Task:
+    async def delete(self, snapshot_id: str, strategy: deleteplan.Strategy) -> Task:
         self._check_ready()
         meta = await self.ctx.metadata.get_snapshot(snapshot_id)
         # Hold the volume before reading its chain, so the plan stays true.
         task = self.tasks.reserve("snapshot-delete", {meta.volume_id})
         try:
-            the_plan = await delete.plan(self.ctx, snapshot_id, strategy)
+            merge = await deleteplan.plan(self.ctx, snapshot_id, strategy)
         except BaseException:
             self.tasks.release(task)
             self.tasks.discard(task)
             raise
 
-        async def work(task: Task) -> dict[str, Any]:
+        async def work(task: Task) -> Done:
             async def progress(percent: int) -> None:
                 if percent != task.progress:
                     await self.tasks.update(task, progress=percent)
 
-            await delete.execute(self.ctx, the_plan, progress)
-            return {"snapshot": snapshot_id, "strategy": the_plan.method.value,
-                    "merged_bytes": the_plan.moved_bytes, "removed": the_plan.remove}
+            outcome = await delete.execute(self.ctx, merge, progress)
+            if outcome.failure is not None:
+                return Done(None, outcome.failure)
+            return Done({"snapshot": snapshot_id, "strategy": merge.method.value,
+                         "merged_bytes": merge.moved_bytes, "removed": merge.remove})
 
         await self.tasks.start(task, work)
         return task

@@ -62,7 +62,17 @@ class Task:
         return self.state in (TaskState.SUCCEEDED, TaskState.FAILED)
 
 
-Work = Callable[[Task], Awaitable[dict[str, Any]]]
+@dataclass(frozen=True)
+class Done:
+    """What a task's work ends with: its result, kept whether it succeeded
+    or not (a create that failed still names its records), and the error
+    that made it fail, if one did."""
+
+    result: dict[str, Any] | None
+    error: GasnapError | None = None
+
+
+Work = Callable[[Task], Awaitable[Done]]
 
 
 KEEP_FINISHED = 1000  # finished tasks kept for ``task show``; the oldest go first
@@ -134,11 +144,10 @@ class TaskManager:
         # sit between the request and its first step.
         task.state = TaskState.RUNNING
         try:
-            result = await work(task)
+            done = await work(task)
         except GasnapError as err:
             log.error("task %s (%s) failed: %s", task.id, task.kind, err.message)
             log.debug("traceback", exc_info=True)
-            task.result = err.details.get("result", task.result)
             await self.update(task, state=TaskState.FAILED, error=err.to_dict())
         except Exception as err:
             log.error("task %s (%s) failed: %s", task.id, task.kind, err)
@@ -146,7 +155,13 @@ class TaskManager:
             await self.update(task, state=TaskState.FAILED,
                               error={"code": "internal", "message": str(err)})
         else:
-            await self.update(task, state=TaskState.SUCCEEDED, progress=100, result=result)
+            if done.error is None:
+                await self.update(task, state=TaskState.SUCCEEDED, progress=100,
+                                  result=done.result)
+            else:
+                log.error("task %s (%s) failed: %s", task.id, task.kind, done.error.message)
+                await self.update(task, state=TaskState.FAILED, result=done.result,
+                                  error=done.error.to_dict())
         finally:
             self.release(task)
             task.done.set()

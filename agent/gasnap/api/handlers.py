@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-from datetime import UTC, datetime
 from typing import Any
 
 from aiohttp import web
@@ -13,43 +12,14 @@ from .. import __version__, metrics, nova
 from ..config import Schedule
 from ..errors import BadRequest, NotFound, Unavailable
 from ..httpkit import get_string, json_body, page_answer, page_query
-from ..quiesce import Quiesce
-from ..workflows.create import CreateRequest
-from ..workflows.delete import Strategy
+from ..workflows.createplan import request_from_doc
+from ..workflows.deleteplan import Strategy
 from .keys import HYPERVISOR, SERVICE, SETTINGS
 
 MAX_WAIT = 60.0
 
 
 # --- request parsing ----------------------------------------------------------
-
-
-def _string_list(value: Any, what: str) -> list[str]:
-    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
-        raise BadRequest(f"{what} must be a list of names", code="invalid_request")
-    return value
-
-
-def _create_request(doc: dict[str, Any]) -> CreateRequest:
-    unknown = set(doc) - {"domains", "disks", "name", "description", "quiesce"}
-    if unknown:
-        raise BadRequest(f"unknown fields: {sorted(unknown)}", code="invalid_request")
-    domains = _string_list(doc.get("domains"), "domains")
-    disks_doc = doc.get("disks") or {}
-    if not isinstance(disks_doc, dict):
-        raise BadRequest("disks must map domain names to lists of targets",
-                         code="invalid_request")
-    disks = {str(k): _string_list(v, f"disks.{k}") for k, v in disks_doc.items()}
-    try:
-        quiesce = Quiesce(get_string(doc, "quiesce", "preferred"))
-    except ValueError as err:
-        raise BadRequest("quiesce must be required, preferred or off",
-                         code="invalid_request") from err
-    default_name = "gasnap-" + datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
-    return CreateRequest(
-        domains=domains, disks=disks, name=get_string(doc, "name") or default_name,
-        description=get_string(doc, "description") or "", quiesce=quiesce,
-    )
 
 
 # --- handlers -----------------------------------------------------------------
@@ -78,7 +48,7 @@ async def get_domain(request: web.Request) -> web.Response:
 
 
 async def create_snapshots(request: web.Request) -> web.Response:
-    create = _create_request(await json_body(request))
+    create = request_from_doc(await json_body(request))
     task = await request.app[SERVICE].create(create)
     return web.json_response({"task": task.to_record()}, status=202)
 

@@ -1,4 +1,13 @@
-"""Workflows: the steps of create, delete and recovery, over the boundaries."""
+"""Workflows: the steps of create, delete and recovery, over the boundaries.
+
+Each workflow is a plan (``createplan``, ``deleteplan``: checks, reads, and
+changes nothing, raising when the request cannot be met) and an execution
+(``create``, ``delete``), which writes every step to the journal before
+taking it and reports how it ended in the outcome it returns (``failure``:
+why it did not fully succeed), never by raising.  Workflows reach the
+outside world only through the interfaces in ``Context``; no backend module
+is imported here.
+"""
 
 from __future__ import annotations
 

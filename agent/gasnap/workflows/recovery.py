@@ -21,7 +21,7 @@ from ..errors import GasnapError, NotFound
 from ..guestagent import THAW_TIMEOUT, GuestAgentError
 from ..journal import Operation
 from . import Context, delete
-from .create import CreatePlan
+from .createplan import CreatePlan
 from .settle import settle
 from .steps import CONSISTENCY_PROVEN, CreateStep, Kind
 
@@ -80,26 +80,29 @@ _LAST_FAILURE: dict[str, str] = {}
 
 async def _settle(ctx: Context, op: Operation) -> None:
     log.warning("recovery: %s %s stopped at step %s; settling it", op.kind, op.id, op.step)
-    if op.kind == Kind.DELETE:
+    try:
+        kind = Kind(op.kind)
+    except ValueError:
+        raise GasnapError(f"unknown operation kind {op.kind}") from None
+    if kind is Kind.DELETE:
         await delete.resume(ctx, op)
-    elif op.kind == Kind.CREATE:
-        await _settle_create(ctx, op)
     else:
-        raise GasnapError(f"unknown operation kind {op.kind}")
+        await _settle_create(ctx, op)
 
 
 async def _settle_create(ctx: Context, op: Operation) -> None:
-    the_plan = CreatePlan.from_dict(op.payload["plan"])
-    if op.step == CreateStep.FREEZING:
+    planned = CreatePlan.from_dict(op.payload["plan"])
+    step = CreateStep(op.step)
+    if step is CreateStep.FREEZING:
         # Cut short inside its window: those freezes are this operation's
         # (past the window they were thawed, and may belong to a newer one).
         frozen = list(op.payload.get("frozen", []))
-        async with ctx.windows.owning(the_plan.uuids.get(d, d) for d in frozen):
+        async with ctx.windows.owning(planned.uuids.get(d, d) for d in frozen):
             await thaw(ctx, frozen)
     consistency = dict(op.payload.get("consistency", {}))
-    if op.step not in CONSISTENCY_PROVEN:
+    if step not in CONSISTENCY_PROVEN:
         consistency = {}
-    metas = await settle(ctx, the_plan, consistency, INTERRUPTED)
+    metas = await settle(ctx, planned, consistency, INTERRUPTED)
     for meta in metas:
         log.warning("recovery: snapshot %s of %s is %s", meta.id, meta.volume_id,
                     meta.status.value)

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
+from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from ..config import Schedule
+from ..errors import GasnapError
 from ..metadata import SnapshotMeta, Status
-from . import Context, ProgressSink, delete, no_progress
-from .create import CreateRequest
+from . import Context, ProgressSink, delete, deleteplan, no_progress
+from .createplan import CreateRequest
 
 log = logging.getLogger(__name__)
 
@@ -43,16 +45,29 @@ def expired(metas: list[SnapshotMeta], schedule: str, keep: int,
     return sorted(old, key=lambda m: m.created_at)
 
 
+@dataclass(frozen=True)
+class Retained:
+    deleted: list[str]  # the snapshots deleted, oldest first
+    failure: GasnapError | None = None  # why retention stopped short, if it did
+
+
 async def retain(ctx: Context, schedule: Schedule, volumes: set[str],
-                 progress: ProgressSink) -> list[str]:
-    """Delete what ``expired`` names, one by one; the ids deleted."""
-    metas = await ctx.metadata.list_snapshots()
-    doomed = expired(metas, schedule.name, schedule.keep, volumes)
-    deleted = []
-    for number, meta in enumerate(doomed, start=1):
-        log.info("schedule %s: retention deletes %s (%s)", schedule.name, meta.id, meta.name)
-        the_plan = await delete.plan(ctx, meta.id, delete.Strategy.AUTO)
-        await delete.execute(ctx, the_plan, no_progress)
-        deleted.append(meta.id)
-        await progress(50 + 50 * number // len(doomed))
-    return deleted
+                 progress: ProgressSink) -> Retained:
+    """Delete what ``expired`` names, one by one, stopping at the first
+    failure."""
+    deleted: list[str] = []
+    try:
+        metas = await ctx.metadata.list_snapshots()
+        doomed = expired(metas, schedule.name, schedule.keep, volumes)
+        for number, meta in enumerate(doomed, start=1):
+            log.info("schedule %s: retention deletes %s (%s)", schedule.name, meta.id,
+                     meta.name)
+            merge = await deleteplan.plan(ctx, meta.id, deleteplan.Strategy.AUTO)
+            outcome = await delete.execute(ctx, merge, no_progress)
+            if outcome.failure is not None:
+                return Retained(deleted, outcome.failure)
+            deleted.append(meta.id)
+            await progress(50 + 50 * number // len(doomed))
+    except GasnapError as err:  # a plan refused, the metadata service away
+        return Retained(deleted, err)
+    return Retained(deleted)

@@ -24,13 +24,13 @@ from . import Context
 from .records import until_recorded
 
 if TYPE_CHECKING:
-    from .create import CreatePlan, VolumePlan
+    from .createplan import CreatePlan, VolumePlan
 
 log = logging.getLogger(__name__)
 
 
 async def settle(
-    ctx: Context, the_plan: CreatePlan, consistency: dict[str, str], reason: str,
+    ctx: Context, planned: CreatePlan, consistency: dict[str, str], reason: str,
     *, persist: bool = False,
 ) -> list[SnapshotMeta]:
     """Finalize every volume from what its domain (found by the UUID planned,
@@ -41,9 +41,9 @@ async def settle(
     outage instead of failing (the disks already changed)."""
     metas = []
     in_use: set[str] | None = None  # read once, and only if a file may go
-    for name in dict.fromkeys(v.domain for v in the_plan.volumes):
-        dom = await _planned_domain(ctx, the_plan, name)
-        for v in the_plan.of(name):
+    for name in dict.fromkeys(v.domain for v in planned.volumes):
+        dom = await _planned_domain(ctx, planned, name)
+        for v in planned.of(name):
             vol = dom.volume(v.target) if dom is not None else None
             final = _judge(v, vol, consistency.get(name), reason)
             # Not the caller's file, not in this chain, and the chain known:
@@ -64,9 +64,9 @@ async def settle(
     return metas
 
 
-async def _planned_domain(ctx: Context, the_plan: CreatePlan, name: str) -> Domain | None:
+async def _planned_domain(ctx: Context, planned: CreatePlan, name: str) -> Domain | None:
     try:
-        return await ctx.hv.get_domain(name, uuid=the_plan.uuids.get(name))
+        return await ctx.hv.get_domain(name, uuid=planned.uuids.get(name))
     except NotFound:
         return None
 

@@ -1,0 +1,174 @@
+"""Planning a delete: where the snapshot sits in the live chain, and how to merge it.
+
+Nothing here changes a disk or a record.  The record must match the live
+chain (its overlay in the chain, its image right below); the method follows
+from the layer's position, the domain's state and the strategy (see
+``delete``), and the plan carries every file's format as the XML named it.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from .. import images
+from ..errors import Conflict, GasnapError
+from ..hypervisor import Domain, DomainState, Volume
+from ..metadata import SnapshotMeta, Status, WrongStatus
+from . import Context
+from .createplan import UnsupportedDisk
+
+DELETE_FROM = (Status.AVAILABLE, Status.ERROR_DELETING)  # error_deleting: a retry
+
+
+class Strategy(enum.Enum):
+    AUTO = "auto"
+    COMMIT = "commit"
+    PULL = "pull"
+
+
+class Method(enum.Enum):
+    COMMIT = "commit"  # live, S.file inner
+    ACTIVE_COMMIT = "active-commit"  # live, S.file active: commit + pivot
+    PULL = "pull"  # live, S.file active
+    OFFLINE_COMMIT = "offline-commit"
+    OFFLINE_PULL = "offline-pull"
+
+    @property
+    def live(self) -> bool:
+        return self in (Method.COMMIT, Method.ACTIVE_COMMIT, Method.PULL)
+
+
+class ChainMismatch(Conflict):
+    code = "chain_mismatch"
+
+
+class StrategyUnsupported(Conflict):
+    code = "strategy_unsupported"
+
+
+class MergeFailed(GasnapError):
+    code = "merge_failed"
+
+
+@dataclass(frozen=True)
+class Relink:
+    snapshot_id: str
+    file: str | None = None
+    backing_file: str | None = None
+
+
+@dataclass(frozen=True)
+class DeletePlan:
+    snapshot_id: str
+    domain: str
+    target: str
+    volume_id: str
+    method: Method
+    top: str  # commit: the layer merged down; pull: the active layer
+    base: str  # commit: where its data goes; pull: the layer pulled up
+    remove: str  # the file that leaves the chain and is deleted
+    pull_base: str | None  # pull: the new backing of the active layer
+    above: str | None  # offline inner commit: the layer to re-point at base
+    base_format: str
+    moved_bytes: int
+    chain: list[str]  # the chain when planned, active first
+    relinks: list[Relink] = field(default_factory=list)
+    uuid: str | None = None  # the domain's, when planned: every step acts on it alone
+    formats: dict[str, str] = field(default_factory=dict)  # chain file -> its format
+
+    def format_of(self, path: str) -> str:
+        """PATH's format as the live chain named it when planned (never probed)."""
+        try:
+            return self.formats[path]
+        except KeyError:
+            raise MergeFailed(f"no recorded format for {path}; delete again to replan") from None
+
+    def to_dict(self) -> dict[str, Any]:
+        doc = asdict(self)
+        doc["method"] = self.method.value
+        return doc
+
+    @classmethod
+    def from_dict(cls, doc: dict[str, Any]) -> DeletePlan:
+        fields = dict(doc)
+        fields["method"] = Method(doc["method"])
+        fields["relinks"] = [Relink(**r) for r in doc["relinks"]]
+        return cls(**fields)
+
+    @property
+    def expected_chain(self) -> list[str]:
+        return [p for p in self.chain if p != self.remove]
+
+
+# --- plan ---------------------------------------------------------------------
+
+
+def _locate(meta: SnapshotMeta, dom: Domain) -> tuple[Volume, list[str], int]:
+    vol = dom.volume(meta.target or "") or dom.volume(meta.volume_id)
+    if vol is None:
+        raise ChainMismatch(f"snapshot {meta.id}: domain {dom.name} has no disk "
+                            f"{meta.target} any more")
+    chain = [layer.path for layer in vol.chain]
+    if meta.file not in chain:
+        raise ChainMismatch(f"snapshot {meta.id}: its overlay {meta.file} is not in the live "
+                            f"chain of {dom.name}/{vol.target}")
+    index = chain.index(str(meta.file))
+    below = chain[index + 1] if index + 1 < len(chain) else None
+    if below != meta.backing_file:
+        raise ChainMismatch(f"snapshot {meta.id}: below its overlay the live chain has "
+                            f"{below}, the record says {meta.backing_file}")
+    return vol, chain, index
+
+
+async def plan(ctx: Context, snapshot_id: str, strategy: Strategy) -> DeletePlan:
+    meta = await ctx.metadata.get_snapshot(snapshot_id)
+    if meta.status not in DELETE_FROM:
+        raise WrongStatus(f"snapshot {snapshot_id} is {meta.status.value}; only available "
+                          "snapshots can be deleted")
+    dom = await ctx.hv.get_domain(meta.domain)
+    if dom.state not in (DomainState.RUNNING, DomainState.PAUSED, DomainState.SHUTOFF):
+        raise Conflict(f"{dom.name} is {dom.state.value}", code="domain_state")
+    live = dom.state is not DomainState.SHUTOFF
+    vol, chain, index = _locate(meta, dom)
+    if vol.chain_error is not None or vol.shareable or vol.readonly:
+        raise UnsupportedDisk(f"{dom.name}/{vol.target} cannot be merged safely: "
+                              f"{vol.chain_error or 'shareable or read-only'}")
+    if live and await ctx.hv.block_job_info(dom.name, vol.target) is not None:
+        raise Conflict(f"a block job already runs on {dom.name}/{vol.target}",
+                       code="block_job_running")
+    image = str(meta.backing_file)
+    others = [m for m in await ctx.metadata.list_snapshots(volume_id=meta.volume_id)
+              if m.id != meta.id]
+    base_format = vol.chain[index + 1].format
+
+    def make(method: Method, remove: str, *, pull_base: str | None = None,
+             above: str | None = None, moved: int, relinks: list[Relink] | None = None
+             ) -> DeletePlan:
+        return DeletePlan(
+            snapshot_id=meta.id, domain=dom.name, target=vol.target,
+            volume_id=meta.volume_id, method=method, top=str(meta.file), base=image,
+            remove=remove, pull_base=pull_base, above=above, base_format=base_format,
+            moved_bytes=moved, chain=chain, relinks=relinks or [], uuid=dom.uuid,
+            formats={layer.path: layer.format for layer in vol.chain},
+        )
+
+    if index > 0:  # inner
+        if strategy is Strategy.PULL:
+            raise StrategyUnsupported(f"snapshot {meta.id} is not the newest of its volume: "
+                                      "only commit can merge an inner layer")
+        return make(Method.COMMIT if live else Method.OFFLINE_COMMIT, str(meta.file),
+                    above=chain[index - 1], moved=await images.allocated(str(meta.file)),
+                    relinks=[Relink(m.id, backing_file=image) for m in others
+                             if m.backing_file == meta.file])
+    top_bytes, base_bytes = await images.allocated(str(meta.file)), await images.allocated(image)
+    if strategy is Strategy.AUTO:
+        strategy = Strategy.PULL if base_bytes < top_bytes else Strategy.COMMIT
+    if strategy is Strategy.COMMIT:
+        return make(Method.ACTIVE_COMMIT if live else Method.OFFLINE_COMMIT, str(meta.file),
+                    moved=top_bytes)
+    return make(Method.PULL if live else Method.OFFLINE_PULL, image,
+                pull_base=chain[index + 2] if index + 2 < len(chain) else None,
+                moved=base_bytes,
+                relinks=[Relink(m.id, file=str(meta.file)) for m in others if m.file == image])
