@@ -21,7 +21,6 @@ from conftest import (
 )
 from gasnap.client import ApiError
 from gasnap.hypervisor import Domain, DomainState
-from gasnap.lab import domains
 from gasnap.lab.guests import Lab
 from gasnap.lab.verify import fsck_snapshot
 from gasnap.lab.workload import freeze_log, sh, start_load, stop_load
@@ -134,7 +133,7 @@ async def test_an_overlay_made_by_hand_between_snapshots(
 async def test_a_stopped_domain_is_switched_offline(
     agent: Agent, hv: LibvirtHypervisor, lab: Lab, second: Domain
 ) -> None:
-    await domains.destroy(hv.connection, second.name)
+    await hv.destroy(second.name)
     try:
         task = create_snapshots(agent, {"domains": [second.name], "quiesce": "required"})
         assert task["state"] == "succeeded", task

@@ -69,8 +69,16 @@ class FakeHypervisor:
         raise AssertionError(f"plan must not call {name}")
 
 
+class NoRecords:
+    """A metadata service with no snapshot yet."""
+
+    async def list_snapshots(self, **_filters: Any) -> list[Any]:
+        return []
+
+
 def context(domain: Domain) -> Context:
-    return Context(FakeHypervisor(domain), None, None, None, None, 10.0)  # type: ignore[arg-type]
+    return Context(FakeHypervisor(domain), None, NoRecords(),  # type: ignore[arg-type]
+                   None, None, 10.0)  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize(

@@ -27,7 +27,6 @@ from gasnap import domxml
 from gasnap.client import ApiError
 from gasnap.hypervisor import Domain
 from gasnap.images import overlay_path
-from gasnap.lab import domains
 from gasnap.lab.guests import Lab
 from gasnap.lab.workload import sh, start_load, stop_load
 from gasnap.metadata import Status
@@ -168,7 +167,7 @@ async def test_offline_deletes(
     await sh(hv, merge_guest.name, "head -c 1048576 /dev/urandom > /data/offline; sync")
     marker = await sh(hv, merge_guest.name, "sha256sum /data/offline")
     made = snapshots(agent, merge_guest, 4)
-    await domains.destroy(hv.connection, merge_guest.name)
+    await hv.destroy(merge_guest.name)
     try:
         for victim, strategy, method in ((made[1], "auto", "offline-commit"),
                                          (made[3], "pull", "offline-pull"),

@@ -4,6 +4,7 @@ transitions and idempotency, migrations, concurrent replicas."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import sqlite3
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -17,11 +18,12 @@ from gasnap.metadata import (
     InvalidMarker,
     MetadataService,
     NewSnapshot,
+    Origin,
     SnapshotNotFound,
     Status,
     WrongStatus,
 )
-from gasnap.metastore import StoreUnavailable, open_store
+from gasnap.metastore import StoreUnavailable, migrations, open_store
 from gasnap.metastore.migrations import LATEST
 from metaservice import TOKEN, MetadataServer
 from pgcluster import Cluster
@@ -157,6 +159,29 @@ async def test_migrations_run_once_and_adopt_old_stores(db_url: str, tmp_path: P
     assert versions == list(range(1, LATEST + 1))
 
 
+async def test_migration_6_keeps_the_parents_of_older_records(
+        db_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Records written before parents were stored get the parent they were
+    shown with then: the volume's latest earlier snapshot that did not fail."""
+    with monkeypatch.context() as patch:
+        patch.setattr(migrations, "STEPS", migrations.STEPS[:5])
+        patch.setattr(migrations, "LATEST", 5)
+        old = await open_store(db_url)
+        rows = [("a", "v1", "available"), ("b", "v2", "available"), ("c", "v1", "error"),
+                ("d", "v1", "available")]
+        for i, (sid, vol, status) in enumerate(rows):
+            await old._db.run(lambda tx, sid=sid, vol=vol, status=status, i=i: tx.execute(
+                "INSERT INTO snapshots (id, volume_id, name, description, size, created_at,"
+                " domain, status) VALUES (?,?,'n','',1,?,'dom',?)",
+                (sid, vol, f"2026-01-01T00:00:0{i}Z", status)))
+        await old.close()
+    migrated = await open_store(db_url)
+    metas = await migrated.list_snapshots()
+    assert {m.id: m.parent for m in metas} == {"a": None, "b": None, "c": "a", "d": "a"}
+    assert {m.origin for m in metas} == {Origin.CREATED}
+    await migrated.close()
+
+
 async def test_replicas_sharing_postgresql(postgres: Cluster) -> None:
     """Several services on one database: each call's rule holds across them."""
     url = postgres.new_database()
@@ -191,22 +216,37 @@ async def test_a_group_lists_in_the_order_it_was_made(store: MetadataService) ->
     assert [m.id for m in await store.list_snapshots()] == ["s9", "s1", "s5"]
 
 
-async def test_parents_and_pages(store: MetadataService) -> None:
-    """A record's parent is its volume's latest earlier snapshot that did not
-    fail; pages of LIMIT after MARKER walk the same order as the full list."""
-    plan = [("a", "v1", Status.AVAILABLE), ("b", "v2", Status.AVAILABLE),
-            ("c", "v1", Status.ERROR), ("d", "v1", Status.AVAILABLE),
-            ("e", "v2", Status.AVAILABLE)]
-    for i, (sid, vol, status) in enumerate(plan):
-        await store.create_snapshot_metadata(new(sid, vol, f"2026-01-01T00:00:0{i}Z"))
+async def test_trees_and_pages(store: MetadataService) -> None:
+    """Parents are what the agent recorded (a tree: b and c are both a's
+    children); the listing filters by parent and roots; deleting a record
+    hands its children to its parent, in one transaction; pages of LIMIT
+    after MARKER walk the same order as the full list."""
+    plan = [("a", "v1", None, Status.AVAILABLE), ("b", "v1", "a", Status.AVAILABLE),
+            ("c", "v1", "a", Status.ERROR), ("d", "v1", "b", Status.AVAILABLE),
+            ("e", "v2", None, Status.AVAILABLE)]
+    for i, (sid, vol, parent, status) in enumerate(plan):
+        await store.create_snapshot_metadata(dataclasses.replace(
+            new(sid, vol, f"2026-01-01T00:00:0{i}Z"), parent=parent,
+            origin=Origin.BEFORE_REVERT if sid == "d" else Origin.CREATED,
+            domain_state="running"))
         await store.finalize_snapshot_metadata(sid, Finalization(
             status, f"/v/f.{sid}" if status is Status.AVAILABLE else None, "/v/f",
             Consistency.FILESYSTEM, error=None if status is Status.AVAILABLE else "failed"))
     everything = await store.list_snapshots()
     assert {m.id: m.parent for m in everything} == {
-        "a": None, "b": None, "c": "a", "d": "a", "e": "b"}
-    assert (await store.get_snapshot("d")).parent == "a"
-    assert [m.parent for m in await store.list_snapshots(volume_id="v1")] == [None, "a", "a"]
+        "a": None, "b": "a", "c": "a", "d": "b", "e": None}
+    d = await store.get_snapshot("d")
+    assert (d.parent, d.origin, d.domain_state) == ("b", Origin.BEFORE_REVERT, "running")
+    assert [m.id for m in await store.list_snapshots(parent="a")] == ["b", "c"]
+    assert [m.id for m in await store.list_snapshots(roots=True)] == ["a", "e"]
+    assert [m.id for m in await store.list_snapshots(volume_id="v1", roots=True)] == ["a"]
+
+    await store.update_snapshot_status("b", Status.DELETING, "0%")
+    await store.snapshot_delete_metadata("b")
+    assert (await store.get_snapshot("d")).parent == "a"  # b's child is a's now
+    await store.create_snapshot_metadata(new("b", "v1", "2026-01-01T00:00:01Z"))
+    await store.finalize_snapshot_metadata("b", Finalization(
+        Status.AVAILABLE, "/v/f.b", "/v/f", Consistency.FILESYSTEM))
 
     pages, marker = [], None
     while True:
@@ -217,7 +257,7 @@ async def test_parents_and_pages(store: MetadataService) -> None:
         marker = page[-1].id
     assert pages == [["a", "b"], ["c", "d"], ["e"]]
     assert [m.id for m in await store.list_snapshots(volume_id="v1", limit=5, marker="a")] == [
-        "c", "d"]
+        "b", "c", "d"]
     assert [m.id for m in await store.list_snapshots(domain="dom", status=Status.ERROR)] == [
         "c"]
     assert await store.list_snapshots(domain="elsewhere") == []

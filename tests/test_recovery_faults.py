@@ -57,7 +57,7 @@ async def test_a_domain_undefined_during_a_cut_merge_does_not_stop_recovery(
         assert err.code == "agent_unreachable"
     assert agent.wait_exit() == -signal.SIGKILL
     files = sorted(p.name for p in Path(first["file"]).parent.iterdir())
-    await domains.destroy(hv.connection, doomed.name)
+    await hv.destroy(doomed.name)
     await domains.undefine(hv.connection, doomed.name)
     with running_agent(tmp_path, config=config) as restarted:  # ready: recovery ran
         rec = restarted.client.get(f"/v1/snapshots/{first['id']}")

@@ -107,7 +107,8 @@ async def test_records_filters_and_rename(agent: Agent, guest: Domain) -> None:
     (snap,) = task["result"]["snapshots"]
     assert set(snap) == {"id", "name", "description", "domain", "volume_id", "target",
                          "status", "consistency", "file", "image", "parent", "group_id",
-                         "created_at", "size", "error", "schedule"}
+                         "created_at", "size", "error", "schedule", "origin",
+                         "domain_state", "memory_file"}
     assert snap["size"] == 64 * 1024 * 1024
     by_volume = agent.client.get(f"/v1/snapshots?volume_id={snap['volume_id']}")["snapshots"]
     assert by_volume[-1] == snap

@@ -21,7 +21,6 @@ from conftest import PREFIX, Agent, create_snapshots, delete_snapshot, gasnap, w
 from gasnap import domxml, images
 from gasnap.client import ApiError
 from gasnap.hypervisor import Domain
-from gasnap.lab import domains
 from gasnap.lab.guests import Lab
 from gasnap.lab.verify import fsck_snapshot
 from gasnap.lab.workload import freeze_log, sh
@@ -95,7 +94,7 @@ async def test_a_raw_disk_whose_bytes_look_like_qcow2_stays_raw(
     raw_guest = hostile
     raw_disk = raw_guest.volumes[0].active_file
     before = [raw_disk]
-    await domains.destroy(hv.connection, raw_guest.name)
+    await hv.destroy(raw_guest.name)
     try:
         with guest_written_header(raw_disk):
             task = json.loads(gasnap("--api", agent.api, "snapshot", "create", raw_guest.name,

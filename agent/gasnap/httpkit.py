@@ -130,6 +130,14 @@ def get_string(doc: dict[str, Any], key: str, default: str | None = None) -> str
     return value
 
 
+def roots_query(request: web.Request) -> bool:
+    """``?roots=true|false`` (absent: false)."""
+    value = request.query.get("roots", "false")
+    if value not in ("true", "false"):
+        raise BadRequest("roots must be true or false", code="invalid_request")
+    return value == "true"
+
+
 def get_object(doc: dict[str, Any], key: str) -> dict[str, Any]:
     value = doc.get(key)
     if not isinstance(value, dict):

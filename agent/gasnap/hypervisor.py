@@ -159,6 +159,16 @@ class Hypervisor(Protocol):
     async def define_disk_source(self, name: str, target: str, path: str, fmt: str) -> None:
         """Stopped domain: point one disk of the persistent definition at PATH."""
 
+    async def start(self, name: str) -> None:
+        """Start a stopped domain from its persistent definition."""
+
+    async def shutdown(self, name: str, *, agent: bool) -> None:
+        """Ask the guest to power off (through its agent, or ACPI); returns
+        at once: the caller waits for the state, bounded."""
+
+    async def destroy(self, name: str) -> None:
+        """Power off at once; a domain that is already off is fine."""
+
     async def block_commit(self, name: str, target: str, top: str, base: str, *,
                            active: bool, bandwidth: int = 0) -> None:
         """Start committing TOP into BASE (ACTIVE: TOP is the active layer)."""

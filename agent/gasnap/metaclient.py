@@ -34,6 +34,7 @@ from .metadata import (
     MetadataError,
     MetadataUnavailable,
     NewSnapshot,
+    Origin,
     SnapshotMeta,
     SnapshotNotFound,
     Status,
@@ -72,7 +73,8 @@ def meta_from_dict(doc: dict[str, Any]) -> SnapshotMeta:
         backing_file=doc.get("backing_file"),
         consistency=Consistency(doc["consistency"]) if doc.get("consistency") else None,
         error=doc.get("error"), progress=doc.get("progress"), schedule=doc.get("schedule"),
-        parent=doc.get("parent"),
+        parent=doc.get("parent"), origin=Origin(doc.get("origin") or Origin.CREATED.value),
+        domain_state=doc.get("domain_state"), memory_file=doc.get("memory_file"),
     )
 
 
@@ -185,7 +187,9 @@ class RemoteMetadata:
         body = {"snapshot_id": new.snapshot_id, "name": new.name,
                 "description": new.description, "size": new.size,
                 "created_at": new.created_at, "domain": new.domain,
-                "group_id": new.group_id, "target": new.target, "schedule": new.schedule}
+                "group_id": new.group_id, "target": new.target, "schedule": new.schedule,
+                "parent": new.parent, "origin": new.origin.value,
+                "domain_state": new.domain_state, "memory_file": new.memory_file}
         doc = await self._call("POST", f"/v1/volumes/{_segment(new.volume_id)}/action",
                                {"create-snapshot-metadata": body})
         return meta_from_dict(doc["snapshot"])
@@ -240,19 +244,25 @@ class RemoteMetadata:
     async def list_snapshots(
         self, volume_id: str | None = None, status: Status | None = None, *,
         domain: str | None = None, limit: int | None = None, marker: str | None = None,
+        parent: str | None = None, roots: bool = False, group_id: str | None = None,
     ) -> list[SnapshotMeta]:
         given = {"volume_id": volume_id, "status": status.value if status else None,
                  "domain": domain, "limit": None if limit is None else str(limit),
-                 "marker": marker}
+                 "marker": marker, "parent": parent, "roots": "true" if roots else None,
+                 "group_id": group_id}
         query = {k: v for k, v in given.items() if v is not None}
         doc = await self._call("GET", "/v1/snapshots", query=query)
         docs = doc["snapshots"]
         if all("parent" in d for d in docs):
             return [meta_from_dict(d) for d in docs]
-        # A service that keeps to the contract alone: no parents, and domain,
-        # limit and marker may have been ignored.  Work them out here, from
-        # the contract's own listing.
-        return await self._contract_listing(volume_id, status, domain, limit, marker)
+        # A service that keeps to the contract alone: no parents, and the
+        # other filters may have been ignored.  Work them out here, from the
+        # contract's own listing.
+        metas = await self._contract_listing(volume_id, status, domain, None, None)
+        metas = [m for m in metas if (parent is None or m.parent == parent)
+                 and (not roots or m.parent is None)
+                 and (group_id is None or m.group_id == group_id)]
+        return _page(metas, limit, marker)
 
     async def _contract_listing(
         self, volume_id: str | None, status: Status | None, domain: str | None,
@@ -265,9 +275,14 @@ class RemoteMetadata:
         metas = [dataclasses.replace(m, parent=parents[m.id]) for m in everything
                  if (status is None or m.status is status)
                  and (domain is None or m.domain == domain)]
-        if marker is not None:
-            ids = [m.id for m in metas]
-            if marker not in ids:
-                raise InvalidMarker(f"marker {marker} is not a snapshot id")
-            metas = metas[ids.index(marker) + 1:]
-        return metas if limit is None else metas[:limit]
+        return _page(metas, limit, marker)
+
+
+def _page(metas: list[SnapshotMeta], limit: int | None,
+          marker: str | None) -> list[SnapshotMeta]:
+    if marker is not None:
+        ids = [m.id for m in metas]
+        if marker not in ids:
+            raise InvalidMarker(f"marker {marker} is not a snapshot id")
+        metas = metas[ids.index(marker) + 1:]
+    return metas if limit is None else metas[:limit]

@@ -52,6 +52,18 @@ class Consistency(enum.Enum):
     CRASH = "crash"
 
 
+class Origin(enum.Enum):
+    """How a record came to be."""
+
+    CREATED = "created"  # a create (API, CLI, schedule, Nova)
+    BEFORE_REVERT = "before-revert"  # the state a revert left, kept so it can be undone
+    MANAGED = "managed"  # an existing layer adopted
+
+
+# Records whose files are still there: a tree's nodes.
+HOLDING = frozenset({Status.AVAILABLE, Status.DELETING, Status.ERROR_DELETING})
+
+
 # Cinder's life cycle; anything else is a 409.
 TRANSITIONS: dict[Status, frozenset[Status]] = {
     Status.CREATING: frozenset({Status.AVAILABLE, Status.ERROR}),
@@ -92,14 +104,18 @@ class SnapshotMeta:
     error: str | None = None
     progress: str | None = None
     schedule: str | None = None  # the schedule that took it, if one did
-    # Derived by the store when read: the volume's previous snapshot that did
-    # not fail (the layer below this one's image, unless made by hand).
+    # The snapshot whose image lies nearest below this one's image (the
+    # tree's edge), set when it is made; a delete hands its children on.
     parent: str | None = None
+    origin: Origin = Origin.CREATED
+    domain_state: str | None = None  # running | paused | shutoff, when taken
+    memory_file: str | None = None  # the group's saved RAM and device state, if any
 
     def to_dict(self) -> dict[str, Any]:
         doc = asdict(self)
         doc["status"] = self.status.value
         doc["consistency"] = self.consistency.value if self.consistency else None
+        doc["origin"] = self.origin.value
         return doc
 
 
@@ -117,6 +133,10 @@ class NewSnapshot:
     group_id: str | None = None
     target: str | None = None
     schedule: str | None = None
+    parent: str | None = None
+    origin: Origin = Origin.CREATED
+    domain_state: str | None = None
+    memory_file: str | None = None
 
 
 @dataclass(frozen=True)
@@ -157,8 +177,10 @@ class MetadataService(Protocol):
     async def list_snapshots(
         self, volume_id: str | None = None, status: Status | None = None, *,
         domain: str | None = None, limit: int | None = None, marker: str | None = None,
+        parent: str | None = None, roots: bool = False, group_id: str | None = None,
     ) -> list[SnapshotMeta]:
         """Oldest first (a group in the order it was made); with LIMIT, at most
-        that many; with MARKER (a snapshot id), only those after it."""
+        that many; with MARKER (a snapshot id), only those after it; PARENT:
+        its children only; ROOTS: those without a parent only."""
 
     async def close(self) -> None: ...

@@ -53,7 +53,7 @@ async def open_runtime(settings: Settings) -> AsyncIterator[Runtime]:
     guard = FreezeGuard(settings.libvirt_uri)
     spares = Spares(enabled=settings.spare_overlays)
     ctx = Context(hv, hv.agent, metadata, journal, guard, settings.freeze_timeout,
-                  settings.merge_bandwidth, spares)
+                  settings.merge_bandwidth, spares, shutdown_timeout=settings.shutdown_timeout)
     tasks = TaskManager(journal)
     await tasks.load()
     service = SnapshotService(ctx, tasks)

@@ -16,7 +16,16 @@ from .errors import BadRequest, Conflict, GasnapError, Unavailable
 from .hypervisor import Domain
 from .metadata import SnapshotMeta, Status
 from .tasks import Done, Task, TaskManager
-from .workflows import Context, create, createplan, delete, deleteplan
+from .workflows import (
+    Context,
+    create,
+    createplan,
+    delete,
+    deleteplan,
+    revert,
+    revertplan,
+    tree,
+)
 from .workflows import schedule as schedule_flow
 
 log = logging.getLogger(__name__)
@@ -48,6 +57,9 @@ def snapshot_record(meta: SnapshotMeta) -> dict[str, Any]:
         "size": meta.size,
         "error": meta.error,
         "schedule": meta.schedule,
+        "origin": meta.origin.value,
+        "domain_state": meta.domain_state,
+        "memory_file": meta.memory_file,
     }
 
 
@@ -64,15 +76,34 @@ class SnapshotService:
 
     async def records(self, *, domain: str | None = None, volume_id: str | None = None,
                       status: str | None = None, limit: int | None = None,
-                      marker: str | None = None) -> list[dict[str, Any]]:
+                      marker: str | None = None, parent: str | None = None,
+                      roots: bool = False) -> list[dict[str, Any]]:
         """The records, oldest first; LIMIT and MARKER page through them."""
         try:
             wanted = Status(status) if status is not None else None
         except ValueError as err:
             raise BadRequest(f"unknown status {status!r}", code="invalid_status") from err
         metas = await self.ctx.metadata.list_snapshots(
-            volume_id=volume_id, status=wanted, domain=domain, limit=limit, marker=marker)
+            volume_id=volume_id, status=wanted, domain=domain, limit=limit, marker=marker,
+            parent=parent, roots=roots)
         return [snapshot_record(m) for m in metas]
+
+    async def domain_records(self, name: str | None = None) -> list[dict[str, Any]]:
+        """Every domain (or NAME), guest agents probed, each volume with the
+        snapshot its active layer descends from (``current``)."""
+        if name is None:
+            domains = await self.ctx.hv.list_domains(probe_agent=True)
+        else:
+            domains = [await self.ctx.hv.get_domain(name, probe_agent=True)]
+        metas = await self.ctx.metadata.list_snapshots() if domains else []
+        records = []
+        for dom in domains:
+            record = dom.to_record()
+            for vol, doc in zip(dom.volumes, record["volumes"], strict=True):
+                found = tree.current(vol, (m for m in metas if m.volume_id == vol.volume_id))
+                doc["current"] = found.id if found else None
+            records.append(record)
+        return records
 
     async def domains(self) -> list[Domain]:
         """Every domain with its disks (no guest agent is pinged)."""
@@ -180,6 +211,37 @@ class SnapshotService:
                     f"retention of schedule {schedule.name} failed: "
                     f"{retained.failure.message}", code="retention_failed"))
             return Done(result)
+
+        await self.tasks.start(task, work)
+        return task
+
+    # reverting
+
+    async def revert(self, snapshot_id: str, scope: revertplan.Scope, *, force: bool,
+                     start: bool | None) -> Task:
+        """Plan under a reservation of every volume going back (so the plan
+        stays true), then run as a task."""
+        self._check_ready()
+        first = await revertplan.plan(self.ctx, snapshot_id, scope, force=force, start=start)
+        task = self.tasks.reserve("snapshot-revert", {v.volume_id for v in first.volumes})
+        try:
+            planned = await revertplan.plan(self.ctx, snapshot_id, scope, force=force,
+                                            start=start)
+            if {v.volume_id for v in planned.volumes} != task.volumes:
+                raise Conflict("the snapshot's group changed while the revert was planned; "
+                               "try again", code="domain_changed")
+            name = (await self.ctx.metadata.get_snapshot(snapshot_id)).name
+        except BaseException:
+            self.tasks.release(task)
+            self.tasks.discard(task)
+            raise
+
+        async def work(_task: Task) -> Done:
+            outcome = await revert.execute(self.ctx, planned, name)
+            result = {"reverted": [v.snapshot_id for v in planned.volumes],
+                      "before": [m.id for m in outcome.before],
+                      "domains": planned.domains}
+            return Done(result, outcome.failure)
 
         await self.tasks.start(task, work)
         return task

@@ -11,9 +11,17 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from .. import __version__, metrics, nova
 from ..config import Schedule
 from ..errors import BadRequest, NotFound, Unavailable
-from ..httpkit import get_string, json_body, page_answer, page_query
+from ..httpkit import (
+    get_string,
+    json_body,
+    only_keys,
+    page_answer,
+    page_query,
+    roots_query,
+)
 from ..workflows.createplan import request_from_doc
 from ..workflows.deleteplan import Strategy
+from ..workflows.revertplan import Scope
 from .keys import HYPERVISOR, SERVICE, SETTINGS
 
 MAX_WAIT = 60.0
@@ -37,14 +45,12 @@ async def health(request: web.Request) -> web.Response:
 
 
 async def list_domains(request: web.Request) -> web.Response:
-    domains = await request.app[HYPERVISOR].list_domains(probe_agent=True)
-    return web.json_response({"domains": [d.to_record() for d in domains]})
+    return web.json_response({"domains": await request.app[SERVICE].domain_records()})
 
 
 async def get_domain(request: web.Request) -> web.Response:
-    domain = await request.app[HYPERVISOR].get_domain(request.match_info["name"],
-                                                      probe_agent=True)
-    return web.json_response(domain.to_record())
+    records = await request.app[SERVICE].domain_records(request.match_info["name"])
+    return web.json_response(records[0])
 
 
 async def create_snapshots(request: web.Request) -> web.Response:
@@ -59,6 +65,7 @@ async def list_snapshots(request: web.Request) -> web.Response:
     records = await request.app[SERVICE].records(
         domain=query.get("domain"), volume_id=query.get("volume_id"),
         status=query.get("status"), limit=None if limit is None else limit + 1, marker=marker,
+        parent=query.get("parent"), roots=roots_query(request),
     )
     return web.json_response(page_answer("snapshots", records, limit))
 
@@ -86,6 +93,21 @@ async def delete_snapshot(request: web.Request) -> web.Response:
         raise BadRequest("strategy must be auto, commit or pull",
                          code="invalid_request") from err
     task = await request.app[SERVICE].delete(request.match_info["id"], strategy)
+    return web.json_response({"task": task.to_record()}, status=202)
+
+
+async def revert_snapshot(request: web.Request) -> web.Response:
+    doc = await json_body(request)
+    only_keys(doc, {"scope", "force", "start"}, "the revert request")
+    try:
+        scope = Scope(get_string(doc, "scope") or Scope.GROUP.value)
+    except ValueError as err:
+        raise BadRequest("scope must be group or volume", code="invalid_request") from err
+    force, start = doc.get("force", False), doc.get("start")
+    if not isinstance(force, bool) or not (start is None or isinstance(start, bool)):
+        raise BadRequest("force and start must be true or false", code="invalid_request")
+    task = await request.app[SERVICE].revert(request.match_info["id"], scope, force=force,
+                                             start=start)
     return web.json_response({"task": task.to_record()}, status=202)
 
 
@@ -162,6 +184,7 @@ def setup_routes(app: web.Application) -> None:
     app.router.add_get("/v1/snapshots/{id}", get_snapshot)
     app.router.add_patch("/v1/snapshots/{id}", update_snapshot)
     app.router.add_delete("/v1/snapshots/{id}", delete_snapshot)
+    app.router.add_post("/v1/snapshots/{id}/revert", revert_snapshot)
     app.router.add_get("/v1/tasks", list_tasks)
     app.router.add_get("/v1/tasks/{id}", get_task)
     app.router.add_get("/v1/schedules", list_schedules)

@@ -36,7 +36,9 @@ SCHEMAS: Schema = {
          "file": nullable("string"), "image": nullable("string"),
          "parent": nullable("string"), "group_id": nullable("string"),
          "created_at": STRING, "size": {"type": "integer"}, "error": nullable("string"),
-         "schedule": nullable("string")},
+         "schedule": nullable("string"),
+         "origin": {"type": "string", "enum": ["created", "before-revert", "managed"]},
+         "domain_state": nullable("string"), "memory_file": nullable("string")},
     ),
     "Task": obj(
         ["id", "kind", "state", "progress"],
@@ -50,9 +52,9 @@ SCHEMAS: Schema = {
     "Schedule": obj(["name", "domains", "keep", "quiesce"],
                     {"name": STRING, "domains": NAMES, "keep": {"type": "integer", "minimum": 1},
                      "quiesce": {"type": "string", "enum": list(QUIESCE_VALUES)}}),
-    "Volume": obj(["volume_id", "target", "active_file", "chain"],
+    "Volume": obj(["volume_id", "target", "active_file", "chain", "current"],
                   {"volume_id": STRING, "target": STRING, "active_file": STRING,
-                   "chain": NAMES}),
+                   "chain": NAMES, "current": nullable("string")}),
     "Domain": obj(
         ["name", "state", "guest_agent", "volumes"],
         {"name": STRING, "state": STRING,
@@ -69,6 +71,9 @@ SCHEMAS: Schema = {
         closed=True,
     ),
     "UpdateRequest": obj([], {"name": STRING, "description": STRING}, closed=True),
+    "RevertRequest": obj([], {"scope": {"type": "string", "enum": ["group", "volume"]},
+                              "force": {"type": "boolean"},
+                              "start": nullable("boolean")}, closed=True),
     "NovaCreate": obj(["snapshot"], {"snapshot": obj(
         ["volume_id", "create_info"],
         {"volume_id": STRING, "create_info": obj(
@@ -101,6 +106,8 @@ PATHS: Schema = {
             page_of("snapshots", ref("Snapshot")),
             [400, 503], params=[query_param("domain"), query_param("volume_id"),
                                 query_param("status", {"type": "string", "enum": STATUSES}),
+                                query_param("parent"),
+                                query_param("roots", {"type": "boolean"}),
                                 *page_params()]),
     },
     "/v1/snapshots/{id}": {
@@ -114,6 +121,11 @@ PATHS: Schema = {
             params=[*_ID, query_param("strategy", {"type": "string",
                                                    "enum": ["auto", "commit", "pull"]})]),
     },
+    "/v1/snapshots/{id}/revert": {"post": operation(
+        "Go back to the snapshot (its whole group by default); the state left is kept as "
+        "before-revert snapshots first. Result: reverted, before, domains", 202,
+        ref("TaskAnswer"), [400, 404, 409, 503], params=_ID,
+        body=json_body(ref("RevertRequest")))},
     "/v1/tasks": {"get": operation(
         "Tasks", 200, obj(["tasks"], {"tasks": {"type": "array", "items": ref("Task")}}), [])},
     "/v1/tasks/{id}": {"get": operation(

@@ -157,6 +157,15 @@ def snapshot_delete(args: argparse.Namespace) -> int:
     return _finish_task(args, task)
 
 
+def snapshot_revert(args: argparse.Namespace) -> int:
+    client = _client(args)
+    body = {"scope": args.scope, "force": args.force, "start": args.start}
+    task = client.request("POST", f"/v1/snapshots/{_quote(args.id)}/revert", body)["task"]
+    if not args.no_wait:
+        task = client.wait_task(task)
+    return _finish_task(args, task)
+
+
 def _wait_with_bar(client: Any, task: dict[str, Any]) -> dict[str, Any]:
     """Follow the task's progress with a bar on the terminal (stderr)."""
     from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn
@@ -172,7 +181,8 @@ def _wait_with_bar(client: Any, task: dict[str, Any]) -> dict[str, Any]:
 
 
 def snapshot_list(args: argparse.Namespace) -> int:
-    query = {"domain": args.domain, "volume_id": args.volume, "status": args.status}
+    query = {"domain": args.domain, "volume_id": args.volume, "status": args.status,
+             "parent": args.parent, "roots": "true" if args.roots else None}
     path = "/v1/snapshots"
     if any(v is not None for v in query.values()):
         from urllib.parse import urlencode

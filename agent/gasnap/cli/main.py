@@ -118,6 +118,8 @@ def _snapshot_parsers(group: argparse.ArgumentParser) -> None:
     slist.add_argument("--domain")
     slist.add_argument("--volume")
     slist.add_argument("--status")
+    slist.add_argument("--parent", metavar="ID", help="only the children of snapshot ID")
+    slist.add_argument("--roots", action="store_true", help="only snapshots without parent")
     _add_json(slist)
     slist.set_defaults(func=commands.snapshot_list)
     info = snap.add_parser("info", help="one snapshot record")
@@ -130,6 +132,19 @@ def _snapshot_parsers(group: argparse.ArgumentParser) -> None:
     delete.add_argument("--no-wait", action="store_true", help="print the task and return")
     _add_json(delete)
     delete.set_defaults(func=commands.snapshot_delete)
+    revert = snap.add_parser("revert", help="go back to a snapshot (its whole group)")
+    revert.add_argument("id")
+    revert.add_argument("--scope", choices=("group", "volume"), default="group")
+    revert.add_argument("--force", action="store_true",
+                        help="shut running domains down first (started again after)")
+    start = revert.add_mutually_exclusive_group()
+    start.add_argument("--no-start", dest="start", action="store_false", default=None,
+                       help="leave the domains shut off afterwards")
+    start.add_argument("--start", dest="start", action="store_true",
+                       help="start the domains afterwards, even those that were off")
+    revert.add_argument("--no-wait", action="store_true", help="print the task and return")
+    _add_json(revert)
+    revert.set_defaults(func=commands.snapshot_revert)
     rename = snap.add_parser("rename", help="change a snapshot's name")
     rename.add_argument("id")
     rename.add_argument("name")

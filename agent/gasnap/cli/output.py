@@ -39,9 +39,9 @@ def domains(records: list[dict[str, Any]]) -> None:
 
 def snapshots(records: list[dict[str, Any]]) -> None:
     table(
-        ("ID", "DOMAIN", "DISK", "STATUS", "CONSISTENCY", "CREATED", "NAME"),
+        ("ID", "DOMAIN", "DISK", "STATUS", "CONSISTENCY", "CREATED", "PARENT", "NAME"),
         ((r["id"], r["domain"], r["target"] or "-", r["status"], r["consistency"] or "-",
-          r["created_at"][:19], r["name"]) for r in records),
+          r["created_at"][:19], (r.get("parent") or "-")[:8], r["name"]) for r in records),
     )
 
 
@@ -55,9 +55,13 @@ def task(record: dict[str, Any]) -> None:
     print(f"task {record['id']} ({record['kind']}): {record['state']}, {record['progress']}%")
     if record.get("error"):
         print(f"error: {record['error']['message']}")
-    for snap in (record.get("result") or {}).get("snapshots", []):
+    result = record.get("result") or {}
+    for snap in result.get("snapshots", []):
         print(f"  {snap['id']}  {snap['domain']}/{snap['target']}  {snap['status']}"
               f"  {snap['consistency'] or '-'}")
+    if "reverted" in result:
+        print(f"  reverted to {', '.join(result['reverted'])} on {', '.join(result['domains'])}")
+        print(f"  undo: revert to {', '.join(result['before']) or '(nothing kept)'}")
 
 
 def tasks(records: list[dict[str, Any]]) -> None:

@@ -1,6 +1,6 @@
-"""Defining, starting and removing lab domains: what only the lab does.
+"""Defining, rebooting and removing lab domains: what only the lab does.
 
-Workflow code never defines, starts or removes a domain; these commands sit
+Workflow code never defines, reboots or removes a domain; these commands sit
 here, apart from the hypervisor interface, and take the same one ``call``
 path as every other libvirt call.
 """
@@ -25,26 +25,10 @@ async def define_and_start(conn: Connection, xml: str) -> str:
     return await conn.call(run, what="define domain", retry=False)
 
 
-async def start(conn: Connection, name: str) -> None:
-    await conn.call(lambda c: c.lookupByName(name).create(), what=f"start {name}",
-                    retry=False)
-
-
 async def reboot(conn: Connection, name: str) -> None:
     """A clean reboot through the guest agent (qemu-ga never answers it)."""
     await conn.call(lambda c: c.lookupByName(name).reboot(
         libvirt.VIR_DOMAIN_REBOOT_GUEST_AGENT), what=f"reboot {name}", retry=False)
-
-
-async def destroy(conn: Connection, name: str) -> None:
-    """Power off at once; a domain that is already off is fine."""
-
-    def run(c: libvirt.virConnect) -> None:
-        dom = c.lookupByName(name)
-        if dom.isActive():
-            dom.destroy()
-
-    await conn.call(run, what=f"destroy {name}")
 
 
 async def undefine(conn: Connection, name: str) -> None:

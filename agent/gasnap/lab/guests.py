@@ -116,6 +116,7 @@ def domain_xml(name: str, image: LabImage, disks: list[tuple[str, Path]],
     <initrd>{escape(str(image.initrd))}</initrd>
     <cmdline>{escape(cmdline)}</cmdline>
   </os>
+  <features><acpi/></features>
   <on_poweroff>destroy</on_poweroff>
   <on_reboot>restart</on_reboot>
   <on_crash>destroy</on_crash>
@@ -168,7 +169,7 @@ class Lab:
                 raise NotALabGuest(f"domain {name} exists and is not a lab guest")
             dom = await self.hv.get_domain(name)
             if dom.state is DomainState.SHUTOFF:
-                await domains.start(self.hv.connection, name)
+                await self.hv.start(name)
         else:
             await self._create(name, disks, size_mib, agent, disk_format)
         if agent:
@@ -232,7 +233,7 @@ class Lab:
         elif not await self.is_lab_guest(name):
             raise NotALabGuest(f"domain {name} is not a lab guest; refusing to remove it")
         else:
-            await domains.destroy(self.hv.connection, name)
+            await self.hv.destroy(name)
             await domains.undefine(self.hv.connection, name)
         shutil.rmtree(self.lab_dir / name, ignore_errors=True)
         log.info("lab guest %s removed", name)

@@ -9,8 +9,16 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from .. import __version__, metrics
 from ..errors import BadRequest
-from ..httpkit import get_object, get_string, json_body, only_keys, page_answer, page_query
-from ..metadata import Consistency, Finalization, NewSnapshot, SnapshotMeta, Status
+from ..httpkit import (
+    get_object,
+    get_string,
+    json_body,
+    only_keys,
+    page_answer,
+    page_query,
+    roots_query,
+)
+from ..metadata import Consistency, Finalization, NewSnapshot, Origin, SnapshotMeta, Status
 from .keys import STORE
 
 ACTIONS = ("finalize-snapshot-metadata", "update-snapshot-status", "snapshot-delete-metadata",
@@ -22,7 +30,7 @@ def _answer(meta: SnapshotMeta) -> web.Response:
     return web.json_response({"snapshot": meta.to_dict()})
 
 
-def _enum(kind: type[Status] | type[Consistency], value: Any, key: str) -> Any:
+def _enum(kind: type[Status] | type[Consistency] | type[Origin], value: Any, key: str) -> Any:
     try:
         return kind(value)
     except ValueError as err:
@@ -50,7 +58,8 @@ def _one_action(doc: dict[str, Any], allowed: tuple[str, ...]) -> tuple[str, dic
 
 def _new_snapshot(volume_id: str, body: dict[str, Any]) -> NewSnapshot:
     only_keys(body, {"snapshot_id", "name", "description", "size", "created_at", "domain",
-                     "group_id", "target", "schedule"}, "create-snapshot-metadata")
+                     "group_id", "target", "schedule", "parent", "origin", "domain_state",
+                     "memory_file"}, "create-snapshot-metadata")
     size = body.get("size")
     if not isinstance(size, int) or isinstance(size, bool) or not 0 <= size < 2**63:
         raise BadRequest("size must be a non-negative 64-bit integer", code="invalid_request")
@@ -59,7 +68,10 @@ def _new_snapshot(volume_id: str, body: dict[str, Any]) -> NewSnapshot:
         name=get_string(body, "name") or "", description=get_string(body, "description") or "",
         size=size, created_at=_required(body, "created_at"), domain=_required(body, "domain"),
         group_id=get_string(body, "group_id"), target=get_string(body, "target"),
-        schedule=get_string(body, "schedule"),
+        schedule=get_string(body, "schedule"), parent=get_string(body, "parent"),
+        origin=_enum(Origin, get_string(body, "origin") or Origin.CREATED.value, "origin"),
+        domain_state=get_string(body, "domain_state"),
+        memory_file=get_string(body, "memory_file"),
     )
 
 
@@ -133,8 +145,8 @@ async def snapshot_action(request: web.Request) -> web.Response:
 
 
 async def list_snapshots(request: web.Request) -> web.Response:
-    only_keys(dict(request.query), {"volume_id", "status", "domain", "limit", "marker"},
-              "the query")
+    only_keys(dict(request.query), {"volume_id", "status", "domain", "limit", "marker",
+                                    "parent", "roots", "group_id"}, "the query")
     status = request.query.get("status")
     limit, marker = page_query(request)
     metas = await request.app[STORE].list_snapshots(
@@ -142,6 +154,8 @@ async def list_snapshots(request: web.Request) -> web.Response:
         status=_enum(Status, status, "status") if status is not None else None,
         domain=request.query.get("domain"),
         limit=None if limit is None else limit + 1, marker=marker,
+        parent=request.query.get("parent"), roots=roots_query(request),
+        group_id=request.query.get("group_id"),
     )
     return web.json_response(page_answer("snapshots", [m.to_dict() for m in metas], limit))
 

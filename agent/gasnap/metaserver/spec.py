@@ -5,6 +5,7 @@ from __future__ import annotations
 from aiohttp import web
 
 from .. import __version__
+from ..metadata import Origin
 from ..openapi import (
     STATUSES,
     STRING,
@@ -29,6 +30,8 @@ def _action(name: str, body: Schema) -> Schema:
     return obj([name], {name: body}, closed=True)
 
 
+ORIGINS = [o.value for o in Origin]
+
 SCHEMAS: Schema = {
     "Snapshot": obj(
         ["id", "volume_id", "name", "description", "size", "created_at", "domain",
@@ -39,7 +42,9 @@ SCHEMAS: Schema = {
          "group_id": OPT, "target": OPT, "status": {"type": "string", "enum": STATUSES},
          "file": OPT, "backing_file": OPT,
          "consistency": nullable("string", enum=["filesystem", "crash", None]),
-         "error": OPT, "progress": OPT, "schedule": OPT, "parent": OPT},
+         "error": OPT, "progress": OPT, "schedule": OPT, "parent": OPT,
+         "origin": {"type": "string", "enum": ORIGINS}, "domain_state": OPT,
+         "memory_file": OPT},
     ),
     "SnapshotAnswer": obj(["snapshot"], {"snapshot": ref("Snapshot")}),
     "CreateAction": _action("create-snapshot-metadata", obj(
@@ -47,7 +52,9 @@ SCHEMAS: Schema = {
         {"snapshot_id": STRING, "name": STRING, "description": STRING,
          "size": {"type": "integer", "minimum": 0, "maximum": 2**63 - 1},
          "created_at": STRING, "domain": STRING,
-         "group_id": OPT, "target": OPT, "schedule": OPT}, closed=True)),
+         "group_id": OPT, "target": OPT, "schedule": OPT, "parent": OPT,
+         "origin": {"type": "string", "enum": ORIGINS}, "domain_state": OPT,
+         "memory_file": OPT}, closed=True)),
     "SnapshotAction": {"oneOf": [
         _action("finalize-snapshot-metadata", obj(
             ["status"],
@@ -82,10 +89,13 @@ PATHS: Schema = {
             body=json_body(ref("SnapshotAction"))),
     }},
     "/v1/snapshots": {"get": operation(
-        "Snapshot records, oldest first; parent: the volume's latest earlier snapshot "
-        "that did not fail", 200, page_of("snapshots", ref("Snapshot")),
+        "Snapshot records, oldest first; parent: the snapshot whose image lies nearest "
+        "below this one's (the tree's edge, as the agent recorded it)", 200,
+        page_of("snapshots", ref("Snapshot")),
         [400, 503], params=[query_param("volume_id"), query_param("domain"),
                             query_param("status", {"type": "string", "enum": STATUSES}),
+                            query_param("parent"), query_param("group_id"),
+                            query_param("roots", {"type": "boolean"}),
                             *page_params()])},
     "/v1/snapshots/{id}": {"get": operation(
         "One snapshot record", 200, ref("SnapshotAnswer"), [404, 503],

@@ -64,6 +64,34 @@ STEPS: list[tuple[int, dict[str, list[str]]]] = [
             "CREATE INDEX snapshots_order ON snapshots (created_at, seq)",
             "CREATE INDEX snapshots_lineage ON snapshots (volume_id, created_at, seq)"],
     }),
+    (6, {
+        # Trees (revert): the parent is stored, set by the agent from the
+        # chain, instead of derived as the volume's previous snapshot; the
+        # records made before keep that derivation, which was right for
+        # them (no branch existed).  Origin, state when taken, memory file.
+        "sqlite": [
+            "ALTER TABLE snapshots ADD COLUMN parent TEXT",
+            "ALTER TABLE snapshots ADD COLUMN origin TEXT NOT NULL DEFAULT 'created'",
+            "ALTER TABLE snapshots ADD COLUMN domain_state TEXT",
+            "ALTER TABLE snapshots ADD COLUMN memory_file TEXT",
+            """UPDATE snapshots SET parent = (SELECT p.id FROM snapshots p
+                WHERE p.volume_id = snapshots.volume_id AND p.status <> 'error'
+                AND (p.created_at, p.rowid) < (snapshots.created_at, snapshots.rowid)
+                ORDER BY p.created_at DESC, p.rowid DESC LIMIT 1)""",
+            "CREATE INDEX snapshots_parent ON snapshots (parent)",
+        ],
+        "postgresql": [
+            "ALTER TABLE snapshots ADD COLUMN parent TEXT",
+            "ALTER TABLE snapshots ADD COLUMN origin TEXT NOT NULL DEFAULT 'created'",
+            "ALTER TABLE snapshots ADD COLUMN domain_state TEXT",
+            "ALTER TABLE snapshots ADD COLUMN memory_file TEXT",
+            """UPDATE snapshots s SET parent = (SELECT p.id FROM snapshots p
+                WHERE p.volume_id = s.volume_id AND p.status <> 'error'
+                AND (p.created_at, p.seq) < (s.created_at, s.seq)
+                ORDER BY p.created_at DESC, p.seq DESC LIMIT 1)""",
+            "CREATE INDEX snapshots_parent ON snapshots (parent)",
+        ],
+    }),
 ]
 
 LATEST = STEPS[-1][0]

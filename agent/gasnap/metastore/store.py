@@ -16,6 +16,7 @@ from ..metadata import (
     InvalidMarker,
     MetadataError,
     NewSnapshot,
+    Origin,
     SnapshotMeta,
     SnapshotNotFound,
     Status,
@@ -27,10 +28,11 @@ from .migrations import migrate
 
 DELETION = frozenset({Status.DELETING, Status.ERROR_DELETING})
 _INSERT = ("INSERT INTO snapshots (id, volume_id, name, description, size, created_at, domain,"
-           " group_id, target, status, schedule) VALUES (?,?,?,?,?,?,?,?,?,?,?)"
-           " ON CONFLICT (id) DO NOTHING")
+           " group_id, target, status, schedule, parent, origin, domain_state, memory_file)"
+           " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?) ON CONFLICT (id) DO NOTHING")
 _COLUMNS = ("id, volume_id, name, description, size, created_at, domain, group_id, target,"
-            " status, file, backing_file, consistency, error, progress, schedule")
+            " status, file, backing_file, consistency, error, progress, schedule, parent,"
+            " origin, domain_state, memory_file")
 
 
 def _meta(row: Row) -> SnapshotMeta:
@@ -41,7 +43,8 @@ def _meta(row: Row) -> SnapshotMeta:
         status=Status(row["status"]), file=row["file"], backing_file=row["backing_file"],
         consistency=Consistency(row["consistency"]) if row["consistency"] else None,
         error=row["error"], progress=row["progress"], schedule=row["schedule"],
-        parent=row["parent"],
+        parent=row["parent"], origin=Origin(row["origin"]), domain_state=row["domain_state"],
+        memory_file=row["memory_file"],
     )
 
 
@@ -58,17 +61,9 @@ class SqlMetadata:
     async def close(self) -> None:
         await self._db.close()
 
-    def _select(self) -> str:
-        """The records with their parents: the volume's latest earlier
-        snapshot that did not fail (an index lookup each, on snapshots_volume)."""
-        order = self._db.insertion_order
-        return (
-            f"SELECT {_COLUMNS}, (SELECT p.id FROM snapshots p"  # noqa: S608
-            " WHERE p.volume_id = s.volume_id AND p.status <> 'error'"
-            f" AND (p.created_at, p.{order}) < (s.created_at, s.{order})"
-            f" ORDER BY p.created_at DESC, p.{order} DESC LIMIT 1) AS parent"
-            " FROM snapshots s"
-        )
+    @staticmethod
+    def _select() -> str:
+        return f"SELECT {_COLUMNS} FROM snapshots s"  # noqa: S608
 
     def _get(self, tx: Tx, snapshot_id: str, *, lock: bool = False) -> SnapshotMeta:
         sql = f"{self._select()} WHERE s.id = ?"
@@ -86,7 +81,8 @@ class SqlMetadata:
                 _INSERT,
                 (new.snapshot_id, new.volume_id, new.name, new.description, new.size,
                  new.created_at, new.domain, new.group_id, new.target, Status.CREATING.value,
-                 new.schedule),
+                 new.schedule, new.parent, new.origin.value, new.domain_state,
+                 new.memory_file),
             )
             existing = self._get(tx, new.snapshot_id)
             if existing.volume_id != new.volume_id:
@@ -173,6 +169,10 @@ class SqlMetadata:
                     f"snapshot {snapshot_id} is {current.status.value}; delete it first",
                     current=current.status.value,
                 )
+            # Its children now descend from its parent: the tree stays whole
+            # in the same transaction.
+            tx.execute("UPDATE snapshots SET parent=? WHERE parent=?",
+                       (current.parent, snapshot_id))
             tx.execute("DELETE FROM snapshots WHERE id=?", (snapshot_id,))
 
         await self._db.run(run)
@@ -185,15 +185,19 @@ class SqlMetadata:
     async def list_snapshots(
         self, volume_id: str | None = None, status: Status | None = None, *,
         domain: str | None = None, limit: int | None = None, marker: str | None = None,
+        parent: str | None = None, roots: bool = False, group_id: str | None = None,
     ) -> list[SnapshotMeta]:
         order = self._db.insertion_order
         query = f"{self._select()} WHERE 1=1"
         args: list[Any] = []
         for column, value in (("volume_id", volume_id), ("domain", domain),
-                              ("status", status.value if status else None)):
+                              ("status", status.value if status else None),
+                              ("parent", parent), ("group_id", group_id)):
             if value is not None:
                 query += f" AND s.{column} = ?"
                 args.append(value)
+        if roots:
+            query += " AND s.parent IS NULL"
         if marker is not None:
             query += f" AND (s.created_at, s.{order}) > (?, ?)"
         # A group's records share created_at: then the order they were made in.

@@ -313,6 +313,29 @@ class LibvirtHypervisor:
                             mirror_ready=lambda: self.mirror_ready(name, target),
                             progress=progress, want_ready=want_ready)
 
+    # power
+
+    async def start(self, name: str) -> None:
+        await self.connection.call(lambda c: self.resolve(c, name).create(),
+                                   what=f"start {name}", retry=False)
+
+    async def shutdown(self, name: str, *, agent: bool) -> None:
+        """Ask the guest to power off: through its agent, or the ACPI button."""
+        flags = (libvirt.VIR_DOMAIN_SHUTDOWN_GUEST_AGENT if agent
+                 else libvirt.VIR_DOMAIN_SHUTDOWN_ACPI_POWER_BTN)
+        await self.connection.call(lambda c: self.resolve(c, name).shutdownFlags(flags),
+                                   what=f"shut down {name}", retry=False)
+
+    async def destroy(self, name: str) -> None:
+        """Power off at once; a domain that is already off is fine."""
+
+        def run(conn: libvirt.virConnect) -> None:
+            dom = self.resolve(conn, name)
+            if dom.isActive():
+                dom.destroy()
+
+        await self.connection.call(run, what=f"destroy {name}")
+
     async def define_disk_source(self, name: str, target: str, path: str, fmt: str) -> None:
         def run(conn: libvirt.virConnect) -> None:
             dom = self.resolve(conn, name)

@@ -42,3 +42,4 @@ class Context:
     merge_bandwidth: int = 0  # MiB/s, 0: unlimited
     spares: Spares = field(default_factory=lambda: Spares(enabled=False))
     windows: Windows = field(default_factory=Windows)
+    shutdown_timeout: float = 120.0  # a forced revert's wait for a guest to power off

@@ -40,7 +40,7 @@ from ..metadata import (
     Status,
 )
 from ..quiesce import Quiesce
-from . import Context
+from . import Context, tree
 from .createplan import CreatePlan, VolumePlan
 from .settle import settle
 from .steps import CreateStep, Kind
@@ -103,11 +103,17 @@ async def execute(ctx: Context, planned: CreatePlan) -> Outcome:
 async def _record(ctx: Context, op: Operation, planned: CreatePlan) -> Operation:
     op = await ctx.journal.step(op, CreateStep.RECORDING)
     for v in planned.volumes:
+        # Read now, not at plan time: a metadata outage delays the create
+        # (this step waits it out), it does not refuse the request.
+        parent = tree.nearest(v.below, await ctx.metadata.list_snapshots(
+            volume_id=v.volume_id))
         await ctx.metadata.create_snapshot_metadata(NewSnapshot(
             snapshot_id=v.snapshot_id, volume_id=v.volume_id, name=planned.name,
             description=planned.description, size=v.size, created_at=planned.created_at,
             domain=v.domain, group_id=planned.group_id, target=v.target,
-            schedule=planned.schedule,
+            schedule=planned.schedule, parent=parent.id if parent else None,
+            origin=planned.origin,
+            domain_state=v.domain_state,
         ))
     faults.hit("create:recording")
     return op

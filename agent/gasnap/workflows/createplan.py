@@ -20,6 +20,7 @@ from .. import images
 from ..errors import BadRequest, Conflict, GasnapError, NotFound
 from ..guestagent import AgentAbsent, AgentUnresponsive
 from ..hypervisor import AgentState, Domain, DomainState, Volume
+from ..metadata import Origin
 from ..quiesce import Quiesce
 from . import Context
 
@@ -44,7 +45,7 @@ class Preset:
     """A snapshot whose id and overlay the caller chose (Nova's create_info)."""
 
     snapshot_id: str
-    overlay: str  # absolute path, already checked to lie next to the active file
+    overlay: str  # absolute path, checked to lie next to the active file ("": gasnap's name)
     reuse: bool  # the caller made the overlay (checked: qcow2 on the active file)
 
 
@@ -57,6 +58,7 @@ class CreateRequest:
     quiesce: Quiesce
     presets: dict[str, Preset] = field(default_factory=dict)  # by volume_id
     schedule: str | None = None  # the schedule taking it (recorded for retention)
+    origin: Origin = Origin.CREATED
 
 
 @dataclass(frozen=True)
@@ -70,6 +72,10 @@ class VolumePlan:
     overlay: str  # <image basename>.<snapshot id>, next to the image
     size: int
     reuse: bool = False  # the overlay is the caller's: never created nor removed by us
+    # the chain below ``image``, nearest first: the parent is the snapshot
+    # whose image is the first of these (found as the record is made)
+    below: list[str] = field(default_factory=list)
+    domain_state: str | None = None  # the domain's state when planned
 
 
 @dataclass(frozen=True)
@@ -90,10 +96,12 @@ class CreatePlan:
     # by domain: its UUID when planned; the window's calls hold the domains by
     # it (``Hypervisor.hold``) rather than resolve each name again
     uuids: dict[str, str] = field(default_factory=dict)
+    origin: Origin = Origin.CREATED
 
     def to_dict(self) -> dict[str, Any]:
         doc = asdict(self)
         doc["quiesce"] = self.quiesce.value
+        doc["origin"] = self.origin.value
         return doc
 
     @classmethod
@@ -105,6 +113,7 @@ class CreatePlan:
             running=list(doc["running"]), stopped=list(doc["stopped"]),
             schedule=doc.get("schedule"), left_alone=dict(doc.get("left_alone", {})),
             uuids=dict(doc.get("uuids", {})),
+            origin=Origin(doc.get("origin", Origin.CREATED.value)),
         )
 
     def of(self, domain: str) -> list[VolumePlan]:
@@ -271,18 +280,19 @@ async def plan(ctx: Context, req: CreateRequest) -> CreatePlan:
                                       f"{vol.active_file}: {err}") from err
             preset = req.presets.get(vol.volume_id)
             snapshot_id = preset.snapshot_id if preset else str(uuid.uuid4())
-            overlay = (preset.overlay if preset
-                       else images.overlay_path(vol.active_file, snapshot_id))
+            overlay = ((preset.overlay if preset else "")
+                       or images.overlay_path(vol.active_file, snapshot_id))
             volumes.append(VolumePlan(
                 snapshot_id, dom.name, vol.volume_id, vol.target, vol.active_file, vol.format,
                 overlay, size, reuse=preset.reuse if preset else False,
+                below=[layer.path for layer in vol.chain[1:]], domain_state=dom.state.value,
             ))
     return CreatePlan(
         group_id=str(uuid.uuid4()) if len(volumes) > 1 else None,
         name=req.name, description=req.description, quiesce=req.quiesce,
         created_at=datetime.now(UTC).isoformat(timespec="microseconds"),
         volumes=volumes, live=live, running=running, stopped=stopped, schedule=req.schedule,
-        left_alone=left_alone, uuids=uuids,
+        left_alone=left_alone, uuids=uuids, origin=req.origin,
     )
 
 

@@ -28,22 +28,18 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .. import faults, images, metrics, qemuimg
-from ..blockjobs import JobEnd, JobInfo, PivotNotReady
+from .. import faults, images, metrics
 from ..errors import GasnapError, NotFound, Unavailable
 from ..hypervisor import DomainChanged
 from ..journal import Operation
 from ..metadata import SnapshotMeta, Status
-from . import Context, ProgressSink, no_progress
+from . import Context, ProgressSink, merging, no_progress
 from .deleteplan import DeletePlan, MergeFailed, Method
 from .records import until_recorded
 from .steps import JOB_STEPS, DeleteStep, Kind
 
 log = logging.getLogger(__name__)
 
-PIVOT_TRIES = 20
-PIVOT_RETRY = 0.5
-CHAIN_SETTLE = 10.0  # after a pivot libvirt's XML can lag the call (VDSM)
 
 
 # --- execute --------------------------------------------------------------------
@@ -72,10 +68,12 @@ async def execute(ctx: Context, merge: DeletePlan, progress: ProgressSink) -> Ou
     started = time.monotonic()
     try:
         async with ctx.hv.hold(_held(merge)):
-            if merge.method.live:
-                op = await _live_merge(ctx, op, merge, progress, started=False)
+            if merge.method is Method.BRANCH_PULL:
+                op = await merging.branch_pull(ctx, op, merge, progress, job="start")
+            elif merge.method.live:
+                op = await merging.live_merge(ctx, op, merge, progress, started=False)
             else:
-                await _offline_merge(ctx, merge)
+                await merging.offline_merge(ctx, merge)
             faults.hit("delete:merged")
             await verify(ctx, merge)
     except Unavailable as err:
@@ -102,101 +100,19 @@ def _as_gasnap(err: GasnapError | OSError) -> GasnapError:
     return err if isinstance(err, GasnapError) else images.host_error(err)
 
 
-async def _live_merge(ctx: Context, op: Operation, merge: DeletePlan,
-                      progress: ProgressSink, *, started: bool) -> Operation:
-    name, target = merge.domain, merge.target
-    if not started:
-        # Never inside a freeze window of the same domain (see windows).
-        async with ctx.windows.owning([merge.uuid or name]):
-            await _start_job(ctx, merge)
-    faults.hit("delete:job")
-    reporter = _Reporter(ctx, merge.snapshot_id, progress)
-    want_ready = merge.method is Method.ACTIVE_COMMIT
-    end = await ctx.hv.follow_block_job(name, target, want_ready=want_ready,
-                                        progress=reporter)
-    log.info("%s/%s: block job ended: %s", name, target, end.value)
-    if end is JobEnd.READY:
-        op = await ctx.journal.step(op, DeleteStep.PIVOT)
-        faults.hit("delete:pivot")
-        await _pivot(ctx, name, target)
-        await _chain_settles(ctx, merge)
-    elif end in (JobEnd.FAILED, JobEnd.CANCELED):
-        raise MergeFailed(f"{name}/{target}: the block job {end.value}")
-    await reporter.done()
-    return op
-
-
-async def _start_job(ctx: Context, merge: DeletePlan) -> None:
-    name, target = merge.domain, merge.target
-    if merge.method is Method.PULL:
-        await ctx.hv.block_pull(name, target, merge.pull_base, bandwidth=ctx.merge_bandwidth)
-    else:
-        await ctx.hv.block_commit(name, target, merge.top, merge.base,
-                                  active=merge.method is Method.ACTIVE_COMMIT,
-                                  bandwidth=ctx.merge_bandwidth)
-
-
-async def _pivot(ctx: Context, name: str, target: str) -> None:
-    """Pivot, retrying the "not ready yet" answers a bounded number of times."""
-    for attempt in range(1, PIVOT_TRIES + 1):
-        try:
-            await ctx.hv.pivot(name, target)
-            return
-        except PivotNotReady as err:
-            if attempt == PIVOT_TRIES:
-                raise MergeFailed(f"{name}/{target}: pivot never became possible: "
-                                  f"{err.message}") from err
-            await asyncio.sleep(PIVOT_RETRY)
-
-
-async def _chain_settles(ctx: Context, merge: DeletePlan) -> None:
-    deadline = time.monotonic() + CHAIN_SETTLE
-    while merge.remove in await _chain(ctx, merge):
-        if time.monotonic() >= deadline:
-            return  # verify() says what is wrong
-        await asyncio.sleep(0.2)
-
-
-async def _offline_merge(ctx: Context, merge: DeletePlan) -> None:
-    """qemu-img with every format named from the plan's chain and relative
-    pointers (a layer may sit in another directory than the one below)."""
-    if merge.method is Method.OFFLINE_COMMIT:
-        await qemuimg.commit(merge.top)
-        if merge.above is not None:
-            await qemuimg.rebase(merge.above,
-                                 images.relative_pointer(merge.above, merge.base),
-                                 merge.base_format, safe=False)
-    else:
-        below = merge.pull_base
-        await qemuimg.rebase(
-            merge.top, images.relative_pointer(merge.top, below) if below else None,
-            merge.format_of(below) if below else None, safe=True)
-    # libvirt keeps the whole <backingStore> chain in the persistent definition
-    # and trusts it at the next start: rewrite the disk so that it names the
-    # new active layer and nothing below it (read from the headers again).
-    active = merge.expected_chain[0]
-    await ctx.hv.define_disk_source(merge.domain, merge.target, active,
-                                    merge.format_of(active))
-
-
-async def _chain(ctx: Context, merge: DeletePlan) -> list[str]:
-    """The volume's chain now, read from the planned domain (by UUID)."""
-    dom = await ctx.hv.get_domain(merge.domain, uuid=merge.uuid)
-    if dom.name != merge.domain:
-        raise DomainChanged(f"domain {merge.domain} is named {dom.name} now; "
-                            "its merge is not touched")
-    vol = dom.volume(merge.target)
-    return [layer.path for layer in vol.chain] if vol is not None else []
-
-
 async def verify(ctx: Context, merge: DeletePlan) -> None:
     """The merge worked iff the chain is the planned one without ``remove``."""
-    chain = await _chain(ctx, merge)
+    chain = await merging.chain(ctx, merge)
     if chain != merge.expected_chain:
         raise MergeFailed(
             f"{merge.domain}/{merge.target}: after the merge the chain is {chain}, "
             f"expected {merge.expected_chain}"
         )
+    below = await images.real_path(merge.pull_base) if merge.pull_base else None
+    for dependent in merge.dependents:
+        if await merging.backing(dependent) != below:
+            raise MergeFailed(f"{dependent} does not back onto {merge.pull_base} after the "
+                              "merge")
 
 
 async def cleanup(ctx: Context, op: Operation, merge: DeletePlan) -> None:
@@ -258,35 +174,11 @@ async def _failed(ctx: Context, op: Operation, merge: DeletePlan, err: GasnapErr
     await ctx.journal.finish(op)
 
 
-class _Reporter:
-    """Job progress to the task and, in whole steps of 5 %, to the metadata."""
-
-    def __init__(self, ctx: Context, snapshot_id: str, sink: ProgressSink) -> None:
-        self.ctx = ctx
-        self.snapshot_id = snapshot_id
-        self.sink = sink
-        self.last = -1
-
-    async def __call__(self, info: JobInfo) -> None:
-        percent = min(info.percent, 99)  # 100 once the chain says so
-        await self.sink(percent)
-        if percent // 5 != self.last // 5:
-            self.last = percent
-            try:
-                await self.ctx.metadata.update_snapshot_status(
-                    self.snapshot_id, Status.DELETING, f"{percent}%")
-            except Unavailable as err:  # progress is a courtesy; the merge goes on
-                log.warning("progress of %s not recorded: %s", self.snapshot_id, err.message)
-
-    async def done(self) -> None:
-        await self.sink(100)
-
-
 # --- recovery -------------------------------------------------------------------
 
 
 _JOB_KIND = {Method.PULL: "pull", Method.COMMIT: "commit",
-             Method.ACTIVE_COMMIT: "active-commit"}
+             Method.ACTIVE_COMMIT: "active-commit", Method.BRANCH_PULL: "pull"}
 
 
 async def resume(ctx: Context, op: Operation) -> None:
@@ -301,14 +193,22 @@ async def resume(ctx: Context, op: Operation) -> None:
         await ctx.journal.finish(op)  # cleanup had already finished
         return
     try:
-        chain = await _chain(ctx, merge)
+        chain = await merging.chain(ctx, merge)
     except (NotFound, DomainChanged) as err:
         await _give_up(ctx, op, merge, meta, f"{err.message}; nothing was changed")
         return
-    if chain == merge.expected_chain:
+    if merge.method is Method.BRANCH_PULL:
+        await _resume_branch(ctx, op, merge, meta, chain)
+    elif chain == merge.expected_chain:
         log.warning("recovery: merge for %s is done; cleaning up", merge.snapshot_id)
         await cleanup(ctx, op, merge)
-        return
+    else:
+        await _resume_job(ctx, op, merge, meta)
+
+
+async def _resume_job(ctx: Context, op: Operation, merge: DeletePlan,
+                      meta: SnapshotMeta) -> None:
+    """Follow (and pivot) the block job gasnap started, if it still runs."""
     job = None
     if merge.method.live and DeleteStep(op.step) in JOB_STEPS:
         job = await ctx.hv.block_job_info(merge.domain, merge.target)
@@ -323,12 +223,44 @@ async def resume(ctx: Context, op: Operation) -> None:
     log.warning("recovery: resuming the block job of %s", merge.snapshot_id)
     try:
         async with ctx.hv.hold(_held(merge)):
-            op = await _live_merge(ctx, op, merge, no_progress, started=True)
+            op = await merging.live_merge(ctx, op, merge, no_progress, started=True)
             await verify(ctx, merge)
     except Unavailable:
         raise  # libvirtd still away: the next sweep tries again
     except GasnapError as err:
         await _failed(ctx, op, merge, err)
+        return
+    await cleanup(ctx, op, merge)
+
+
+async def _resume_branch(ctx: Context, op: Operation, merge: DeletePlan, meta: SnapshotMeta,
+                         chain: list[str]) -> None:
+    """A branch pull's steps are each idempotent: once the job step was
+    reached, finish what is left (following a pull that still runs)."""
+    step = DeleteStep(op.step)
+    if step is DeleteStep.CLEANUP:
+        await cleanup(ctx, op, merge)
+        return
+    if step not in JOB_STEPS:
+        await _give_up(ctx, op, merge, meta, "interrupted before the merge started; "
+                       "delete again to retry")
+        return
+    job = "done" if chain == merge.expected_chain else "follow"
+    if merge.job and job == "follow":
+        running = await ctx.hv.block_job_info(merge.domain, merge.target)
+        if running is None or running.kind != "pull":
+            await _give_up(ctx, op, merge, meta, "interrupted: the pull did not finish; "
+                           "delete again to retry")
+            return
+    log.warning("recovery: finishing the branch pull of %s", merge.snapshot_id)
+    try:
+        async with ctx.hv.hold(_held(merge)):
+            op = await merging.branch_pull(ctx, op, merge, no_progress, job=job)
+            await verify(ctx, merge)
+    except Unavailable:
+        raise
+    except (GasnapError, OSError) as err:
+        await _failed(ctx, op, merge, _as_gasnap(err))
         return
     await cleanup(ctx, op, merge)
 

@@ -15,8 +15,8 @@ from typing import Any
 from .. import images
 from ..errors import Conflict, GasnapError
 from ..hypervisor import Domain, DomainState, Volume
-from ..metadata import SnapshotMeta, Status, WrongStatus
-from . import Context
+from ..metadata import HOLDING, Origin, SnapshotMeta, Status, WrongStatus
+from . import Context, tree
 from .createplan import UnsupportedDisk
 
 DELETE_FROM = (Status.AVAILABLE, Status.ERROR_DELETING)  # error_deleting: a retry
@@ -34,6 +34,9 @@ class Method(enum.Enum):
     PULL = "pull"  # live, S.file active
     OFFLINE_COMMIT = "offline-commit"
     OFFLINE_PULL = "offline-pull"
+    # S.image backs several files (a branch point), or S is on a branch the
+    # domain does not run: S.image's data goes into every file it backs.
+    BRANCH_PULL = "branch-pull"
 
     @property
     def live(self) -> bool:
@@ -46,6 +49,10 @@ class ChainMismatch(Conflict):
 
 class StrategyUnsupported(Conflict):
     code = "strategy_unsupported"
+
+
+class HasDependents(Conflict):
+    code = "has_dependents"
 
 
 class MergeFailed(GasnapError):
@@ -77,6 +84,13 @@ class DeletePlan:
     relinks: list[Relink] = field(default_factory=list)
     uuid: str | None = None  # the domain's, when planned: every step acts on it alone
     formats: dict[str, str] = field(default_factory=dict)  # chain file -> its format
+    # branch pull: the files S.image backs that are rebased onto pull_base
+    # with qemu-img (the active layer, if among them, is pulled instead);
+    # whether the active layer pulls (live: a block job) and the chain after
+    dependents: list[str] = field(default_factory=list)
+    pull_active: bool = False
+    job: bool = False
+    after: list[str] | None = None
 
     def format_of(self, path: str) -> str:
         """PATH's format as the live chain named it when planned (never probed)."""
@@ -99,27 +113,38 @@ class DeletePlan:
 
     @property
     def expected_chain(self) -> list[str]:
+        if self.after is not None:
+            return self.after
         return [p for p in self.chain if p != self.remove]
+
+    @property
+    def live_job(self) -> bool:
+        """Whether the merge runs as a block job of the running domain."""
+        return self.method.live or self.job
 
 
 # --- plan ---------------------------------------------------------------------
 
 
-def _locate(meta: SnapshotMeta, dom: Domain) -> tuple[Volume, list[str], int]:
+def _volume(meta: SnapshotMeta, dom: Domain) -> Volume:
     vol = dom.volume(meta.target or "") or dom.volume(meta.volume_id)
     if vol is None:
         raise ChainMismatch(f"snapshot {meta.id}: domain {dom.name} has no disk "
                             f"{meta.target} any more")
+    if vol.chain_error is not None or vol.shareable or vol.readonly:
+        raise UnsupportedDisk(f"{dom.name}/{vol.target} cannot be merged safely: "
+                              f"{vol.chain_error or 'shareable or read-only'}")
+    return vol
+
+
+def _locate(meta: SnapshotMeta, vol: Volume, dom: Domain) -> tuple[list[str], int]:
     chain = [layer.path for layer in vol.chain]
-    if meta.file not in chain:
-        raise ChainMismatch(f"snapshot {meta.id}: its overlay {meta.file} is not in the live "
-                            f"chain of {dom.name}/{vol.target}")
     index = chain.index(str(meta.file))
     below = chain[index + 1] if index + 1 < len(chain) else None
     if below != meta.backing_file:
         raise ChainMismatch(f"snapshot {meta.id}: below its overlay the live chain has "
                             f"{below}, the record says {meta.backing_file}")
-    return vol, chain, index
+    return chain, index
 
 
 async def plan(ctx: Context, snapshot_id: str, strategy: Strategy) -> DeletePlan:
@@ -131,16 +156,77 @@ async def plan(ctx: Context, snapshot_id: str, strategy: Strategy) -> DeletePlan
     if dom.state not in (DomainState.RUNNING, DomainState.PAUSED, DomainState.SHUTOFF):
         raise Conflict(f"{dom.name} is {dom.state.value}", code="domain_state")
     live = dom.state is not DomainState.SHUTOFF
-    vol, chain, index = _locate(meta, dom)
-    if vol.chain_error is not None or vol.shareable or vol.readonly:
-        raise UnsupportedDisk(f"{dom.name}/{vol.target} cannot be merged safely: "
-                              f"{vol.chain_error or 'shareable or read-only'}")
+    vol = _volume(meta, dom)
     if live and await ctx.hv.block_job_info(dom.name, vol.target) is not None:
         raise Conflict(f"a block job already runs on {dom.name}/{vol.target}",
                        code="block_job_running")
+    metas = await ctx.metadata.list_snapshots(volume_id=meta.volume_id)
+    nodes = await tree.read(vol, metas)
+    if nodes.unreadable:
+        # A file that cannot be read might depend on what the merge removes.
+        raise ChainMismatch(f"the files of volume {vol.volume_id} cannot all be read "
+                            f"safely: {'; '.join(nodes.unreadable)}")
+    if not nodes.consistent(meta):
+        raise ChainMismatch(f"snapshot {meta.id}: its overlay {meta.file} is missing, or "
+                            f"does not back onto its image {meta.backing_file}")
+    others = [m for m in metas if m.id != meta.id and m.status in HOLDING]
+    if any(m.backing_file == meta.backing_file for m in others):
+        raise ChainMismatch(f"snapshot {meta.id}: another snapshot records the same image")
+    dependents = nodes.dependents(str(meta.backing_file))
+    in_chain = str(meta.file) in [layer.path for layer in vol.chain]
+    if not in_chain and str(meta.file) not in _left_by_reverts(nodes, metas):
+        raise ChainMismatch(f"snapshot {meta.id}: its overlay {meta.file} is not in the live "
+                            f"chain of {dom.name}/{vol.target}, nor on a branch a revert left")
+    if in_chain and len(dependents) == 1:
+        return await _linear(meta, dom, vol, live=live, strategy=strategy, others=others)
+    if strategy is Strategy.COMMIT:
+        raise HasDependents(f"snapshot {meta.id}: its image backs {len(dependents)} files "
+                            "(or a branch the domain does not run); only pull can merge it")
+    return await _branch(meta, dom, vol, live=live, nodes=nodes, dependents=dependents,
+                         others=others)
+
+
+def _left_by_reverts(nodes: tree.Tree, metas: list[SnapshotMeta]) -> set[str]:
+    """The files of the branches reverts left: each ends in the overlay of a
+    before-revert snapshot."""
+    return {path for m in metas
+            if m.origin is Origin.BEFORE_REVERT and m.status in HOLDING and m.file
+            for path in nodes.lineage(m.file)}
+
+
+async def _branch(meta: SnapshotMeta, dom: Domain, vol: Volume, *, live: bool,
+                  nodes: tree.Tree, dependents: list[str],
+                  others: list[SnapshotMeta]) -> DeletePlan:
+    """Pull S.image into every file it backs: the active layer of the chain
+    through it by a block job (offline: qemu-img), every other one with
+    qemu-img; the files between the active layer and S.image (other
+    snapshots' files) leave the running chain but stay, whole."""
     image = str(meta.backing_file)
-    others = [m for m in await ctx.metadata.list_snapshots(volume_id=meta.volume_id)
-              if m.id != meta.id]
+    node = nodes.nodes[image]
+    chain = [layer.path for layer in vol.chain]
+    through = image in chain
+    rebased = [d for d in dependents if not (through and d == chain[0])]
+    keep = chain[0] if through else dependents[0]
+    after = [chain[0], *chain[chain.index(image) + 1:]] if through else chain
+    formats = {n.path: n.format for n in nodes.nodes.values()}
+    if node.backing is not None and node.backing_format is not None:
+        formats.setdefault(node.backing, node.backing_format)
+    return DeletePlan(
+        snapshot_id=meta.id, domain=dom.name, target=vol.target, volume_id=meta.volume_id,
+        method=Method.BRANCH_PULL, top=chain[0], base=image, remove=image,
+        pull_base=node.backing, above=None, base_format=node.format,
+        moved_bytes=await images.allocated(image) * max(1, len(dependents)), chain=chain,
+        relinks=[Relink(m.id, file=keep) for m in others if m.file == image],
+        uuid=dom.uuid, formats=formats, dependents=rebased, pull_active=through,
+        job=through and live, after=after,
+    )
+
+
+async def _linear(meta: SnapshotMeta, dom: Domain, vol: Volume, *, live: bool,
+                  strategy: Strategy, others: list[SnapshotMeta]) -> DeletePlan:
+    """S.image backs S.file alone, in the chain the domain runs."""
+    chain, index = _locate(meta, vol, dom)
+    image = str(meta.backing_file)
     base_format = vol.chain[index + 1].format
 
     def make(method: Method, remove: str, *, pull_base: str | None = None,

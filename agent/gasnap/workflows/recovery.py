@@ -1,7 +1,8 @@
 """Recovery at start: settle every operation the journal shows unfinished.
 
 Deletes are resumed from the live chain and libvirt's job state (see
-``delete.resume``); creates are settled as below.  Each operation is
+``delete.resume``), reverts undone or finished by their step (see
+``revert.resume``); creates are settled as below.  Each operation is
 settled on its own: one that cannot be settled now (a domain gone, a
 service away, anything unexpected) is logged with its reason and tried
 again at the next pass, its volumes held meanwhile, and the others go on.
@@ -20,7 +21,7 @@ from dataclasses import dataclass
 from ..errors import GasnapError, NotFound
 from ..guestagent import THAW_TIMEOUT, GuestAgentError
 from ..journal import Operation
-from . import Context, delete
+from . import Context, delete, revert
 from .createplan import CreatePlan
 from .settle import settle
 from .steps import CONSISTENCY_PROVEN, CreateStep, Kind
@@ -86,6 +87,8 @@ async def _settle(ctx: Context, op: Operation) -> None:
         raise GasnapError(f"unknown operation kind {op.kind}") from None
     if kind is Kind.DELETE:
         await delete.resume(ctx, op)
+    elif kind is Kind.REVERT:
+        await revert.resume(ctx, op)
     else:
         await _settle_create(ctx, op)
 

@@ -13,6 +13,7 @@ import enum
 class Kind(enum.StrEnum):
     CREATE = "create"
     DELETE = "delete"
+    REVERT = "revert"
 
 
 class CreateStep(enum.StrEnum):
@@ -35,6 +36,17 @@ class DeleteStep(enum.StrEnum):
     JOB = "job"
     PIVOT = "pivot"
     CLEANUP = "cleanup"
+
+
+class RevertStep(enum.StrEnum):
+    """Each written before the action it names (see ``revert``)."""
+
+    PLANNED = "planned"
+    BEFORE = "before"  # the before-revert snapshots (a create of its own)
+    STOPPING = "stopping"
+    OVERLAYS = "overlays"
+    SWITCHING = "switching"
+    STARTING = "starting"
 
 
 # Steps after which a create's recorded consistency is proven: the switch

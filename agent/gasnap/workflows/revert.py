@@ -1,0 +1,232 @@
+"""Reverting: the volumes of a snapshot (or its whole group) go back to it.
+
+``execute`` runs a plan (``revertplan``), writing each step to the journal
+before taking it:
+
+  planned → before (the state being left kept as ``before-revert``
+            snapshots: a create of its own, frozen when the guest can be)
+          → stopping (live domains: graceful shutdown through the guest
+            agent or ACPI, bounded; destroy as the last resort)
+          → overlays (a fresh qcow2 on each snapshot's image, relative
+            backing pointer, format named)
+          → switching (each persistent definition points at its overlays;
+            the chain is checked from the domain's XML afterwards)
+          → starting (the domains that ran, unless told otherwise)
+
+Nothing below the new overlays is modified: later snapshots stay as another
+branch of the volume's tree.  A failure before the switch removes the new
+overlays and starts again the domains that were running; ``resume`` does the
+same after a crash before the switch, and finishes the switch and the start
+after one during it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from .. import faults, images, qemuimg
+from ..errors import GasnapError, NotFound
+from ..hypervisor import AgentState, DomainChanged, DomainState
+from ..journal import Operation
+from ..metadata import SnapshotMeta, Status
+from . import Context, create, createplan
+from .revertplan import RevertPlan
+from .steps import Kind, RevertStep
+
+log = logging.getLogger(__name__)
+
+STATE_POLL = 0.5
+DESTROY_WAIT = 30.0
+
+
+class RevertFailed(GasnapError):
+    code = "revert_failed"
+
+
+@dataclass(frozen=True)
+class Outcome:
+    before: list[SnapshotMeta]  # the before-revert snapshots kept
+    failure: GasnapError | None = None  # why the volumes did not go back, if they did not
+
+
+async def execute(ctx: Context, planned: RevertPlan, name: str) -> Outcome:
+    op = await ctx.journal.begin(Kind.REVERT, RevertStep.PLANNED, planned.to_dict(),
+                                 volumes=[v.volume_id for v in planned.volumes])
+    faults.hit("revert:planned")
+    before: list[SnapshotMeta] = []
+    try:
+        async with ctx.hv.hold(planned.uuids):
+            op = await ctx.journal.step(op, RevertStep.BEFORE)
+            before = await _keep_current_state(ctx, planned, name)
+            faults.hit("revert:before")
+            op = await ctx.journal.step(op, RevertStep.STOPPING)
+            await _stop(ctx, planned)
+            faults.hit("revert:stopping")
+            op = await ctx.journal.step(op, RevertStep.OVERLAYS)
+            await _make_overlays(ctx, planned)
+            faults.hit("revert:overlays")
+            op = await ctx.journal.step(op, RevertStep.SWITCHING)
+            await _switch(ctx, planned)
+            faults.hit("revert:switching")
+            op = await ctx.journal.step(op, RevertStep.STARTING)
+            await _start(ctx, planned)
+    except GasnapError as err:
+        log.error("revert to %s failed: %s", planned.snapshot_id, err.message)
+        log.debug("traceback", exc_info=True)
+        await _undo(ctx, op, planned)
+        return Outcome(before, err)
+    await ctx.journal.finish(op)
+    return Outcome(before)
+
+
+# --- the steps ------------------------------------------------------------------
+
+
+async def _keep_current_state(ctx: Context, planned: RevertPlan,
+                              name: str) -> list[SnapshotMeta]:
+    request = planned.before_request(name)
+    before = await createplan.plan(ctx, request)
+    outcome = await create.execute(ctx, before)
+    failed = [m for m in outcome.snapshots if m.status is not Status.AVAILABLE]
+    if outcome.failure is not None or failed or not outcome.snapshots:
+        reason = outcome.failure.message if outcome.failure else (
+            failed[0].error if failed else "no snapshot was recorded")
+        raise RevertFailed(f"the state being left could not be kept ({reason}); "
+                           "nothing was reverted")
+    return outcome.snapshots
+
+
+async def _stop(ctx: Context, planned: RevertPlan) -> None:
+    await asyncio.gather(*(_power_off(ctx, name) for name in planned.stop))
+
+
+async def _power_off(ctx: Context, name: str) -> None:
+    """Gracefully when the guest can (through its agent, else ACPI), within
+    ``shutdown_timeout``; destroyed past it, or at once when paused."""
+    dom = await ctx.hv.get_domain(name)
+    if dom.state is DomainState.SHUTOFF:
+        return
+    if dom.state is DomainState.RUNNING:
+        try:
+            await ctx.hv.shutdown(name, agent=dom.guest_agent is AgentState.CONNECTED)
+        except GasnapError as err:
+            log.warning("%s: graceful shutdown refused (%s)", name, err.message)
+        else:
+            if await _shut_off_within(ctx, name, ctx.shutdown_timeout):
+                log.info("%s: shut down for a revert", name)
+                return
+        log.warning("%s did not power off within %.0f s: destroying it", name,
+                    ctx.shutdown_timeout)
+    await ctx.hv.destroy(name)
+    if not await _shut_off_within(ctx, name, DESTROY_WAIT):
+        raise RevertFailed(f"{name} is still running after destroy")
+
+
+async def _shut_off_within(ctx: Context, name: str, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while True:
+        if (await ctx.hv.get_domain(name)).state is DomainState.SHUTOFF:
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        await asyncio.sleep(STATE_POLL)
+
+
+async def _make_overlays(ctx: Context, planned: RevertPlan) -> None:
+    for v in planned.volumes:
+        await qemuimg.create_overlay(v.overlay, images.relative_pointer(v.overlay, v.image),
+                                     v.image_format, v.size)
+        await images.adopt_owner(v.overlay, v.image)
+
+
+async def _switch(ctx: Context, planned: RevertPlan) -> None:
+    for name in planned.domains:
+        await ctx.hv.define_overlays(name, {v.target: v.overlay for v in planned.of(name)})
+        await _check_switched(ctx, planned, name)
+
+
+async def _check_switched(ctx: Context, planned: RevertPlan, name: str) -> None:
+    """The definition's chain is the new overlay on the snapshot's image."""
+    dom = await ctx.hv.get_domain(name, uuid=planned.uuids.get(name))
+    for v in planned.of(name):
+        vol = dom.volume(v.target)
+        chain = [layer.path for layer in vol.chain] if vol is not None else []
+        if chain[:2] != [v.overlay, v.image]:
+            raise RevertFailed(f"{name}/{v.target}: after the switch the chain is {chain}, "
+                               f"expected {v.overlay} on {v.image}")
+
+
+async def _start(ctx: Context, planned: RevertPlan) -> None:
+    for name in planned.start:
+        if (await ctx.hv.get_domain(name)).state is DomainState.SHUTOFF:
+            await ctx.hv.start(name)
+
+
+# --- undoing and resuming -----------------------------------------------------------
+
+
+async def _undo(ctx: Context, op: Operation, planned: RevertPlan) -> None:
+    """Before the switch: the new overlays go and the domains that ran run
+    again, on the chain they left.  During it or after: the switch and the
+    start are finished (a domain half switched is worse than either)."""
+    try:
+        if RevertStep(op.step) in (RevertStep.SWITCHING, RevertStep.STARTING):
+            await _switch(ctx, planned)
+            await _start(ctx, planned)
+        else:
+            await _remove_overlays(ctx, planned)
+            await _restart(ctx, planned)
+    except GasnapError as err:
+        log.error("revert to %s: cannot settle now (%s); recovery will", planned.snapshot_id,
+                  err.message)
+        ctx.journal.release(op)
+        return
+    await ctx.journal.finish(op)
+
+
+async def _remove_overlays(ctx: Context, planned: RevertPlan) -> None:
+    in_use = await ctx.hv.files_in_use()
+    for v in planned.volumes:
+        if await images.real_path(v.overlay) in in_use:
+            log.error("%s is in a chain: kept", v.overlay)
+            continue
+        await asyncio.to_thread(Path(v.overlay).unlink, missing_ok=True)
+
+
+async def _restart(ctx: Context, planned: RevertPlan) -> None:
+    """Start again the domains the revert stopped and would have started."""
+    for name in planned.stop:
+        if name in planned.start:
+            dom = await ctx.hv.get_domain(name)
+            if dom.state is DomainState.SHUTOFF:
+                await ctx.hv.start(name)
+
+
+async def resume(ctx: Context, op: Operation) -> None:
+    """Settle a revert the journal shows unfinished (see the module's
+    docstring); a planned domain renamed or gone is left as it is."""
+    planned = RevertPlan.from_dict(op.payload["plan"])
+    step = RevertStep(op.step)
+    if step in (RevertStep.PLANNED, RevertStep.BEFORE):
+        # Nothing of the revert's own happened; the before-revert create
+        # is an operation of its own, settled by itself.
+        await ctx.journal.finish(op)
+        return
+    made = await asyncio.to_thread(lambda: all(Path(v.overlay).exists()
+                                               for v in planned.volumes))
+    try:
+        async with ctx.hv.hold(planned.uuids):
+            if step in (RevertStep.SWITCHING, RevertStep.STARTING) and made:
+                await _switch(ctx, planned)
+                await _start(ctx, planned)
+            else:
+                await _remove_overlays(ctx, planned)
+                await _restart(ctx, planned)
+    except (NotFound, DomainChanged) as err:
+        log.error("recovery: revert to %s: %s; left as it is", planned.snapshot_id,
+                  err.message)
+    await ctx.journal.finish(op)

@@ -1,0 +1,157 @@
+"""Planning a revert: which volumes go back, onto which images, and how.
+
+Nothing here changes a disk, a domain or a record.  ``scope=group`` (the
+default) takes every snapshot of the group, so every volume of every domain
+captured in that instant goes back to it; ``scope=volume`` takes the one.
+Each snapshot's image and its format come from the tree of its volume (the
+format recorded in the header of the overlay gasnap wrote on it, never
+guessed), and its chain must read safely down to the bottom.  A running
+domain is refused unless forced; the before-revert snapshots are planned
+(and so checked) here too, so a request that cannot keep the state it
+leaves fails before anything happens.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+import uuid
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from .. import images
+from ..errors import Conflict, GasnapError
+from ..hypervisor import Domain, DomainState, Volume
+from ..metadata import Origin, SnapshotMeta, Status, WrongStatus
+from ..quiesce import Quiesce
+from . import Context, createplan, tree
+
+LIVE = (DomainState.RUNNING, DomainState.PAUSED)
+
+
+class Scope(enum.Enum):
+    GROUP = "group"
+    VOLUME = "volume"
+
+
+class DomainRunning(Conflict):
+    code = "domain_running"
+
+
+@dataclass(frozen=True)
+class RevertVolume:
+    snapshot_id: str  # the snapshot gone back to
+    domain: str
+    volume_id: str
+    target: str
+    image: str  # the snapshot's image: the backing of the new active layer
+    image_format: str
+    overlay: str  # the new active layer, made fresh
+    size: int
+    before_id: str  # the snapshot that keeps the state this volume leaves
+
+
+@dataclass(frozen=True)
+class RevertPlan:
+    snapshot_id: str
+    volumes: list[RevertVolume]
+    uuids: dict[str, str]  # domain name -> its UUID when planned
+    stop: list[str]  # live domains, shut down before the switch
+    start: list[str]  # domains started again afterwards
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, doc: dict[str, Any]) -> RevertPlan:
+        return cls(doc["snapshot_id"], [RevertVolume(**v) for v in doc["volumes"]],
+                   dict(doc["uuids"]), list(doc["stop"]), list(doc["start"]))
+
+    @property
+    def domains(self) -> list[str]:
+        return list(dict.fromkeys(v.domain for v in self.volumes))
+
+    def of(self, domain: str) -> list[RevertVolume]:
+        return [v for v in self.volumes if v.domain == domain]
+
+    def before_request(self, name: str) -> createplan.CreateRequest:
+        """The create that keeps, first, the state every volume leaves."""
+        disks: dict[str, list[str]] = {}
+        for v in self.volumes:
+            disks.setdefault(v.domain, []).append(v.target)
+        return createplan.CreateRequest(
+            domains=self.domains, disks=disks, name=f"before-revert to {name}"[:255],
+            description=f"the state left by a revert to snapshot {self.snapshot_id}",
+            quiesce=Quiesce.PREFERRED, origin=Origin.BEFORE_REVERT,
+            presets={v.volume_id: createplan.Preset(v.before_id, "", reuse=False)
+                     for v in self.volumes})
+
+
+async def plan(ctx: Context, snapshot_id: str, scope: Scope, *, force: bool,
+               start: bool | None) -> RevertPlan:
+    meta = await ctx.metadata.get_snapshot(snapshot_id)
+    targets = await _targets(ctx, meta, scope)
+    domains = {name: await ctx.hv.get_domain(name)
+               for name in dict.fromkeys(t.domain for t in targets)}
+    for dom in domains.values():
+        _check_state(dom, force)
+    volumes = [await _volume(ctx, t, domains[t.domain]) for t in targets]
+    live = [d.name for d in domains.values() if d.state in LIVE]
+    if start is None:
+        restart = [d.name for d in domains.values() if d.state is DomainState.RUNNING]
+    else:
+        restart = list(domains) if start else []
+    planned = RevertPlan(meta.id, volumes, {d.name: d.uuid for d in domains.values()},
+                         live, restart)
+    # The before-revert snapshots must be possible, or nothing is done.
+    await createplan.plan(ctx, planned.before_request(meta.name))
+    return planned
+
+
+async def _targets(ctx: Context, meta: SnapshotMeta, scope: Scope) -> list[SnapshotMeta]:
+    targets = [meta]
+    if scope is Scope.GROUP and meta.group_id is not None:
+        targets = await ctx.metadata.list_snapshots(group_id=meta.group_id)
+    for target in targets:
+        if target.status is not Status.AVAILABLE:
+            raise WrongStatus(f"snapshot {target.id} is {target.status.value}; only available "
+                              "snapshots can be reverted to")
+    return targets
+
+
+def _check_state(dom: Domain, force: bool) -> None:
+    if dom.state in LIVE and not force:
+        raise DomainRunning(f"{dom.name} is {dom.state.value}; shut it down first, or revert "
+                            "with force (gasnap then shuts it down and starts it again)")
+    if dom.state not in (*LIVE, DomainState.SHUTOFF):
+        raise Conflict(f"{dom.name} is {dom.state.value}", code="domain_state")
+
+
+async def _volume(ctx: Context, meta: SnapshotMeta, dom: Domain) -> RevertVolume:
+    vol = dom.volume(meta.target or "") or dom.volume(meta.volume_id)
+    if vol is None:
+        raise createplan.VolumeNotFound(f"domain {dom.name} has no disk {meta.target} any "
+                                        f"more (snapshot {meta.id})")
+    if vol.chain_error is not None or vol.shareable or vol.readonly:
+        raise createplan.UnsupportedDisk(f"{dom.name}/{vol.target} cannot be reverted safely: "
+                                         f"{vol.chain_error or 'shareable or read-only'}")
+    image = str(meta.backing_file)
+    fmt = await _image_format(ctx, meta, vol)
+    try:
+        await images.read_chain(image, fmt, os.path.dirname(vol.active_file))
+        size = await images.virtual_size(image, fmt)
+    except (OSError, GasnapError) as err:
+        raise tree.TreeMismatch(f"snapshot {meta.id}: its image {image} cannot be read "
+                                f"safely: {err}") from err
+    revert_id = str(uuid.uuid4())
+    return RevertVolume(meta.id, dom.name, vol.volume_id, vol.target, image, fmt,
+                        images.overlay_path(vol.active_file, revert_id), size,
+                        before_id=str(uuid.uuid4()))
+
+
+async def _image_format(ctx: Context, meta: SnapshotMeta, vol: Volume) -> str:
+    nodes = await tree.read(vol, await ctx.metadata.list_snapshots(volume_id=meta.volume_id))
+    if not nodes.consistent(meta):
+        raise tree.TreeMismatch(f"snapshot {meta.id}: its overlay {meta.file} is missing, or "
+                                f"does not back onto its image {meta.backing_file}")
+    return nodes.format_of(str(meta.backing_file))

@@ -1,0 +1,272 @@
+"""Revert on lab guests (qcow2 and raw data disks): the state left is kept
+first, the guest comes back at the snapshot's instant, the branch left stays
+whole, a revert is undone by reverting to its before-revert snapshots, and
+deletes at branch points keep every other snapshot's image byte for byte."""
+
+from __future__ import annotations
+
+import json
+import signal
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from conftest import (
+    PREFIX,
+    Agent,
+    chain_of,
+    create_snapshots,
+    delete_snapshot,
+    gasnap,
+    record_digest,
+    wait_task,
+)
+from gasnap.client import ApiError
+from gasnap.hypervisor import Domain, DomainState
+from gasnap.lab.guests import Lab
+from gasnap.lab.verify import fsck_image
+from gasnap.lab.workload import sh
+from gasnap.metadata import Consistency, Finalization, NewSnapshot, Status
+from gasnap.metastore import open_sqlite
+from gasnap.virt import LibvirtHypervisor
+
+
+@pytest.fixture(scope="module", params=["qcow2", "raw"])
+async def reverting(request: pytest.FixtureRequest, lab: Lab) -> AsyncIterator[Domain]:
+    """A lab guest of its own: reverts power it off and on."""
+    dom = await lab.up(f"{PREFIX}revert-{request.param}", disks=1, size_mib=32,
+                       disk_format=request.param)
+    yield dom
+    await lab.down(dom.name)
+
+
+def snap(agent: Agent, dom: Domain, name: str) -> dict[str, Any]:
+    task = create_snapshots(agent, {"domains": [dom.name], "name": name})
+    assert task["state"] == "succeeded", task
+    record: dict[str, Any] = task["result"]["snapshots"][0]
+    return record
+
+
+def revert(agent: Agent, snapshot_id: str, **body: Any) -> dict[str, Any]:
+    task = agent.client.request("POST", f"/v1/snapshots/{snapshot_id}/revert", body)["task"]
+    return wait_task(agent, task["id"], timeout=300)
+
+
+def records(agent: Agent, dom: Domain) -> dict[str, dict[str, Any]]:
+    return {r["id"]: r for r in agent.client.get(
+        f"/v1/snapshots?domain={dom.name}")["snapshots"]}
+
+
+async def files_in(guest: str, hv: LibvirtHypervisor) -> set[str]:
+    return set((await sh(hv, guest, "ls /data")).split())
+
+
+async def wait_booted(lab: Lab, name: str) -> None:
+    await lab.wait_for_agent(name, timeout=180)
+
+
+async def test_revert_keeps_the_state_it_leaves_and_can_be_undone(
+    agent: Agent, hv: LibvirtHypervisor, lab: Lab, reverting: Domain
+) -> None:
+    name = reverting.name
+    await sh(hv, name, "echo A > /data/a && sync")
+    s1 = snap(agent, reverting, "s1")
+    await sh(hv, name, "echo B > /data/b && sync")
+    s2 = snap(agent, reverting, "s2")
+    await sh(hv, name, "echo C > /data/c && sync")
+    s2_digest = record_digest(s2)
+    assert (s1["parent"], s2["parent"]) == (None, s1["id"])
+    assert (s1["origin"], s1["domain_state"], s1["memory_file"]) == ("created", "running", None)
+
+    # Running: refused unless forced, and nothing changed.
+    chain = await chain_of(hv, name, "vda")
+    with pytest.raises(ApiError) as refused:
+        agent.client.request("POST", f"/v1/snapshots/{s1['id']}/revert", {})
+    assert (refused.value.details["status"], refused.value.code) == (409, "domain_running")
+    assert await chain_of(hv, name, "vda") == chain
+
+    # Forced, left off: the active chain is a fresh overlay on S1's image.
+    task = revert(agent, s1["id"], force=True, start=False)
+    assert task["state"] == "succeeded", task
+    result = task["result"]
+    assert (result["reverted"], result["domains"]) == ([s1["id"]], [name])
+    (before_id,) = result["before"]
+    assert (await hv.get_domain(name)).state is DomainState.SHUTOFF
+    new_chain = await chain_of(hv, name, "vda")
+    assert new_chain[1:] == [s1["image"], *chain[chain.index(s1["image"]) + 1:]]
+    assert new_chain[0] not in chain
+    fsck = await fsck_image(new_chain[0], "qcow2")
+    assert fsck.clean, fsck
+    assert record_digest(s2) == s2_digest
+    before = agent.client.get(f"/v1/snapshots/{before_id}")
+    assert (before["origin"], before["status"], before["parent"]) == (
+        "before-revert", "available", s2["id"])
+    assert before["image"] == chain[0]  # the state left, kept whole
+    (volume,) = agent.client.get(f"/v1/domains/{name}")["volumes"]
+    assert volume["current"] == s1["id"]
+
+    await hv.start(name)
+    await wait_booted(lab, name)
+    assert await files_in(name, hv) >= {"a"}
+    assert not await files_in(name, hv) & {"b", "c"}
+
+    # The tree, through the API and the CLI.
+    children = agent.client.get(f"/v1/snapshots?parent={s1['id']}")["snapshots"]
+    assert [c["id"] for c in children] == [s2["id"]]
+    roots = agent.client.get(f"/v1/snapshots?roots=true&volume_id={s1['volume_id']}")
+    assert [r["id"] for r in roots["snapshots"]] == [s1["id"]]
+    listed = gasnap("--api", agent.api, "snapshot", "list", "--parent", s2["id"], "--json")
+    assert before_id in listed.stdout
+
+    # Undo, through the CLI: C is back, and the guest runs again by itself.
+    out = gasnap("--api", agent.api, "snapshot", "revert", before_id, "--force", "--json")
+    undo = json.loads(out.stdout)
+    assert undo["state"] == "succeeded", undo
+    await wait_booted(lab, name)
+    assert await files_in(name, hv) >= {"a", "b", "c"}
+
+    # Deletes at branch points: every other snapshot's image byte for byte.
+    digests = {rid: record_digest(r) for rid, r in records(agent, reverting).items()}
+    for doomed in (s1["id"], before_id):
+        task = delete_snapshot(agent, doomed)
+        assert task["state"] == "succeeded", task
+        assert task["result"]["strategy"] == "branch-pull"
+        del digests[doomed]
+        left = records(agent, reverting)
+        assert {rid: record_digest(r) for rid, r in left.items()} == digests
+    assert await files_in(name, hv) >= {"a", "b", "c"}
+    await _check_no_stray_files(agent, hv, reverting)
+
+
+async def volume_files(hv: LibvirtHypervisor, dom: Domain) -> set[str]:
+    """The files of DOM's one volume (its spare, hidden, aside)."""
+    vol = (await hv.get_domain(dom.name)).volumes[0]
+    base = Path(vol.active_file).name.split(".")[0]
+    return {str(p) for p in Path(vol.active_file).parent.iterdir()
+            if p.name.startswith(base)}
+
+
+async def _check_no_stray_files(agent: Agent, hv: LibvirtHypervisor, dom: Domain,
+                                existing: frozenset[str] = frozenset()) -> None:
+    """Every file of the volume (but those EXISTING before, which other
+    agents' records name) is the active chain's or a record's."""
+    vol = (await hv.get_domain(dom.name)).volumes[0]
+    known = {layer.path for layer in vol.chain}
+    for rec in records(agent, dom).values():
+        known |= {rec["file"], rec["image"]} - {None}
+    assert await volume_files(hv, dom) - existing == known - existing
+
+
+@pytest.fixture(scope="module")
+async def pair(lab: Lab) -> AsyncIterator[list[Domain]]:
+    doms = [await lab.up(f"{PREFIX}revert-{side}", disks=1, size_mib=32) for side in "xy"]
+    yield doms
+    for dom in doms:
+        await lab.down(dom.name)
+
+
+async def test_a_group_goes_back_to_one_instant(
+    agent: Agent, hv: LibvirtHypervisor, lab: Lab, pair: list[Domain]
+) -> None:
+    for dom in pair:
+        await sh(hv, dom.name, "echo X > /data/x && sync")
+    task = create_snapshots(agent, {"domains": [d.name for d in pair], "name": "g"})
+    assert task["state"] == "succeeded", task
+    group = task["result"]["snapshots"]
+    for dom in pair:
+        await sh(hv, dom.name, "echo Y > /data/y && sync")
+    task = revert(agent, group[1]["id"], force=True)
+    assert task["state"] == "succeeded", task
+    assert sorted(task["result"]["reverted"]) == sorted(r["id"] for r in group)
+    assert len(task["result"]["before"]) == 2
+    for dom in pair:
+        await wait_booted(lab, dom.name)
+        assert "x" in await files_in(dom.name, hv)
+        assert "y" not in await files_in(dom.name, hv)
+    # scope=volume takes the one volume only (the other domain stays as it is).
+    task = revert(agent, task["result"]["before"][0], force=True, scope="volume")
+    assert task["state"] == "succeeded", task
+    assert len(task["result"]["domains"]) == 1
+
+
+async def test_bad_revert_requests_change_nothing(
+    agent: Agent, hv: LibvirtHypervisor, reverting: Domain
+) -> None:
+    chain = await chain_of(hv, reverting.name, "vda")
+    made = snap(agent, reverting, "bad-input")
+
+    def refused(path: str, body: Any, status: int, code: str) -> None:
+        with pytest.raises(ApiError) as err:
+            agent.client.request("POST", path, body)
+        assert (err.value.details["status"], err.value.code) == (status, code)
+
+    refused("/v1/snapshots/no-such-id/revert", {}, 404, "snapshot_not_found")
+    refused(f"/v1/snapshots/{made['id']}/revert", {"scope": "all"}, 400, "invalid_request")
+    refused(f"/v1/snapshots/{made['id']}/revert", {"force": "yes"}, 400, "invalid_request")
+    refused(f"/v1/snapshots/{made['id']}/revert", {"later": 1}, 400, "invalid_request")
+    # A record whose domain is gone, and one that is not available.
+    store = await open_sqlite(agent.state_dir / "metadata.db")
+    await store.create_snapshot_metadata(NewSnapshot(
+        "gone-1", "vol-gone", "n", "", 1, "2026-01-01T00:00:00Z", f"{PREFIX}no-such-domain",
+        target="vda"))
+    await store.finalize_snapshot_metadata("gone-1", Finalization(
+        Status.AVAILABLE, "/nowhere/f.1", "/nowhere/f", Consistency.CRASH))
+    await store.update_snapshot_status(made["id"], Status.DELETING, "0%")
+    await store.close()
+    refused("/v1/snapshots/gone-1/revert", {"force": True}, 404, "domain_not_found")
+    refused(f"/v1/snapshots/{made['id']}/revert", {"force": True}, 409, "wrong_status")
+    store = await open_sqlite(agent.state_dir / "metadata.db")
+    await store.update_snapshot_status(made["id"], Status.ERROR_DELETING, "0%")
+    await store.close()
+    assert (await hv.get_domain(reverting.name)).state is DomainState.RUNNING
+    assert await chain_of(hv, reverting.name, "vda") == [made["file"], *chain]
+
+
+# --- crash safety -------------------------------------------------------------------
+
+POINTS = ["revert:planned", "revert:before", "revert:stopping", "revert:overlays",
+          "revert:switching"]
+
+
+@pytest.mark.parametrize("reverting", ["qcow2"], indirect=True)
+@pytest.mark.parametrize("point", POINTS)
+async def test_a_revert_cut_short_anywhere_converges(
+    tmp_path: Path, hv: LibvirtHypervisor, lab: Lab, reverting: Domain, point: str
+) -> None:
+    """Killed at each step and restarted: the domain runs on a consistent
+    chain (the old one before the switch, the snapshot's after), records
+    match the live XML, and no overlay is left over."""
+    name, step = reverting.name, point.split(":")[1]
+    existing = frozenset(await volume_files(hv, reverting))
+    first = Agent(tmp_path, env={"GASNAP_TEST_FAULT": point})
+    try:
+        first.wait_ready()
+        await sh(hv, name, f"echo K > /data/k-{step} && sync")
+        target = snap(first, reverting, f"cut-{point}")
+        await sh(hv, name, f"echo L > /data/l-{step} && sync")
+        old_chain = await chain_of(hv, name, "vda")
+        first.client.request("POST", f"/v1/snapshots/{target['id']}/revert", {"force": True})
+        assert first.wait_exit(300) == -signal.SIGKILL
+    finally:
+        first.stop()
+    restarted = Agent(tmp_path)
+    try:
+        restarted.wait_ready(300)
+        await wait_booted(lab, name)
+        assert (await hv.get_domain(name)).state is DomainState.RUNNING
+        assert f"k-{step}" in await files_in(name, hv)
+        chain = await chain_of(hv, name, "vda")
+        now = records(restarted, reverting)
+        assert {r["status"] for r in now.values()} <= {"available"}
+        if chain[1:] == old_chain[1:] and chain[0] != old_chain[0]:  # switched
+            assert point == "revert:switching"
+            assert f"l-{step}" not in await files_in(name, hv)
+        else:  # not switched: the chain it had (and perhaps a before-revert on it)
+            assert chain[-len(old_chain):] == old_chain
+            assert f"l-{step}" in await files_in(name, hv)
+        await _check_no_stray_files(restarted, hv, reverting, existing)
+        assert existing <= await volume_files(hv, reverting)
+    finally:
+        restarted.stop()
