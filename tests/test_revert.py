@@ -92,6 +92,7 @@ async def test_revert_keeps_the_state_it_leaves_and_can_be_undone(
     assert task["state"] == "succeeded", task
     result = task["result"]
     assert (result["reverted"], result["domains"]) == ([s1["id"]], [name])
+    assert set(result["phases"]) == {"before", "stopping", "overlays", "switching", "starting"}
     (before_id,) = result["before"]
     assert (await hv.get_domain(name)).state is DomainState.SHUTOFF
     new_chain = await chain_of(hv, name, "vda")
@@ -127,7 +128,12 @@ async def test_revert_keeps_the_state_it_leaves_and_can_be_undone(
     await wait_booted(lab, name)
     assert await files_in(name, hv) >= {"a", "b", "c"}
 
-    # Deletes at branch points: every other snapshot's image byte for byte.
+    # Deletes at branch points: commit is refused (S1's image backs two
+    # files now), auto pulls, and every other snapshot's image stays byte
+    # for byte.
+    with pytest.raises(ApiError) as refused:
+        agent.client.request("DELETE", f"/v1/snapshots/{s1['id']}?strategy=commit")
+    assert (refused.value.details["status"], refused.value.code) == (409, "has_dependents")
     digests = {rid: record_digest(r) for rid, r in records(agent, reverting).items()}
     for doomed in (s1["id"], before_id):
         task = delete_snapshot(agent, doomed)
@@ -222,6 +228,20 @@ async def test_bad_revert_requests_change_nothing(
     await store.close()
     assert (await hv.get_domain(reverting.name)).state is DomainState.RUNNING
     assert await chain_of(hv, reverting.name, "vda") == [made["file"], *chain]
+    # A volume busy with another task: 409 volume_busy, nothing changed.
+    available = snap(agent, reverting, "busy-target")
+    await sh(hv, reverting.name, "echo 3 > /run/gasnap-hook-delay")
+    try:
+        busy = agent.client.request("POST", "/v1/snapshots", {"domains": [reverting.name]})
+        try:
+            refused(f"/v1/snapshots/{available['id']}/revert", {"force": True}, 409,
+                    "volume_busy")
+        finally:
+            done = wait_task(agent, busy["task"]["id"])  # thawed again
+    finally:
+        await sh(hv, reverting.name, "rm -f /run/gasnap-hook-delay")
+    assert done["state"] == "succeeded", done
+    assert (await hv.get_domain(reverting.name)).state is DomainState.RUNNING
 
 
 # --- crash safety -------------------------------------------------------------------

@@ -240,7 +240,7 @@ class SnapshotService:
             outcome = await revert.execute(self.ctx, planned, name)
             result = {"reverted": [v.snapshot_id for v in planned.volumes],
                       "before": [m.id for m in outcome.before],
-                      "domains": planned.domains}
+                      "domains": planned.domains, "phases": outcome.phases}
             return Done(result, outcome.failure)
 
         await self.tasks.start(task, work)

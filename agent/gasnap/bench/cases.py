@@ -27,7 +27,7 @@ from .stats import Comparison, Figure
 GIB = 1 << 30
 
 
-def _order(i: int) -> tuple[str, str]:
+def order(i: int) -> tuple[str, str]:
     return ("a", "b") if i % 2 == 0 else ("b", "a")
 
 
@@ -163,7 +163,7 @@ async def group(hv: LibvirtHypervisor, agent: Agent, runs: int, size: int
         await asyncio.sleep(2)
         idle = cpu_busy(before, cpu_times())
         for i in range(runs):
-            for which in _order(i):
+            for which in order(i):
                 chosen = names if which == "a" else names[:1]
                 since = await asyncio.gather(*(log_length(hv, n) for n in chosen))
                 before = cpu_times()
@@ -213,7 +213,7 @@ async def merge(hv: LibvirtHypervisor, agent: Agent, runs: int, scratch: Path
                     higher_is_better=True, note="reference only: no target in the issue")
     async with guests(hv, ["gb-merge"], size_mib=1536) as (name,):
         for _ in range(runs):
-            snap = await _snapshot(agent, name)
+            snap = await snapshot(agent, name)
             await sh(hv, name, "dd if=/dev/zero of=/data/fill bs=1M count=1024 conv=fsync"
                      " 2>/dev/null", timeout=900)
             copy = await _offline_copy(snap["file"], scratch)
@@ -229,7 +229,7 @@ async def merge(hv: LibvirtHypervisor, agent: Agent, runs: int, scratch: Path
     return [p4, dd]
 
 
-async def _snapshot(agent: Agent, name: str) -> dict[str, str]:
+async def snapshot(agent: Agent, name: str) -> dict[str, str]:
     out = await asyncio.to_thread(subprocess.run, agent.cli("snapshot", "create", name,
                                                             "--json"),
                                   capture_output=True, text=True, check=True)
@@ -274,7 +274,7 @@ async def size_independence(hv: LibvirtHypervisor, agent: Agent, runs: int
         await timed([*virsh, "start", name])
         await Lab(hv).wait_for_agent(name, 120)
         for i in range(runs):
-            for which in _order(i):
+            for which in order(i):
                 target = "vdy" if which == "a" else "vdx"
                 seconds = await timed(agent.cli("snapshot", "create", name, "--disk", target,
                                                 "--quiesce", "required"))

@@ -25,11 +25,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .. import faults, images, qemuimg
 from ..errors import GasnapError, NotFound
+from ..guestagent import GuestAgentError
 from ..hypervisor import AgentState, DomainChanged, DomainState
 from ..journal import Operation
 from ..metadata import SnapshotMeta, Status
@@ -51,6 +52,7 @@ class RevertFailed(GasnapError):
 class Outcome:
     before: list[SnapshotMeta]  # the before-revert snapshots kept
     failure: GasnapError | None = None  # why the volumes did not go back, if they did not
+    phases: dict[str, float] = field(default_factory=dict)  # seconds each step took
 
 
 async def execute(ctx: Context, planned: RevertPlan, name: str) -> Outcome:
@@ -58,29 +60,48 @@ async def execute(ctx: Context, planned: RevertPlan, name: str) -> Outcome:
                                  volumes=[v.volume_id for v in planned.volumes])
     faults.hit("revert:planned")
     before: list[SnapshotMeta] = []
+    clock = _Clock()
     try:
         async with ctx.hv.hold(planned.uuids):
             op = await ctx.journal.step(op, RevertStep.BEFORE)
             before = await _keep_current_state(ctx, planned, name)
             faults.hit("revert:before")
-            op = await ctx.journal.step(op, RevertStep.STOPPING)
+            op = await clock.step(ctx, op, RevertStep.STOPPING)
             await _stop(ctx, planned)
             faults.hit("revert:stopping")
-            op = await ctx.journal.step(op, RevertStep.OVERLAYS)
+            op = await clock.step(ctx, op, RevertStep.OVERLAYS)
             await _make_overlays(ctx, planned)
             faults.hit("revert:overlays")
-            op = await ctx.journal.step(op, RevertStep.SWITCHING)
+            op = await clock.step(ctx, op, RevertStep.SWITCHING)
             await _switch(ctx, planned)
             faults.hit("revert:switching")
-            op = await ctx.journal.step(op, RevertStep.STARTING)
+            op = await clock.step(ctx, op, RevertStep.STARTING)
             await _start(ctx, planned)
     except GasnapError as err:
         log.error("revert to %s failed: %s", planned.snapshot_id, err.message)
         log.debug("traceback", exc_info=True)
         await _undo(ctx, op, planned)
-        return Outcome(before, err)
+        return Outcome(before, err, clock.done(op))
     await ctx.journal.finish(op)
-    return Outcome(before)
+    return Outcome(before, phases=clock.done(op))
+
+
+class _Clock:
+    """How long each step took (monotonic), for the task's result."""
+
+    def __init__(self) -> None:
+        self.phases: dict[str, float] = {}
+        self._since = time.monotonic()
+
+    async def step(self, ctx: Context, op: Operation, step: RevertStep) -> Operation:
+        self.done(op)
+        return await ctx.journal.step(op, step)
+
+    def done(self, op: Operation) -> dict[str, float]:
+        now = time.monotonic()
+        self.phases[op.step] = round(now - self._since, 3)
+        self._since = now
+        return self.phases
 
 
 # --- the steps ------------------------------------------------------------------
@@ -164,6 +185,24 @@ async def _start(ctx: Context, planned: RevertPlan) -> None:
     for name in planned.start:
         if (await ctx.hv.get_domain(name)).state is DomainState.SHUTOFF:
             await ctx.hv.start(name)
+    await asyncio.gather(*(_agent_back(ctx, name) for name in planned.agents))
+
+
+async def _agent_back(ctx: Context, name: str) -> None:
+    """Wait (bounded) for the guest agent of a started domain to answer: the
+    guest is back.  One that does not answer in time is reported, not failed:
+    the revert itself is done."""
+    deadline = time.monotonic() + ctx.shutdown_timeout
+    while True:
+        try:
+            await ctx.agent.ping(name)
+            return
+        except GuestAgentError as err:
+            if time.monotonic() >= deadline:
+                log.warning("%s started, but its guest agent did not answer within %.0f s "
+                            "(%s)", name, ctx.shutdown_timeout, err.message)
+                return
+        await asyncio.sleep(STATE_POLL)
 
 
 # --- undoing and resuming -----------------------------------------------------------

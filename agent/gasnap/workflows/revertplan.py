@@ -16,12 +16,12 @@ from __future__ import annotations
 import enum
 import os
 import uuid
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from .. import images
 from ..errors import Conflict, GasnapError
-from ..hypervisor import Domain, DomainState, Volume
+from ..hypervisor import AgentState, Domain, DomainState, Volume
 from ..metadata import Origin, SnapshotMeta, Status, WrongStatus
 from ..quiesce import Quiesce
 from . import Context, createplan, tree
@@ -58,6 +58,7 @@ class RevertPlan:
     uuids: dict[str, str]  # domain name -> its UUID when planned
     stop: list[str]  # live domains, shut down before the switch
     start: list[str]  # domains started again afterwards
+    agents: list[str] = field(default_factory=list)  # started ones whose agent is awaited
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -65,7 +66,8 @@ class RevertPlan:
     @classmethod
     def from_dict(cls, doc: dict[str, Any]) -> RevertPlan:
         return cls(doc["snapshot_id"], [RevertVolume(**v) for v in doc["volumes"]],
-                   dict(doc["uuids"]), list(doc["stop"]), list(doc["start"]))
+                   dict(doc["uuids"]), list(doc["stop"]), list(doc["start"]),
+                   list(doc.get("agents", [])))
 
     @property
     def domains(self) -> list[str]:
@@ -101,8 +103,12 @@ async def plan(ctx: Context, snapshot_id: str, scope: Scope, *, force: bool,
         restart = [d.name for d in domains.values() if d.state is DomainState.RUNNING]
     else:
         restart = list(domains) if start else []
+    # The guests that had an agent answering are awaited after the start, so
+    # that a finished revert means a guest that is back.
+    agents = [d.name for d in domains.values()
+              if d.name in restart and d.guest_agent is AgentState.CONNECTED]
     planned = RevertPlan(meta.id, volumes, {d.name: d.uuid for d in domains.values()},
-                         live, restart)
+                         live, restart, agents)
     # The before-revert snapshots must be possible, or nothing is done.
     await createplan.plan(ctx, planned.before_request(meta.name))
     return planned
