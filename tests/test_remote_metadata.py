@@ -76,11 +76,21 @@ def test_records_live_in_the_service(remote_agent: Agent, service: MetadataServe
     assert record["status"] == "available"
     assert record["file"] == snap["file"] and record["backing_file"] == snap["image"]
     assert record["consistency"] == "filesystem"
+    # The tree lives there too: a second snapshot is the first's child, as
+    # the service lists it, and deleting the first hands the child on.
+    task = create_snapshots(remote_agent, {"domains": [guest.name], "disks": {
+        guest.name: [vol.target]}, "name": "remote-child"})
+    child = task["result"]["snapshots"][0]
+    listed = service.get(f"/v1/snapshots?parent={snap['id']}").json()["snapshots"]
+    assert [r["id"] for r in listed] == [child["id"]]
+    assert (listed[0]["origin"], listed[0]["domain_state"]) == ("created", "running")
     # Renames and deletes go to the service too; the embedded store is never opened.
     remote_agent.client.request("PATCH", f"/v1/snapshots/{snap['id']}", {"name": "renamed"})
     assert service.get(f"/v1/snapshots/{snap['id']}").json()["snapshot"]["name"] == "renamed"
     assert delete_snapshot(remote_agent, snap["id"])["state"] == "succeeded"
     assert service.get(f"/v1/snapshots/{snap['id']}").status_code == 404
+    assert service.get(f"/v1/snapshots/{child['id']}").json()["snapshot"]["parent"] == (
+        record["parent"])
     assert not (remote_agent.state_dir / "metadata.db").exists()
 
 
