@@ -115,10 +115,14 @@ def volume_id(domain_name: str, spec: DiskSpec) -> str:
     return spec.serial or f"{domain_name}/{spec.target}"
 
 
-def snapshot_xml(overlays: dict[str, str], targets: list[str]) -> str:
-    """A disk-only snapshot definition: TARGETS in OVERLAYS switch to their
-    (pre-created, qcow2) overlay; every other disk is left alone."""
+def snapshot_xml(overlays: dict[str, str], targets: list[str],
+                 memory: str | None = None) -> str:
+    """A snapshot definition: TARGETS in OVERLAYS switch to their
+    (pre-created, qcow2) overlay; every other disk is left alone.  MEMORY:
+    the RAM and device state are saved to that file in the same instant."""
     root = ET.Element("domainsnapshot")
+    if memory is not None:
+        ET.SubElement(root, "memory", snapshot="external", file=memory)
     disks_elem = ET.SubElement(root, "disks")
     for target in targets:
         if target in overlays:

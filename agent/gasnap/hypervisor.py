@@ -148,10 +148,17 @@ class Hypervisor(Protocol):
         longer belongs to its planned domain fails here (DomainChanged)."""
 
     async def switch_overlays(self, name: str, overlays: dict[str, str],
-                              others: list[str]) -> None:
+                              others: list[str], memory: str | None = None) -> float | None:
         """Running or paused domain: make each target's pre-created overlay its
         active layer, all at once; the disks in OTHERS stay as they are.  Called
-        with the guest frozen: everything it can learn beforehand, it is told."""
+        with the guest frozen: everything it can learn beforehand, it is told.
+        MEMORY: save the RAM and device state there in the same instant, and
+        return how many seconds the guest stood still."""
+
+    async def restore(self, name: str, memory: str, overlays: dict[str, str], *,
+                      paused: bool) -> None:
+        """Stopped domain: run it again from MEMORY (saved by a switch), its
+        disks on OVERLAYS; PAUSED: left paused."""
 
     async def define_overlays(self, name: str, overlays: dict[str, str]) -> None:
         """Stopped domain: point the persistent definition at the overlays."""

@@ -48,6 +48,7 @@ class Status(enum.Enum):
 
 
 class Consistency(enum.Enum):
+    MEMORY = "memory"  # the disks are those of the RAM saved with them
     FILESYSTEM = "filesystem"
     CRASH = "crash"
 

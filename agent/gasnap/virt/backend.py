@@ -221,26 +221,55 @@ class LibvirtHypervisor:
     # switching overlays
 
     async def switch_overlays(self, name: str, overlays: dict[str, str],
-                              others: list[str]) -> None:
+                              others: list[str], memory: str | None = None) -> float | None:
         """Make each pre-created overlay the active layer of its disk, all
         disks of the domain at once (ATOMIC), without libvirt metadata.  OTHERS
         are named ``snapshot='no'``: a disk left out would get an overlay of
-        libvirt's choosing."""
+        libvirt's choosing.  MEMORY: the RAM and device state go to that file
+        in the same instant, the guest running meanwhile (LIVE) but for the
+        final stop-and-copy; the seconds it stood still are returned."""
         flags = (
-            libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_DISK_ONLY
-            | libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_REUSE_EXT
+            libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_REUSE_EXT
             | libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_NO_METADATA
             | libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_ATOMIC
         )
+        if memory is None:
+            flags |= libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_DISK_ONLY
 
         # Built before the call: the guest is frozen while it runs, and reading
         # the definition here cost an XMLDesc inside the freeze window.
-        xml = domxml.snapshot_xml(overlays, [*overlays, *others])
+        xml = domxml.snapshot_xml(overlays, [*overlays, *others], memory)
+
+        def run(conn: libvirt.virConnect) -> float | None:
+            dom = self.resolve(conn, name)
+            if memory is None:
+                dom.snapshotCreateXML(xml, flags)
+                return None
+            live = dom.state()[0] == libvirt.VIR_DOMAIN_RUNNING
+            dom.snapshotCreateXML(xml, flags | (
+                libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_LIVE if live else 0))
+            stats = dom.jobStats(libvirt.VIR_DOMAIN_JOB_STATS_COMPLETED)
+            return float(stats.get("downtime", 0)) / 1000.0
+
+        return await self.connection.call(run, what=f"{name}: snapshot", retry=False)
+
+    async def restore(self, name: str, memory: str, overlays: dict[str, str], *,
+                      paused: bool) -> None:
+        """Start stopped domain NAME from the RAM and device state saved in
+        MEMORY, its disks on OVERLAYS (the saved definition names the disks
+        as they were, which must not be written again)."""
 
         def run(conn: libvirt.virConnect) -> None:
-            self.resolve(conn, name).snapshotCreateXML(xml, flags)
+            saved = conn.saveImageGetXMLDesc(memory, libvirt.VIR_DOMAIN_SAVE_IMAGE_XML_SECURE)
+            if domxml.name(saved) != name:
+                raise DomainChanged(f"{memory} holds domain {domxml.name(saved)}, not {name}")
+            if self.resolve(conn, name).isActive():
+                raise VirtError(f"{name} started while its memory was being restored")
+            flags = (libvirt.VIR_DOMAIN_SAVE_PAUSED if paused
+                     else libvirt.VIR_DOMAIN_SAVE_RUNNING)
+            conn.restoreFlags(memory, domxml.with_disk_sources(saved, overlays), flags)
 
-        await self.connection.call(run, what=f"{name}: snapshot", retry=False)
+        await self.connection.call(run, what=f"{name}: restore", retry=False)
 
     async def define_overlays(self, name: str, overlays: dict[str, str]) -> None:
         """The offline switch: the persistent definition of a stopped domain

@@ -22,7 +22,8 @@ import asyncio
 import itertools
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 
 from .. import faults, images, metrics, qemuimg
 from ..errors import GasnapError, Unavailable
@@ -59,6 +60,7 @@ class QuiesceFailed(GasnapError):
 class Outcome:
     snapshots: list[SnapshotMeta]
     failure: GasnapError | None  # why the create as a whole failed, if it did
+    pauses: dict[str, float] = field(default_factory=dict)  # memory: seconds each stood still
 
 
 async def execute(ctx: Context, planned: CreatePlan) -> Outcome:
@@ -66,6 +68,7 @@ async def execute(ctx: Context, planned: CreatePlan) -> Outcome:
                                  volumes=[v.volume_id for v in planned.volumes])
     faults.hit("create:planned")
     consistency: dict[str, str] = {}
+    pauses: dict[str, float] = {}
     failure: GasnapError | None = None
     recorded = False
     try:
@@ -75,7 +78,7 @@ async def execute(ctx: Context, planned: CreatePlan) -> Outcome:
         # Every planned domain, stopped ones too: a name that changed hands
         # since the plan is refused here, never switched.
         async with ctx.hv.hold(planned.uuids):
-            op, consistency = await _freeze_window(ctx, op, planned)
+            op, consistency = await _freeze_window(ctx, op, planned, pauses)
             op = await _switch_offline(ctx, op, planned)
     except GasnapError as err:
         failure = err
@@ -95,9 +98,19 @@ async def execute(ctx: Context, planned: CreatePlan) -> Outcome:
         log.error("create: cannot finalize now (%s); the sweep will", err.message)
         ctx.journal.release(op)
         return Outcome([], failure or err)
+    await _drop_unused_memory(planned, metas)
     await ctx.journal.finish(op)
     _prepare_spares(ctx, planned, metas)
-    return Outcome(metas, failure)
+    return Outcome(metas, failure, pauses)
+
+
+async def _drop_unused_memory(planned: CreatePlan, metas: list[SnapshotMeta]) -> None:
+    """A memory file whose domain has no available snapshot goes (recovery
+    settles through ``settle`` and then here too)."""
+    kept = {m.domain for m in metas if m.status is Status.AVAILABLE}
+    for name, path in planned.memory.items():
+        if name not in kept:
+            await asyncio.to_thread(Path(path).unlink, missing_ok=True)
 
 
 async def _record(ctx: Context, op: Operation, planned: CreatePlan) -> Operation:
@@ -112,7 +125,7 @@ async def _record(ctx: Context, op: Operation, planned: CreatePlan) -> Operation
             description=planned.description, size=v.size, created_at=planned.created_at,
             domain=v.domain, group_id=planned.group_id, target=v.target,
             schedule=planned.schedule, parent=parent.id if parent else None,
-            origin=planned.origin,
+            origin=planned.origin, memory_file=planned.memory.get(v.domain),
             domain_state=v.domain_state,
         ))
     faults.hit("create:recording")
@@ -153,17 +166,17 @@ def _prepare_spares(ctx: Context, planned: CreatePlan, metas: list[SnapshotMeta]
 
 
 async def _freeze_window(
-    ctx: Context, op: Operation, planned: CreatePlan
+    ctx: Context, op: Operation, planned: CreatePlan, pauses: dict[str, float]
 ) -> tuple[Operation, dict[str, str]]:
     """Freeze, switch every live domain, thaw.  Returns the consistency per
     domain.  The window owns its domains' freezes (``windows``): another
     window on one of them waits until this one has thawed."""
     async with ctx.windows.owning(planned.uuids.get(d, d) for d in planned.live):
-        return await _owned_window(ctx, op, planned)
+        return await _owned_window(ctx, op, planned, pauses)
 
 
 async def _owned_window(
-    ctx: Context, op: Operation, planned: CreatePlan
+    ctx: Context, op: Operation, planned: CreatePlan, pauses: dict[str, float]
 ) -> tuple[Operation, dict[str, str]]:
     consistency = {d: Consistency.CRASH.value for d in [*planned.live, *planned.stopped]}
     to_freeze = [] if planned.quiesce is Quiesce.OFF else list(planned.running)
@@ -189,7 +202,7 @@ async def _owned_window(
         for name in frozen:
             consistency[name] = Consistency.FILESYSTEM.value
         faults.hit("create:switching")
-        switch_errors = await _switch_live(ctx, planned)
+        switch_errors = await _switch_live(ctx, planned, pauses)
         marks.append(time.monotonic())
         faults.hit("create:switched")
     finally:
@@ -206,6 +219,8 @@ async def _owned_window(
         consistency = {d: Consistency.CRASH.value for d in consistency}
     if to_freeze:
         metrics.FREEZE_SECONDS.observe(time.monotonic() - started)
+    for name in pauses:  # the disks are the RAM's, whatever the freeze did
+        consistency[name] = Consistency.MEMORY.value
     op = await ctx.journal.step(op, CreateStep.THAWED, consistency=consistency)
     if switch_errors:
         raise SwitchFailed("; ".join(f"{d}: {m}" for d, m in switch_errors.items()))
@@ -243,12 +258,14 @@ async def _freeze(ctx: Context, domains: list[str], quiesce: Quiesce
     return frozen, owned, stop
 
 
-async def _switch_live(ctx: Context, planned: CreatePlan) -> dict[str, str]:
-    """Switch every live domain; returns libvirt's error per domain that failed
+async def _switch_live(ctx: Context, planned: CreatePlan,
+                       pauses: dict[str, float]) -> dict[str, str]:
+    """Switch every live domain (saving the RAM of those in ``memory``, whose
+    pause goes to PAUSES); returns libvirt's error per domain that failed
     (what happened to its disks is judged later, from the live XML)."""
     results = await asyncio.gather(
         *(ctx.hv.switch_overlays(d, {v.target: v.overlay for v in planned.of(d)},
-                                 planned.left_alone.get(d, []))
+                                 planned.left_alone.get(d, []), planned.memory.get(d))
           for d in planned.live),
         return_exceptions=True,
     )
@@ -259,6 +276,8 @@ async def _switch_live(ctx: Context, planned: CreatePlan) -> dict[str, str]:
             errors[name] = result.message
         elif isinstance(result, BaseException):
             raise result
+        elif result is not None:
+            pauses[name] = result
     return errors
 
 

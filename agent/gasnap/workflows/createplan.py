@@ -14,6 +14,7 @@ import asyncio
 import uuid
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 from .. import images
@@ -59,6 +60,7 @@ class CreateRequest:
     presets: dict[str, Preset] = field(default_factory=dict)  # by volume_id
     schedule: str | None = None  # the schedule taking it (recorded for retention)
     origin: Origin = Origin.CREATED
+    memory: bool = False  # live domains: their RAM and device state too
 
 
 @dataclass(frozen=True)
@@ -97,6 +99,8 @@ class CreatePlan:
     # it (``Hypervisor.hold``) rather than resolve each name again
     uuids: dict[str, str] = field(default_factory=dict)
     origin: Origin = Origin.CREATED
+    memory: dict[str, str] = field(default_factory=dict)  # live domain -> its memory file
+    warnings: list[str] = field(default_factory=list)  # for the task's result
 
     def to_dict(self) -> dict[str, Any]:
         doc = asdict(self)
@@ -114,6 +118,7 @@ class CreatePlan:
             schedule=doc.get("schedule"), left_alone=dict(doc.get("left_alone", {})),
             uuids=dict(doc.get("uuids", {})),
             origin=Origin(doc.get("origin", Origin.CREATED.value)),
+            memory=dict(doc.get("memory", {})), warnings=list(doc.get("warnings", [])),
         )
 
     def of(self, domain: str) -> list[VolumePlan]:
@@ -122,7 +127,7 @@ class CreatePlan:
 
 # --- the request: parsed and checked here, and nowhere else -------------------
 
-REQUEST_FIELDS = frozenset({"domains", "disks", "name", "description", "quiesce"})
+REQUEST_FIELDS = frozenset({"domains", "disks", "name", "description", "quiesce", "memory"})
 
 
 def _string_list(value: Any, what: str) -> list[str]:
@@ -154,9 +159,13 @@ def request_from_doc(doc: dict[str, Any]) -> CreateRequest:
     except ValueError as err:
         raise BadRequest("quiesce must be required, preferred or off",
                          code="invalid_request") from err
+    memory = doc.get("memory", False)
+    if not isinstance(memory, bool):
+        raise BadRequest("memory must be true or false", code="invalid_request")
     request = CreateRequest(
         domains=domains, disks=disks, name=_optional_string(doc, "name") or default_name(),
         description=_optional_string(doc, "description") or "", quiesce=quiesce,
+        memory=memory,
     )
     check_request(request)
     return request
@@ -287,13 +296,38 @@ async def plan(ctx: Context, req: CreateRequest) -> CreatePlan:
                 overlay, size, reuse=preset.reuse if preset else False,
                 below=[layer.path for layer in vol.chain[1:]], domain_state=dom.state.value,
             ))
+    group_id = str(uuid.uuid4()) if len(volumes) > 1 or req.memory else None
+    memory, warnings = _memory_files(req, volumes, live=live, stopped=stopped,
+                                     left_alone=left_alone, uuids=uuids, group_id=group_id)
     return CreatePlan(
-        group_id=str(uuid.uuid4()) if len(volumes) > 1 else None,
+        group_id=group_id,
         name=req.name, description=req.description, quiesce=req.quiesce,
         created_at=datetime.now(UTC).isoformat(timespec="microseconds"),
         volumes=volumes, live=live, running=running, stopped=stopped, schedule=req.schedule,
-        left_alone=left_alone, uuids=uuids, origin=req.origin,
+        left_alone=left_alone, uuids=uuids, origin=req.origin, memory=memory,
+        warnings=warnings,
     )
+
+
+def _memory_files(req: CreateRequest, volumes: list[VolumePlan], *, live: list[str],
+                  stopped: list[str], left_alone: dict[str, list[str]],
+                  uuids: dict[str, str], group_id: str | None
+                  ) -> tuple[dict[str, str], list[str]]:
+    """Each live domain's memory file, next to its first disk and named
+    from the group; a stopped domain has no RAM to save (a warning, as
+    Kimchi does).  A disk left out would run on past the saved RAM."""
+    if not req.memory:
+        return {}, []
+    memory = {}
+    for name in live:
+        if left_alone.get(name):
+            raise BadRequest(f"a memory snapshot of {name} takes every disk of it, not only "
+                             "some", code="invalid_request")
+        first = next(v for v in volumes if v.domain == name)
+        memory[name] = str(Path(first.image).with_name(
+            f"gasnap-memory-{group_id}.{uuids[name]}"))
+    return memory, [f"{name} is shut off: its snapshot holds its disks only"
+                    for name in stopped]
 
 
 async def check_exclusive(ctx: Context, planned: CreatePlan) -> None:
