@@ -7,6 +7,7 @@ produce.
 
 from __future__ import annotations
 
+import os
 import subprocess
 from pathlib import Path
 
@@ -155,3 +156,22 @@ async def test_a_cancelled_qemu_img_does_not_outlive_its_call(tmp_path: Path) ->
     with pytest.raises(asyncio.CancelledError):
         await call
     assert not running()
+
+
+def test_a_memory_file_cut_short_or_foreign_is_unusable(tmp_path: Path) -> None:
+    """A memory file is used only whole (its size sealed next to it when it
+    was made) and only if it is a libvirt save image."""
+    memory = tmp_path / "gasnap-memory-g.u"
+    memory.write_bytes(images.MEMORY_MAGIC + b"\0" * 4096)
+    with pytest.raises(images.MemoryUnusable):
+        images.check_memory(str(memory))  # never sealed
+    assert images.seal_memory(str(memory)) == 4096 + len(images.MEMORY_MAGIC)
+    assert images.check_memory(str(memory)) == 4096 + len(images.MEMORY_MAGIC)
+    os.truncate(memory, 2048)
+    with pytest.raises(images.MemoryUnusable, match="were written"):
+        images.check_memory(str(memory))
+    memory.write_bytes(b"QFI\xfb" + b"\0" * (4096 + len(images.MEMORY_MAGIC) - 4))
+    with pytest.raises(images.MemoryUnusable, match="not a libvirt memory image"):
+        images.check_memory(str(memory))
+    images.drop_memory(str(memory))
+    assert list(tmp_path.iterdir()) == []

@@ -108,7 +108,7 @@ async def test_records_filters_and_rename(agent: Agent, guest: Domain) -> None:
     assert set(snap) == {"id", "name", "description", "domain", "volume_id", "target",
                          "status", "consistency", "file", "image", "parent", "group_id",
                          "created_at", "size", "error", "schedule", "origin",
-                         "domain_state", "memory_file"}
+                         "domain_state", "memory_file", "memory_size"}
     assert snap["size"] == 64 * 1024 * 1024
     by_volume = agent.client.get(f"/v1/snapshots?volume_id={snap['volume_id']}")["snapshots"]
     assert by_volume[-1] == snap

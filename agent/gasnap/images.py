@@ -22,12 +22,13 @@ then the header was written by the host, never by the guest.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import BadRequest, GasnapError
+from .errors import BadRequest, Conflict, GasnapError
 from .hypervisor import Layer
 
 QCOW2_MAGIC = b"QFI\xfb"
@@ -181,6 +182,47 @@ def spare_path(active_file: str) -> str:
     """The spare overlay of the volume whose active file is ACTIVE_FILE
     (``gasnap.spares``): hidden, one per volume, next to its files."""
     return str(Path(active_file).with_name(f".{volume_base(active_file)}{SPARE_SUFFIX}"))
+
+
+# --- memory files ---------------------------------------------------------------
+
+MEMORY_MAGIC = b"LibvirtQemudSave"
+MEMORY_CHECK_SUFFIX = ".check"
+
+
+class MemoryUnusable(Conflict):
+    code = "memory_unusable"
+
+
+def seal_memory(path: str) -> int:
+    """Write PATH's size next to it (``.check``), so that a file cut short
+    later is known before a restore is tried.  Blocking: call from a thread."""
+    size = os.stat(path).st_size
+    Path(path + MEMORY_CHECK_SUFFIX).write_text(json.dumps({"size": size}))
+    return size
+
+
+def check_memory(path: str) -> int:
+    """PATH is a libvirt save image whole as it was written; its size.
+    Blocking: call from a thread."""
+    try:
+        with open(path, "rb") as f:
+            magic = f.read(len(MEMORY_MAGIC))
+        size = os.stat(path).st_size
+        sealed = json.loads(Path(path + MEMORY_CHECK_SUFFIX).read_text())["size"]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise MemoryUnusable(f"memory file {path} cannot be used: {err}") from err
+    if magic != MEMORY_MAGIC:
+        raise MemoryUnusable(f"{path} is not a libvirt memory image")
+    if size != sealed:
+        raise MemoryUnusable(f"{path} has {size} bytes, {sealed} were written")
+    return size
+
+
+def drop_memory(path: str) -> None:
+    """Remove a memory file and its check.  Blocking: call from a thread."""
+    Path(path).unlink(missing_ok=True)
+    Path(path + MEMORY_CHECK_SUFFIX).unlink(missing_ok=True)
 
 
 # --- chains -----------------------------------------------------------------------

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from typing import Any
 
 from .config import Schedule
@@ -60,7 +61,16 @@ def snapshot_record(meta: SnapshotMeta) -> dict[str, Any]:
         "origin": meta.origin.value,
         "domain_state": meta.domain_state,
         "memory_file": meta.memory_file,
+        "memory_size": _size(meta.memory_file),
     }
+
+
+def _size(path: str | None) -> int | None:
+    """The size of a file of this host (the memory file), or None."""
+    try:
+        return os.stat(path).st_size if path else None
+    except OSError:
+        return None
 
 
 class SnapshotService:
@@ -138,6 +148,11 @@ class SnapshotService:
         (parents included: no second read each), and why it failed, if it did."""
         outcome = await create.execute(self.ctx, planned)
         result = {**(extra or {}), "snapshots": [snapshot_record(m) for m in outcome.snapshots]}
+        if planned.memory:
+            # How long each guest stood still while its RAM was saved.
+            result["pause_ms"] = {d: round(s * 1000, 1) for d, s in outcome.pauses.items()}
+        if planned.warnings:
+            result["warnings"] = planned.warnings
         if outcome.failure is not None:
             return Done(result, SnapshotFailed(outcome.failure.message,
                                                code=outcome.failure.code))

@@ -1,4 +1,4 @@
-"""``python -m gasnap.bench [--quick] [--docs DIR]``: run P1-P7, print the
+"""``python -m gasnap.bench [--quick] [--docs DIR]``: run P1-P8, print the
 table, write DIR/benchmarks.md and DIR/benchmarks.json.
 
 Targets are goals: a missed one is reported, never an error.  The full run
@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 from ..virt import LibvirtHypervisor
-from . import cases, report, revert
+from . import cases, memory, report, revert
 from .rig import URI, Agent, reap, scratch
 
 ANALYSIS = Path(__file__).with_name("analysis.md")
@@ -64,6 +64,7 @@ async def run(quick: bool) -> tuple[list[report.Result], dict[str, str]]:
         results += await cases.group(hv, agent, runs, group)
         results += await cases.merge(hv, agent, merges, base)
         results += await revert.revert(hv, agent, 2 if quick else 5, base)
+        results += await memory.memory(hv, agent, 2 if quick else 5, base)
         agent.stop()
         results += await cases.footprint(base, 30 if quick else 100)
     finally:

@@ -10,12 +10,9 @@ to answer again before the next run.
 from __future__ import annotations
 
 import asyncio
-import json
-import subprocess
 import time
 import uuid
 from pathlib import Path
-from typing import Any
 
 from .. import domxml
 from ..hypervisor import DomainState
@@ -23,7 +20,7 @@ from ..images import read_qcow2_header
 from ..lab.guests import Lab
 from ..virt import LibvirtHypervisor
 from .cases import order, snapshot
-from .rig import URI, Agent, guests, timed
+from .rig import URI, Agent, guests, timed, timed_task
 from .stats import Comparison, Figure
 
 
@@ -48,7 +45,7 @@ async def revert(hv: LibvirtHypervisor, agent: Agent, runs: int, scratch: Path
             for which in order(i):
                 snap = await snapshot(agent, name)
                 if which == "a":
-                    task, seconds = await _timed_json(agent.cli(
+                    task, seconds = await timed_task(agent.cli(
                         "snapshot", "revert", snap["id"], "--force", "--json"))
                     forced.a.append(seconds)
                     for phase, spent in task["result"]["phases"].items():
@@ -62,7 +59,7 @@ async def revert(hv: LibvirtHypervisor, agent: Agent, runs: int, scratch: Path
             for which in order(i):
                 snap = await snapshot(agent, name)
                 if which == "a":
-                    _, seconds = await _timed_json(agent.cli(
+                    _, seconds = await timed_task(agent.cli(
                         "snapshot", "revert", snap["id"], "--no-start", "--json"))
                     offline.a.append(seconds)
                 else:
@@ -71,16 +68,6 @@ async def revert(hv: LibvirtHypervisor, agent: Agent, runs: int, scratch: Path
     return [forced, offline, *(
         Figure("P7", f"forced revert, phase {phase}", "s", spent, None,
                note="from the task's result") for phase, spent in phases.items())]
-
-
-async def _timed_json(argv: list[str]) -> tuple[dict[str, Any], float]:
-    started = time.monotonic()
-    out = await asyncio.to_thread(subprocess.run, argv, capture_output=True, text=True,
-                                  check=True)
-    task: dict[str, Any] = json.loads(out.stdout)
-    if task["state"] != "succeeded":
-        raise RuntimeError(f"revert failed: {task}")
-    return task, time.monotonic() - started
 
 
 async def _revert_by_hand(hv: LibvirtHypervisor, name: str, snap: dict[str, str],

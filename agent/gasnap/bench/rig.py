@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import json
 import os
 import subprocess
 import sys
@@ -13,6 +14,7 @@ import tempfile
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 from ..client import ApiClient
 from ..lab.guests import Lab
@@ -36,6 +38,18 @@ def run(argv: list[str], env: dict[str, str] | None = None) -> float:
         raise RuntimeError(f"{' '.join(argv[:6])}... exited {proc.returncode}: "
                            f"{proc.stderr.strip()[-500:]}")
     return elapsed
+
+
+async def timed_task(argv: list[str]) -> tuple[dict[str, Any], float]:
+    """Run a CLI command that prints a finished task (--json); the task and
+    the wall time.  A task that failed stops the benchmark."""
+    started = time.monotonic()
+    out = await asyncio.to_thread(subprocess.run, argv, capture_output=True, text=True,
+                                  check=True)
+    task: dict[str, Any] = json.loads(out.stdout)
+    if task["state"] != "succeeded":
+        raise RuntimeError(f"{' '.join(argv[3:6])} failed: {task}")
+    return task, time.monotonic() - started
 
 
 async def timed(argv: list[str]) -> float:

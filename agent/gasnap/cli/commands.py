@@ -135,6 +135,8 @@ def _finish_task(args: argparse.Namespace, task: dict[str, Any]) -> int:
 
 def snapshot_create(args: argparse.Namespace) -> int:
     body: dict[str, Any] = {"domains": args.domains, "quiesce": args.quiesce}
+    if args.memory:
+        body["memory"] = True
     if args.disk:
         body["disks"] = _disks(args.domains, args.disk)
     if args.name is not None:

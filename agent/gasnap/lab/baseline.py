@@ -12,6 +12,7 @@ import libvirt
 import libvirt_qemu
 
 from .. import domxml
+from ..virt.connection import Connection
 
 
 def bare_switch(uri: str, name: str, overlays: dict[str, str], others: list[str], *,
@@ -37,3 +38,11 @@ def bare_switch(uri: str, name: str, overlays: dict[str, str], others: list[str]
             libvirt_qemu.qemuAgentCommand(dom, '{"execute": "guest-fsfreeze-thaw"}', 10, 0)
     finally:
         conn.close()
+
+
+async def last_downtime_ms(conn: Connection, name: str) -> float:
+    """How long NAME stood still in its last finished job (libvirt's count)."""
+    stats = await conn.call(
+        lambda c: c.lookupByName(name).jobStats(libvirt.VIR_DOMAIN_JOB_STATS_COMPLETED),
+        what=f"{name}: job stats")
+    return float(stats.get("downtime", 0))

@@ -41,7 +41,7 @@ SCHEMAS: Schema = {
          "size": {"type": "integer"}, "created_at": STRING, "domain": STRING,
          "group_id": OPT, "target": OPT, "status": {"type": "string", "enum": STATUSES},
          "file": OPT, "backing_file": OPT,
-         "consistency": nullable("string", enum=["filesystem", "crash", None]),
+         "consistency": nullable("string", enum=["memory", "filesystem", "crash", None]),
          "error": OPT, "progress": OPT, "schedule": OPT, "parent": OPT,
          "origin": {"type": "string", "enum": ORIGINS}, "domain_state": OPT,
          "memory_file": OPT},
@@ -60,7 +60,7 @@ SCHEMAS: Schema = {
             ["status"],
             {"status": {"type": "string", "enum": ["available", "error"]}, "file": OPT,
              "backing_file": OPT,
-             "consistency": nullable("string", enum=["filesystem", "crash", None]),
+             "consistency": nullable("string", enum=["memory", "filesystem", "crash", None]),
              "error": OPT}, closed=True)),
         _action("update-snapshot-status", obj(
             ["status"], {"status": {"type": "string", "enum": ["deleting", "error_deleting"]},

@@ -23,7 +23,6 @@ import itertools
 import logging
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from .. import faults, images, metrics, qemuimg
 from ..errors import GasnapError, Unavailable
@@ -98,19 +97,22 @@ async def execute(ctx: Context, planned: CreatePlan) -> Outcome:
         log.error("create: cannot finalize now (%s); the sweep will", err.message)
         ctx.journal.release(op)
         return Outcome([], failure or err)
-    await _drop_unused_memory(planned, metas)
+    await settle_memory(planned, metas)
     await ctx.journal.finish(op)
     _prepare_spares(ctx, planned, metas)
     return Outcome(metas, failure, pauses)
 
 
-async def _drop_unused_memory(planned: CreatePlan, metas: list[SnapshotMeta]) -> None:
-    """A memory file whose domain has no available snapshot goes (recovery
-    settles through ``settle`` and then here too)."""
+async def settle_memory(planned: CreatePlan, metas: list[SnapshotMeta]) -> None:
+    """The memory file of a domain with an available snapshot is sealed (its
+    size written next to it: a file cut short is known before a restore);
+    one whose domain has none goes."""
     kept = {m.domain for m in metas if m.status is Status.AVAILABLE}
     for name, path in planned.memory.items():
-        if name not in kept:
-            await asyncio.to_thread(Path(path).unlink, missing_ok=True)
+        if name in kept:
+            await asyncio.to_thread(images.seal_memory, path)
+        else:
+            await asyncio.to_thread(images.drop_memory, path)
 
 
 async def _record(ctx: Context, op: Operation, planned: CreatePlan) -> Operation:

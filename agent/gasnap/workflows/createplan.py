@@ -61,6 +61,10 @@ class CreateRequest:
     schedule: str | None = None  # the schedule taking it (recorded for retention)
     origin: Origin = Origin.CREATED
     memory: bool = False  # live domains: their RAM and device state too
+    # paused ones too: QEMU saves a paused guest once, then refuses to save
+    # it again until it has run ("paused due to previous migration"), so a
+    # revert's before-revert snapshot keeps a paused guest's disks only
+    memory_of_paused: bool = True
 
 
 @dataclass(frozen=True)
@@ -297,7 +301,8 @@ async def plan(ctx: Context, req: CreateRequest) -> CreatePlan:
                 below=[layer.path for layer in vol.chain[1:]], domain_state=dom.state.value,
             ))
     group_id = str(uuid.uuid4()) if len(volumes) > 1 or req.memory else None
-    memory, warnings = _memory_files(req, volumes, live=live, stopped=stopped,
+    memory, warnings = _memory_files(req, volumes, live=live, running=running,
+                                     stopped=stopped,
                                      left_alone=left_alone, uuids=uuids, group_id=group_id)
     return CreatePlan(
         group_id=group_id,
@@ -310,6 +315,7 @@ async def plan(ctx: Context, req: CreateRequest) -> CreatePlan:
 
 
 def _memory_files(req: CreateRequest, volumes: list[VolumePlan], *, live: list[str],
+                  running: list[str],
                   stopped: list[str], left_alone: dict[str, list[str]],
                   uuids: dict[str, str], group_id: str | None
                   ) -> tuple[dict[str, str], list[str]]:
@@ -320,6 +326,8 @@ def _memory_files(req: CreateRequest, volumes: list[VolumePlan], *, live: list[s
         return {}, []
     memory = {}
     for name in live:
+        if name not in running and not req.memory_of_paused:
+            continue
         if left_alone.get(name):
             raise BadRequest(f"a memory snapshot of {name} takes every disk of it, not only "
                              "some", code="invalid_request")

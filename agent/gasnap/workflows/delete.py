@@ -32,7 +32,7 @@ from .. import faults, images, metrics
 from ..errors import GasnapError, NotFound, Unavailable
 from ..hypervisor import DomainChanged
 from ..journal import Operation
-from ..metadata import SnapshotMeta, Status
+from ..metadata import HOLDING, SnapshotMeta, Status
 from . import Context, ProgressSink, merging, no_progress
 from .deleteplan import DeletePlan, MergeFailed, Method
 from .records import until_recorded
@@ -134,7 +134,17 @@ async def cleanup(ctx: Context, op: Operation, merge: DeletePlan) -> None:
             meta_svc.update_snapshot_status, sid, Status.DELETING, "100%"), f"status {sid}")
     await until_recorded(functools.partial(meta_svc.snapshot_delete_metadata, sid),
                          f"delete record {sid}")
+    if merge.memory_file is not None:
+        await _drop_memory_if_unused(ctx, merge)
     await ctx.journal.finish(op)
+
+
+async def _drop_memory_if_unused(ctx: Context, merge: DeletePlan) -> None:
+    """The group's memory file goes with the last record that names it."""
+    group = await until_recorded(functools.partial(
+        ctx.metadata.list_snapshots, group_id=merge.group_id), f"group {merge.group_id}")
+    if not any(m.memory_file == merge.memory_file for m in group if m.status in HOLDING):
+        await asyncio.to_thread(images.drop_memory, str(merge.memory_file))
 
 
 async def _remove(ctx: Context, path: str) -> None:

@@ -8,6 +8,7 @@ from the layer's position, the domain's state and the strategy (see
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -91,6 +92,10 @@ class DeletePlan:
     pull_active: bool = False
     job: bool = False
     after: list[str] | None = None
+    # the snapshot's memory file (its group's saved RAM), removed with the
+    # last record that names it
+    memory_file: str | None = None
+    group_id: str | None = None
 
     def format_of(self, path: str) -> str:
         """PATH's format as the live chain named it when planned (never probed)."""
@@ -178,12 +183,14 @@ async def plan(ctx: Context, snapshot_id: str, strategy: Strategy) -> DeletePlan
         raise ChainMismatch(f"snapshot {meta.id}: its overlay {meta.file} is not in the live "
                             f"chain of {dom.name}/{vol.target}, nor on a branch a revert left")
     if in_chain and len(dependents) == 1:
-        return await _linear(meta, dom, vol, live=live, strategy=strategy, others=others)
-    if strategy is Strategy.COMMIT:
+        merge = await _linear(meta, dom, vol, live=live, strategy=strategy, others=others)
+    elif strategy is Strategy.COMMIT:
         raise HasDependents(f"snapshot {meta.id}: its image backs {len(dependents)} files "
                             "(or a branch the domain does not run); only pull can merge it")
-    return await _branch(meta, dom, vol, live=live, nodes=nodes, dependents=dependents,
-                         others=others)
+    else:
+        merge = await _branch(meta, dom, vol, live=live, nodes=nodes, dependents=dependents,
+                              others=others)
+    return dataclasses.replace(merge, memory_file=meta.memory_file, group_id=meta.group_id)
 
 
 def _left_by_reverts(nodes: tree.Tree, metas: list[SnapshotMeta]) -> set[str]:

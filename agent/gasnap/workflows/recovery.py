@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from ..errors import GasnapError, NotFound
 from ..guestagent import THAW_TIMEOUT, GuestAgentError
 from ..journal import Operation
-from . import Context, delete, revert
+from . import Context, create, delete, revert
 from .createplan import CreatePlan
 from .settle import settle
 from .steps import CONSISTENCY_PROVEN, CreateStep, Kind
@@ -106,6 +106,7 @@ async def _settle_create(ctx: Context, op: Operation) -> None:
     if step not in CONSISTENCY_PROVEN:
         consistency = {}
     metas = await settle(ctx, planned, consistency, INTERRUPTED)
+    await create.settle_memory(planned, metas)
     for meta in metas:
         log.warning("recovery: snapshot %s of %s is %s", meta.id, meta.volume_id,
                     meta.status.value)

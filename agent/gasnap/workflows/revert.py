@@ -17,7 +17,9 @@ Nothing below the new overlays is modified: later snapshots stay as another
 branch of the volume's tree.  A failure before the switch removes the new
 overlays and starts again the domains that were running; ``resume`` does the
 same after a crash before the switch, and finishes the switch and the start
-after one during it.
+after one during it.  A domain with saved RAM in the group is restored from
+it (onto the new overlays, then thawed) instead of booted, and such a revert
+is finished rather than undone once its domains were destroyed.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from pathlib import Path
 
 from .. import faults, images, qemuimg
 from ..errors import GasnapError, NotFound
-from ..guestagent import GuestAgentError
+from ..guestagent import THAW_TIMEOUT, AgentCommandFailed, GuestAgentError
 from ..hypervisor import AgentState, DomainChanged, DomainState
 from ..journal import Operation
 from ..metadata import SnapshotMeta, Status
@@ -122,7 +124,17 @@ async def _keep_current_state(ctx: Context, planned: RevertPlan,
 
 
 async def _stop(ctx: Context, planned: RevertPlan) -> None:
-    await asyncio.gather(*(_power_off(ctx, name) for name in planned.stop))
+    """A domain restored from saved RAM is destroyed at once: its state has
+    just been kept, RAM included, and nothing of the running guest is
+    wanted (a shutdown would only write to disks that are left)."""
+    await asyncio.gather(*(_destroy(ctx, name) if name in planned.memory
+                           else _power_off(ctx, name) for name in planned.stop))
+
+
+async def _destroy(ctx: Context, name: str) -> None:
+    await ctx.hv.destroy(name)
+    if not await _shut_off_within(ctx, name, DESTROY_WAIT):
+        raise RevertFailed(f"{name} is still running after destroy")
 
 
 async def _power_off(ctx: Context, name: str) -> None:
@@ -183,9 +195,39 @@ async def _check_switched(ctx: Context, planned: RevertPlan, name: str) -> None:
 
 async def _start(ctx: Context, planned: RevertPlan) -> None:
     for name in planned.start:
-        if (await ctx.hv.get_domain(name)).state is DomainState.SHUTOFF:
+        if (await ctx.hv.get_domain(name)).state is not DomainState.SHUTOFF:
+            continue
+        memory = planned.memory.get(name)
+        if memory is None:
             await ctx.hv.start(name)
-    await asyncio.gather(*(_agent_back(ctx, name) for name in planned.agents))
+            continue
+        await ctx.hv.restore(name, memory, {v.target: v.overlay for v in planned.of(name)},
+                             paused=name in planned.paused)
+    await asyncio.gather(*(_thaw(ctx, name) if name in planned.memory else
+                           _agent_back(ctx, name)
+                           for name in planned.agents if name not in planned.paused))
+
+
+async def _thaw(ctx: Context, name: str) -> None:
+    """RAM saved while frozen comes back frozen: thaw it, as soon as its
+    agent answers again (bounded, as ``_agent_back``).  A guest restored
+    paused is thawed by whoever resumes it."""
+    deadline = time.monotonic() + ctx.shutdown_timeout
+    while True:
+        try:
+            count = await ctx.agent.fsthaw(name, THAW_TIMEOUT)
+        except AgentCommandFailed as err:
+            log.info("%s: restored; nothing to thaw (%s)", name, err.message)
+            return
+        except GuestAgentError as err:
+            if time.monotonic() >= deadline:
+                log.error("%s: restored, but its agent did not answer to be thawed (%s); "
+                          "thaw it with guest-fsfreeze-thaw", name, err.message)
+                return
+            await asyncio.sleep(STATE_POLL)
+        else:
+            log.info("%s: restored from memory; %d filesystems thawed", name, count)
+            return
 
 
 async def _agent_back(ctx: Context, name: str) -> None:
@@ -209,22 +251,42 @@ async def _agent_back(ctx: Context, name: str) -> None:
 
 
 async def _undo(ctx: Context, op: Operation, planned: RevertPlan) -> None:
-    """Before the switch: the new overlays go and the domains that ran run
-    again, on the chain they left.  During it or after: the switch and the
-    start are finished (a domain half switched is worse than either)."""
+    """Settle a revert that failed at OP's step (see ``_settle``)."""
     try:
-        if RevertStep(op.step) in (RevertStep.SWITCHING, RevertStep.STARTING):
-            await _switch(ctx, planned)
-            await _start(ctx, planned)
-        else:
-            await _remove_overlays(ctx, planned)
-            await _restart(ctx, planned)
+        await _settle(ctx, planned, RevertStep(op.step))
     except GasnapError as err:
         log.error("revert to %s: cannot settle now (%s); recovery will", planned.snapshot_id,
                   err.message)
         ctx.journal.release(op)
         return
     await ctx.journal.finish(op)
+
+
+async def _settle(ctx: Context, planned: RevertPlan, step: RevertStep) -> None:
+    """Before the switch the revert is undone: the new overlays go and the
+    domains that ran run again, on the chain they left.  During or after it,
+    the switch and the start are finished (a domain half switched is worse
+    than either).  A memory revert is finished from the moment its domains
+    were destroyed: booting them on the chain they left would throw away
+    the RAM just kept, for a crashed disk; only if that cannot be done are
+    they booted on the chain they left."""
+    if step in (RevertStep.SWITCHING, RevertStep.STARTING):
+        await _switch(ctx, planned)
+        await _start(ctx, planned)
+        return
+    if planned.memory and step in (RevertStep.STOPPING, RevertStep.OVERLAYS):
+        try:
+            await _stop(ctx, planned)
+            await _make_overlays(ctx, planned)
+            await _switch(ctx, planned)
+            await _start(ctx, planned)
+        except GasnapError as err:
+            log.error("revert to %s could not be finished (%s): booting the domains on "
+                      "the chain they left", planned.snapshot_id, err.message)
+        else:
+            return
+    await _remove_overlays(ctx, planned)
+    await _restart(ctx, planned)
 
 
 async def _remove_overlays(ctx: Context, planned: RevertPlan) -> None:
@@ -257,14 +319,11 @@ async def resume(ctx: Context, op: Operation) -> None:
         return
     made = await asyncio.to_thread(lambda: all(Path(v.overlay).exists()
                                                for v in planned.volumes))
+    if step in (RevertStep.SWITCHING, RevertStep.STARTING) and not made:
+        step = RevertStep.OVERLAYS  # never switched: nothing to switch to
     try:
         async with ctx.hv.hold(planned.uuids):
-            if step in (RevertStep.SWITCHING, RevertStep.STARTING) and made:
-                await _switch(ctx, planned)
-                await _start(ctx, planned)
-            else:
-                await _remove_overlays(ctx, planned)
-                await _restart(ctx, planned)
+            await _settle(ctx, planned, step)
     except (NotFound, DomainChanged) as err:
         log.error("recovery: revert to %s: %s; left as it is", planned.snapshot_id,
                   err.message)

@@ -13,6 +13,7 @@ leaves fails before anything happens.
 
 from __future__ import annotations
 
+import asyncio
 import enum
 import os
 import uuid
@@ -59,6 +60,10 @@ class RevertPlan:
     stop: list[str]  # live domains, shut down before the switch
     start: list[str]  # domains started again afterwards
     agents: list[str] = field(default_factory=list)  # started ones whose agent is awaited
+    # domains restored from the group's saved RAM instead of booted, and
+    # those of them saved paused (restored paused)
+    memory: dict[str, str] = field(default_factory=dict)
+    paused: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -67,7 +72,8 @@ class RevertPlan:
     def from_dict(cls, doc: dict[str, Any]) -> RevertPlan:
         return cls(doc["snapshot_id"], [RevertVolume(**v) for v in doc["volumes"]],
                    dict(doc["uuids"]), list(doc["stop"]), list(doc["start"]),
-                   list(doc.get("agents", [])))
+                   list(doc.get("agents", [])), dict(doc.get("memory", {})),
+                   list(doc.get("paused", [])))
 
     @property
     def domains(self) -> list[str]:
@@ -85,6 +91,7 @@ class RevertPlan:
             domains=self.domains, disks=disks, name=f"before-revert to {name}"[:255],
             description=f"the state left by a revert to snapshot {self.snapshot_id}",
             quiesce=Quiesce.PREFERRED, origin=Origin.BEFORE_REVERT,
+            memory=bool(self.memory), memory_of_paused=False,
             presets={v.volume_id: createplan.Preset(v.before_id, "", reuse=False)
                      for v in self.volumes})
 
@@ -99,8 +106,10 @@ async def plan(ctx: Context, snapshot_id: str, scope: Scope, *, force: bool,
         _check_state(dom, force)
     volumes = [await _volume(ctx, t, domains[t.domain]) for t in targets]
     live = [d.name for d in domains.values() if d.state in LIVE]
+    memory = await _memory(targets, domains, scope) if start is not False else {}
     if start is None:
-        restart = [d.name for d in domains.values() if d.state is DomainState.RUNNING]
+        restart = list(dict.fromkeys(
+            [*memory, *(d.name for d in domains.values() if d.state is DomainState.RUNNING)]))
     else:
         restart = list(domains) if start else []
     # The guests that had an agent answering are awaited after the start, so
@@ -108,10 +117,28 @@ async def plan(ctx: Context, snapshot_id: str, scope: Scope, *, force: bool,
     agents = [d.name for d in domains.values()
               if d.name in restart and d.guest_agent is AgentState.CONNECTED]
     planned = RevertPlan(meta.id, volumes, {d.name: d.uuid for d in domains.values()},
-                         live, restart, agents)
+                         live, restart, agents, memory,
+                         [t.domain for t in targets
+                          if t.domain in memory and t.domain_state == "paused"])
     # The before-revert snapshots must be possible, or nothing is done.
     await createplan.plan(ctx, planned.before_request(meta.name))
     return planned
+
+
+async def _memory(targets: list[SnapshotMeta], domains: dict[str, Domain],
+                  scope: Scope) -> dict[str, str]:
+    """The domains to restore from the group's saved RAM: each whose every
+    disk goes back with it (a group revert) and whose memory file is whole."""
+    memory: dict[str, str] = {}
+    for name, dom in domains.items():
+        files = {t.memory_file for t in targets if t.domain == name}
+        whole = {t.volume_id for t in targets if t.domain == name} == {
+            v.volume_id for v in dom.volumes}
+        if scope is Scope.GROUP and whole and len(files) == 1 and None not in files:
+            path = str(files.pop())
+            await asyncio.to_thread(images.check_memory, path)  # 409 memory_unusable
+            memory[name] = path
+    return memory
 
 
 async def _targets(ctx: Context, meta: SnapshotMeta, scope: Scope) -> list[SnapshotMeta]:
