@@ -40,7 +40,7 @@ class ScheduleRunning(Conflict):
     code = "schedule_running"
 
 
-def snapshot_record(meta: SnapshotMeta) -> dict[str, Any]:
+def snapshot_record(meta: SnapshotMeta, memory_size: int | None = None) -> dict[str, Any]:
     return {
         "id": meta.id,
         "name": meta.name,
@@ -61,8 +61,15 @@ def snapshot_record(meta: SnapshotMeta) -> dict[str, Any]:
         "origin": meta.origin.value,
         "domain_state": meta.domain_state,
         "memory_file": meta.memory_file,
-        "memory_size": _size(meta.memory_file),
+        "memory_size": memory_size,
     }
+
+
+async def snapshot_records(metas: list[SnapshotMeta]) -> list[dict[str, Any]]:
+    """The records of METAS, each with its memory file's size (read off the
+    loop, and only for those that have one)."""
+    sizes = await asyncio.to_thread(lambda: [_size(m.memory_file) for m in metas])
+    return [snapshot_record(m, size) for m, size in zip(metas, sizes, strict=True)]
 
 
 def _size(path: str | None) -> int | None:
@@ -96,7 +103,7 @@ class SnapshotService:
         metas = await self.ctx.metadata.list_snapshots(
             volume_id=volume_id, status=wanted, domain=domain, limit=limit, marker=marker,
             parent=parent, roots=roots)
-        return [snapshot_record(m) for m in metas]
+        return await snapshot_records(metas)
 
     async def domain_records(self, name: str | None = None) -> list[dict[str, Any]]:
         """Every domain (or NAME), guest agents probed, each volume with the
@@ -124,7 +131,7 @@ class SnapshotService:
         return await self.ctx.metadata.get_snapshot(snapshot_id)
 
     async def record(self, snapshot_id: str) -> dict[str, Any]:
-        return snapshot_record(await self.ctx.metadata.get_snapshot(snapshot_id))
+        return (await snapshot_records([await self.ctx.metadata.get_snapshot(snapshot_id)]))[0]
 
     async def rename(self, snapshot_id: str, name: str | None,
                      description: str | None) -> dict[str, Any]:
@@ -147,7 +154,7 @@ class SnapshotService:
         """Run a planned create: its records as finalize answered them
         (parents included: no second read each), and why it failed, if it did."""
         outcome = await create.execute(self.ctx, planned)
-        result = {**(extra or {}), "snapshots": [snapshot_record(m) for m in outcome.snapshots]}
+        result = {**(extra or {}), "snapshots": await snapshot_records(outcome.snapshots)}
         if planned.memory:
             # How long each guest stood still while its RAM was saved.
             result["pause_ms"] = {d: round(s * 1000, 1) for d, s in outcome.pauses.items()}
@@ -245,14 +252,13 @@ class SnapshotService:
             if {v.volume_id for v in planned.volumes} != task.volumes:
                 raise Conflict("the snapshot's group changed while the revert was planned; "
                                "try again", code="domain_changed")
-            name = (await self.ctx.metadata.get_snapshot(snapshot_id)).name
         except BaseException:
             self.tasks.release(task)
             self.tasks.discard(task)
             raise
 
         async def work(_task: Task) -> Done:
-            outcome = await revert.execute(self.ctx, planned, name)
+            outcome = await revert.execute(self.ctx, planned)
             result = {"reverted": [v.snapshot_id for v in planned.volumes],
                       "before": [m.id for m in outcome.before],
                       "domains": planned.domains, "phases": outcome.phases}

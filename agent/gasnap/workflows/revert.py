@@ -57,7 +57,7 @@ class Outcome:
     phases: dict[str, float] = field(default_factory=dict)  # seconds each step took
 
 
-async def execute(ctx: Context, planned: RevertPlan, name: str) -> Outcome:
+async def execute(ctx: Context, planned: RevertPlan) -> Outcome:
     op = await ctx.journal.begin(Kind.REVERT, RevertStep.PLANNED, planned.to_dict(),
                                  volumes=[v.volume_id for v in planned.volumes])
     faults.hit("revert:planned")
@@ -66,7 +66,7 @@ async def execute(ctx: Context, planned: RevertPlan, name: str) -> Outcome:
     try:
         async with ctx.hv.hold(planned.uuids):
             op = await ctx.journal.step(op, RevertStep.BEFORE)
-            before = await _keep_current_state(ctx, planned, name)
+            before = await _keep_current_state(ctx, planned)
             faults.hit("revert:before")
             op = await clock.step(ctx, op, RevertStep.STOPPING)
             await _stop(ctx, planned)
@@ -109,10 +109,8 @@ class _Clock:
 # --- the steps ------------------------------------------------------------------
 
 
-async def _keep_current_state(ctx: Context, planned: RevertPlan,
-                              name: str) -> list[SnapshotMeta]:
-    request = planned.before_request(name)
-    before = await createplan.plan(ctx, request)
+async def _keep_current_state(ctx: Context, planned: RevertPlan) -> list[SnapshotMeta]:
+    before = await createplan.plan(ctx, planned.before_request())
     outcome = await create.execute(ctx, before)
     failed = [m for m in outcome.snapshots if m.status is not Status.AVAILABLE]
     if outcome.failure is not None or failed or not outcome.snapshots:
@@ -127,20 +125,22 @@ async def _stop(ctx: Context, planned: RevertPlan) -> None:
     """A domain restored from saved RAM is destroyed at once: its state has
     just been kept, RAM included, and nothing of the running guest is
     wanted (a shutdown would only write to disks that are left)."""
-    await asyncio.gather(*(_destroy(ctx, name) if name in planned.memory
-                           else _power_off(ctx, name) for name in planned.stop))
+    await asyncio.gather(*(
+        _destroy(ctx, name, planned.uuids.get(name)) if name in planned.memory
+        else _power_off(ctx, name, planned.uuids.get(name)) for name in planned.stop))
 
 
-async def _destroy(ctx: Context, name: str) -> None:
+async def _destroy(ctx: Context, name: str, uuid: str | None = None) -> None:
     await ctx.hv.destroy(name)
-    if not await _shut_off_within(ctx, name, DESTROY_WAIT):
+    if not await _shut_off_within(ctx, name, DESTROY_WAIT, uuid):
         raise RevertFailed(f"{name} is still running after destroy")
 
 
-async def _power_off(ctx: Context, name: str) -> None:
+async def _power_off(ctx: Context, name: str, uuid: str | None = None) -> None:
     """Gracefully when the guest can (through its agent, else ACPI), within
-    ``shutdown_timeout``; destroyed past it, or at once when paused."""
-    dom = await ctx.hv.get_domain(name)
+    ``shutdown_timeout``; destroyed past it, or at once when paused.  UUID:
+    the planned domain's, so that its state is read whatever its name."""
+    dom = await ctx.hv.get_domain(name, uuid=uuid)
     if dom.state is DomainState.SHUTOFF:
         return
     if dom.state is DomainState.RUNNING:
@@ -149,24 +149,27 @@ async def _power_off(ctx: Context, name: str) -> None:
         except GasnapError as err:
             log.warning("%s: graceful shutdown refused (%s)", name, err.message)
         else:
-            if await _shut_off_within(ctx, name, ctx.shutdown_timeout):
+            if await _shut_off_within(ctx, name, ctx.shutdown_timeout, uuid):
                 log.info("%s: shut down for a revert", name)
                 return
         log.warning("%s did not power off within %.0f s: destroying it", name,
                     ctx.shutdown_timeout)
-    await ctx.hv.destroy(name)
-    if not await _shut_off_within(ctx, name, DESTROY_WAIT):
-        raise RevertFailed(f"{name} is still running after destroy")
+    await _destroy(ctx, name, uuid)
 
 
-async def _shut_off_within(ctx: Context, name: str, seconds: float) -> bool:
+async def _shut_off_within(ctx: Context, name: str, seconds: float,
+                           uuid: str | None = None) -> bool:
     deadline = time.monotonic() + seconds
     while True:
-        if (await ctx.hv.get_domain(name)).state is DomainState.SHUTOFF:
+        if await _state(ctx, name, uuid) is DomainState.SHUTOFF:
             return True
         if time.monotonic() >= deadline:
             return False
         await asyncio.sleep(STATE_POLL)
+
+
+async def _state(ctx: Context, name: str, uuid: str | None) -> DomainState:
+    return (await ctx.hv.get_domain(name, uuid=uuid)).state
 
 
 async def _make_overlays(ctx: Context, planned: RevertPlan) -> None:
@@ -195,7 +198,7 @@ async def _check_switched(ctx: Context, planned: RevertPlan, name: str) -> None:
 
 async def _start(ctx: Context, planned: RevertPlan) -> None:
     for name in planned.start:
-        if (await ctx.hv.get_domain(name)).state is not DomainState.SHUTOFF:
+        if await _state(ctx, name, planned.uuids.get(name)) is not DomainState.SHUTOFF:
             continue
         memory = planned.memory.get(name)
         if memory is None:
@@ -301,10 +304,9 @@ async def _remove_overlays(ctx: Context, planned: RevertPlan) -> None:
 async def _restart(ctx: Context, planned: RevertPlan) -> None:
     """Start again the domains the revert stopped and would have started."""
     for name in planned.stop:
-        if name in planned.start:
-            dom = await ctx.hv.get_domain(name)
-            if dom.state is DomainState.SHUTOFF:
-                await ctx.hv.start(name)
+        if (name in planned.start
+                and await _state(ctx, name, planned.uuids.get(name)) is DomainState.SHUTOFF):
+            await ctx.hv.start(name)
 
 
 async def resume(ctx: Context, op: Operation) -> None:

@@ -64,6 +64,7 @@ class RevertPlan:
     # those of them saved paused (restored paused)
     memory: dict[str, str] = field(default_factory=dict)
     paused: list[str] = field(default_factory=list)
+    snapshot_name: str = ""  # names the before-revert snapshots
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -73,7 +74,7 @@ class RevertPlan:
         return cls(doc["snapshot_id"], [RevertVolume(**v) for v in doc["volumes"]],
                    dict(doc["uuids"]), list(doc["stop"]), list(doc["start"]),
                    list(doc.get("agents", [])), dict(doc.get("memory", {})),
-                   list(doc.get("paused", [])))
+                   list(doc.get("paused", [])), doc.get("snapshot_name", ""))
 
     @property
     def domains(self) -> list[str]:
@@ -82,13 +83,13 @@ class RevertPlan:
     def of(self, domain: str) -> list[RevertVolume]:
         return [v for v in self.volumes if v.domain == domain]
 
-    def before_request(self, name: str) -> createplan.CreateRequest:
+    def before_request(self) -> createplan.CreateRequest:
         """The create that keeps, first, the state every volume leaves."""
         disks: dict[str, list[str]] = {}
         for v in self.volumes:
             disks.setdefault(v.domain, []).append(v.target)
         return createplan.CreateRequest(
-            domains=self.domains, disks=disks, name=f"before-revert to {name}"[:255],
+            domains=self.domains, disks=disks, name=f"before-revert to {self.snapshot_name}"[:255],
             description=f"the state left by a revert to snapshot {self.snapshot_id}",
             quiesce=Quiesce.PREFERRED, origin=Origin.BEFORE_REVERT,
             memory=bool(self.memory), memory_of_paused=False,
@@ -119,9 +120,9 @@ async def plan(ctx: Context, snapshot_id: str, scope: Scope, *, force: bool,
     planned = RevertPlan(meta.id, volumes, {d.name: d.uuid for d in domains.values()},
                          live, restart, agents, memory,
                          [t.domain for t in targets
-                          if t.domain in memory and t.domain_state == "paused"])
+                          if t.domain in memory and t.domain_state == "paused"], meta.name)
     # The before-revert snapshots must be possible, or nothing is done.
-    await createplan.plan(ctx, planned.before_request(meta.name))
+    await createplan.plan(ctx, planned.before_request())
     return planned
 
 
