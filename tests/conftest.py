@@ -241,6 +241,14 @@ def create_snapshots(agent: Agent, body: dict[str, Any]) -> dict[str, Any]:
     return wait_task(agent, task["id"])
 
 
+def snap(agent: Agent, dom: Domain, name: str) -> dict[str, Any]:
+    """One snapshot of every disk of DOM, named NAME; its (first) record."""
+    task = create_snapshots(agent, {"domains": [dom.name], "name": name})
+    assert task["state"] == "succeeded", task
+    record: dict[str, Any] = task["result"]["snapshots"][0]
+    return record
+
+
 def wait_task(agent: Agent, task_id: str, timeout: float = 120) -> dict[str, Any]:
     deadline = time.monotonic() + timeout
     while True:
@@ -254,6 +262,12 @@ async def chain_of(hv: LibvirtHypervisor, domain: str, target: str) -> list[str]
     vol = (await hv.get_domain(domain)).volume(target)
     assert vol is not None
     return [layer.path for layer in vol.chain]
+
+
+async def hv_call(hv: LibvirtHypervisor, name: str, method: str) -> None:
+    """A plain libvirt domain method (suspend, resume, ...) the interface lacks."""
+    await hv.connection.call(lambda c: getattr(c.lookupByName(name), method)(),
+                             what=f"{method} {name}")
 
 
 async def freeze_status(hv: LibvirtHypervisor, domain: str) -> str:

@@ -16,7 +16,13 @@ from aiohttp.test_utils import TestServer
 from gasnap import httpkit
 from gasnap.errors import BadRequest, Unavailable
 from gasnap.metaclient import MetadataRejected, MetadataUnauthorized, RemoteMetadata
-from gasnap.metadata import MetadataUnavailable, SnapshotNotFound, WrongStatus
+from gasnap.metadata import (
+    CloneNotFound,
+    CloneStatus,
+    MetadataUnavailable,
+    SnapshotNotFound,
+    WrongStatus,
+)
 from gasnap.metastore.postgres import PostgresBackend
 from gasnap.sqlitedb import SqliteDB
 from pgcluster import Cluster
@@ -88,6 +94,21 @@ async def test_snapshot_ids_stay_one_path_segment(
     assert len(paths) == 3
     assert all(p.startswith("/v1/snapshots/") and p.count("/") == 3 and "?" not in p
                for p in paths), paths
+
+
+async def test_a_service_without_clone_records(
+    service: tuple[RemoteMetadata, list[str]]
+) -> None:
+    """A service that keeps to the snapshot contract alone (no /v1/clones):
+    no clone is known there, so snapshot deletes still plan; making one is
+    refused with a code that says why."""
+    client, _ = service
+    assert await client.list_clones(volume_id="v1") == []
+    with pytest.raises(CloneNotFound):
+        await client.get_clone("c1")
+    with pytest.raises(MetadataRejected) as info:
+        await client.finalize_clone_metadata("c1", CloneStatus.AVAILABLE)
+    assert info.value.code == "clones_unsupported"
 
 
 # --- SQLite ---------------------------------------------------------------------------

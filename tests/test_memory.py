@@ -15,7 +15,15 @@ from typing import Any
 
 import pytest
 
-from conftest import PREFIX, Agent, create_snapshots, delete_snapshot, gasnap, wait_task
+from conftest import (
+    PREFIX,
+    Agent,
+    create_snapshots,
+    delete_snapshot,
+    gasnap,
+    hv_call,
+    wait_task,
+)
 from gasnap.client import ApiError
 from gasnap.hypervisor import Domain, DomainState
 from gasnap.lab.guests import Lab
@@ -130,11 +138,6 @@ async def test_memory_of_stopped_and_paused_domains(
     assert task["result"]["snapshots"][0]["memory_file"] is None
     await hv.start(name)
     await Lab(hv).wait_for_agent(name, 180)
-
-
-async def hv_call(hv: LibvirtHypervisor, name: str, method: str) -> None:
-    await hv.connection.call(lambda c: getattr(c.lookupByName(name), method)(),
-                             what=f"{method} {name}")
 
 
 @pytest.mark.parametrize("point", ["revert:stopping", "revert:overlays", "revert:switching"])

@@ -13,10 +13,16 @@ import pytest
 
 from gasnap.metaclient import RemoteMetadata
 from gasnap.metadata import (
+    Attachment,
+    CloneChange,
+    CloneMode,
+    CloneNotFound,
+    CloneStatus,
     Consistency,
     Finalization,
     InvalidMarker,
     MetadataService,
+    NewClone,
     NewSnapshot,
     Origin,
     SnapshotNotFound,
@@ -263,3 +269,74 @@ async def test_trees_and_pages(store: MetadataService) -> None:
     assert await store.list_snapshots(domain="elsewhere") == []
     with pytest.raises(InvalidMarker):
         await store.list_snapshots(limit=2, marker="no-such-snapshot")
+
+
+# --- clones -------------------------------------------------------------------------
+
+
+def new_clone(clone_id: str = "c1", snapshot_id: str = "s1",
+              mode: CloneMode = CloneMode.LINKED) -> NewClone:
+    return NewClone(clone_id, snapshot_id, "copy", mode, f"/v/volume-{clone_id}", "/v/f",
+                    1024, "2026-01-02T00:00:00Z")
+
+
+async def test_clone_records_two_phases_and_dependencies(store: MetadataService) -> None:
+    """A clone is recorded in two phases from an available snapshot; while a
+    linked one (not failed) names the snapshot, the snapshot cannot start
+    deleting, on every caller of the store; attach, flatten and delete are
+    recorded as the contract's transitions allow."""
+    await store.create_snapshot_metadata(new())
+    with pytest.raises(WrongStatus):  # still creating
+        await store.create_clone_metadata(new_clone())
+    with pytest.raises(SnapshotNotFound):
+        await store.create_clone_metadata(new_clone(snapshot_id="nope"))
+    await store.finalize_snapshot_metadata("s1", AVAILABLE)
+    made = await store.create_clone_metadata(new_clone())
+    assert (made.status, made.source_volume_id, made.attached_to) == (
+        CloneStatus.CREATING, "v1", None)
+    assert await store.create_clone_metadata(new_clone()) == made  # idempotent
+    await store.create_snapshot_metadata(new("s2", when="2026-01-01T00:00:01Z"))
+    await store.finalize_snapshot_metadata("s2", AVAILABLE)
+    with pytest.raises(WrongStatus):  # one id, another snapshot
+        await store.create_clone_metadata(new_clone(snapshot_id="s2"))
+    done = await store.finalize_clone_metadata("c1", CloneStatus.AVAILABLE)
+    assert done.status is CloneStatus.AVAILABLE
+    assert await store.finalize_clone_metadata("c1", CloneStatus.AVAILABLE) == done
+
+    with pytest.raises(WrongStatus) as refused:
+        await store.update_snapshot_status("s1", Status.DELETING, "0%")
+    assert refused.value.code == "snapshot_has_clones"
+    assert (await store.get_snapshot("s1")).status is Status.AVAILABLE
+
+    where = Attachment("other", "vdb", True)
+    attached = await store.update_clone_metadata("c1", CloneChange(attached_to=where))
+    assert attached.attached_to == where
+    assert (await store.get_clone("c1")).attached_to == where
+    assert [c.id for c in await store.list_clones(snapshot_id="s1")] == ["c1"]
+    assert [c.id for c in await store.list_clones(volume_id="v1")] == ["c1"]
+    assert await store.list_clones(volume_id="v2") == []
+    detached = await store.update_clone_metadata("c1", CloneChange(detach=True))
+    assert detached.attached_to is None
+    full = await store.update_clone_metadata("c1", CloneChange(mode=CloneMode.FULL))
+    assert full.mode is CloneMode.FULL
+    await store.update_snapshot_status("s1", Status.DELETING, "0%")  # no linked clone now
+
+    with pytest.raises(WrongStatus):  # available cannot be removed directly
+        await store.clone_delete_metadata("c1")
+    with pytest.raises(WrongStatus):  # available -> creating is no transition
+        await store.update_clone_metadata("c1", CloneChange(status=CloneStatus.CREATING))
+    await store.update_clone_metadata("c1", CloneChange(status=CloneStatus.DELETING))
+    await store.clone_delete_metadata("c1")
+    await store.clone_delete_metadata("c1")  # idempotent
+    with pytest.raises(CloneNotFound):
+        await store.get_clone("c1")
+
+
+async def test_a_failed_linked_clone_does_not_hold_its_snapshot(store: MetadataService) -> None:
+    await store.create_snapshot_metadata(new())
+    await store.finalize_snapshot_metadata("s1", AVAILABLE)
+    await store.create_clone_metadata(new_clone())
+    await store.finalize_clone_metadata("c1", CloneStatus.ERROR, "qemu-img failed")
+    assert (await store.get_clone("c1")).error == "qemu-img failed"
+    await store.update_snapshot_status("s1", Status.DELETING, "0%")
+    await store.clone_delete_metadata("c1")  # error records go at once

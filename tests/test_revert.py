@@ -21,6 +21,7 @@ from conftest import (
     delete_snapshot,
     gasnap,
     record_digest,
+    snap,
     wait_task,
 )
 from gasnap.client import ApiError
@@ -40,13 +41,6 @@ async def reverting(request: pytest.FixtureRequest, lab: Lab) -> AsyncIterator[D
                        disk_format=request.param)
     yield dom
     await lab.down(dom.name)
-
-
-def snap(agent: Agent, dom: Domain, name: str) -> dict[str, Any]:
-    task = create_snapshots(agent, {"domains": [dom.name], "name": name})
-    assert task["state"] == "succeeded", task
-    record: dict[str, Any] = task["result"]["snapshots"][0]
-    return record
 
 
 def revert(agent: Agent, snapshot_id: str, **body: Any) -> dict[str, Any]:

@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from gasnap import tasks
+from gasnap.errors import GasnapError
 from gasnap.journal import Journal
 from gasnap.tasks import TaskManager, VolumeBusy
 
@@ -59,3 +60,33 @@ async def test_finished_tasks_are_pruned(tmp_path: Path,
     reopened = TaskManager(Journal(tmp_path / "journal.db"))
     await reopened.load()
     assert [t.id for t in reopened.list()] == made[-3:]
+
+
+@pytest.mark.parametrize("fails", [False, True])
+async def test_a_task_seen_finished_holds_nothing(tmp_path: Path, fails: bool) -> None:
+    """The moment a caller can see a task finished, its volumes are free:
+    the next request on them (detach after a flatten, found by a CI run)
+    is not refused volume_busy by a task that has ended."""
+    journal = Journal(tmp_path / "journal.db")
+    manager = TaskManager(journal)
+    seen: list[bool] = []
+    original = manager.update
+
+    async def update(task: tasks.Task, **fields: Any) -> None:
+        await original(task, **fields)
+        if task.finished:  # what GET /v1/tasks/{id} answers from now on
+            nxt = manager.reserve("clone-detach", {"v1"})  # VolumeBusy before the fix
+            manager.release(nxt)
+            seen.append(True)
+
+    async def work(_task: tasks.Task) -> tasks.Done:
+        if fails:
+            raise GasnapError("broken")
+        return tasks.Done({})
+
+    manager.update = update  # type: ignore[method-assign]
+    task = manager.reserve("clone-flatten", {"v1"})
+    await manager.start(task, work)
+    await task.done.wait()
+    assert seen == [True]
+    journal.close()

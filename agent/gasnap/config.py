@@ -44,6 +44,7 @@ class Settings:
     # seconds a forced revert waits for a guest to power off before it
     # destroys the domain
     shutdown_timeout: float = 120.0
+    detach_timeout: float = 60.0  # a clone's detach: the wait for the guest to let go
     spare_overlays: bool = True  # make the next snapshot's overlay ahead of time
     metadata_url: str = ""  # empty: the embedded store under state_dir
     metadata_token: str = ""
@@ -62,6 +63,7 @@ _AGENT_KEYS: dict[str, type | tuple[type, ...]] = {
     "listen": str, "state_dir": str, "libvirt_uri": str, "token": str,
     "freeze_timeout": (int, float), "merge_bandwidth": int, "spare_overlays": bool,
     "libvirt_outage_wait": (int, float), "shutdown_timeout": (int, float),
+    "detach_timeout": (int, float),
 }
 _METADATA_KEYS: dict[str, type | tuple[type, ...]] = {
     "url": str, "token": str, "deadline": (int, float),
@@ -160,6 +162,7 @@ def load(path: Path | None, overrides: dict[str, Any]) -> Settings:
     _positive(values, "metadata_deadline", "metadata.deadline")
     _positive(values, "libvirt_outage_wait", "agent.libvirt_outage_wait")
     _positive(values, "shutdown_timeout", "agent.shutdown_timeout")
+    _positive(values, "detach_timeout", "agent.detach_timeout")
     url = values.get("metadata_url", "")
     if url and not url.startswith(("http://", "https://", "unix:")):
         raise ConfigError(f"metadata.url must be http(s)://HOST:PORT or unix:PATH, not {url!r}")

@@ -168,3 +168,40 @@ def mirror_ready(xml: str, target: str) -> bool:
             mirror = disk.find("mirror")
             return mirror is not None and mirror.get("ready") == "yes"
     return False
+
+
+# --- hot-plugged disks (clones) ---------------------------------------------------
+
+
+def disk_xml(path: str, target: str, serial: str, *, readonly: bool) -> str:
+    """A qcow2 file disk on the virtio bus at TARGET with SERIAL (the chain
+    below is read from the file's header, which names every format)."""
+    disk = ET.Element("disk", type="file", device="disk")
+    ET.SubElement(disk, "driver", name="qemu", type="qcow2")
+    ET.SubElement(disk, "source", file=path)
+    ET.SubElement(disk, "target", dev=target, bus="virtio")
+    ET.SubElement(disk, "serial").text = serial
+    if readonly:
+        ET.SubElement(disk, "readonly")
+    return ET.tostring(disk, encoding="unicode")
+
+
+def targets(xml: str) -> dict[str, str | None]:
+    """Every disk's target (CD-ROMs and floppies too), with its serial."""
+    found: dict[str, str | None] = {}
+    for disk in _parse(xml).findall("./devices/disk"):
+        target = disk.find("target")
+        if target is not None and target.get("dev"):
+            serial = disk.find("serial")
+            found[str(target.get("dev"))] = (serial.text or "").strip() if serial is not None \
+                else None
+    return found
+
+
+def disk_with_serial(xml: str, serial: str) -> str | None:
+    """The ``<disk>`` element whose serial is SERIAL, as XML, or None."""
+    for disk in _parse(xml).findall("./devices/disk"):
+        found = disk.find("serial")
+        if found is not None and (found.text or "").strip() == serial:
+            return ET.tostring(disk, encoding="unicode")
+    return None

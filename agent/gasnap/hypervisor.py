@@ -24,6 +24,12 @@ class DomainChanged(Conflict):
     code = "domain_changed"
 
 
+class DetachTimeout(Conflict):
+    """A guest did not release a hot-plugged disk in time; it stays attached."""
+
+    code = "detach_timeout"
+
+
 class DomainState(enum.Enum):
     RUNNING = "running"
     PAUSED = "paused"
@@ -175,6 +181,18 @@ class Hypervisor(Protocol):
 
     async def destroy(self, name: str) -> None:
         """Power off at once; a domain that is already off is fine."""
+
+    async def disk_targets(self, name: str) -> dict[str, str | None]:
+        """Every disk target NAME uses (live or defined) and its serial."""
+
+    async def attach_disk(self, name: str, path: str, target: str, serial: str, *,
+                          readonly: bool) -> None:
+        """Plug the qcow2 PATH in at TARGET (live when running, and in the
+        definition)."""
+
+    async def detach_disk(self, name: str, serial: str, *, timeout: float) -> None:
+        """Unplug the disk with SERIAL, live (bounded wait for the guest)
+        then from the definition; DetachTimeout leaves it attached."""
 
     async def block_commit(self, name: str, target: str, top: str, base: str, *,
                            active: bool, bandwidth: int = 0) -> None:

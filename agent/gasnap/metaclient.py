@@ -10,6 +10,7 @@ safe.  4xx answers are the service's word and are never retried.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import time
 from typing import Any
@@ -28,11 +29,16 @@ from tenacity import (
 from . import metrics
 from .errors import BadRequest, Unavailable
 from .metadata import (
+    CloneChange,
+    CloneMeta,
+    CloneNotFound,
+    CloneStatus,
     Consistency,
     Finalization,
     InvalidMarker,
     MetadataError,
     MetadataUnavailable,
+    NewClone,
     NewSnapshot,
     Origin,
     SnapshotMeta,
@@ -90,6 +96,14 @@ def contract_parents(metas: list[SnapshotMeta]) -> dict[str, str | None]:
     return parents
 
 
+def _is_json(text: str) -> bool:
+    try:
+        json.loads(text)
+    except ValueError:
+        return False
+    return True
+
+
 def _segment(value: str) -> str:
     """VALUE as one URL path segment: ``/`` and ``?`` stay data.  A dot
     segment would be resolved away on the way (RFC 3986), so it is refused."""
@@ -126,8 +140,11 @@ class RemoteMetadata:
         try:
             async with self._session.request(method, self._base + path, json=body,
                                              params=query) as resp:
-                doc = await resp.json(content_type=None) if resp.status != 204 else None
                 status = resp.status
+                text = await resp.text() if status != 204 else ""
+            # A refusal need not be JSON (a route the service does not have):
+            # it is still the service's word, not a reason to retry.
+            doc = json.loads(text) if text and (status < 400 or _is_json(text)) else None
         except (aiohttp.ClientError, TimeoutError, ValueError) as err:
             raise _Retryable(f"{type(err).__name__}: {err}") from err
         finally:
@@ -143,6 +160,12 @@ class RemoteMetadata:
                                            "(check [metadata] token)", status=status)
             # Only the protocol's own answers mean what the protocol says: a
             # 404 for something else (a volume, a path) is not "no such snapshot".
+            if status == 404 and code == CloneNotFound.code:
+                raise CloneNotFound(message)
+            if status == 404 and code is None and path.startswith("/v1/clones"):
+                raise MetadataRejected(f"metadata service {self._url} keeps no clone records "
+                                       "(a gasnap metadata service of this release does)",
+                                       status=status, code="clones_unsupported")
             if status == 404 and code in (None, SnapshotNotFound.code):
                 raise SnapshotNotFound(message)
             if status == 409:  # the protocol's one conflict: a status transition
@@ -228,6 +251,66 @@ class RemoteMetadata:
 
     async def snapshot_delete_metadata(self, snapshot_id: str) -> None:
         await self._action(snapshot_id, "snapshot-delete-metadata", {})
+
+    # --- clones ---------------------------------------------------------------
+
+    async def create_clone_metadata(self, new: NewClone) -> CloneMeta:
+        body = {"clone_id": new.clone_id, "name": new.name, "mode": new.mode.value,
+                "file": new.file, "image": new.image, "size": new.size,
+                "created_at": new.created_at}
+        doc = await self._action(new.source_snapshot, "create-clone-metadata", body)
+        return CloneMeta.from_dict(doc["clone"])
+
+    async def _clone_action(self, clone_id: str, action: str, body: dict[str, Any]) -> Any:
+        return await self._call("POST", f"/v1/clones/{_segment(clone_id)}/action",
+                                {action: body})
+
+    async def finalize_clone_metadata(self, clone_id: str, status: CloneStatus,
+                                      error: str | None = None) -> CloneMeta:
+        doc = await self._clone_action(clone_id, "finalize-clone-metadata",
+                                       {"status": status.value, "error": error})
+        return CloneMeta.from_dict(doc["clone"])
+
+    async def update_clone_metadata(self, clone_id: str, change: CloneChange) -> CloneMeta:
+        body: dict[str, Any] = {}
+        if change.status is not None:
+            body["status"] = change.status.value
+        if change.mode is not None:
+            body["mode"] = change.mode.value
+        if change.detach:
+            body["attached_to"] = None
+        elif change.attached_to is not None:
+            body["attached_to"] = change.attached_to.to_dict()
+        if change.error is not None:
+            body["error"] = change.error
+        doc = await self._clone_action(clone_id, "update-clone-metadata", body)
+        return CloneMeta.from_dict(doc["clone"])
+
+    async def clone_delete_metadata(self, clone_id: str) -> None:
+        await self._clone_action(clone_id, "clone-delete-metadata", {})
+
+    async def get_clone(self, clone_id: str) -> CloneMeta:
+        try:
+            doc = await self._call("GET", f"/v1/clones/{_segment(clone_id)}")
+        except MetadataRejected as err:
+            if err.code != "clones_unsupported":
+                raise
+            raise CloneNotFound(f"no clone {clone_id}: {err.message}") from err
+        return CloneMeta.from_dict(doc["clone"])
+
+    async def list_clones(self, snapshot_id: str | None = None,
+                          volume_id: str | None = None) -> list[CloneMeta]:
+        given = {"snapshot_id": snapshot_id, "volume_id": volume_id}
+        try:
+            doc = await self._call("GET", "/v1/clones",
+                                   query={k: v for k, v in given.items() if v is not None})
+        except MetadataRejected as err:
+            if err.code != "clones_unsupported":
+                raise
+            return []  # a service of the contract alone: no clone was ever recorded there
+        return [CloneMeta.from_dict(d) for d in doc["clones"]]
+
+    # --- reads ----------------------------------------------------------------
 
     async def get_snapshot(self, snapshot_id: str) -> SnapshotMeta:
         return await self._with_parent(

@@ -32,6 +32,16 @@ class WrongStatus(MetadataError, Conflict):
     code = "wrong_status"
 
 
+class CloneNotFound(MetadataError, NotFound):
+    code = "clone_not_found"
+
+
+class SnapshotHasClones(WrongStatus):
+    """A linked clone still reads this snapshot's image (or one below it)."""
+
+    code = "snapshot_has_clones"
+
+
 class MetadataUnavailable(MetadataError, Unavailable):
     """The metadata service (or its database) cannot be reached; the call
     changed nothing."""
@@ -151,6 +161,114 @@ class Finalization:
     error: str | None = None
 
 
+# --- clones -------------------------------------------------------------------
+
+
+class CloneStatus(enum.Enum):
+    CREATING = "creating"
+    AVAILABLE = "available"
+    ERROR = "error"
+    DELETING = "deleting"
+
+
+class CloneMode(enum.Enum):
+    LINKED = "linked"  # a qcow2 backed by the snapshot's image
+    FULL = "full"  # an independent copy
+
+
+# A clone's life cycle: a delete that changed nothing goes back to available.
+CLONE_TRANSITIONS: dict[CloneStatus, frozenset[CloneStatus]] = {
+    CloneStatus.CREATING: frozenset({CloneStatus.AVAILABLE, CloneStatus.ERROR}),
+    CloneStatus.AVAILABLE: frozenset({CloneStatus.DELETING}),
+    CloneStatus.DELETING: frozenset({CloneStatus.AVAILABLE, CloneStatus.ERROR}),
+    CloneStatus.ERROR: frozenset({CloneStatus.DELETING}),
+}
+CLONE_DELETABLE = frozenset({CloneStatus.DELETING, CloneStatus.ERROR})
+
+
+def check_clone_transition(clone_id: str, current: CloneStatus, new: CloneStatus) -> None:
+    if new not in CLONE_TRANSITIONS[current]:
+        raise WrongStatus(f"clone {clone_id} is {current.value}; it cannot become {new.value}",
+                          current=current.value)
+
+
+@dataclass(frozen=True)
+class Attachment:
+    """Where a clone is attached: the domain's disk TARGET (``<serial>`` is
+    the clone's id)."""
+
+    domain: str
+    target: str
+    readonly: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class CloneMeta:
+    """A volume made from a snapshot, as the metadata service knows it."""
+
+    id: str
+    name: str
+    source_snapshot: str
+    source_volume_id: str
+    mode: CloneMode
+    file: str  # volume-<id>, next to the source volume's files
+    image: str | None  # linked: the file it backs onto (the snapshot's image)
+    size: int
+    status: CloneStatus
+    created_at: str
+    attached_to: Attachment | None = None
+    error: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        doc = asdict(self)
+        doc["mode"] = self.mode.value
+        doc["status"] = self.status.value
+        doc["attached_to"] = self.attached_to.to_dict() if self.attached_to else None
+        return doc
+
+    @classmethod
+    def from_dict(cls, doc: dict[str, Any]) -> CloneMeta:
+        attached = doc.get("attached_to")
+        return cls(
+            id=doc["id"], name=doc["name"], source_snapshot=doc["source_snapshot"],
+            source_volume_id=doc["source_volume_id"], mode=CloneMode(doc["mode"]),
+            file=doc["file"], image=doc.get("image"), size=doc["size"],
+            status=CloneStatus(doc["status"]), created_at=doc["created_at"],
+            attached_to=Attachment(str(attached["domain"]), str(attached["target"]),
+                                   bool(attached["readonly"])) if attached else None,
+            error=doc.get("error"),
+        )
+
+
+@dataclass(frozen=True)
+class NewClone:
+    """The body of create-clone-metadata (the source volume is the snapshot's)."""
+
+    clone_id: str
+    source_snapshot: str
+    name: str
+    mode: CloneMode
+    file: str
+    image: str | None
+    size: int
+    created_at: str
+
+
+@dataclass(frozen=True)
+class CloneChange:
+    """The body of update-clone-metadata: None leaves a field as it is;
+    ``detach`` clears ``attached_to``."""
+
+    status: CloneStatus | None = None
+    mode: CloneMode | None = None
+    attached_to: Attachment | None = None
+    detach: bool = False
+    error: str | None = None
+
+
 class MetadataService(Protocol):
     async def create_snapshot_metadata(self, new: NewSnapshot) -> SnapshotMeta: ...
 
@@ -183,5 +301,25 @@ class MetadataService(Protocol):
         """Oldest first (a group in the order it was made); with LIMIT, at most
         that many; with MARKER (a snapshot id), only those after it; PARENT:
         its children only; ROOTS: those without a parent only."""
+
+    # clones: a linked clone's record keeps its source snapshot from being
+    # marked deleting (snapshot_has_clones), on every host of the service
+
+    async def create_clone_metadata(self, new: NewClone) -> CloneMeta:
+        """Status creating; the source snapshot must be available."""
+
+    async def finalize_clone_metadata(self, clone_id: str, status: CloneStatus,
+                                      error: str | None = None) -> CloneMeta: ...
+
+    async def update_clone_metadata(self, clone_id: str, change: CloneChange) -> CloneMeta: ...
+
+    async def clone_delete_metadata(self, clone_id: str) -> None: ...
+
+    async def get_clone(self, clone_id: str) -> CloneMeta: ...
+
+    async def list_clones(self, snapshot_id: str | None = None,
+                          volume_id: str | None = None) -> list[CloneMeta]:
+        """Oldest first; SNAPSHOT_ID: clones of that snapshot; VOLUME_ID:
+        clones of that volume's snapshots."""
 
     async def close(self) -> None: ...

@@ -12,6 +12,7 @@ import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
+from .cloneservice import CloneService
 from .config import Settings
 from .errors import Unavailable
 from .freezeguard import FreezeGuard
@@ -37,6 +38,7 @@ SWEEP_INTERVAL = 10.0
 class Runtime:
     hv: Hypervisor
     service: SnapshotService
+    clones: CloneService
 
 
 def open_hypervisor(settings: Settings) -> Hypervisor:
@@ -53,13 +55,14 @@ async def open_runtime(settings: Settings) -> AsyncIterator[Runtime]:
     guard = FreezeGuard(settings.libvirt_uri)
     spares = Spares(enabled=settings.spare_overlays)
     ctx = Context(hv, hv.agent, metadata, journal, guard, settings.freeze_timeout,
-                  settings.merge_bandwidth, spares, shutdown_timeout=settings.shutdown_timeout)
+                  settings.merge_bandwidth, spares, shutdown_timeout=settings.shutdown_timeout,
+                  detach_timeout=settings.detach_timeout)
     tasks = TaskManager(journal)
     await tasks.load()
     service = SnapshotService(ctx, tasks)
     recovery = asyncio.get_running_loop().create_task(_recover(ctx, guard, service))
     try:
-        yield Runtime(hv, service)
+        yield Runtime(hv, service, CloneService(ctx, tasks, service.ready))
     finally:
         recovery.cancel()
         await asyncio.gather(recovery, return_exceptions=True)

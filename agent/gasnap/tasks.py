@@ -144,28 +144,36 @@ class TaskManager:
         # sit between the request and its first step.
         task.state = TaskState.RUNNING
         try:
+            try:
+                end = await self._work(task, work)
+            finally:
+                # Free the volumes before the end is visible: a caller that
+                # sees the task finished may ask for the next thing at once.
+                self.release(task)
+            await self.update(task, **end)
+        finally:
+            task.done.set()
+            self._prune()
+
+    @staticmethod
+    async def _work(task: Task, work: Work) -> dict[str, Any]:
+        """WORK's end, as the fields ``update`` sets."""
+        try:
             done = await work(task)
         except GasnapError as err:
             log.error("task %s (%s) failed: %s", task.id, task.kind, err.message)
             log.debug("traceback", exc_info=True)
-            await self.update(task, state=TaskState.FAILED, error=err.to_dict())
+            return {"state": TaskState.FAILED, "error": err.to_dict()}
         except Exception as err:
             log.error("task %s (%s) failed: %s", task.id, task.kind, err)
             log.debug("traceback", exc_info=True)
-            await self.update(task, state=TaskState.FAILED,
-                              error={"code": "internal", "message": str(err)})
-        else:
-            if done.error is None:
-                await self.update(task, state=TaskState.SUCCEEDED, progress=100,
-                                  result=done.result)
-            else:
-                log.error("task %s (%s) failed: %s", task.id, task.kind, done.error.message)
-                await self.update(task, state=TaskState.FAILED, result=done.result,
-                                  error=done.error.to_dict())
-        finally:
-            self.release(task)
-            task.done.set()
-            self._prune()
+            return {"state": TaskState.FAILED,
+                    "error": {"code": "internal", "message": str(err)}}
+        if done.error is None:
+            return {"state": TaskState.SUCCEEDED, "progress": 100, "result": done.result}
+        log.error("task %s (%s) failed: %s", task.id, task.kind, done.error.message)
+        return {"state": TaskState.FAILED, "result": done.result,
+                "error": done.error.to_dict()}
 
     def _prune(self) -> None:
         """Forget the oldest finished tasks past KEEP_FINISHED (in memory; the

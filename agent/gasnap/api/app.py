@@ -11,8 +11,8 @@ from aiohttp.typedefs import Middleware
 from ..config import Settings
 from ..httpkit import errors_middleware, token_middleware
 from ..runtime import open_runtime
-from . import handlers, spec
-from .keys import HYPERVISOR, SERVICE, SETTINGS
+from . import clones, handlers, spec
+from .keys import CLONES, HYPERVISOR, SERVICE, SETTINGS
 
 log = logging.getLogger(__name__)
 
@@ -20,6 +20,7 @@ async def _runtime_ctx(app: web.Application) -> AsyncIterator[None]:
     async with open_runtime(app[SETTINGS]) as runtime:
         app[HYPERVISOR] = runtime.hv
         app[SERVICE] = runtime.service
+        app[CLONES] = runtime.clones
         yield
 
 
@@ -31,5 +32,6 @@ def create_app(settings: Settings) -> web.Application:
     app[SETTINGS] = settings
     app.cleanup_ctx.append(_runtime_ctx)
     handlers.setup_routes(app)
+    clones.setup_routes(app)
     spec.setup(app)
     return app

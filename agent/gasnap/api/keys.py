@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
+from ..cloneservice import CloneService
 from ..config import Settings
 from ..hypervisor import Hypervisor
 from ..service import SnapshotService
@@ -11,3 +12,4 @@ from ..service import SnapshotService
 SETTINGS = web.AppKey("settings", Settings)
 HYPERVISOR = web.AppKey("hypervisor", Hypervisor)
 SERVICE = web.AppKey("service", SnapshotService)
+CLONES = web.AppKey("clones", CloneService)

@@ -76,6 +76,24 @@ SCHEMAS: Schema = {
     "RevertRequest": obj([], {"scope": {"type": "string", "enum": ["group", "volume"]},
                               "force": {"type": "boolean"},
                               "start": nullable("boolean")}, closed=True),
+    "Attach": obj(["domain"], {"domain": STRING, "target": {"type": "string",
+                                                             "pattern": "^vd[a-z]{1,2}$"},
+                               "readonly": {"type": "boolean"}}, closed=True),
+    "CloneRequest": obj([], {"mode": {"type": "string", "enum": ["linked", "full"]},
+                             "name": STRING, "attach": ref("Attach")}, closed=True),
+    "Clone": obj(
+        ["id", "name", "source_snapshot", "source_volume_id", "mode", "file", "size",
+         "status", "attached_to", "created_at", "error"],
+        {"id": STRING, "name": STRING, "source_snapshot": STRING,
+         "source_volume_id": STRING, "mode": {"type": "string", "enum": ["linked", "full"]},
+         "file": STRING, "image": nullable("string"), "size": {"type": "integer"},
+         "status": {"type": "string",
+                    "enum": ["creating", "available", "error", "deleting"]},
+         "attached_to": {**obj(["domain", "target", "readonly"], {
+             "domain": STRING, "target": STRING, "readonly": {"type": "boolean"}}),
+             "nullable": True},
+         "created_at": STRING, "error": nullable("string")}),
+    "CloneAnswer": obj(["clone"], {"clone": ref("Clone")}),
     "NovaCreate": obj(["snapshot"], {"snapshot": obj(
         ["volume_id", "create_info"],
         {"volume_id": STRING, "create_info": obj(
@@ -128,6 +146,30 @@ PATHS: Schema = {
         "before-revert snapshots first. Result: reverted, before, domains", 202,
         ref("TaskAnswer"), [400, 404, 409, 503], params=_ID,
         body=json_body(ref("RevertRequest")))},
+    "/v1/snapshots/{id}/clone": {"post": operation(
+        "A new volume from the snapshot: linked (backed by its image) or full (a copy); "
+        "attach it at once if asked. Result: clone", 202, ref("TaskAnswer"),
+        [400, 404, 409, 503], params=_ID, body=json_body(ref("CloneRequest")))},
+    "/v1/clones": {"get": operation(
+        "Clone records, oldest first", 200,
+        obj(["clones"], {"clones": {"type": "array", "items": ref("Clone")}}), [400, 503],
+        params=[query_param("snapshot_id")])},
+    "/v1/clones/{id}": {
+        "get": operation("One clone record", 200, ref("Clone"), [404, 503], params=_ID),
+        "delete": operation("Delete a clone (not while attached, nor while it has "
+                            "snapshots)", 202, ref("TaskAnswer"), [404, 409, 503],
+                            params=_ID),
+    },
+    "/v1/clones/{id}/attach": {"post": operation(
+        "Hot-plug the clone into a running domain, or into a stopped one's definition "
+        "(serial = clone id)", 200, ref("CloneAnswer"), [400, 404, 409, 503], params=_ID,
+        body=json_body(ref("Attach")))},
+    "/v1/clones/{id}/detach": {"post": operation(
+        "Unplug the clone (the guest is given a bounded time to let go)", 200,
+        ref("CloneAnswer"), [400, 404, 409, 503], params=_ID)},
+    "/v1/clones/{id}/flatten": {"post": operation(
+        "Make a linked clone independent of its snapshot (mode becomes full)", 202,
+        ref("TaskAnswer"), [404, 409, 503], params=_ID)},
     "/v1/tasks": {"get": operation(
         "Tasks", 200, obj(["tasks"], {"tasks": {"type": "array", "items": ref("Task")}}), [])},
     "/v1/tasks/{id}": {"get": operation(

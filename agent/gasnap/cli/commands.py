@@ -168,11 +168,12 @@ def snapshot_revert(args: argparse.Namespace) -> int:
     return _finish_task(args, task)
 
 
-def _wait_with_bar(client: Any, task: dict[str, Any]) -> dict[str, Any]:
+def _wait_with_bar(client: Any, task: dict[str, Any], label: str = "merging"
+                   ) -> dict[str, Any]:
     """Follow the task's progress with a bar on the terminal (stderr)."""
     from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn
 
-    columns = (TextColumn("merging"), BarColumn(), TaskProgressColumn())
+    columns = (TextColumn(label), BarColumn(), TaskProgressColumn())
     with Progress(*columns, transient=True) as bar:
         line = bar.add_task("merge", total=100)
         while task["state"] in ("queued", "running"):

@@ -10,7 +10,7 @@ from collections.abc import Callable, Sequence
 from ..errors import BadRequest, ConfigError, GasnapError
 from ..quiesce import VALUES as QUIESCE_VALUES
 from ..quiesce import Quiesce
-from . import commands
+from . import clonecmds, commands
 
 # typing for the type checker only, as in gasnap.errors (the CLI's imports stay light)
 TYPE_CHECKING = False
@@ -147,11 +147,59 @@ def _snapshot_parsers(group: argparse.ArgumentParser) -> None:
     revert.add_argument("--no-wait", action="store_true", help="print the task and return")
     _add_json(revert)
     revert.set_defaults(func=commands.snapshot_revert)
+    _snapshot_clone_parser(snap.add_parser(
+        "clone", help="a new volume from a snapshot (linked or full)"))
     rename = snap.add_parser("rename", help="change a snapshot's name")
     rename.add_argument("id")
     rename.add_argument("name")
     _add_json(rename)
     rename.set_defaults(func=commands.snapshot_rename)
+
+
+def _snapshot_clone_parser(clone: argparse.ArgumentParser) -> None:
+    clone.add_argument("id")
+    clone.add_argument("--full", action="store_true", help="an independent copy")
+    clone.add_argument("--name")
+    clone.add_argument("--attach", metavar="DOMAIN", help="hot-plug it into DOMAIN")
+    _attach_options(clone)
+    clone.add_argument("--no-wait", action="store_true", help="print the task and return")
+    _add_json(clone)
+    clone.set_defaults(func=clonecmds.snapshot_clone)
+
+
+def _attach_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--target", metavar="vdX", help="the disk's name in the domain "
+                        "(default: the first free one)")
+    parser.add_argument("--readonly", action="store_true", help="the guest may not write it")
+
+
+def _clone_parsers(group: argparse.ArgumentParser) -> None:
+    clone = group.add_subparsers(dest="action", required=True, metavar="ACTION")
+    clist = clone.add_parser("list", help="clone records")
+    clist.add_argument("--snapshot", metavar="ID", help="only clones of snapshot ID")
+    _add_json(clist)
+    clist.set_defaults(func=clonecmds.clone_list)
+    for action, func, text in (("info", clonecmds.clone_info, "one clone record"),
+                               ("detach", clonecmds.clone_detach, "unplug a clone")):
+        parser = clone.add_parser(action, help=text)
+        parser.add_argument("id")
+        _add_json(parser)
+        parser.set_defaults(func=func)
+    attach = clone.add_parser("attach", help="hot-plug a clone into a domain")
+    attach.add_argument("id")
+    attach.add_argument("domain")
+    _attach_options(attach)
+    _add_json(attach)
+    attach.set_defaults(func=clonecmds.clone_attach)
+    for action, func, text in (
+            ("flatten", clonecmds.clone_flatten, "make a linked clone independent"),
+            ("delete", clonecmds.clone_delete, "delete a clone and its file")):
+        parser = clone.add_parser(action, help=text)
+        parser.add_argument("id")
+        parser.add_argument("--no-wait", action="store_true",
+                            help="print the task and return")
+        _add_json(parser)
+        parser.set_defaults(func=func)
 
 
 def _metadata_parsers(group: argparse.ArgumentParser) -> None:
@@ -214,7 +262,8 @@ GROUPS: dict[str, tuple[str, GroupBuilder]] = {
     "serve": ("run the agent", _serve_parser),
     "schedule": ("configured schedules", _schedule_parsers),
     "domain": ("domains and their volumes", _domain_parsers),
-    "snapshot": ("create, list, rename snapshots", _snapshot_parsers),
+    "snapshot": ("create, list, revert, clone snapshots", _snapshot_parsers),
+    "clone": ("volumes made from snapshots", _clone_parsers),
     "task": ("asynchronous tasks", _task_parsers),
     "metadata": ("the reference metadata service", _metadata_parsers),
     "lab": ("disposable test guests", _lab_parsers),

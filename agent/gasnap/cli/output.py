@@ -45,6 +45,20 @@ def snapshots(records: list[dict[str, Any]]) -> None:
     )
 
 
+def clones(records: list[dict[str, Any]]) -> None:
+    def where(r: dict[str, Any]) -> str:
+        at = r.get("attached_to")
+        if not at:
+            return "-"
+        return f"{at['domain']}/{at['target']}" + (" (ro)" if at["readonly"] else "")
+
+    table(
+        ("ID", "MODE", "STATUS", "SNAPSHOT", "ATTACHED", "SIZE", "NAME"),
+        ((r["id"], r["mode"], r["status"], r["source_snapshot"][:8], where(r), r["size"],
+          r["name"]) for r in records),
+    )
+
+
 def snapshot(record: dict[str, Any]) -> None:
     width = max(len(k) for k in record)
     for key, value in record.items():
@@ -56,6 +70,9 @@ def task(record: dict[str, Any]) -> None:
     if record.get("error"):
         print(f"error: {record['error']['message']}")
     result = record.get("result") or {}
+    if isinstance(result.get("clone"), dict):
+        made = result["clone"]
+        print(f"  clone {made['id']}  {made['mode']}  {made['status']}  {made['file']}")
     for snap in result.get("snapshots", []):
         print(f"  {snap['id']}  {snap['domain']}/{snap['target']}  {snap['status']}"
               f"  {snap['consistency'] or '-'}")

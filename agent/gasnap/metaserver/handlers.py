@@ -19,10 +19,11 @@ from ..httpkit import (
     roots_query,
 )
 from ..metadata import Consistency, Finalization, NewSnapshot, Origin, SnapshotMeta, Status
+from . import clones
 from .keys import STORE
 
 ACTIONS = ("finalize-snapshot-metadata", "update-snapshot-status", "snapshot-delete-metadata",
-           "update-snapshot-metadata", "update-snapshot-files")
+           "update-snapshot-metadata", "update-snapshot-files", "create-clone-metadata")
 FINAL = {Status.AVAILABLE, Status.ERROR}
 
 
@@ -133,6 +134,7 @@ _SNAPSHOT_ACTIONS = {
     "snapshot-delete-metadata": _delete,
     "update-snapshot-metadata": _rename,
     "update-snapshot-files": _files,
+    "create-clone-metadata": clones.create_clone,
 }
 
 
@@ -180,3 +182,4 @@ def setup_routes(app: web.Application) -> None:
     app.router.add_get("/v1/snapshots", list_snapshots)
     app.router.add_get("/v1/snapshots/{id}", get_snapshot)
     app.router.add_get("/metrics", prometheus)
+    clones.setup_routes(app)

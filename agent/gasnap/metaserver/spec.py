@@ -5,7 +5,7 @@ from __future__ import annotations
 from aiohttp import web
 
 from .. import __version__
-from ..metadata import Origin
+from ..metadata import CloneMode, CloneStatus, Origin
 from ..openapi import (
     STATUSES,
     STRING,
@@ -31,6 +31,10 @@ def _action(name: str, body: Schema) -> Schema:
 
 
 ORIGINS = [o.value for o in Origin]
+CLONE_STATUSES = [s.value for s in CloneStatus]
+MODES = [m.value for m in CloneMode]
+ATTACHMENT = obj(["domain", "target"], {"domain": STRING, "target": STRING,
+                                        "readonly": {"type": "boolean"}}, closed=True)
 
 SCHEMAS: Schema = {
     "Snapshot": obj(
@@ -70,6 +74,32 @@ SCHEMAS: Schema = {
             [], {"name": STRING, "description": STRING}, closed=True)),
         _action("update-snapshot-files", obj(
             [], {"file": STRING, "backing_file": STRING}, closed=True)),
+        _action("create-clone-metadata", obj(
+            ["clone_id", "mode", "file", "size", "created_at"],
+            {"clone_id": STRING, "name": STRING, "mode": {"type": "string", "enum": MODES},
+             "file": STRING, "image": OPT,
+             "size": {"type": "integer", "minimum": 0, "maximum": 2**63 - 1},
+             "created_at": STRING}, closed=True)),
+    ]},
+    "Clone": obj(
+        ["id", "name", "source_snapshot", "source_volume_id", "mode", "file", "image", "size",
+         "status", "created_at", "attached_to", "error"],
+        {"id": STRING, "name": STRING, "source_snapshot": STRING,
+         "source_volume_id": STRING, "mode": {"type": "string", "enum": MODES},
+         "file": STRING, "image": OPT, "size": {"type": "integer"},
+         "status": {"type": "string", "enum": CLONE_STATUSES}, "created_at": STRING,
+         "attached_to": {**ATTACHMENT, "nullable": True}, "error": OPT}),
+    "CloneAnswer": obj(["clone"], {"clone": ref("Clone")}),
+    "CloneAction": {"oneOf": [
+        _action("finalize-clone-metadata", obj(
+            ["status"], {"status": {"type": "string", "enum": ["available", "error"]},
+                         "error": OPT}, closed=True)),
+        _action("update-clone-metadata", obj(
+            [], {"status": {"type": "string", "enum": CLONE_STATUSES},
+                 "mode": {"type": "string", "enum": MODES},
+                 "attached_to": {**ATTACHMENT, "nullable": True}, "error": STRING},
+            closed=True)),
+        _action("clone-delete-metadata", obj([], {}, closed=True)),
     ]},
 }
 
@@ -84,7 +114,8 @@ PATHS: Schema = {
     "/v1/snapshots/{id}/action": {"post": {
         **operation(
             "finalize-snapshot-metadata, update-snapshot-status, snapshot-delete-metadata "
-            "(204), update-snapshot-metadata, update-snapshot-files", 200,
+            "(204), update-snapshot-metadata, update-snapshot-files, create-clone-metadata "
+            "(answers a CloneAnswer)", 200,
             ref("SnapshotAnswer"), [400, 404, 409, 503], params=[path_param("id")],
             body=json_body(ref("SnapshotAction"))),
     }},
@@ -100,12 +131,24 @@ PATHS: Schema = {
     "/v1/snapshots/{id}": {"get": operation(
         "One snapshot record", 200, ref("SnapshotAnswer"), [404, 503],
         params=[path_param("id")])},
+    "/v1/clones": {"get": operation(
+        "Clone records, oldest first", 200, obj(["clones"], {"clones": {
+            "type": "array", "items": ref("Clone")}}),
+        [400, 503], params=[query_param("snapshot_id"), query_param("volume_id")])},
+    "/v1/clones/{id}": {"get": operation(
+        "One clone record", 200, ref("CloneAnswer"), [404, 503], params=[path_param("id")])},
+    "/v1/clones/{id}/action": {"post": operation(
+        "finalize-clone-metadata, update-clone-metadata, clone-delete-metadata (204)", 200,
+        ref("CloneAnswer"), [400, 404, 409, 503], params=[path_param("id")],
+        body=json_body(ref("CloneAction")))},
     "/metrics": {"get": operation("Prometheus metrics", 200, STRING, [],
                                   content_type="text/plain")},
     "/openapi.json": {"get": operation("This document", 200, {"type": "object"}, [])},
 }
 PATHS["/v1/snapshots/{id}/action"]["post"]["responses"]["204"] = {
     "description": "snapshot-delete-metadata: the record is gone"}
+PATHS["/v1/clones/{id}/action"]["post"]["responses"]["204"] = {
+    "description": "clone-delete-metadata: the record is gone"}
 
 SPEC = document(
     "gasnap metadata service",

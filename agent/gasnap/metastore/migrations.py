@@ -92,6 +92,27 @@ STEPS: list[tuple[int, dict[str, list[str]]]] = [
             "CREATE INDEX snapshots_parent ON snapshots (parent)",
         ],
     }),
+    (7, {
+        # Clones: volumes made from snapshots.  attached_to is JSON.
+        "sqlite": [
+            """CREATE TABLE clones (
+                id TEXT PRIMARY KEY, name TEXT NOT NULL, source_snapshot TEXT NOT NULL,
+                source_volume_id TEXT NOT NULL, mode TEXT NOT NULL, file TEXT NOT NULL,
+                image TEXT, size INTEGER NOT NULL, status TEXT NOT NULL,
+                created_at TEXT NOT NULL, attached_to TEXT, error TEXT)""",
+            "CREATE INDEX clones_source ON clones (source_snapshot)",
+            "CREATE INDEX clones_volume ON clones (source_volume_id)",
+        ],
+        "postgresql": [
+            """CREATE TABLE clones (
+                id TEXT PRIMARY KEY, name TEXT NOT NULL, source_snapshot TEXT NOT NULL,
+                source_volume_id TEXT NOT NULL, mode TEXT NOT NULL, file TEXT NOT NULL,
+                image TEXT, size BIGINT NOT NULL, status TEXT NOT NULL,
+                created_at TEXT NOT NULL, attached_to TEXT, error TEXT, seq BIGSERIAL)""",
+            "CREATE INDEX clones_source ON clones (source_snapshot)",
+            "CREATE INDEX clones_volume ON clones (source_volume_id)",
+        ],
+    }),
 ]
 
 LATEST = STEPS[-1][0]

@@ -24,6 +24,7 @@ from ..metadata import (
     check_transition,
 )
 from .backend import Backend, Row, Tx
+from .clones import CloneRecords, check_no_clones
 from .migrations import migrate
 
 DELETION = frozenset({Status.DELETING, Status.ERROR_DELETING})
@@ -48,7 +49,7 @@ def _meta(row: Row) -> SnapshotMeta:
     )
 
 
-class SqlMetadata:
+class SqlMetadata(CloneRecords):
     """``MetadataService`` on a database; ``open()`` migrates the schema first."""
 
     def __init__(self, backend: Backend) -> None:
@@ -127,6 +128,8 @@ class SqlMetadata:
                                   f"deleting or error_deleting, not {status.value}")
             if current.status is not status:
                 check_transition(snapshot_id, current.status, status)
+                if status is Status.DELETING:
+                    check_no_clones(tx, snapshot_id)
             tx.execute("UPDATE snapshots SET status=?, progress=? WHERE id=?",
                        (status.value, progress, snapshot_id))
             return self._get(tx, snapshot_id)

@@ -23,7 +23,7 @@ from .. import domxml, images
 from ..blockjobs import BlockJobEvents, JobEnd, JobInfo, PivotNotReady, Progress, follow
 from ..errors import GasnapError
 from ..guestagent import AgentAbsent, GuestAgent, GuestAgentError
-from ..hypervisor import AgentState, Domain, DomainState, Layer, Volume
+from ..hypervisor import AgentState, DetachTimeout, Domain, DomainState, Layer, Volume
 from .agent import AgentChannel
 from .connection import (
     Connection,
@@ -374,6 +374,75 @@ class LibvirtHypervisor:
                                                     fmt=fmt))
 
         await self.connection.call(run, what=f"{name}/{target}: change source", retry=False)
+
+    # hot-plugged disks
+
+    async def disk_targets(self, name: str) -> dict[str, str | None]:
+        """Every disk target NAME uses, live or in its definition, with its serial."""
+
+        def run(conn: libvirt.virConnect) -> dict[str, str | None]:
+            dom = self.resolve(conn, name)
+            found = domxml.targets(dom.XMLDesc(0))
+            if dom.isActive() and dom.isPersistent():
+                found.update(domxml.targets(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)))
+            return found
+
+        return await self.connection.call(run, what=f"{name}: disk targets")
+
+    async def attach_disk(self, name: str, path: str, target: str, serial: str, *,
+                          readonly: bool) -> None:
+        """Plug the qcow2 PATH in at TARGET: live when the domain runs, and in
+        its persistent definition, in one call."""
+        xml = domxml.disk_xml(path, target, serial, readonly=readonly)
+
+        def run(conn: libvirt.virConnect) -> None:
+            dom = self.resolve(conn, name)
+            flags = libvirt.VIR_DOMAIN_AFFECT_CONFIG if dom.isPersistent() else 0
+            if dom.isActive():
+                flags |= libvirt.VIR_DOMAIN_AFFECT_LIVE
+            dom.attachDeviceFlags(xml, flags)
+
+        await self.connection.call(run, what=f"{name}/{target}: attach", retry=False)
+
+    async def detach_disk(self, name: str, serial: str, *, timeout: float) -> None:
+        """Unplug the disk whose serial is SERIAL: from the running guest
+        first, waiting (up to TIMEOUT) until the guest has let it go, then
+        from the definition; a guest that holds on leaves both as they were
+        (DetachTimeout)."""
+        deadline = time.monotonic() + timeout
+
+        def live(conn: libvirt.virConnect) -> bool:
+            """Ask the guest; True while the disk is still plugged in."""
+            dom = self.resolve(conn, name)
+            if not dom.isActive():
+                return False
+            disk = domxml.disk_with_serial(dom.XMLDesc(0), serial)
+            if disk is not None:
+                dom.detachDeviceFlags(disk, libvirt.VIR_DOMAIN_AFFECT_LIVE)
+            return disk is not None
+
+        def still_live(conn: libvirt.virConnect) -> bool:
+            dom = self.resolve(conn, name)
+            return dom.isActive() and domxml.disk_with_serial(dom.XMLDesc(0), serial) is not None
+
+        def config(conn: libvirt.virConnect) -> None:
+            dom = self.resolve(conn, name)
+            if not dom.isPersistent():
+                return
+            disk = domxml.disk_with_serial(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE), serial)
+            if disk is not None:
+                dom.detachDeviceFlags(disk, libvirt.VIR_DOMAIN_AFFECT_CONFIG)
+
+        what = f"{name}: detach {serial}"
+        if await self.connection.call(live, what=what, retry=False):
+            # The guest releases the device when it is ready (ACPI hot-unplug);
+            # libvirt reports it in the live XML.
+            while await self.connection.call(still_live, what=what):
+                if time.monotonic() >= deadline:
+                    raise DetachTimeout(f"{name} did not release disk {serial} within "
+                                        f"{timeout:.0f}s; it stays attached")
+                await asyncio.sleep(0.5)
+        await self.connection.call(config, what=what, retry=False)
 
     async def domain_names(self) -> list[str]:
         return await self.connection.call(

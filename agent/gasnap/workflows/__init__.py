@@ -43,3 +43,4 @@ class Context:
     spares: Spares = field(default_factory=lambda: Spares(enabled=False))
     windows: Windows = field(default_factory=Windows)
     shutdown_timeout: float = 120.0  # a forced revert's wait for a guest to power off
+    detach_timeout: float = 60.0  # a clone's detach: the wait for the guest to let go

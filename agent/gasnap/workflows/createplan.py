@@ -228,7 +228,9 @@ def _check_volume(domain: str, vol: Volume) -> None:
 
 def _selected(dom: Domain, targets: list[str] | None) -> list[Volume]:
     if targets is None:
-        return list(dom.volumes)
+        # A read-only disk (a clone attached to read from) cannot change:
+        # "every disk" means every disk the guest writes.
+        return [vol for vol in dom.volumes if not vol.readonly]
     chosen = []
     for target in dict.fromkeys(targets):
         vol = dom.volume(target)

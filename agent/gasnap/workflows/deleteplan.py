@@ -16,7 +16,18 @@ from typing import Any
 from .. import images
 from ..errors import Conflict, GasnapError
 from ..hypervisor import Domain, DomainState, Volume
-from ..metadata import HOLDING, Origin, SnapshotMeta, Status, WrongStatus
+from ..metadata import (
+    HOLDING,
+    CloneMeta,
+    CloneMode,
+    CloneNotFound,
+    CloneStatus,
+    Origin,
+    SnapshotHasClones,
+    SnapshotMeta,
+    Status,
+    WrongStatus,
+)
 from . import Context, tree
 from .createplan import UnsupportedDisk
 
@@ -182,15 +193,54 @@ async def plan(ctx: Context, snapshot_id: str, strategy: Strategy) -> DeletePlan
     if not in_chain and str(meta.file) not in _left_by_reverts(nodes, metas):
         raise ChainMismatch(f"snapshot {meta.id}: its overlay {meta.file} is not in the live "
                             f"chain of {dom.name}/{vol.target}, nor on a branch a revert left")
+    own = await _clone_of(ctx, meta.volume_id)
     if in_chain and len(dependents) == 1:
         merge = await _linear(meta, dom, vol, live=live, strategy=strategy, others=others)
+        if own is not None and merge.remove == own.file and strategy is Strategy.AUTO:
+            # A clone's own file stays: its record and every host name it.
+            merge = await _linear(meta, dom, vol, live=live, strategy=Strategy.COMMIT,
+                                  others=others)
     elif strategy is Strategy.COMMIT:
         raise HasDependents(f"snapshot {meta.id}: its image backs {len(dependents)} files "
                             "(or a branch the domain does not run); only pull can merge it")
     else:
         merge = await _branch(meta, dom, vol, live=live, nodes=nodes, dependents=dependents,
                               others=others)
+    if own is not None and merge.remove == own.file:
+        raise StrategyUnsupported(f"snapshot {meta.id}: merging it so would remove clone "
+                                  f"{own.id}'s own file; commit it instead")
+    await _check_clones(ctx, merge, nodes)
     return dataclasses.replace(merge, memory_file=meta.memory_file, group_id=meta.group_id)
+
+
+async def _clone_of(ctx: Context, volume_id: str) -> CloneMeta | None:
+    """The clone that VOLUME_ID is, if it is one."""
+    try:
+        return await ctx.metadata.get_clone(volume_id)
+    except CloneNotFound:
+        return None
+
+
+def touched(merge: DeletePlan) -> set[str]:
+    """The files MERGE writes into or removes."""
+    written = {merge.base} if merge.method in (
+        Method.COMMIT, Method.ACTIVE_COMMIT, Method.OFFLINE_COMMIT) else {merge.top}
+    if merge.method is Method.BRANCH_PULL:
+        written = {*merge.dependents, *([merge.top] if merge.pull_active else [])}
+    return {*written, merge.remove}
+
+
+async def _check_clones(ctx: Context, merge: DeletePlan, nodes: tree.Tree) -> None:
+    """Refuse a merge that would write into, or remove, a file a linked
+    clone reads (its image, or any file below it): nothing has changed yet."""
+    changed = touched(merge)
+    blocking = [c.id for c in await ctx.metadata.list_clones(volume_id=merge.volume_id)
+                if c.mode is CloneMode.LINKED and c.status is not CloneStatus.ERROR and c.image
+                and changed & ({c.image} | set(nodes.lineage(c.image)))]
+    if blocking:
+        raise SnapshotHasClones(
+            f"snapshot {merge.snapshot_id}: the linked clones {', '.join(blocking)} read the "
+            "files this delete would change; flatten or delete them first", clones=blocking)
 
 
 def _left_by_reverts(nodes: tree.Tree, metas: list[SnapshotMeta]) -> set[str]:

@@ -2,7 +2,8 @@
 
 Deletes are resumed from the live chain and libvirt's job state (see
 ``delete.resume``), reverts undone or finished by their step (see
-``revert.resume``); creates are settled as below.  Each operation is
+``revert.resume``), clone work read back from the domain XML and the
+file's header (see ``clone``); creates are settled as below.  Each operation is
 settled on its own: one that cannot be settled now (a domain gone, a
 service away, anything unexpected) is logged with its reason and tried
 again at the next pass, its volumes held meanwhile, and the others go on.
@@ -21,7 +22,7 @@ from dataclasses import dataclass
 from ..errors import GasnapError, NotFound
 from ..guestagent import THAW_TIMEOUT, GuestAgentError
 from ..journal import Operation
-from . import Context, create, delete, revert
+from . import Context, clone, create, delete, revert
 from .createplan import CreatePlan
 from .settle import settle
 from .steps import CONSISTENCY_PROVEN, CreateStep, Kind
@@ -89,6 +90,8 @@ async def _settle(ctx: Context, op: Operation) -> None:
         await delete.resume(ctx, op)
     elif kind is Kind.REVERT:
         await revert.resume(ctx, op)
+    elif kind is Kind.CLONE:
+        await clone.resume(ctx, op)
     else:
         await _settle_create(ctx, op)
 

@@ -14,6 +14,7 @@ class Kind(enum.StrEnum):
     CREATE = "create"
     DELETE = "delete"
     REVERT = "revert"
+    CLONE = "clone"
 
 
 class CreateStep(enum.StrEnum):
@@ -47,6 +48,18 @@ class RevertStep(enum.StrEnum):
     OVERLAYS = "overlays"
     SWITCHING = "switching"
     STARTING = "starting"
+
+
+class CloneStep(enum.StrEnum):
+    """Each written before the action it names (see ``clone``)."""
+
+    RECORDING = "recording"  # create: the record, status creating
+    MAKING = "making"  # create: the file, made aside and renamed whole
+    ATTACHING = "attaching"
+    DETACHING = "detaching"
+    FLATTENING = "flattening"
+    DELETING = "deleting"
+    FINALIZING = "finalizing"
 
 
 # Steps after which a create's recorded consistency is proven: the switch
