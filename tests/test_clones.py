@@ -160,6 +160,8 @@ async def test_linked_clone_read_write_flatten_and_the_dependency_rule(
     assert await chain_of(hv, name, "vda") == chain
     assert agent.client.get(f"/v1/snapshots/{made['id']}")["status"] == "available"
     refused(agent, "DELETE", f"/v1/clones/{ro['id']}", None, 409, "clone_attached")
+    # Read-only in a running guest: neither a job nor qemu-img may write it.
+    refused(agent, "POST", f"/v1/clones/{ro['id']}/flatten", {}, 409, "clone_attached")
 
     detached = json.loads(gasnap("--api", agent.api, "clone", "detach", ro["id"],
                                  "--json").stdout)

@@ -38,7 +38,8 @@ from pgcluster import Cluster
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
 # The order matters: later pages use the guests and state earlier ones made.
-PAGES = ["install.md", "quickstart.md", "snapshots.md", "schedules.md", "configuration.md",
+PAGES = ["install.md", "quickstart.md", "snapshots.md", "clones.md", "schedules.md",
+         "configuration.md",
          "metadata.md", "nova.md", "observability.md", "index.md", "recovery.md", "lab.md"]
 GUESTS = {"web1": "gt-web1", "db1": "gt-db1"}
 SANDBOXED = ["/etc/gasnap", "/run/gasnap", "/var/lib/gasnap", "/opt/gasnap",

@@ -151,6 +151,11 @@ class CloneService:
             return None
         if dom.state not in (DomainState.RUNNING, DomainState.PAUSED):
             raise Conflict(f"{dom.name} is {dom.state.value}", code="domain_state")
+        if meta.attached_to.readonly:
+            # QEMU opened it read-only: no job may write it, nor qemu-img.
+            raise cloneplan.CloneAttached(
+                f"clone {meta.id} is attached read-only to {dom.name}, which runs; detach "
+                "it to flatten it", domain=dom.name)
         found = await self.ctx.hv.disk_targets(dom.name)
         target = next((t for t, serial in found.items() if serial == meta.id), None)
         if target is None:

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import enum
 import logging
+import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
@@ -76,6 +77,7 @@ Work = Callable[[Task], Awaitable[Done]]
 
 
 KEEP_FINISHED = 1000  # finished tasks kept for ``task show``; the oldest go first
+PROGRESS_SAVE_INTERVAL = 5.0  # seconds between journal writes of progress alone
 
 
 class TaskManager:
@@ -84,6 +86,7 @@ class TaskManager:
         self._tasks: dict[str, Task] = {}
         self._busy: dict[str, str] = {}  # volume_id -> task id
         self._running: set[asyncio.Task[None]] = set()
+        self._progress_saved: dict[str, float] = {}  # task id -> when (monotonic)
 
     async def load(self) -> None:
         """Tasks of earlier runs, read-only; one still open then was cut short."""
@@ -193,6 +196,17 @@ class TaskManager:
             task.result = result
         if error is not None:
             task.error = error
+        if (state, result, error) == (None, None, None):
+            # Progress alone is for callers watching now (in memory); the
+            # journal gets it now and then.  Each save is an fsync, which on
+            # ext4 also flushes the copy or merge being reported on.
+            now = time.monotonic()
+            if now - self._progress_saved.get(task.id, -PROGRESS_SAVE_INTERVAL) < \
+                    PROGRESS_SAVE_INTERVAL:
+                return
+            self._progress_saved[task.id] = now
+        else:
+            self._progress_saved.pop(task.id, None)
         await self._journal.save_task(task.to_record())
 
     def get(self, task_id: str) -> Task:

@@ -47,6 +47,7 @@ from .steps import CloneStep, Kind
 log = logging.getLogger(__name__)
 
 INTERRUPTED = "interrupted: the agent stopped before this clone was made"
+PROGRESS_EVERY = 1.0  # seconds between progress reports of a full copy
 
 
 class CloneFailed(GasnapError):
@@ -124,13 +125,30 @@ async def _make(ctx: Context, plan: ClonePlan, progress: ProgressSink) -> None:
         await qemuimg.create_overlay(part, images.relative_pointer(part, plan.image),
                                      plan.image_format, plan.size)
     else:
-        async def report(percent: float) -> None:
-            await progress(min(int(percent), 99))
-
-        await qemuimg.convert(plan.image, plan.image_format, part, progress=report,
-                              bandwidth_mib=ctx.merge_bandwidth)
+        await _copy(ctx, plan, progress)
     await images.adopt_owner(part, plan.image)
     await asyncio.to_thread(os.rename, part, plan.file)
+
+
+async def _copy(ctx: Context, plan: ClonePlan, progress: ProgressSink) -> None:
+    """The full copy, its progress read from how far the copy has grown
+    against the data of the image's chain (an estimate: never 100 before
+    the copy is whole)."""
+    chain = await images.read_chain(plan.image, plan.image_format,
+                                    os.path.dirname(plan.image))
+    total = sum([await images.allocated(layer.path) for layer in chain]) or 1
+    copy = asyncio.ensure_future(qemuimg.convert(plan.image, plan.image_format, plan.part,
+                                                 bandwidth_mib=ctx.merge_bandwidth))
+    try:
+        while not copy.done():
+            await asyncio.wait([copy], timeout=PROGRESS_EVERY)
+            with contextlib.suppress(FileNotFoundError):
+                await progress(min(99, 100 * await images.allocated(plan.part) // total))
+        await copy
+    finally:
+        if not copy.done():
+            copy.cancel()  # qemu-img is killed with it
+            await asyncio.gather(copy, return_exceptions=True)
 
 
 async def _attach(ctx: Context, plan: AttachPlan) -> CloneMeta:

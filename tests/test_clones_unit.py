@@ -1,0 +1,71 @@
+"""Clone rules a lab guest does not show by itself: which files each merge
+method writes or removes (the dependency rule's input), the clone request's
+parsing, and qemu-img's flags for a full copy (formats named, flushed, the
+bandwidth setting as its rate limit)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from gasnap import qemuimg
+from gasnap.errors import BadRequest
+from gasnap.metadata import CloneMode
+from gasnap.workflows.cloneplan import request_from_doc
+from gasnap.workflows.deleteplan import DeletePlan, Method, touched
+
+
+def plan(method: Method, **fields: Any) -> DeletePlan:
+    base = {"snapshot_id": "s", "domain": "d", "target": "vda", "volume_id": "v",
+            "method": method, "top": "/v/top", "base": "/v/image", "remove": "/v/top",
+            "pull_base": None, "above": None, "base_format": "qcow2", "moved_bytes": 0,
+            "chain": []}
+    return DeletePlan(**{**base, **fields})
+
+
+@pytest.mark.parametrize(("method", "fields", "expected"), [
+    (Method.COMMIT, {}, {"/v/image", "/v/top"}),
+    (Method.ACTIVE_COMMIT, {}, {"/v/image", "/v/top"}),
+    (Method.OFFLINE_COMMIT, {}, {"/v/image", "/v/top"}),
+    (Method.PULL, {"remove": "/v/image"}, {"/v/top", "/v/image"}),
+    (Method.OFFLINE_PULL, {"remove": "/v/image"}, {"/v/top", "/v/image"}),
+    (Method.BRANCH_PULL, {"remove": "/v/image", "dependents": ["/v/b1"], "pull_active": True},
+     {"/v/b1", "/v/top", "/v/image"}),
+    (Method.BRANCH_PULL, {"remove": "/v/image", "dependents": ["/v/b1", "/v/b2"]},
+     {"/v/b1", "/v/b2", "/v/image"}),
+])
+def test_each_merge_names_what_it_writes_and_removes(
+    method: Method, fields: dict[str, Any], expected: set[str]
+) -> None:
+    assert touched(plan(method, **fields)) == expected
+
+
+def test_clone_requests() -> None:
+    req = request_from_doc("s1", {})
+    assert (req.mode, req.name, req.attach) == (CloneMode.LINKED, "", None)
+    req = request_from_doc("s1", {"mode": "full", "name": "copy",
+                                  "attach": {"domain": "d", "target": "vdq", "readonly": True}})
+    assert req.mode is CloneMode.FULL and req.attach is not None
+    assert (req.attach.domain, req.attach.target, req.attach.readonly) == ("d", "vdq", True)
+    for bad in ({"mode": "deep"}, {"extra": 1}, {"attach": "d"}, {"attach": {}},
+                {"attach": {"domain": "d", "target": "hda"}},
+                {"attach": {"domain": "d", "readonly": "yes"}}, {"name": "a\nb"}):
+        with pytest.raises(BadRequest):
+            request_from_doc("s1", bad)
+
+
+@pytest.mark.parametrize(("bandwidth", "limit"), [(0, []), (25, ["-r", "25M"])])
+async def test_a_full_copy_names_formats_flushes_and_is_throttled(
+    monkeypatch: pytest.MonkeyPatch, bandwidth: int, limit: list[str]
+) -> None:
+    calls: list[tuple[str, ...]] = []
+
+    async def run(*args: str, timeout: float | None = None) -> str:
+        calls.append(args)
+        return ""
+
+    monkeypatch.setattr(qemuimg, "run", run)
+    await qemuimg.convert("/v/image", "raw", "/v/.volume-c.part", bandwidth_mib=bandwidth)
+    assert calls == [("convert", "-t", "writeback", "-f", "raw", "-O", "qcow2", *limit,
+                      "/v/image", "/v/.volume-c.part")]
