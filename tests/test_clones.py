@@ -332,6 +332,34 @@ async def _gone_live(hv: LibvirtHypervisor, name: str, clone_id: str) -> bool:
 
 
 @pytest.mark.parametrize("source", ["qcow2"], indirect=True)
+async def test_retention_keeps_what_a_linked_clone_holds(
+    tmp_path: Path, source: Domain
+) -> None:
+    """A schedule's retention passes over a snapshot a linked clone reads
+    (kept, and the run succeeds) and deletes it once the clone is flattened."""
+    config = f'[schedules.nightly]\ndomains = ["{source.name}"]\nkeep = 1\n'
+    with running_agent(tmp_path, config=config) as agent:
+        def nightly() -> dict[str, Any]:
+            task = json.loads(gasnap("--api", agent.api, "schedule", "run", "nightly",
+                                     "--json").stdout)
+            assert task["state"] == "succeeded", task
+            return task
+
+        (held,) = nightly()["result"]["snapshots"]
+        linked = clone(agent, held["id"])["result"]["clone"]
+        assert nightly()["result"]["deleted"] == []
+        assert agent.client.get(f"/v1/snapshots/{held['id']}")["status"] == "available"
+        task = wait_task(agent, agent.client.request(
+            "POST", f"/v1/clones/{linked['id']}/flatten", {})["task"]["id"])
+        assert task["state"] == "succeeded", task
+        third = nightly()["result"]
+        assert held["id"] in third["deleted"]
+        gasnap("--api", agent.api, "clone", "delete", linked["id"])
+        for record in third["snapshots"]:
+            assert delete_snapshot(agent, record["id"])["state"] == "succeeded"
+
+
+@pytest.mark.parametrize("source", ["qcow2"], indirect=True)
 async def test_bad_clone_requests_change_nothing(
     agent: Agent, hv: LibvirtHypervisor, source: Domain, reader: Domain
 ) -> None:

@@ -14,7 +14,7 @@ from datetime import UTC, datetime
 
 from ..config import Schedule
 from ..errors import GasnapError
-from ..metadata import SnapshotMeta, Status
+from ..metadata import SnapshotHasClones, SnapshotMeta, Status
 from . import Context, ProgressSink, delete, deleteplan, no_progress
 from .createplan import CreateRequest
 
@@ -54,7 +54,7 @@ class Retained:
 async def retain(ctx: Context, schedule: Schedule, volumes: set[str],
                  progress: ProgressSink) -> Retained:
     """Delete what ``expired`` names, one by one, stopping at the first
-    failure."""
+    failure; a snapshot a linked clone holds is kept."""
     deleted: list[str] = []
     try:
         metas = await ctx.metadata.list_snapshots()
@@ -62,7 +62,13 @@ async def retain(ctx: Context, schedule: Schedule, volumes: set[str],
         for number, meta in enumerate(doomed, start=1):
             log.info("schedule %s: retention deletes %s (%s)", schedule.name, meta.id,
                      meta.name)
-            merge = await deleteplan.plan(ctx, meta.id, deleteplan.Strategy.AUTO)
+            try:
+                merge = await deleteplan.plan(ctx, meta.id, deleteplan.Strategy.AUTO)
+            except SnapshotHasClones as err:
+                # Held by a linked clone someone made on purpose: kept, and
+                # the rest of the retention goes on.
+                log.warning("schedule %s: keeps %s: %s", schedule.name, meta.id, err.message)
+                continue
             outcome = await delete.execute(ctx, merge, no_progress)
             if outcome.failure is not None:
                 return Retained(deleted, outcome.failure)
