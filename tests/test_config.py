@@ -43,11 +43,21 @@ def test_file_then_flags(tmp_path: Path) -> None:
         ('[metadata]\nurl = "ftp://meta"\n', "metadata.url"),
         ("[agent]\nspare_overlays = 1\n", "agent.spare_overlays"),
         ("[agent]\nmerge_bandwidth = true\n", "agent.merge_bandwidth"),
+        ("[agent]\ndetach_timeout = 0\n", "agent.detach_timeout"),
+        ("[limits]\nmin_free_mib = -1\n", "limits.min_free_mib"),
+        ('[limits]\nmin_free_mib = "lots"\n', "limits.min_free_mib"),
+        ("[limits]\nmax_snapshots = 10\n", "limits.max_snapshots"),
     ],
 )
 def test_bad_config_names_the_problem(tmp_path: Path, text: str, fragment: str) -> None:
     with pytest.raises(ConfigError, match=fragment.replace(".", r"\.")):
         config.load(write(tmp_path, text), {})
+
+
+def test_limits(tmp_path: Path) -> None:
+    assert config.load(write(tmp_path, ""), {}).limits_min_free_mib == 256
+    assert config.load(write(tmp_path, "[limits]\nmin_free_mib = 0\n"),
+                       {}).limits_min_free_mib == 0
 
 
 def test_spare_overlays_is_a_boolean(tmp_path: Path) -> None:

@@ -45,6 +45,7 @@ class Settings:
     # destroys the domain
     shutdown_timeout: float = 120.0
     detach_timeout: float = 60.0  # a clone's detach: the wait for the guest to let go
+    limits_min_free_mib: int = 256  # free space a create or merge must leave behind
     spare_overlays: bool = True  # make the next snapshot's overlay ahead of time
     metadata_url: str = ""  # empty: the embedded store under state_dir
     metadata_token: str = ""
@@ -65,6 +66,7 @@ _AGENT_KEYS: dict[str, type | tuple[type, ...]] = {
     "libvirt_outage_wait": (int, float), "shutdown_timeout": (int, float),
     "detach_timeout": (int, float),
 }
+_LIMITS_KEYS: dict[str, type | tuple[type, ...]] = {"min_free_mib": int}
 _METADATA_KEYS: dict[str, type | tuple[type, ...]] = {
     "url": str, "token": str, "deadline": (int, float),
 }
@@ -127,12 +129,14 @@ def _read(file: Path) -> dict[str, Any]:
         doc = tomllib.loads(file.read_text())
     except (OSError, tomllib.TOMLDecodeError) as err:
         raise ConfigError(f"{file}: {err}") from err
-    unknown = set(doc) - {"agent", "metadata", "schedules"}
+    unknown = set(doc) - {"agent", "metadata", "schedules", "limits"}
     if unknown:
         raise ConfigError(f"unknown section [{sorted(unknown)[0]}]")
     values = _checked("agent", doc.get("agent", {}), _AGENT_KEYS)
     meta = _checked("metadata", doc.get("metadata", {}), _METADATA_KEYS)
     values.update({f"metadata_{k}": v for k, v in meta.items()})
+    limits = _checked("limits", doc.get("limits", {}), _LIMITS_KEYS)
+    values.update({f"limits_{k}": v for k, v in limits.items()})
     values["schedules"] = _schedules(doc.get("schedules", {}))
     return values
 
@@ -168,6 +172,8 @@ def load(path: Path | None, overrides: dict[str, Any]) -> Settings:
         raise ConfigError(f"metadata.url must be http(s)://HOST:PORT or unix:PATH, not {url!r}")
     if values.get("merge_bandwidth", 0) < 0:
         raise ConfigError("agent.merge_bandwidth must not be negative")
+    if values.get("limits_min_free_mib", 0) < 0:
+        raise ConfigError("limits.min_free_mib must not be negative")
     settings = Settings(**values)
     if settings.listen.startswith("tcp:") and not settings.token:
         raise ConfigError("listening on TCP needs a token (--token or agent.token)")

@@ -101,6 +101,22 @@ def name(xml: str) -> str:
     return elem.text
 
 
+_UNITS = {"b": 1, "bytes": 1, "kb": 10**3, "k": 1 << 10, "kib": 1 << 10, "mb": 10**6,
+          "m": 1 << 20, "mib": 1 << 20, "gb": 10**9, "g": 1 << 30, "gib": 1 << 30,
+          "tb": 10**12, "t": 1 << 40, "tib": 1 << 40}
+
+
+def memory(xml: str) -> int:
+    """The domain's RAM in bytes (``currentMemory``, else ``memory``), 0 if unknown."""
+    root = _parse(xml)
+    elem = root.find("currentMemory")
+    if elem is None:
+        elem = root.find("memory")
+    if elem is None or not (elem.text or "").strip().isdigit():
+        return 0
+    return int((elem.text or "").strip()) * _UNITS.get(elem.get("unit", "KiB").lower(), 1024)
+
+
 def agent_channel(xml: str) -> AgentChannel:
     root = _parse(xml)
     for chan in root.findall("./devices/channel"):

@@ -60,6 +60,12 @@ class Unavailable(GasnapError):
     code = "unavailable"
 
 
+class InsufficientStorage(GasnapError):
+    """The host's filesystems cannot hold what the request needs (507)."""
+
+    code = "insufficient_storage"
+
+
 class ConfigError(GasnapError):
     """The configuration file or command line is invalid."""
 

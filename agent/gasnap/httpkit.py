@@ -18,7 +18,15 @@ from aiohttp import web
 from aiohttp.typedefs import Middleware
 
 from . import sdnotify
-from .errors import BadRequest, ConfigError, Conflict, GasnapError, NotFound, Unavailable
+from .errors import (
+    BadRequest,
+    ConfigError,
+    Conflict,
+    GasnapError,
+    InsufficientStorage,
+    NotFound,
+    Unavailable,
+)
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +37,7 @@ _STATUS: list[tuple[type[GasnapError], int]] = [
     (NotFound, 404),
     (Conflict, 409),
     (Unavailable, 503),
+    (InsufficientStorage, 507),
 ]
 
 

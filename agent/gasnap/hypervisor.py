@@ -95,6 +95,7 @@ class Domain:
     state: DomainState
     guest_agent: AgentState
     volumes: tuple[Volume, ...] = field(default=())
+    memory: int = 0  # bytes of RAM the guest has now (what a memory file holds at most)
 
     def volume(self, target_or_id: str) -> Volume | None:
         for vol in self.volumes:

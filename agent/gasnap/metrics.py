@@ -39,6 +39,11 @@ GUEST_AGENT_FAILURES = Counter(
     "gasnap_guest_agent_failures", "Guest-agent commands that failed, by command and error",
     ["command", "code"], registry=AGENT,
 )
+DOMAIN_IO_ERRORS = Counter(
+    "gasnap_domain_io_errors", "I/O errors QEMU reported on domains' disks, by domain and "
+    "reason (enospc: the filesystem under the disk is full; the guest is paused)",
+    ["domain", "reason"], registry=AGENT,
+)
 
 SERVICE = CollectorRegistry()
 

@@ -23,6 +23,7 @@ REASONS = {
     400: "Bad input", 401: "Missing or wrong token (TCP only)",
     404: "Unknown domain, volume, snapshot or task", 409: "Conflict: busy, wrong status",
     503: "A service gasnap depends on is unreachable",
+    507: "Not enough free space for it (nothing changed)",
 }
 
 ERROR: Schema = {

@@ -56,7 +56,8 @@ async def open_runtime(settings: Settings) -> AsyncIterator[Runtime]:
     spares = Spares(enabled=settings.spare_overlays)
     ctx = Context(hv, hv.agent, metadata, journal, guard, settings.freeze_timeout,
                   settings.merge_bandwidth, spares, shutdown_timeout=settings.shutdown_timeout,
-                  detach_timeout=settings.detach_timeout)
+                  detach_timeout=settings.detach_timeout,
+                  min_free=settings.limits_min_free_mib << 20)
     tasks = TaskManager(journal)
     await tasks.load()
     service = SnapshotService(ctx, tasks)

@@ -118,7 +118,7 @@ PATHS: Schema = {
         "One domain", 200, ref("Domain"), [404, 503], params=[path_param("name")])},
     "/v1/snapshots": {
         "post": operation("Snapshot volumes of one or more domains (one freeze window)",
-                          202, ref("TaskAnswer"), [400, 404, 409, 503],
+                          202, ref("TaskAnswer"), [400, 404, 409, 503, 507],
                           body=json_body(ref("CreateRequest"))),
         "get": operation(
             "Snapshot records, oldest first: all of them, or pages of limit after marker "
@@ -137,19 +137,19 @@ PATHS: Schema = {
                            [400, 404, 503], params=_ID, body=json_body(ref("UpdateRequest"))),
         "delete": operation(
             "Merge the snapshot out of its chain", 202, ref("TaskAnswer"),
-            [400, 404, 409, 503],
+            [400, 404, 409, 503, 507],
             params=[*_ID, query_param("strategy", {"type": "string",
                                                    "enum": ["auto", "commit", "pull"]})]),
     },
     "/v1/snapshots/{id}/revert": {"post": operation(
         "Go back to the snapshot (its whole group by default); the state left is kept as "
         "before-revert snapshots first. Result: reverted, before, domains", 202,
-        ref("TaskAnswer"), [400, 404, 409, 503], params=_ID,
+        ref("TaskAnswer"), [400, 404, 409, 503, 507], params=_ID,
         body=json_body(ref("RevertRequest")))},
     "/v1/snapshots/{id}/clone": {"post": operation(
         "A new volume from the snapshot: linked (backed by its image) or full (a copy); "
         "attach it at once if asked. Result: clone", 202, ref("TaskAnswer"),
-        [400, 404, 409, 503], params=_ID, body=json_body(ref("CloneRequest")))},
+        [400, 404, 409, 503, 507], params=_ID, body=json_body(ref("CloneRequest")))},
     "/v1/clones": {"get": operation(
         "Clone records, oldest first", 200,
         obj(["clones"], {"clones": {"type": "array", "items": ref("Clone")}}), [400, 503],

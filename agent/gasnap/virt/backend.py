@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import libvirt
 
-from .. import domxml, images
+from .. import domxml, images, metrics
 from ..blockjobs import BlockJobEvents, JobEnd, JobInfo, PivotNotReady, Progress, follow
 from ..errors import GasnapError
 from ..guestagent import AgentAbsent, GuestAgent, GuestAgentError
@@ -54,6 +54,13 @@ _JOB_KINDS = {
     libvirt.VIR_DOMAIN_BLOCK_JOB_TYPE_COPY: "copy",
     libvirt.VIR_DOMAIN_BLOCK_JOB_TYPE_COMMIT: "commit",
     libvirt.VIR_DOMAIN_BLOCK_JOB_TYPE_ACTIVE_COMMIT: "active-commit",
+}
+
+
+_IO_ACTIONS = {
+    libvirt.VIR_DOMAIN_EVENT_IO_ERROR_PAUSE: "paused",
+    libvirt.VIR_DOMAIN_EVENT_IO_ERROR_REPORT: "told",
+    libvirt.VIR_DOMAIN_EVENT_IO_ERROR_NONE: "not told",
 }
 
 
@@ -102,10 +109,22 @@ class LibvirtHypervisor:
         conn.domainEventRegisterAny(
             None, libvirt.VIR_DOMAIN_EVENT_ID_BLOCK_JOB_2, self._on_block_job, None
         )
+        conn.domainEventRegisterAny(
+            None, libvirt.VIR_DOMAIN_EVENT_ID_IO_ERROR_REASON, self._on_io_error, None
+        )
 
     def _on_block_job(self, _conn: libvirt.virConnect, dom: libvirt.virDomain, disk: str,
                       _type: int, status: int, _opaque: object) -> None:
         self.block_events.on_event(dom.name(), disk, status)
+
+    def _on_io_error(self, _conn: libvirt.virConnect, dom: libvirt.virDomain, path: str,
+                     _alias: str, action: int, reason: str, _opaque: object) -> None:
+        # QEMU stops the guest on ENOSPC (libvirt's default error policy):
+        # nothing gasnap does can finish there until space is freed.
+        metrics.DOMAIN_IO_ERRORS.labels(dom.name(), reason or "unknown").inc()
+        what = _IO_ACTIONS.get(action, "reported")
+        log.warning("%s: I/O error on %s (%s); the guest is %s", dom.name(), path,
+                    reason or "unknown", what)
 
     # held domains
 
@@ -169,7 +188,7 @@ class LibvirtHypervisor:
         specs = domxml.disks(xml)
         volumes = await asyncio.gather(*(self._volume(found, spec) for spec in specs))
         agent = await self._agent_state(found, state, xml, probe_agent)
-        return Domain(found, found_uuid, state, agent, tuple(volumes))
+        return Domain(found, found_uuid, state, agent, tuple(volumes), domxml.memory(xml))
 
     async def files_in_use(self, *, besides: frozenset[str] = frozenset()) -> set[str]:
         """The real path of every layer of every disk of every domain (but

@@ -44,3 +44,4 @@ class Context:
     windows: Windows = field(default_factory=Windows)
     shutdown_timeout: float = 120.0  # a forced revert's wait for a guest to power off
     detach_timeout: float = 60.0  # a clone's detach: the wait for the guest to let go
+    min_free: int = 256 << 20  # bytes a create or merge must leave free ([limits])

@@ -25,7 +25,7 @@ from ..errors import BadRequest, Conflict
 from ..httpkit import get_string, only_keys
 from ..hypervisor import DomainState
 from ..metadata import CloneMeta, CloneMode, CloneStatus, Status, WrongStatus
-from . import Context
+from . import Context, space
 from .createplan import check_name
 from .deleteplan import ChainMismatch
 
@@ -166,15 +166,22 @@ async def plan_create(ctx: Context, request: CloneRequest) -> ClonePlan:
     image = meta.backing_file
     fmt = await _image_format(meta.file, image)
     # The image's own chain must be readable without guessing, inside its directory.
-    await images.read_chain(image, fmt, os.path.dirname(image))
+    await images.read_chain(image, fmt, os.path.dirname(image))  # raises if not
     clone_id = str(uuid.uuid4())
     path = os.path.join(os.path.dirname(image), f"volume-{clone_id}")
     attach = (await plan_attach(ctx, clone_id, path, request.attach)
               if request.attach else None)
+    size = await images.virtual_size(image, fmt)
+    if request.mode is CloneMode.LINKED:
+        need = space.overlay_bytes(size)
+    else:  # at most the data of the image's chain
+        chain = await images.read_chain(image, fmt, os.path.dirname(image))
+        need = sum([await images.allocated(layer.path) for layer in chain])
+    await space.check({os.path.dirname(path): need}, ctx.min_free, "the clone")
     return ClonePlan(
         clone_id=clone_id, snapshot_id=meta.id, source_volume_id=meta.volume_id,
         name=request.name, mode=request.mode, file=path, image=image, image_format=fmt,
-        size=await images.virtual_size(image, fmt),
+        size=size,
         created_at=datetime.now(UTC).isoformat(timespec="microseconds"), attach=attach,
     )
 

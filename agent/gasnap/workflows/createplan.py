@@ -11,6 +11,7 @@ which the execution holds them.
 from __future__ import annotations
 
 import asyncio
+import os
 import uuid
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
@@ -23,7 +24,7 @@ from ..guestagent import AgentAbsent, AgentUnresponsive
 from ..hypervisor import AgentState, Domain, DomainState, Volume
 from ..metadata import Origin
 from ..quiesce import Quiesce
-from . import Context
+from . import Context, space
 
 MAX_NAME = 255
 MAX_DESCRIPTION = 4096
@@ -264,6 +265,7 @@ async def plan(ctx: Context, req: CreateRequest) -> CreatePlan:
     stopped: list[str] = []
     left_alone: dict[str, list[str]] = {}
     uuids: dict[str, str] = {}
+    ram: dict[str, int] = {}
     # Only quiesce=required needs the guest agent's answer before anything is
     # touched; otherwise the freeze itself finds out (one ping less).
     probe = req.quiesce is Quiesce.REQUIRED
@@ -281,6 +283,7 @@ async def plan(ctx: Context, req: CreateRequest) -> CreatePlan:
                                       "running, paused and stopped domains")
         _check_quiesce(dom, req.quiesce)
         uuids[dom.name] = dom.uuid
+        ram[dom.name] = dom.memory
         chosen = _selected(dom, req.disks.get(dom.name))
         if not chosen:
             raise BadRequest(f"{dom.name} has no disk to snapshot", code="invalid_request")
@@ -306,6 +309,7 @@ async def plan(ctx: Context, req: CreateRequest) -> CreatePlan:
     memory, warnings = _memory_files(req, volumes, live=live, running=running,
                                      stopped=stopped,
                                      left_alone=left_alone, uuids=uuids, group_id=group_id)
+    await space.check(_needs(volumes, memory, ram), ctx.min_free, "the snapshot")
     return CreatePlan(
         group_id=group_id,
         name=req.name, description=req.description, quiesce=req.quiesce,
@@ -314,6 +318,20 @@ async def plan(ctx: Context, req: CreateRequest) -> CreatePlan:
         left_alone=left_alone, uuids=uuids, origin=req.origin, memory=memory,
         warnings=warnings,
     )
+
+
+def _needs(volumes: list[VolumePlan], memory: dict[str, str], ram: dict[str, int]
+           ) -> dict[str, int]:
+    """Bytes per directory: each new overlay's metadata, each memory file."""
+    needs: dict[str, int] = {}
+    for v in volumes:
+        if not v.reuse:  # Nova made the overlay already
+            where = os.path.dirname(v.overlay)
+            needs[where] = needs.get(where, 0) + space.overlay_bytes(v.size)
+    for name, path in memory.items():
+        where = os.path.dirname(path)
+        needs[where] = needs.get(where, 0) + space.memory_bytes(ram[name])
+    return needs
 
 
 def _memory_files(req: CreateRequest, volumes: list[VolumePlan], *, live: list[str],

@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,8 +34,8 @@ from ..errors import GasnapError, NotFound, Unavailable
 from ..hypervisor import DomainChanged
 from ..journal import Operation
 from ..metadata import HOLDING, SnapshotMeta, Status
-from . import Context, ProgressSink, merging, no_progress
-from .deleteplan import DeletePlan, MergeFailed, Method
+from . import Context, ProgressSink, merging, no_progress, space
+from .deleteplan import DeletePlan, MergeFailed, Method, merge_target
 from .records import until_recorded
 from .steps import JOB_STEPS, DeleteStep, Kind
 
@@ -83,7 +84,8 @@ async def execute(ctx: Context, merge: DeletePlan, progress: ProgressSink) -> Ou
         return Outcome(err)
     except (GasnapError, OSError) as err:
         log.debug("delete of %s: traceback", merge.snapshot_id, exc_info=True)
-        failure = _as_gasnap(err)
+        failure = await space.explain(_as_gasnap(err), os.path.dirname(merge_target(merge)),
+                                      ctx.min_free)
         await _failed(ctx, op, merge, failure)
         return Outcome(failure)
     metrics.MERGE_SECONDS.labels(merge.method.value).observe(time.monotonic() - started)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import os
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -28,7 +29,7 @@ from ..metadata import (
     Status,
     WrongStatus,
 )
-from . import Context, tree
+from . import Context, space, tree
 from .createplan import UnsupportedDisk
 
 DELETE_FROM = (Status.AVAILABLE, Status.ERROR_DELETING)  # error_deleting: a retry
@@ -210,6 +211,8 @@ async def plan(ctx: Context, snapshot_id: str, strategy: Strategy) -> DeletePlan
         raise StrategyUnsupported(f"snapshot {meta.id}: merging it so would remove clone "
                                   f"{own.id}'s own file; commit it instead")
     await _check_clones(ctx, merge, nodes)
+    await space.check({os.path.dirname(merge_target(merge)): merge.moved_bytes}, ctx.min_free,
+                      f"the merge of snapshot {meta.id}")
     return dataclasses.replace(merge, memory_file=meta.memory_file, group_id=meta.group_id)
 
 
@@ -219,6 +222,12 @@ async def _clone_of(ctx: Context, volume_id: str) -> CloneMeta | None:
         return await ctx.metadata.get_clone(volume_id)
     except CloneNotFound:
         return None
+
+
+def merge_target(merge: DeletePlan) -> str:
+    """The file MERGE's data goes into (a branch pull's others lie beside it)."""
+    commits = (Method.COMMIT, Method.ACTIVE_COMMIT, Method.OFFLINE_COMMIT)
+    return merge.base if merge.method in commits else merge.top
 
 
 def touched(merge: DeletePlan) -> set[str]:

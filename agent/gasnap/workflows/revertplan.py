@@ -25,7 +25,7 @@ from ..errors import Conflict, GasnapError
 from ..hypervisor import AgentState, Domain, DomainState, Volume
 from ..metadata import Origin, SnapshotMeta, Status, WrongStatus
 from ..quiesce import Quiesce
-from . import Context, createplan, tree
+from . import Context, createplan, space, tree
 
 LIVE = (DomainState.RUNNING, DomainState.PAUSED)
 
@@ -121,6 +121,11 @@ async def plan(ctx: Context, snapshot_id: str, scope: Scope, *, force: bool,
                          live, restart, agents, memory,
                          [t.domain for t in targets
                           if t.domain in memory and t.domain_state == "paused"], meta.name)
+    needs: dict[str, int] = {}
+    for v in volumes:
+        where = os.path.dirname(v.overlay)
+        needs[where] = needs.get(where, 0) + space.overlay_bytes(v.size)
+    await space.check(needs, ctx.min_free, "the revert's new overlays")
     # The before-revert snapshots must be possible, or nothing is done.
     await createplan.plan(ctx, planned.before_request())
     return planned
