@@ -61,6 +61,7 @@ class Consistency(enum.Enum):
     MEMORY = "memory"  # the disks are those of the RAM saved with them
     FILESYSTEM = "filesystem"
     CRASH = "crash"
+    UNKNOWN = "unknown"  # a layer adopted (managed): how it was taken is not known
 
 
 class Origin(enum.Enum):

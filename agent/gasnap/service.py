@@ -23,6 +23,7 @@ from .workflows import (
     createplan,
     delete,
     deleteplan,
+    manage,
     revert,
     revertplan,
     tree,
@@ -141,6 +142,35 @@ class SnapshotService:
             createplan.check_description(description)
         await self.ctx.metadata.update_snapshot_metadata(snapshot_id, name, description)
         return await self.record(snapshot_id)
+
+    # managing existing layers
+
+    async def manageable(self, volume_id: str) -> list[dict[str, Any]]:
+        _, _, layers = await manage.layers(self.ctx, volume_id)
+        return [layer.to_dict() for layer in layers]
+
+    async def manage(self, volume_id: str, ref: str, name: str,
+                     description: str) -> dict[str, Any]:
+        """Held like any work on the volume: a create or delete meanwhile
+        would change the chain the layer is found in."""
+        self._check_ready()
+        task = self.tasks.reserve("snapshot-manage", {volume_id})
+        try:
+            meta = await manage.manage(self.ctx, volume_id, ref, name, description)
+        finally:
+            self.tasks.release(task)
+            self.tasks.discard(task)
+        return (await snapshot_records([meta]))[0]
+
+    async def unmanage(self, snapshot_id: str) -> None:
+        self._check_ready()
+        meta = await self.ctx.metadata.get_snapshot(snapshot_id)
+        task = self.tasks.reserve("snapshot-unmanage", {meta.volume_id})
+        try:
+            await manage.unmanage(self.ctx, snapshot_id)
+        finally:
+            self.tasks.release(task)
+            self.tasks.discard(task)
 
     # creating
 

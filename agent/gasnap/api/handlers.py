@@ -111,6 +111,29 @@ async def revert_snapshot(request: web.Request) -> web.Response:
     return web.json_response({"task": task.to_record()}, status=202)
 
 
+async def manageable(request: web.Request) -> web.Response:
+    layers = await request.app[SERVICE].manageable(request.match_info["volume_id"])
+    return web.json_response(layers)  # the contract: a list, as Cinder lists them
+
+
+async def manage_snapshot(request: web.Request) -> web.Response:
+    doc = await json_body(request)
+    only_keys(doc, {"volume_id", "ref", "name", "description"}, "the manage request")
+    volume_id, ref = get_string(doc, "volume_id"), doc.get("ref")
+    if not volume_id or not isinstance(ref, dict) or set(ref) != {"file"} \
+            or not isinstance(ref["file"], str):
+        raise BadRequest('manage takes {"volume_id", "ref": {"file"}}', code="invalid_request")
+    record = await request.app[SERVICE].manage(volume_id, ref["file"],
+                                               get_string(doc, "name") or "",
+                                               get_string(doc, "description") or "")
+    return web.json_response(record)
+
+
+async def unmanage_snapshot(request: web.Request) -> web.Response:
+    await request.app[SERVICE].unmanage(request.match_info["id"])
+    return web.Response(status=204)
+
+
 async def list_tasks(request: web.Request) -> web.Response:
     tasks = request.app[SERVICE].tasks.list()
     return web.json_response({"tasks": [t.to_record() for t in tasks]})
@@ -185,6 +208,9 @@ def setup_routes(app: web.Application) -> None:
     app.router.add_patch("/v1/snapshots/{id}", update_snapshot)
     app.router.add_delete("/v1/snapshots/{id}", delete_snapshot)
     app.router.add_post("/v1/snapshots/{id}/revert", revert_snapshot)
+    app.router.add_post("/v1/snapshots/manage", manage_snapshot)
+    app.router.add_post("/v1/snapshots/{id}/unmanage", unmanage_snapshot)
+    app.router.add_get("/v1/volumes/{volume_id:.+}/manageable", manageable)
     app.router.add_get("/v1/tasks", list_tasks)
     app.router.add_get("/v1/tasks/{id}", get_task)
     app.router.add_get("/v1/schedules", list_schedules)

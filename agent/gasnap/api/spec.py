@@ -32,7 +32,7 @@ SCHEMAS: Schema = {
         {"id": STRING, "name": STRING, "description": STRING, "domain": STRING,
          "volume_id": STRING, "target": nullable("string"),
          "status": {"type": "string", "enum": STATUSES},
-         "consistency": nullable("string", enum=["memory", "filesystem", "crash", None]),
+         "consistency": nullable("string", enum=["memory", "filesystem", "crash", "unknown", None]),
          "file": nullable("string"), "image": nullable("string"),
          "parent": nullable("string"), "group_id": nullable("string"),
          "created_at": STRING, "size": {"type": "integer"}, "error": nullable("string"),
@@ -50,6 +50,14 @@ SCHEMAS: Schema = {
          "error": obj(["code", "message"], {"code": STRING, "message": STRING})},
     ),
     "TaskAnswer": obj(["task"], {"task": ref("Task")}),
+    "Manageable": obj(
+        ["reference", "size", "safe_to_manage", "reason_not_safe", "snapshot_id", "backing"],
+        {"reference": obj(["file"], {"file": STRING}), "size": {"type": "integer"},
+         "safe_to_manage": {"type": "boolean"}, "reason_not_safe": nullable("string"),
+         "snapshot_id": nullable("string"), "backing": nullable("string")}),
+    "ManageRequest": obj(["volume_id", "ref"], {
+        "volume_id": STRING, "ref": obj(["file"], {"file": STRING}, closed=True),
+        "name": STRING, "description": STRING}, closed=True),
     "Schedule": obj(["name", "domains", "keep", "quiesce"],
                     {"name": STRING, "domains": NAMES, "keep": {"type": "integer", "minimum": 1},
                      "quiesce": {"type": "string", "enum": list(QUIESCE_VALUES)}}),
@@ -170,6 +178,17 @@ PATHS: Schema = {
     "/v1/clones/{id}/flatten": {"post": operation(
         "Make a linked clone independent of its snapshot (mode becomes full)", 202,
         ref("TaskAnswer"), [404, 409, 503], params=_ID)},
+    "/v1/volumes/{volume_id}/manageable": {"get": operation(
+        "Every layer of the volume's live chain, as Cinder lists manageable snapshots",
+        200, {"type": "array", "items": ref("Manageable")}, [404, 409, 503],
+        params=[path_param("volume_id")])},
+    "/v1/snapshots/manage": {"post": operation(
+        "Adopt a layer of the volume's live chain as a snapshot (origin managed, "
+        "consistency unknown)", 200, ref("Snapshot"), [400, 404, 409, 503],
+        body=json_body(ref("ManageRequest")))},
+    "/v1/snapshots/{id}/unmanage": {"post": operation(
+        "Forget a record (available or error); files and chain stay as they are", 204, None,
+        [404, 409, 503], params=_ID)},
     "/v1/tasks": {"get": operation(
         "Tasks", 200, obj(["tasks"], {"tasks": {"type": "array", "items": ref("Task")}}), [])},
     "/v1/tasks/{id}": {"get": operation(

@@ -10,7 +10,7 @@ from collections.abc import Callable, Sequence
 from ..errors import BadRequest, ConfigError, GasnapError
 from ..quiesce import VALUES as QUIESCE_VALUES
 from ..quiesce import Quiesce
-from . import clonecmds, commands
+from . import clonecmds, commands, managecmds
 
 # typing for the type checker only, as in gasnap.errors (the CLI's imports stay light)
 TYPE_CHECKING = False
@@ -149,11 +149,29 @@ def _snapshot_parsers(group: argparse.ArgumentParser) -> None:
     revert.set_defaults(func=commands.snapshot_revert)
     _snapshot_clone_parser(snap.add_parser(
         "clone", help="a new volume from a snapshot (linked or full)"))
+    _snapshot_manage_parsers(snap)
     rename = snap.add_parser("rename", help="change a snapshot's name")
     rename.add_argument("id")
     rename.add_argument("name")
     _add_json(rename)
     rename.set_defaults(func=commands.snapshot_rename)
+
+
+def _snapshot_manage_parsers(snap: Any) -> None:
+    manageable = snap.add_parser("manageable", help="the layers of a volume's live chain")
+    manageable.add_argument("volume")
+    _add_json(manageable)
+    manageable.set_defaults(func=managecmds.snapshot_manageable)
+    manage = snap.add_parser("manage", help="adopt a layer of a volume's chain as a snapshot")
+    manage.add_argument("volume")
+    manage.add_argument("file", help="the layer's file name, in the volume's directory")
+    manage.add_argument("--name")
+    _add_json(manage)
+    manage.set_defaults(func=managecmds.snapshot_manage)
+    unmanage = snap.add_parser("unmanage", help="forget a snapshot record; files stay")
+    unmanage.add_argument("id")
+    _add_json(unmanage)
+    unmanage.set_defaults(func=managecmds.snapshot_unmanage)
 
 
 def _snapshot_clone_parser(clone: argparse.ArgumentParser) -> None:

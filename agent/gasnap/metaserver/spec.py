@@ -5,7 +5,7 @@ from __future__ import annotations
 from aiohttp import web
 
 from .. import __version__
-from ..metadata import CloneMode, CloneStatus, Origin
+from ..metadata import CloneMode, CloneStatus, Consistency, Origin
 from ..openapi import (
     STATUSES,
     STRING,
@@ -31,6 +31,7 @@ def _action(name: str, body: Schema) -> Schema:
 
 
 ORIGINS = [o.value for o in Origin]
+CONSISTENCY = nullable("string", enum=[*(c.value for c in Consistency), None])
 CLONE_STATUSES = [s.value for s in CloneStatus]
 MODES = [m.value for m in CloneMode]
 ATTACHMENT = obj(["domain", "target"], {"domain": STRING, "target": STRING,
@@ -45,7 +46,7 @@ SCHEMAS: Schema = {
          "size": {"type": "integer"}, "created_at": STRING, "domain": STRING,
          "group_id": OPT, "target": OPT, "status": {"type": "string", "enum": STATUSES},
          "file": OPT, "backing_file": OPT,
-         "consistency": nullable("string", enum=["memory", "filesystem", "crash", None]),
+         "consistency": CONSISTENCY,
          "error": OPT, "progress": OPT, "schedule": OPT, "parent": OPT,
          "origin": {"type": "string", "enum": ORIGINS}, "domain_state": OPT,
          "memory_file": OPT},
@@ -64,7 +65,7 @@ SCHEMAS: Schema = {
             ["status"],
             {"status": {"type": "string", "enum": ["available", "error"]}, "file": OPT,
              "backing_file": OPT,
-             "consistency": nullable("string", enum=["memory", "filesystem", "crash", None]),
+             "consistency": CONSISTENCY,
              "error": OPT}, closed=True)),
         _action("update-snapshot-status", obj(
             ["status"], {"status": {"type": "string", "enum": ["deleting", "error_deleting"]},

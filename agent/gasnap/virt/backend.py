@@ -14,7 +14,7 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 import libvirt
@@ -312,17 +312,20 @@ class LibvirtHypervisor:
         if active:
             flags |= libvirt.VIR_DOMAIN_BLOCK_COMMIT_ACTIVE
         self.block_events.forget(name, target)
-        await self.connection.call(lambda c: self.resolve(c, name).blockCommit(
-            target, base, top, bandwidth, flags), what=f"{name}/{target}: block commit",
-            retry=False)
+        await self.connection.call(lambda c: _keeping_relative(
+            lambda f: self.resolve(c, name).blockCommit(target, base, top, bandwidth, f),
+            flags, libvirt.VIR_DOMAIN_BLOCK_COMMIT_RELATIVE, f"{name}/{target}"),
+            what=f"{name}/{target}: block commit", retry=False)
 
     async def block_pull(self, name: str, target: str, base: str | None, *,
                          bandwidth: int = 0) -> None:
         """Pull everything above BASE into the active layer (BASE None: all)."""
         flags = libvirt.VIR_DOMAIN_BLOCK_REBASE_RELATIVE if base else 0
         self.block_events.forget(name, target)
-        await self.connection.call(lambda c: self.resolve(c, name).blockRebase(
-            target, base, bandwidth, flags), what=f"{name}/{target}: block pull", retry=False)
+        await self.connection.call(lambda c: _keeping_relative(
+            lambda f: self.resolve(c, name).blockRebase(target, base, bandwidth, f),
+            flags, libvirt.VIR_DOMAIN_BLOCK_REBASE_RELATIVE, f"{name}/{target}"),
+            what=f"{name}/{target}: block pull", retry=False)
 
     async def block_job_info(self, name: str, target: str) -> JobInfo | None:
         info = await self.connection.call(lambda c: self.resolve(c, name).blockJobInfo(target, 0),
@@ -494,6 +497,22 @@ def _all_definitions(conn: libvirt.virConnect, besides: frozenset[str]) -> list[
             if err.get_error_code() != libvirt.VIR_ERR_NO_DOMAIN:
                 raise  # one undefined meanwhile uses nothing any more
     return xmls
+
+
+def _keeping_relative(start: Callable[[int], object], flags: int, relative: int,
+                      what: str) -> None:
+    """Start a job with FLAGS, keeping backing pointers relative where they
+    are.  A chain made elsewhere (virsh writes absolute pointers, and gasnap
+    adopts such layers) cannot: libvirt refuses RELATIVE there, and the job
+    runs as the chain was written."""
+    try:
+        start(flags)
+    except libvirt.libvirtError as err:
+        if not flags & relative or "relative backing" not in (err.get_error_message() or ""):
+            raise
+        log.warning("%s: the chain has absolute backing pointers (made outside gasnap); "
+                    "the merge keeps them absolute", what)
+        start(flags & ~relative)
 
 
 def _current_xml(dom: libvirt.virDomain, name: str) -> str:
