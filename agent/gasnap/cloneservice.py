@@ -15,7 +15,7 @@ from typing import Any
 from .errors import Conflict, Unavailable
 from .hypervisor import DomainState
 from .metadata import CloneMeta, CloneMode, CloneStatus, WrongStatus
-from .tasks import Done, Task, TaskManager
+from .tasks import Done, Task, TaskManager, Work
 from .workflows import Context, clone, cloneplan
 from .workflows.cloneplan import AttachRequest, CloneRequest
 
@@ -43,20 +43,15 @@ class CloneService:
         try:
             yield task
         finally:
-            self.tasks.release(task)
-            self.tasks.discard(task)
+            self.tasks.drop(task)
 
-    async def _start(self, task: Task, work: Any) -> Task:
+    async def _start(self, task: Task, work: Work) -> Task:
         await self.tasks.start(task, work)
         return task
 
     def _reserve(self, kind: str, volumes: set[str]) -> Task:
         self._check_ready()
         return self.tasks.reserve(kind, volumes)
-
-    def _drop(self, task: Task) -> None:
-        self.tasks.release(task)
-        self.tasks.discard(task)
 
     # reading
 
@@ -74,7 +69,7 @@ class CloneService:
         try:
             planned = await cloneplan.plan_create(self.ctx, request)
         except BaseException:
-            self._drop(task)
+            self.tasks.drop(task)
             raise
 
         async def work(task: Task) -> Done:
@@ -124,7 +119,7 @@ class CloneService:
             await cloneplan.check_no_snapshots(self.ctx, meta)
             live = await self._live_disk(meta) if meta.mode is CloneMode.LINKED else None
         except BaseException:
-            self._drop(task)
+            self.tasks.drop(task)
             raise
 
         async def work(task: Task) -> Done:
@@ -173,7 +168,7 @@ class CloneService:
             await cloneplan.check_detached(self.ctx, meta)
             await cloneplan.check_no_snapshots(self.ctx, meta)
         except BaseException:
-            self._drop(task)
+            self.tasks.drop(task)
             raise
 
         async def work(_task: Task) -> Done:

@@ -277,6 +277,12 @@ async def allocated(path: str) -> int:
     return (await asyncio.to_thread(os.stat, path)).st_blocks * 512
 
 
+async def chain_data(path: str, fmt: str) -> int:
+    """Bytes the chain from PATH down occupies: at most what a full copy of
+    it writes (formats as ``chain`` names them, inside PATH's directory)."""
+    return sum([await allocated(layer.path) for layer in await read_chain(path, fmt)])
+
+
 async def adopt_owner(path: str, like: str) -> None:
     """Give PATH the owner and mode of LIKE, so the hypervisor opens it as it
     opens the rest of the chain."""

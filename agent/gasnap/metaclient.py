@@ -96,12 +96,15 @@ def contract_parents(metas: list[SnapshotMeta]) -> dict[str, str | None]:
     return parents
 
 
-def _is_json(text: str) -> bool:
+def _decode(text: str, status: int) -> Any:
+    """The answer's JSON.  A refusal need not be JSON (a route the service
+    does not have): it is still the service's word, not a reason to retry."""
     try:
-        json.loads(text)
+        return json.loads(text) if text else None
     except ValueError:
-        return False
-    return True
+        if status >= 400:
+            return None
+        raise
 
 
 def _segment(value: str) -> str:
@@ -142,9 +145,7 @@ class RemoteMetadata:
                                              params=query) as resp:
                 status = resp.status
                 text = await resp.text() if status != 204 else ""
-            # A refusal need not be JSON (a route the service does not have):
-            # it is still the service's word, not a reason to retry.
-            doc = json.loads(text) if text and (status < 400 or _is_json(text)) else None
+            doc = _decode(text, status)
         except (aiohttp.ClientError, TimeoutError, ValueError) as err:
             raise _Retryable(f"{type(err).__name__}: {err}") from err
         finally:

@@ -158,8 +158,7 @@ class SnapshotService:
         try:
             meta = await manage.manage(self.ctx, volume_id, ref, name, description)
         finally:
-            self.tasks.release(task)
-            self.tasks.discard(task)
+            self.tasks.drop(task)
         return (await snapshot_records([meta]))[0]
 
     async def unmanage(self, snapshot_id: str) -> None:
@@ -169,8 +168,7 @@ class SnapshotService:
         try:
             await manage.unmanage(self.ctx, snapshot_id)
         finally:
-            self.tasks.release(task)
-            self.tasks.discard(task)
+            self.tasks.drop(task)
 
     # creating
 
@@ -216,8 +214,7 @@ class SnapshotService:
                                "try again", code="domain_changed")
             await createplan.check_exclusive(self.ctx, planned)
         except BaseException:
-            self.tasks.release(task)
-            self.tasks.discard(task)
+            self.tasks.drop(task)
             raise
         return task, planned
 
@@ -283,8 +280,7 @@ class SnapshotService:
                 raise Conflict("the snapshot's group changed while the revert was planned; "
                                "try again", code="domain_changed")
         except BaseException:
-            self.tasks.release(task)
-            self.tasks.discard(task)
+            self.tasks.drop(task)
             raise
 
         async def work(_task: Task) -> Done:
@@ -307,8 +303,7 @@ class SnapshotService:
         try:
             merge = await deleteplan.plan(self.ctx, snapshot_id, strategy)
         except BaseException:
-            self.tasks.release(task)
-            self.tasks.discard(task)
+            self.tasks.drop(task)
             raise
 
         async def work(task: Task) -> Done:

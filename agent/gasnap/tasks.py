@@ -125,6 +125,12 @@ class TaskManager:
         """Forget a task that never started (its request was refused)."""
         self._tasks.pop(task.id, None)
 
+    def drop(self, task: Task) -> None:
+        """A reserved task that will not run (its request was refused, or its
+        work was done before the answer): its volumes are free again."""
+        self.release(task)
+        self.discard(task)
+
     def release(self, task: Task) -> None:
         for volume in task.volumes:
             if self._busy.get(volume) == task.id:

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .. import faults, images, qemuimg
+from ..blockjobs import JobInfo
 from ..errors import GasnapError, NotFound, Unavailable
 from ..journal import Operation
 from ..metadata import (
@@ -134,9 +135,7 @@ async def _copy(ctx: Context, plan: ClonePlan, progress: ProgressSink) -> None:
     """The full copy, its progress read from how far the copy has grown
     against the data of the image's chain (an estimate: never 100 before
     the copy is whole)."""
-    chain = await images.read_chain(plan.image, plan.image_format,
-                                    os.path.dirname(plan.image))
-    total = sum([await images.allocated(layer.path) for layer in chain]) or 1
+    total = await images.chain_data(plan.image, plan.image_format) or 1
     copy = asyncio.ensure_future(qemuimg.convert(plan.image, plan.image_format, plan.part,
                                                  bandwidth_mib=ctx.merge_bandwidth))
     try:
@@ -260,7 +259,7 @@ async def flatten(ctx: Context, meta: CloneMeta, live: tuple[str, str, str] | No
 async def _pull(ctx: Context, live: tuple[str, str, str], progress: ProgressSink) -> None:
     domain, uuid, target = live
 
-    async def report(info: Any) -> None:
+    async def report(info: JobInfo) -> None:
         await progress(min(info.percent, 99))
 
     async with ctx.hv.hold({domain: uuid}):

@@ -174,9 +174,8 @@ async def plan_create(ctx: Context, request: CloneRequest) -> ClonePlan:
     size = await images.virtual_size(image, fmt)
     if request.mode is CloneMode.LINKED:
         need = space.overlay_bytes(size)
-    else:  # at most the data of the image's chain
-        chain = await images.read_chain(image, fmt, os.path.dirname(image))
-        need = sum([await images.allocated(layer.path) for layer in chain])
+    else:
+        need = await images.chain_data(image, fmt)
     await space.check({os.path.dirname(path): need}, ctx.min_free, "the clone")
     return ClonePlan(
         clone_id=clone_id, snapshot_id=meta.id, source_volume_id=meta.volume_id,

@@ -55,6 +55,11 @@ class Method(enum.Enum):
     def live(self) -> bool:
         return self in (Method.COMMIT, Method.ACTIVE_COMMIT, Method.PULL)
 
+    @property
+    def commits(self) -> bool:
+        """Its data goes down into the image (else up into the file above)."""
+        return self in (Method.COMMIT, Method.ACTIVE_COMMIT, Method.OFFLINE_COMMIT)
+
 
 class ChainMismatch(Conflict):
     code = "chain_mismatch"
@@ -226,14 +231,12 @@ async def _clone_of(ctx: Context, volume_id: str) -> CloneMeta | None:
 
 def merge_target(merge: DeletePlan) -> str:
     """The file MERGE's data goes into (a branch pull's others lie beside it)."""
-    commits = (Method.COMMIT, Method.ACTIVE_COMMIT, Method.OFFLINE_COMMIT)
-    return merge.base if merge.method in commits else merge.top
+    return merge.base if merge.method.commits else merge.top
 
 
 def touched(merge: DeletePlan) -> set[str]:
     """The files MERGE writes into or removes."""
-    written = {merge.base} if merge.method in (
-        Method.COMMIT, Method.ACTIVE_COMMIT, Method.OFFLINE_COMMIT) else {merge.top}
+    written = {merge_target(merge)}
     if merge.method is Method.BRANCH_PULL:
         written = {*merge.dependents, *([merge.top] if merge.pull_active else [])}
     return {*written, merge.remove}
