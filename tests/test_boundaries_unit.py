@@ -19,8 +19,10 @@ from gasnap.metaclient import MetadataRejected, MetadataUnauthorized, RemoteMeta
 from gasnap.metadata import (
     CloneNotFound,
     CloneStatus,
+    InvalidLimits,
     MetadataUnavailable,
     SnapshotNotFound,
+    VolumeLimits,
     WrongStatus,
 )
 from gasnap.metastore.postgres import PostgresBackend
@@ -109,6 +111,20 @@ async def test_a_service_without_clone_records(
     with pytest.raises(MetadataRejected) as info:
         await client.finalize_clone_metadata("c1", CloneStatus.AVAILABLE)
     assert info.value.code == "clones_unsupported"
+
+
+async def test_a_service_without_volume_limits(
+    service: tuple[RemoteMetadata, list[str]]
+) -> None:
+    """No limits route: no volume has its own limits there (the agent's
+    defaults hold), and setting one is refused with a code that says why."""
+    client, _ = service
+    assert await client.get_volume_limits("v1") == VolumeLimits()
+    with pytest.raises(MetadataRejected) as info:
+        await client.update_volume_limits("v1", {"max_snapshots": 3})
+    assert info.value.code == "limits_unsupported"
+    with pytest.raises(InvalidLimits):  # checked before anything is sent
+        await client.update_volume_limits("v1", {"max_snapshots": -3})
 
 
 # --- SQLite ---------------------------------------------------------------------------

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ import pytest
 
 from conftest import (
     PREFIX,
+    URI,
     Agent,
     chain_of,
     create_snapshots,
@@ -296,6 +298,41 @@ async def test_offline_flatten_and_attach_to_a_stopped_domain(
     assert await device_of(hv, reader.name, linked["id"]) is None
     assert linked["id"] not in await hv.domain_xml(reader.name, inactive=True)
     gasnap("--api", agent.api, "clone", "delete", linked["id"])
+
+
+async def test_a_child_made_outside_gasnap_holds_its_snapshot_too(
+    agent: Agent, hv: LibvirtHypervisor, source: Domain, reader: Domain
+) -> None:
+    """An overlay of a snapshot's image made by hand (no clone record) and
+    attached to another guest needs that image as a linked clone would: the
+    delete is refused, nothing changed, until it is detached."""
+    record = snap(agent, source, "hand-child")
+    fmt = str(read_qcow2_header(record["file"]).backing_format)
+    child = Path(record["image"]).with_name(f"hand-child-{record['id']}")
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b",
+                    os.path.basename(record["image"]), "-F", fmt, str(child)], check=True)
+    virsh = ["virsh", "-q", "-c", URI]
+    subprocess.run([*virsh, "attach-disk", reader.name, str(child), "vdy", "--driver", "qemu",
+                    "--subdriver", "qcow2", "--mode", "readonly", "--live"], check=True)
+    try:
+        chain = await chain_of(hv, source.name, "vda")
+        for strategy in ("auto", "commit", "pull"):
+            message = refused(agent, "DELETE",
+                              f"/v1/snapshots/{record['id']}?strategy={strategy}", None, 409,
+                              "snapshot_has_clones")
+            assert record["image"] in message
+        assert await chain_of(hv, source.name, "vda") == chain
+        assert agent.client.get(f"/v1/snapshots/{record['id']}")["status"] == "available"
+    finally:
+        subprocess.run([*virsh, "detach-disk", reader.name, "vdy", "--live"], check=True)
+    await wait_until(lambda: _detached(hv, reader.name, str(child)))
+    assert delete_snapshot(agent, record["id"])["state"] == "succeeded"
+    child.unlink()
+
+
+async def _detached(hv: LibvirtHypervisor, name: str, path: str) -> bool:
+    return all(path not in [layer.path for layer in vol.chain]
+               for vol in (await hv.get_domain(name)).volumes)
 
 
 @pytest.mark.parametrize("source", ["qcow2"], indirect=True)

@@ -8,6 +8,7 @@ import pytest
 
 from gasnap import config
 from gasnap.errors import ConfigError
+from gasnap.metadata import Limits
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -46,7 +47,11 @@ def test_file_then_flags(tmp_path: Path) -> None:
         ("[agent]\ndetach_timeout = 0\n", "agent.detach_timeout"),
         ("[limits]\nmin_free_mib = -1\n", "limits.min_free_mib"),
         ('[limits]\nmin_free_mib = "lots"\n', "limits.min_free_mib"),
-        ("[limits]\nmax_snapshots = 10\n", "limits.max_snapshots"),
+        ("[limits]\nmax_snapshots = 0\n", "limits.max_snapshots"),
+        ("[limits]\nsoft_limit_percent = 101\n", "limits.soft_limit_percent"),
+        ("[limits]\nmax_chain_depth = 1\n", "limits.max_chain_depth"),
+        ('[limits]\nauto_delete = "yes"\n', "limits.auto_delete"),
+        ("[limits]\nmax_snapshot = 5\n", "limits.max_snapshot"),
     ],
 )
 def test_bad_config_names_the_problem(tmp_path: Path, text: str, fragment: str) -> None:
@@ -58,6 +63,12 @@ def test_limits(tmp_path: Path) -> None:
     assert config.load(write(tmp_path, ""), {}).limits_min_free_mib == 256
     assert config.load(write(tmp_path, "[limits]\nmin_free_mib = 0\n"),
                        {}).limits_min_free_mib == 0
+    assert config.load(write(tmp_path, ""), {}).limits == Limits(256, 90, False, 64)
+    text = ("[limits]\nmax_snapshots = 10\nsoft_limit_percent = 50\nauto_delete = true\n"
+            "max_chain_depth = 8\n")
+    limits = config.load(write(tmp_path, text), {}).limits
+    assert limits == Limits(10, 50, True, 8)
+    assert (limits.soft_snapshots, limits.soft_depth) == (5, 4)
 
 
 def test_spare_overlays_is_a_boolean(tmp_path: Path) -> None:

@@ -13,6 +13,7 @@ import pytest
 from gasnap import domxml
 from gasnap.hypervisor import AgentState, Domain, DomainState, Layer, Volume
 from gasnap.images import overlay_path
+from gasnap.metadata import VolumeLimits
 from gasnap.quiesce import Quiesce
 from gasnap.workflows import Context
 from gasnap.workflows.createplan import (
@@ -74,6 +75,9 @@ class NoRecords:
 
     async def list_snapshots(self, **_filters: Any) -> list[Any]:
         return []
+
+    async def get_volume_limits(self, _volume_id: str) -> VolumeLimits:
+        return VolumeLimits()
 
 
 def context(domain: Domain) -> Context:

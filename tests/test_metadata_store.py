@@ -20,6 +20,7 @@ from gasnap.metadata import (
     CloneStatus,
     Consistency,
     Finalization,
+    InvalidLimits,
     InvalidMarker,
     MetadataService,
     NewClone,
@@ -27,6 +28,7 @@ from gasnap.metadata import (
     Origin,
     SnapshotNotFound,
     Status,
+    VolumeLimits,
     WrongStatus,
 )
 from gasnap.metastore import StoreUnavailable, migrations, open_store
@@ -340,3 +342,41 @@ async def test_a_failed_linked_clone_does_not_hold_its_snapshot(store: MetadataS
     assert (await store.get_clone("c1")).error == "qemu-img failed"
     await store.update_snapshot_status("s1", Status.DELETING, "0%")
     await store.clone_delete_metadata("c1")  # error records go at once
+
+
+async def test_volume_limits_are_kept_and_merged(store: MetadataService) -> None:
+    """A volume's own limits: each change sets what it names, null clears
+    one, and a volume with none set answers all null (the agent's defaults)."""
+    assert await store.get_volume_limits("v1") == VolumeLimits()
+    await store.create_snapshot_metadata(new())  # limits live beside records, not in them
+    assert await store.update_volume_limits("v1", {"max_snapshots": 10}) == VolumeLimits(10)
+    both = await store.update_volume_limits("v1", {"auto_delete": False,
+                                                   "soft_limit_percent": 50})
+    assert both == VolumeLimits(10, 50, False, None)
+    assert await store.get_volume_limits("v1") == both
+    assert await store.get_volume_limits("v2") == VolumeLimits()  # per volume
+    assert await store.update_volume_limits("v1", {"max_snapshots": None}) == \
+        VolumeLimits(None, 50, False, None)
+    for bad in ({"max_snapshots": 0}, {"soft_limit_percent": 101}, {"auto_delete": 1},
+                {"max_chain_depth": 1}, {"max_snapshots": True}, {"bogus": 3}):
+        with pytest.raises(InvalidLimits):
+            await store.update_volume_limits("v1", bad)
+    assert await store.get_volume_limits("v1") == VolumeLimits(None, 50, False, None)
+    cleared = await store.update_volume_limits("v1", {"soft_limit_percent": None,
+                                                      "auto_delete": None})
+    assert cleared == VolumeLimits() == await store.get_volume_limits("v1")
+    assert (await store.get_snapshot("s1")).status is Status.CREATING
+
+
+async def test_replicas_change_different_limits_at_once(postgres: Cluster) -> None:
+    url = postgres.new_database()
+    replicas = await asyncio.gather(*(open_store(url) for _ in range(4)))
+    try:
+        changes = [{"max_snapshots": 7}, {"soft_limit_percent": 60}, {"auto_delete": True},
+                   {"max_chain_depth": 9}]
+        await asyncio.gather(*(r.update_volume_limits("v", c)
+                               for r, c in zip(replicas, changes, strict=True)))
+        assert await replicas[0].get_volume_limits("v") == VolumeLimits(7, 60, True, 9)
+    finally:
+        for replica in replicas:
+            await replica.close()

@@ -211,3 +211,42 @@ async def test_outage_as_a_delete_starts_is_swept(
         agent.stop()
     with running_agent(tmp_path, config=config) as again:
         assert delete_snapshot(again, snap["id"])["state"] == "succeeded"
+
+
+async def test_limits_live_in_the_service_and_hold_through_an_outage(
+    remote_agent: Agent, service: MetadataServer, hv: LibvirtHypervisor, guest: Domain,
+    tmp_path: Path,
+) -> None:
+    """A volume's limits are kept by the metadata service, so another host's
+    agent sees them; a create that cannot read them at plan time (the
+    service away) is still held to them before any record is made."""
+    vol = guest.volumes[0]
+    path = f"/v1/volumes/{vol.volume_id}/limits"
+    count = remote_agent.client.get(path)["snapshots"]
+    remote_agent.client.request("PUT", path, {"max_snapshots": count + 1})
+    try:
+        kept = service.get(path)
+        assert kept.status_code == 200, kept.text
+        assert kept.json()["limits"]["max_snapshots"] == count + 1
+        config = f'[metadata]\nurl = "{service.url}"\ntoken = "{TOKEN}"\n'
+        with running_agent(tmp_path, config=config) as other_host:
+            assert other_host.client.get(path)["max_snapshots"] == count + 1
+        body = {"domains": [guest.name], "disks": {guest.name: [vol.target]}}
+        assert create_snapshots(remote_agent, {**body, "name": "at-limit"})["state"] == \
+            "succeeded"
+        chain = await chain_of(hv, guest.name, vol.target)
+        files = volume_files(vol.active_file)
+        service.stop()
+        try:
+            task = remote_agent.client.request("POST", "/v1/snapshots",
+                                               {**body, "name": "past-limit"})
+        finally:
+            service.start()
+        failed = wait_task(remote_agent, task["task"]["id"], timeout=DEADLINE * 4)
+        assert (failed["state"], failed["error"]["code"]) == ("failed", "snapshot_limit")
+        assert await chain_of(hv, guest.name, vol.target) == chain
+        assert volume_files(vol.active_file) == files
+        assert not [r for r in service_records(service, vol.volume_id)
+                    if r["name"] == "past-limit"]
+    finally:
+        remote_agent.client.request("PUT", path, {"max_snapshots": None})

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
+from .metadata import InvalidLimits, Limits, check_limits
 from .quiesce import VALUES as QUIESCE_VALUES
 from .quiesce import Quiesce
 
@@ -46,11 +47,21 @@ class Settings:
     shutdown_timeout: float = 120.0
     detach_timeout: float = 60.0  # a clone's detach: the wait for the guest to let go
     limits_min_free_mib: int = 256  # free space a create or merge must leave behind
+    # every volume's limits unless it has its own (``gasnap volume limits``)
+    limits_max_snapshots: int = Limits.max_snapshots
+    limits_soft_limit_percent: int = Limits.soft_limit_percent
+    limits_auto_delete: bool = Limits.auto_delete
+    limits_max_chain_depth: int = Limits.max_chain_depth
     spare_overlays: bool = True  # make the next snapshot's overlay ahead of time
     metadata_url: str = ""  # empty: the embedded store under state_dir
     metadata_token: str = ""
     metadata_deadline: float = 120.0  # seconds a metadata call may keep retrying
     schedules: dict[str, Schedule] = dataclasses.field(default_factory=dict)
+
+    @property
+    def limits(self) -> Limits:
+        return Limits(self.limits_max_snapshots, self.limits_soft_limit_percent,
+                      self.limits_auto_delete, self.limits_max_chain_depth)
 
     def __repr__(self) -> str:  # never print secrets
         fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
@@ -66,7 +77,10 @@ _AGENT_KEYS: dict[str, type | tuple[type, ...]] = {
     "libvirt_outage_wait": (int, float), "shutdown_timeout": (int, float),
     "detach_timeout": (int, float),
 }
-_LIMITS_KEYS: dict[str, type | tuple[type, ...]] = {"min_free_mib": int}
+_LIMITS_KEYS: dict[str, type | tuple[type, ...]] = {
+    "min_free_mib": int, "max_snapshots": int, "soft_limit_percent": int,
+    "auto_delete": bool, "max_chain_depth": int,
+}
 _METADATA_KEYS: dict[str, type | tuple[type, ...]] = {
     "url": str, "token": str, "deadline": (int, float),
 }
@@ -136,6 +150,11 @@ def _read(file: Path) -> dict[str, Any]:
     meta = _checked("metadata", doc.get("metadata", {}), _METADATA_KEYS)
     values.update({f"metadata_{k}": v for k, v in meta.items()})
     limits = _checked("limits", doc.get("limits", {}), _LIMITS_KEYS)
+    for key, value in limits.items():  # the ranges a volume's own limits keep to
+        try:
+            check_limits({key: value} if key != "min_free_mib" else {})
+        except InvalidLimits as err:
+            raise ConfigError(f"limits.{key}: {err.message}") from err
     values.update({f"limits_{k}": v for k, v in limits.items()})
     values["schedules"] = _schedules(doc.get("schedules", {}))
     return values

@@ -29,12 +29,14 @@ from tenacity import (
 from . import metrics
 from .errors import BadRequest, Unavailable
 from .metadata import (
+    LIMIT_FIELDS,
     CloneChange,
     CloneMeta,
     CloneNotFound,
     CloneStatus,
     Consistency,
     Finalization,
+    InvalidLimits,
     InvalidMarker,
     MetadataError,
     MetadataUnavailable,
@@ -44,7 +46,9 @@ from .metadata import (
     SnapshotMeta,
     SnapshotNotFound,
     Status,
+    VolumeLimits,
     WrongStatus,
+    check_limits,
 )
 
 log = logging.getLogger(__name__)
@@ -167,6 +171,9 @@ class RemoteMetadata:
                 raise MetadataRejected(f"metadata service {self._url} keeps no clone records "
                                        "(a gasnap metadata service of this release does)",
                                        status=status, code="clones_unsupported")
+            if status == 404 and code is None and path.endswith("/limits"):
+                raise MetadataRejected(f"metadata service {self._url} keeps no volume limits",
+                                       status=status, code="limits_unsupported")
             if status == 404 and code in (None, SnapshotNotFound.code):
                 raise SnapshotNotFound(message)
             if status == 409:  # the protocol's one conflict: a status transition
@@ -310,6 +317,32 @@ class RemoteMetadata:
                 raise
             return []  # a service of the contract alone: no clone was ever recorded there
         return [CloneMeta.from_dict(d) for d in doc["clones"]]
+
+    # --- limits ---------------------------------------------------------------
+
+    async def get_volume_limits(self, volume_id: str) -> VolumeLimits:
+        try:
+            doc = await self._call("GET", f"/v1/volumes/{_segment(volume_id)}/limits")
+        except MetadataRejected as err:
+            if err.code != "limits_unsupported":
+                raise
+            return VolumeLimits()  # a service of the contract alone: nothing was ever set
+        return VolumeLimits(**{k: doc["limits"].get(k) for k in LIMIT_FIELDS})
+
+    async def update_volume_limits(self, volume_id: str,
+                                   change: dict[str, Any]) -> VolumeLimits:
+        try:
+            doc = await self._call("POST", f"/v1/volumes/{_segment(volume_id)}/action",
+                                   {"update-volume-limits": check_limits(change)})
+        except (MetadataRejected, SnapshotNotFound) as err:
+            # (a bare 404 here is the route missing: there is no snapshot in it)
+            if err.code == InvalidLimits.code:
+                raise InvalidLimits(err.message) from err
+            raise MetadataRejected(
+                f"metadata service {self._url} refused to keep volume limits ({err.message}; "
+                "a gasnap metadata service of this release keeps them)",
+                code="limits_unsupported") from err
+        return VolumeLimits(**{k: doc["limits"].get(k) for k in LIMIT_FIELDS})
 
     # --- reads ----------------------------------------------------------------
 

@@ -270,6 +270,82 @@ class CloneChange:
     error: str | None = None
 
 
+# --- volume limits ---------------------------------------------------------------
+
+# gluster's names; the agent's [limits] gives the default of each
+LIMIT_FIELDS = ("max_snapshots", "soft_limit_percent", "auto_delete", "max_chain_depth")
+_LIMIT_RANGES = {"max_snapshots": (1, 65535), "soft_limit_percent": (1, 100),
+                 "max_chain_depth": (2, 1024)}
+
+
+class InvalidLimits(MetadataError, BadRequest):
+    code = "invalid_limits"
+
+
+@dataclass(frozen=True)
+class VolumeLimits:
+    """A volume's own limits, stored with its records so every host sees
+    them; None: the agent's default."""
+
+    max_snapshots: int | None = None
+    soft_limit_percent: int | None = None
+    auto_delete: bool | None = None
+    max_chain_depth: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def changed(self, change: dict[str, Any]) -> VolumeLimits:
+        """These limits with CHANGE (checked by ``check_limits``) applied."""
+        return VolumeLimits(**{**self.to_dict(), **change})
+
+
+@dataclass(frozen=True)
+class Limits:
+    """The limits in force on a volume: its own, else the agent's defaults."""
+
+    max_snapshots: int = 256
+    soft_limit_percent: int = 90
+    auto_delete: bool = False
+    max_chain_depth: int = 64  # files in the chain, the active one included
+
+    def under(self, own: VolumeLimits) -> Limits:
+        """These defaults with the volume's OWN limits over them."""
+        return Limits(**{**asdict(self),
+                         **{k: v for k, v in own.to_dict().items() if v is not None}})
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @property
+    def soft_snapshots(self) -> int:
+        return max(1, self.max_snapshots * self.soft_limit_percent // 100)
+
+    @property
+    def soft_depth(self) -> int:
+        # a chain holds at least the active file and the image below it
+        return max(2, self.max_chain_depth * self.soft_limit_percent // 100)
+
+
+def check_limits(doc: dict[str, Any]) -> dict[str, Any]:
+    """DOC as a change of limits: the fields it names, each a value in its
+    range or null (back to the default)."""
+    unknown = set(doc) - set(LIMIT_FIELDS)
+    if unknown:
+        raise InvalidLimits(f"unknown limits: {sorted(unknown)}; known: {list(LIMIT_FIELDS)}")
+    for key, value in doc.items():
+        if value is None:
+            continue
+        if key == "auto_delete":
+            if not isinstance(value, bool):
+                raise InvalidLimits("auto_delete must be true, false or null")
+            continue
+        low, high = _LIMIT_RANGES[key]
+        if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+            raise InvalidLimits(f"{key} must be an integer from {low} to {high}, or null")
+    return dict(doc)
+
+
 class MetadataService(Protocol):
     async def create_snapshot_metadata(self, new: NewSnapshot) -> SnapshotMeta: ...
 
@@ -322,5 +398,15 @@ class MetadataService(Protocol):
                           volume_id: str | None = None) -> list[CloneMeta]:
         """Oldest first; SNAPSHOT_ID: clones of that snapshot; VOLUME_ID:
         clones of that volume's snapshots."""
+
+    # limits: stored per volume, read by every host that snapshots it
+
+    async def get_volume_limits(self, volume_id: str) -> VolumeLimits:
+        """The volume's own limits (all None when it has none)."""
+
+    async def update_volume_limits(self, volume_id: str,
+                                   change: dict[str, Any]) -> VolumeLimits:
+        """Apply CHANGE (``check_limits``): a field named is set, null
+        clears it; a field not named stays."""
 
     async def close(self) -> None: ...

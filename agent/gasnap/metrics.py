@@ -44,6 +44,14 @@ DOMAIN_IO_ERRORS = Counter(
     "reason (enospc: the filesystem under the disk is full; the guest is paused)",
     ["domain", "reason"], registry=AGENT,
 )
+VOLUME_SNAPSHOTS = Gauge(
+    "gasnap_volume_snapshots", "Snapshots a volume has (failed creates aside), as of the "
+    "last change this agent made to it", ["volume_id"], registry=AGENT,
+)
+VOLUME_SNAPSHOT_LIMIT = Gauge(
+    "gasnap_volume_snapshot_limit", "A volume's max_snapshots (its own, else [limits])",
+    ["volume_id"], registry=AGENT,
+)
 
 SERVICE = CollectorRegistry()
 

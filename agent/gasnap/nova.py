@@ -202,6 +202,7 @@ async def create(service: SnapshotService, call: NovaCreate) -> Task:
         domains=[dom.name], disks={dom.name: [vol.target]}, name=call.snapshot_id,
         description=DESCRIPTION, quiesce=Quiesce.PREFERRED,
         presets={vol.volume_id: Preset(call.snapshot_id, str(overlay), reuse)},
+        auto_delete=False,  # Cinder keeps these snapshots' records: it deletes them
     )
     return await service.create(request)
 

@@ -57,6 +57,15 @@ def obj(required: list[str], properties: Schema, *, closed: bool = False) -> Sch
     return doc
 
 
+# a volume's own limits; null: the agent's [limits] default
+LIMIT_PROPERTIES: Schema = {
+    "max_snapshots": nullable("integer", minimum=1, maximum=65535),
+    "soft_limit_percent": nullable("integer", minimum=1, maximum=100),
+    "auto_delete": nullable("boolean"),
+    "max_chain_depth": nullable("integer", minimum=2, maximum=1024),
+}
+
+
 def json_body(schema: Schema) -> Schema:
     return {"required": True, "content": {"application/json": {"schema": schema}}}
 

@@ -14,15 +14,17 @@ from typing import Any
 
 from .config import Schedule
 from .errors import BadRequest, Conflict, GasnapError, Unavailable
-from .hypervisor import Domain
-from .metadata import SnapshotMeta, Status
+from .hypervisor import Domain, Volume
+from .metadata import CloneNotFound, SnapshotMeta, Status, check_limits
 from .tasks import Done, Task, TaskManager
 from .workflows import (
     Context,
+    autodelete,
     create,
     createplan,
     delete,
     deleteplan,
+    limits,
     manage,
     revert,
     revertplan,
@@ -159,6 +161,7 @@ class SnapshotService:
             meta = await manage.manage(self.ctx, volume_id, ref, name, description)
         finally:
             self.tasks.drop(task)
+        await limits.observe(self.ctx, [volume_id])
         return (await snapshot_records([meta]))[0]
 
     async def unmanage(self, snapshot_id: str) -> None:
@@ -169,6 +172,44 @@ class SnapshotService:
             await manage.unmanage(self.ctx, snapshot_id)
         finally:
             self.tasks.drop(task)
+        await limits.observe(self.ctx, [meta.volume_id])
+
+    # limits
+
+    async def volume_limits(self, volume_id: str) -> dict[str, Any]:
+        """The limits in force on VOLUME_ID, which it sets itself (``own``),
+        where its soft limits fall, and where it stands (``snapshots``;
+        ``chain_depth`` when a domain of this host has it)."""
+        vol = await self._volume_here(volume_id)
+        metas = await self.ctx.metadata.list_snapshots(volume_id=volume_id)
+        if vol is None and not metas:
+            try:
+                await self.ctx.metadata.get_clone(volume_id)
+            except CloneNotFound:
+                raise createplan.VolumeNotFound(f"no domain has volume {volume_id}, and no "
+                                                "record names it", volume_id=volume_id) from None
+        own = await self.ctx.metadata.get_volume_limits(volume_id)
+        in_force = self.ctx.limits.under(own)
+        return {**in_force.to_dict(),
+                "own": [k for k, v in own.to_dict().items() if v is not None],
+                "soft_snapshots": in_force.soft_snapshots,
+                "soft_chain_depth": in_force.soft_depth,
+                "snapshots": len(limits.counted(metas)),
+                "chain_depth": len(vol.chain) if vol is not None else None}
+
+    async def set_volume_limits(self, volume_id: str, change: dict[str, Any]) -> dict[str, Any]:
+        """Set the limits CHANGE names (null: back to the default)."""
+        check_limits(change)
+        await self.volume_limits(volume_id)  # an unknown volume is 404
+        await self.ctx.metadata.update_volume_limits(volume_id, change)
+        await limits.observe(self.ctx, [volume_id])
+        return await self.volume_limits(volume_id)
+
+    async def _volume_here(self, volume_id: str) -> Volume | None:
+        try:
+            return (await manage.find_volume(self.ctx, volume_id))[1]
+        except createplan.VolumeNotFound:
+            return None
 
     # creating
 
@@ -186,8 +227,8 @@ class SnapshotService:
         if planned.memory:
             # How long each guest stood still while its RAM was saved.
             result["pause_ms"] = {d: round(s * 1000, 1) for d, s in outcome.pauses.items()}
-        if planned.warnings:
-            result["warnings"] = planned.warnings
+        if planned.warnings or outcome.warnings:
+            result["warnings"] = [*planned.warnings, *outcome.warnings]
         if outcome.failure is not None:
             return Done(result, SnapshotFailed(outcome.failure.message,
                                                code=outcome.failure.code))
@@ -197,6 +238,21 @@ class SnapshotService:
                 f"{len(failed)} of {len(outcome.snapshots)} snapshots failed: "
                 f"{failed[0].error}"))
         return Done(result)
+
+    async def _trimmed(self, planned: createplan.CreatePlan, created: Done,
+                       auto_delete: bool) -> Done:
+        """After a create that succeeded: its volumes' auto-delete, whose
+        merges and warnings join the result (``deleted``, ``warnings``)."""
+        if created.error is None and auto_delete:
+            trimmed = await autodelete.trim(self.ctx, planned.volumes,
+                                            {v.snapshot_id for v in planned.volumes})
+            result = dict(created.result or {})
+            result["deleted"] = [*result.get("deleted", []), *trimmed.deleted]
+            if trimmed.warnings:
+                result["warnings"] = [*result.get("warnings", []), *trimmed.warnings]
+            created = Done(result)
+        await limits.observe(self.ctx, [v.volume_id for v in planned.volumes])
+        return created
 
     async def _reserved_plan(self, kind: str, request: createplan.CreateRequest
                              ) -> tuple[Task, createplan.CreatePlan]:
@@ -223,7 +279,8 @@ class SnapshotService:
         task, planned = await self._reserved_plan("snapshot-create", request)
 
         async def work(_task: Task) -> Done:
-            return await self._created(planned)
+            return await self._trimmed(planned, await self._created(planned),
+                                       request.auto_delete)
 
         await self.tasks.start(task, work)
         return task
@@ -259,7 +316,7 @@ class SnapshotService:
                 return Done(result, SnapshotFailed(
                     f"retention of schedule {schedule.name} failed: "
                     f"{retained.failure.message}", code="retention_failed"))
-            return Done(result)
+            return await self._trimmed(planned, Done(result), auto_delete=True)
 
         await self.tasks.start(task, work)
         return task
@@ -312,6 +369,7 @@ class SnapshotService:
                     await self.tasks.update(task, progress=percent)
 
             outcome = await delete.execute(self.ctx, merge, progress)
+            await limits.observe(self.ctx, [merge.volume_id])
             if outcome.failure is not None:
                 return Done(None, outcome.failure)
             return Done({"snapshot": snapshot_id, "strategy": merge.method.value,

@@ -134,6 +134,17 @@ async def unmanage_snapshot(request: web.Request) -> web.Response:
     return web.Response(status=204)
 
 
+async def volume_limits(request: web.Request) -> web.Response:
+    return web.json_response(
+        await request.app[SERVICE].volume_limits(request.match_info["volume_id"]))
+
+
+async def set_volume_limits(request: web.Request) -> web.Response:
+    record = await request.app[SERVICE].set_volume_limits(request.match_info["volume_id"],
+                                                          await json_body(request))
+    return web.json_response(record)
+
+
 async def list_tasks(request: web.Request) -> web.Response:
     tasks = request.app[SERVICE].tasks.list()
     return web.json_response({"tasks": [t.to_record() for t in tasks]})
@@ -211,6 +222,8 @@ def setup_routes(app: web.Application) -> None:
     app.router.add_post("/v1/snapshots/manage", manage_snapshot)
     app.router.add_post("/v1/snapshots/{id}/unmanage", unmanage_snapshot)
     app.router.add_get("/v1/volumes/{volume_id:.+}/manageable", manageable)
+    app.router.add_get("/v1/volumes/{volume_id:.+}/limits", volume_limits)
+    app.router.add_put("/v1/volumes/{volume_id:.+}/limits", set_volume_limits)
     app.router.add_get("/v1/tasks", list_tasks)
     app.router.add_get("/v1/tasks/{id}", get_task)
     app.router.add_get("/v1/schedules", list_schedules)

@@ -6,6 +6,7 @@ from aiohttp import web
 
 from .. import __version__
 from ..openapi import (
+    LIMIT_PROPERTIES,
     STATUSES,
     STRING,
     Schema,
@@ -26,6 +27,14 @@ from ..quiesce import VALUES as QUIESCE_VALUES
 NAMES = {"type": "array", "items": STRING}
 
 SCHEMAS: Schema = {
+    "VolumeLimits": obj(
+        ["max_snapshots", "soft_limit_percent", "auto_delete", "max_chain_depth", "own",
+         "soft_snapshots", "soft_chain_depth", "snapshots", "chain_depth"],
+        {"max_snapshots": {"type": "integer"}, "soft_limit_percent": {"type": "integer"},
+         "auto_delete": {"type": "boolean"}, "max_chain_depth": {"type": "integer"},
+         "own": NAMES, "soft_snapshots": {"type": "integer"},
+         "soft_chain_depth": {"type": "integer"}, "snapshots": {"type": "integer"},
+         "chain_depth": nullable("integer")}),
     "Snapshot": obj(
         ["id", "name", "description", "domain", "volume_id", "target", "status",
          "consistency", "file", "image", "parent", "group_id", "created_at", "size", "error"],
@@ -182,6 +191,16 @@ PATHS: Schema = {
         "Every layer of the volume's live chain, as Cinder lists manageable snapshots",
         200, {"type": "array", "items": ref("Manageable")}, [404, 409, 503],
         params=[path_param("volume_id")])},
+    "/v1/volumes/{volume_id}/limits": {
+        "get": operation(
+            "The volume's limits in force (its own, else [limits]), which it sets itself, "
+            "and its snapshots and chain depth now", 200, ref("VolumeLimits"), [404, 503],
+            params=[path_param("volume_id")]),
+        "put": operation(
+            "Set the limits named (null: back to the agent's default); the others stay",
+            200, ref("VolumeLimits"), [400, 404, 503], params=[path_param("volume_id")],
+            body=json_body(obj([], LIMIT_PROPERTIES, closed=True))),
+    },
     "/v1/snapshots/manage": {"post": operation(
         "Adopt a layer of the volume's live chain as a snapshot (origin managed, "
         "consistency unknown)", 200, ref("Snapshot"), [400, 404, 409, 503],

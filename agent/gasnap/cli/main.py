@@ -10,7 +10,7 @@ from collections.abc import Callable, Sequence
 from ..errors import BadRequest, ConfigError, GasnapError
 from ..quiesce import VALUES as QUIESCE_VALUES
 from ..quiesce import Quiesce
-from . import clonecmds, commands, managecmds
+from . import clonecmds, commands, managecmds, volumecmds
 
 # typing for the type checker only, as in gasnap.errors (the CLI's imports stay light)
 TYPE_CHECKING = False
@@ -220,6 +220,26 @@ def _clone_parsers(group: argparse.ArgumentParser) -> None:
         parser.set_defaults(func=func)
 
 
+def _volume_parsers(group: argparse.ArgumentParser) -> None:
+    volume = group.add_subparsers(dest="action", required=True, metavar="ACTION")
+    limits = volume.add_parser("limits", help="a volume's snapshot limits; with flags, "
+                               "change them ('default': back to [limits])")
+    limits.add_argument("volume", metavar="VOLUME")
+    unset = volumecmds.UNSET
+    limits.add_argument("--max", type=volumecmds.limit_number, default=unset, metavar="N",
+                        help="max_snapshots: a create past it is refused")
+    limits.add_argument("--soft", type=volumecmds.limit_number, default=unset,
+                        metavar="PERCENT", help="soft_limit_percent of each hard limit")
+    limits.add_argument("--auto-delete", type=volumecmds.limit_switch, default=unset,
+                        metavar="on|off", help="merge the oldest snapshots away past the "
+                        "soft limit")
+    limits.add_argument("--max-depth", type=volumecmds.limit_number, default=unset,
+                        metavar="N", help="max_chain_depth: files in the chain, active "
+                        "included")
+    _add_json(limits)
+    limits.set_defaults(func=volumecmds.volume_limits)
+
+
 def _metadata_parsers(group: argparse.ArgumentParser) -> None:
     metadata = group.add_subparsers(dest="action", required=True, metavar="ACTION")
     mserve = metadata.add_parser("serve", help="run the metadata service")
@@ -282,6 +302,7 @@ GROUPS: dict[str, tuple[str, GroupBuilder]] = {
     "domain": ("domains and their volumes", _domain_parsers),
     "snapshot": ("create, list, revert, clone snapshots", _snapshot_parsers),
     "clone": ("volumes made from snapshots", _clone_parsers),
+    "volume": ("a volume's limits", _volume_parsers),
     "task": ("asynchronous tasks", _task_parsers),
     "metadata": ("the reference metadata service", _metadata_parsers),
     "lab": ("disposable test guests", _lab_parsers),

@@ -76,6 +76,10 @@ def task(record: dict[str, Any]) -> None:
     for snap in result.get("snapshots", []):
         print(f"  {snap['id']}  {snap['domain']}/{snap['target']}  {snap['status']}"
               f"  {snap['consistency'] or '-'}")
+    for merged in result.get("deleted", []):
+        print(f"  deleted {merged}")
+    for warning in result.get("warnings", []):
+        print(f"warning: {warning}")
     if "reverted" in result:
         print(f"  reverted to {', '.join(result['reverted'])} on {', '.join(result['domains'])}")
         print(f"  undo: revert to {', '.join(result['before']) or '(nothing kept)'}")

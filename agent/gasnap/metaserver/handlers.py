@@ -18,12 +18,21 @@ from ..httpkit import (
     page_query,
     roots_query,
 )
-from ..metadata import Consistency, Finalization, NewSnapshot, Origin, SnapshotMeta, Status
+from ..metadata import (
+    Consistency,
+    Finalization,
+    NewSnapshot,
+    Origin,
+    SnapshotMeta,
+    Status,
+    check_limits,
+)
 from . import clones
 from .keys import STORE
 
 ACTIONS = ("finalize-snapshot-metadata", "update-snapshot-status", "snapshot-delete-metadata",
            "update-snapshot-metadata", "update-snapshot-files", "create-clone-metadata")
+VOLUME_ACTIONS = ("create-snapshot-metadata", "update-volume-limits")
 FINAL = {Status.AVAILABLE, Status.ERROR}
 
 
@@ -77,9 +86,18 @@ def _new_snapshot(volume_id: str, body: dict[str, Any]) -> NewSnapshot:
 
 
 async def volume_action(request: web.Request) -> web.Response:
-    _, body = _one_action(await json_body(request), ("create-snapshot-metadata",))
-    new = _new_snapshot(request.match_info["volume_id"], body)
+    name, body = _one_action(await json_body(request), VOLUME_ACTIONS)
+    volume_id = request.match_info["volume_id"]
+    if name == "update-volume-limits":
+        limits = await request.app[STORE].update_volume_limits(volume_id, check_limits(body))
+        return web.json_response({"limits": limits.to_dict()})
+    new = _new_snapshot(volume_id, body)
     return _answer(await request.app[STORE].create_snapshot_metadata(new))
+
+
+async def volume_limits(request: web.Request) -> web.Response:
+    limits = await request.app[STORE].get_volume_limits(request.match_info["volume_id"])
+    return web.json_response({"limits": limits.to_dict()})
 
 
 # --- snapshot actions -------------------------------------------------------------
@@ -178,6 +196,7 @@ async def prometheus(_request: web.Request) -> web.Response:
 def setup_routes(app: web.Application) -> None:
     app.router.add_get("/v1/health", health)
     app.router.add_post("/v1/volumes/{volume_id:.+}/action", volume_action)
+    app.router.add_get("/v1/volumes/{volume_id:.+}/limits", volume_limits)
     app.router.add_post("/v1/snapshots/{id}/action", snapshot_action)
     app.router.add_get("/v1/snapshots", list_snapshots)
     app.router.add_get("/v1/snapshots/{id}", get_snapshot)

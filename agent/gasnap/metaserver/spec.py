@@ -5,8 +5,9 @@ from __future__ import annotations
 from aiohttp import web
 
 from .. import __version__
-from ..metadata import CloneMode, CloneStatus, Consistency, Origin
+from ..metadata import LIMIT_FIELDS, CloneMode, CloneStatus, Consistency, Origin
 from ..openapi import (
+    LIMIT_PROPERTIES,
     STATUSES,
     STRING,
     Schema,
@@ -36,7 +37,6 @@ CLONE_STATUSES = [s.value for s in CloneStatus]
 MODES = [m.value for m in CloneMode]
 ATTACHMENT = obj(["domain", "target"], {"domain": STRING, "target": STRING,
                                         "readonly": {"type": "boolean"}}, closed=True)
-
 SCHEMAS: Schema = {
     "Snapshot": obj(
         ["id", "volume_id", "name", "description", "size", "created_at", "domain",
@@ -60,6 +60,9 @@ SCHEMAS: Schema = {
          "group_id": OPT, "target": OPT, "schedule": OPT, "parent": OPT,
          "origin": {"type": "string", "enum": ORIGINS}, "domain_state": OPT,
          "memory_file": OPT}, closed=True)),
+    "Limits": obj(list(LIMIT_FIELDS), LIMIT_PROPERTIES, closed=True),
+    "LimitsAnswer": obj(["limits"], {"limits": ref("Limits")}),
+    "LimitsAction": _action("update-volume-limits", obj([], LIMIT_PROPERTIES, closed=True)),
     "SnapshotAction": {"oneOf": [
         _action("finalize-snapshot-metadata", obj(
             ["status"],
@@ -109,9 +112,15 @@ PATHS: Schema = {
         "The service's state", 200, obj(["status"], {"status": STRING, "version": STRING}),
         [])},
     "/v1/volumes/{volume_id}/action": {"post": operation(
-        "create-snapshot-metadata: record a snapshot as creating (idempotent on snapshot_id)",
-        200, ref("SnapshotAnswer"), [400, 404, 409, 503], params=[path_param("volume_id")],
-        body=json_body(ref("CreateAction")))},
+        "create-snapshot-metadata: record a snapshot as creating (idempotent on "
+        "snapshot_id); update-volume-limits: set the limits named (null: back to the "
+        "agent's default), answering a LimitsAnswer",
+        200, {"oneOf": [ref("SnapshotAnswer"), ref("LimitsAnswer")]}, [400, 404, 409, 503],
+        params=[path_param("volume_id")],
+        body=json_body({"oneOf": [ref("CreateAction"), ref("LimitsAction")]}))},
+    "/v1/volumes/{volume_id}/limits": {"get": operation(
+        "The volume's own limits (null: the agent's default)", 200, ref("LimitsAnswer"),
+        [503], params=[path_param("volume_id")])},
     "/v1/snapshots/{id}/action": {"post": {
         **operation(
             "finalize-snapshot-metadata, update-snapshot-status, snapshot-delete-metadata "

@@ -113,6 +113,19 @@ STEPS: list[tuple[int, dict[str, list[str]]]] = [
             "CREATE INDEX clones_volume ON clones (source_volume_id)",
         ],
     }),
+    (8, {
+        # A volume's own limits (null: the agent's default).
+        "sqlite": [
+            """CREATE TABLE volume_limits (
+                volume_id TEXT PRIMARY KEY, max_snapshots INTEGER,
+                soft_limit_percent INTEGER, auto_delete INTEGER, max_chain_depth INTEGER)""",
+        ],
+        "postgresql": [
+            """CREATE TABLE volume_limits (
+                volume_id TEXT PRIMARY KEY, max_snapshots INTEGER,
+                soft_limit_percent INTEGER, auto_delete BOOLEAN, max_chain_depth INTEGER)""",
+        ],
+    }),
 ]
 
 LATEST = STEPS[-1][0]

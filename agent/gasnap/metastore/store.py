@@ -25,6 +25,7 @@ from ..metadata import (
 )
 from .backend import Backend, Row, Tx
 from .clones import CloneRecords, check_no_clones
+from .limits import LimitRecords
 from .migrations import migrate
 
 DELETION = frozenset({Status.DELETING, Status.ERROR_DELETING})
@@ -49,7 +50,7 @@ def _meta(row: Row) -> SnapshotMeta:
     )
 
 
-class SqlMetadata(CloneRecords):
+class SqlMetadata(CloneRecords, LimitRecords):
     """``MetadataService`` on a database; ``open()`` migrates the schema first."""
 
     def __init__(self, backend: Backend) -> None:

@@ -18,7 +18,7 @@ from ..freezeguard import FreezeGuard
 from ..guestagent import GuestAgent
 from ..hypervisor import Hypervisor
 from ..journal import Journal
-from ..metadata import MetadataService
+from ..metadata import Limits, MetadataService
 from ..spares import Spares
 from .windows import Windows
 
@@ -45,3 +45,4 @@ class Context:
     shutdown_timeout: float = 120.0  # a forced revert's wait for a guest to power off
     detach_timeout: float = 60.0  # a clone's detach: the wait for the guest to let go
     min_free: int = 256 << 20  # bytes a create or merge must leave free ([limits])
+    limits: Limits = field(default_factory=Limits)  # every volume's, unless its own

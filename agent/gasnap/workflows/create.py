@@ -40,7 +40,7 @@ from ..metadata import (
     Status,
 )
 from ..quiesce import Quiesce
-from . import Context, tree
+from . import Context, limits, tree
 from .createplan import CreatePlan, VolumePlan
 from .settle import settle
 from .steps import CreateStep, Kind
@@ -60,6 +60,7 @@ class Outcome:
     snapshots: list[SnapshotMeta]
     failure: GasnapError | None  # why the create as a whole failed, if it did
     pauses: dict[str, float] = field(default_factory=dict)  # memory: seconds each stood still
+    warnings: list[str] = field(default_factory=list)  # soft limits passed
 
 
 async def execute(ctx: Context, planned: CreatePlan) -> Outcome:
@@ -69,9 +70,10 @@ async def execute(ctx: Context, planned: CreatePlan) -> Outcome:
     consistency: dict[str, str] = {}
     pauses: dict[str, float] = {}
     failure: GasnapError | None = None
+    warnings: list[str] = []
     recorded = False
     try:
-        op = await _record(ctx, op, planned)
+        op, warnings = await _record(ctx, op, planned)
         recorded = True
         op = await _make_overlays(ctx, op, planned)
         # Every planned domain, stopped ones too: a name that changed hands
@@ -100,7 +102,7 @@ async def execute(ctx: Context, planned: CreatePlan) -> Outcome:
     await settle_memory(planned, metas)
     await ctx.journal.finish(op)
     _prepare_spares(ctx, planned, metas)
-    return Outcome(metas, failure, pauses)
+    return Outcome(metas, failure, pauses, warnings)
 
 
 async def settle_memory(planned: CreatePlan, metas: list[SnapshotMeta]) -> None:
@@ -115,8 +117,13 @@ async def settle_memory(planned: CreatePlan, metas: list[SnapshotMeta]) -> None:
             await asyncio.to_thread(images.drop_memory, path)
 
 
-async def _record(ctx: Context, op: Operation, planned: CreatePlan) -> Operation:
+async def _record(ctx: Context, op: Operation, planned: CreatePlan
+                  ) -> tuple[Operation, list[str]]:
+    """Every volume's record, status creating; the limits are checked first,
+    while no record exists (the plan may not have read them: an outage).
+    Returns the soft limits' warnings."""
     op = await ctx.journal.step(op, CreateStep.RECORDING)
+    warnings = await limits.check(ctx, planned.volumes)
     for v in planned.volumes:
         # Read now, not at plan time: a metadata outage delays the create
         # (this step waits it out), it does not refuse the request.
@@ -131,7 +138,7 @@ async def _record(ctx: Context, op: Operation, planned: CreatePlan) -> Operation
             domain_state=v.domain_state,
         ))
     faults.hit("create:recording")
-    return op
+    return op, warnings
 
 
 async def _make_overlays(ctx: Context, op: Operation, planned: CreatePlan) -> Operation:

@@ -24,7 +24,7 @@ from ..guestagent import AgentAbsent, AgentUnresponsive
 from ..hypervisor import AgentState, Domain, DomainState, Volume
 from ..metadata import Origin
 from ..quiesce import Quiesce
-from . import Context, space
+from . import Context, limits, space
 
 MAX_NAME = 255
 MAX_DESCRIPTION = 4096
@@ -66,6 +66,9 @@ class CreateRequest:
     # it again until it has run ("paused due to previous migration"), so a
     # revert's before-revert snapshot keeps a paused guest's disks only
     memory_of_paused: bool = True
+    # with the volume's auto_delete, merge its oldest snapshots away after;
+    # not on Nova's path, where Cinder owns the snapshots
+    auto_delete: bool = True
 
 
 @dataclass(frozen=True)
@@ -309,6 +312,7 @@ async def plan(ctx: Context, req: CreateRequest) -> CreatePlan:
     memory, warnings = _memory_files(req, volumes, live=live, running=running,
                                      stopped=stopped,
                                      left_alone=left_alone, uuids=uuids, group_id=group_id)
+    await limits.refuse_early(ctx, volumes)
     await space.check(_needs(volumes, memory, ram), ctx.min_free, "the snapshot")
     return CreatePlan(
         group_id=group_id,

@@ -216,6 +216,7 @@ async def plan(ctx: Context, snapshot_id: str, strategy: Strategy) -> DeletePlan
         raise StrategyUnsupported(f"snapshot {meta.id}: merging it so would remove clone "
                                   f"{own.id}'s own file; commit it instead")
     await _check_clones(ctx, merge, nodes)
+    await _check_other_users(ctx, merge, dom, vol)
     await space.check({os.path.dirname(merge_target(merge)): merge.moved_bytes}, ctx.min_free,
                       f"the merge of snapshot {meta.id}")
     return dataclasses.replace(merge, memory_file=meta.memory_file, group_id=meta.group_id)
@@ -253,6 +254,23 @@ async def _check_clones(ctx: Context, merge: DeletePlan, nodes: tree.Tree) -> No
         raise SnapshotHasClones(
             f"snapshot {merge.snapshot_id}: the linked clones {', '.join(blocking)} read the "
             "files this delete would change; flatten or delete them first", clones=blocking)
+
+
+async def _check_other_users(ctx: Context, merge: DeletePlan, dom: Domain, vol: Volume
+                             ) -> None:
+    """Refuse a merge that would write into, or remove, a file that another
+    disk reads: a child gasnap has no record of (an overlay or clone made by
+    hand or by another tool, then attached) needs it as the clone would."""
+    users = await ctx.hv.files_in_use(besides=frozenset({dom.uuid}))
+    for other in dom.volumes:
+        if other.target != vol.target:
+            users |= {await images.real_path(layer.path) for layer in other.chain}
+    shared = sorted([path for path in touched(merge) if await images.real_path(path) in users])
+    if shared:
+        raise SnapshotHasClones(
+            f"snapshot {merge.snapshot_id}: {', '.join(shared)} is also in the disk of another "
+            "domain or another disk (a child made outside gasnap); detach it first",
+            files=shared)
 
 
 def _left_by_reverts(nodes: tree.Tree, metas: list[SnapshotMeta]) -> set[str]:

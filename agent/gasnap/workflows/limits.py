@@ -1,0 +1,119 @@
+"""Limits on a volume's snapshots and chain (gluster's hard and soft limits).
+
+Each volume has ``max_snapshots`` and ``max_chain_depth`` (files in its
+chain, the active one included) as hard limits, and a soft limit at
+``soft_limit_percent`` of each: the agent's ``[limits]``, unless the volume
+has its own (stored with its records, so every host uses the same).
+
+  plan   → ``refuse_early``: a create that would pass a hard limit is 409
+           ``snapshot_limit`` before anything changes (bounded: during a
+           metadata outage the record step decides instead)
+  record → ``check``: the same rule, read while no record exists yet, so
+           an outage never lets a create past the limit; warnings for every
+           volume past its soft limit
+  after  → ``autodelete.trim``: with ``auto_delete``, the oldest snapshots
+           above the soft limit are merged away
+
+A record counts until it is gone, except a failed create's (``error``),
+which holds no file.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+from .. import metrics
+from ..errors import Conflict, GasnapError, Unavailable
+from ..metadata import Limits, SnapshotMeta, Status
+from . import Context
+
+if TYPE_CHECKING:
+    from .createplan import VolumePlan
+
+log = logging.getLogger(__name__)
+
+# How long a plan waits for the metadata service to read the limits before
+# it leaves the check to the record step (which waits out an outage).
+EARLY_WAIT = 2.0
+
+
+class SnapshotLimit(Conflict):
+    code = "snapshot_limit"
+
+
+def counted(metas: Sequence[SnapshotMeta]) -> list[SnapshotMeta]:
+    return [m for m in metas if m.status is not Status.ERROR]
+
+
+async def in_force(ctx: Context, volume_id: str) -> Limits:
+    return ctx.limits.under(await ctx.metadata.get_volume_limits(volume_id))
+
+
+def depth_after(v: VolumePlan) -> int:
+    """Files in V's chain once its overlay is active."""
+    return len(v.below) + 2
+
+
+# --- before a create ------------------------------------------------------------
+
+
+async def check(ctx: Context, volumes: Sequence[VolumePlan]) -> list[str]:
+    """Refuse (``SnapshotLimit``) if any of VOLUMES would pass a hard limit
+    with one more snapshot; otherwise the warnings of those past a soft one."""
+    over: list[str] = []
+    at_limit: list[str] = []
+    warnings: list[str] = []
+    for v in volumes:
+        limits = await in_force(ctx, v.volume_id)
+        count = len(counted(await ctx.metadata.list_snapshots(volume_id=v.volume_id))) + 1
+        depth = depth_after(v)
+        name = f"{v.domain}/{v.target} (volume {v.volume_id})"
+        for value, what, key, hard, soft in (
+                (count, "snapshots", "max_snapshots", limits.max_snapshots,
+                 limits.soft_snapshots),
+                (depth, "files in its chain", "max_chain_depth", limits.max_chain_depth,
+                 limits.soft_depth)):
+            if value > hard:
+                over.append(f"{name} would have {value} {what}, its {key} is {hard}")
+                at_limit.append(v.volume_id)
+            elif value > soft:
+                warnings.append(f"{name} has {value} {what}, past its soft limit of {soft} "
+                                f"({limits.soft_limit_percent}% of {key} {hard})"
+                                + _fate(limits))
+    if over:
+        raise SnapshotLimit("; ".join(over) + ": delete snapshots first, or raise the "
+                            "volume's limits (gasnap volume limits)",
+                            volumes=list(dict.fromkeys(at_limit)))
+    return warnings
+
+
+def _fate(limits: Limits) -> str:
+    return "; auto_delete merges the oldest away" if limits.auto_delete else ""
+
+
+async def refuse_early(ctx: Context, volumes: Sequence[VolumePlan]) -> None:
+    """``check`` at plan time, so the caller hears 409 at once; a metadata
+    service that does not answer soon leaves it to the record step."""
+    try:
+        await asyncio.wait_for(check(ctx, volumes), EARLY_WAIT)
+    except (TimeoutError, Unavailable) as err:
+        log.info("limits not read at plan time (%s); the record step checks them", err)
+
+
+# --- what the metrics show ----------------------------------------------------------
+
+
+async def observe(ctx: Context, volume_ids: Sequence[str]) -> None:
+    """Each volume's snapshot count and hard limit, as the metrics show them."""
+    for volume_id in dict.fromkeys(volume_ids):
+        try:
+            limits = await in_force(ctx, volume_id)
+            count = len(counted(await ctx.metadata.list_snapshots(volume_id=volume_id)))
+        except GasnapError as err:  # the numbers wait for the next change
+            log.debug("volume %s: limits not observed: %s", volume_id, err.message)
+            continue
+        metrics.VOLUME_SNAPSHOTS.labels(volume_id).set(count)
+        metrics.VOLUME_SNAPSHOT_LIMIT.labels(volume_id).set(limits.max_snapshots)
