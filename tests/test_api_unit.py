@@ -3,6 +3,7 @@ and token checks (libvirt's real answers are covered in test_agent.py)."""
 
 from __future__ import annotations
 
+import errno
 import logging
 from collections.abc import AsyncIterator
 
@@ -34,6 +35,10 @@ def make_app(error: Exception) -> web.Application:
         (Unavailable("libvirtd down"), 503, "unavailable"),
         (GasnapError("odd"), 500, "internal"),
         (RuntimeError("secret detail"), 500, "internal"),
+        (OSError(errno.ENAMETOOLONG, "File name too long", "/v/x"), 500, "name_too_long"),
+        (OSError(errno.ENOSPC, "No space left on device", "/v/x"), 507,
+         "insufficient_space"),
+        (PermissionError(errno.EACCES, "Permission denied", "/v/x"), 500, "host_io"),
     ],
 )
 async def test_errors_become_json(error: Exception, status: int, code: str) -> None:
@@ -46,6 +51,24 @@ async def test_errors_become_json(error: Exception, status: int, code: str) -> N
         missing = await client.get("/nope")
         assert missing.status == 404
         assert (await missing.json())["error"]["code"] == "not_found"
+
+
+async def test_an_os_error_is_named_not_bare() -> None:
+    error = OSError(errno.ENAMETOOLONG, "File name too long", "/v/volume-x.y")
+    async with TestClient(TestServer(make_app(error))) as client:
+        body = await (await client.get("/boom")).json()
+    assert body["error"]["message"] == "File name too long (ENAMETOOLONG): /v/volume-x.y"
+
+
+@pytest.mark.parametrize("error", [GasnapError("odd"), OSError(errno.EIO, "I/O error")])
+async def test_every_500_is_logged_with_its_traceback(
+    caplog: pytest.LogCaptureFixture, error: Exception
+) -> None:
+    with caplog.at_level(logging.ERROR, logger="gasnap.httpkit"):
+        async with TestClient(TestServer(make_app(error))) as client:
+            assert (await client.get("/boom")).status == 500
+    (record,) = [r for r in caplog.records if r.name == "gasnap.httpkit"]
+    assert record.levelno == logging.ERROR and record.exc_info is not None
 
 
 async def test_a_bug_is_logged_with_its_traceback(caplog: pytest.LogCaptureFixture) -> None:

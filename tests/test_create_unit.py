@@ -12,7 +12,7 @@ import pytest
 
 from gasnap import domxml
 from gasnap.hypervisor import AgentState, Domain, DomainState, Layer, Volume
-from gasnap.images import overlay_path
+from gasnap.images import overlay_path, spare_path
 from gasnap.metadata import VolumeLimits
 from gasnap.quiesce import Quiesce
 from gasnap.workflows import Context
@@ -28,10 +28,26 @@ SNAP1 = "11111111-2222-3333-4444-555555555555"
 SNAP2 = "66666666-7777-8888-9999-000000000000"
 
 
-def test_overlay_names_do_not_grow() -> None:
-    assert overlay_path("/v/volume-abc", SNAP1) == f"/v/volume-abc.{SNAP1}"
-    assert overlay_path(f"/v/volume-abc.{SNAP1}", SNAP2) == f"/v/volume-abc.{SNAP2}"
-    assert overlay_path(f"/v/disk.qcow2.{SNAP1}.{SNAP2}", SNAP1) == f"/v/disk.qcow2.{SNAP1}"
+def test_overlay_names_come_from_the_volume_id() -> None:
+    """Cinder's volume-<volume_id>.<snapshot_id>, whatever the active file is
+    called: names never grow with the chain."""
+    assert overlay_path("/v/volume-abc", "abc", SNAP1) == f"/v/volume-abc.{SNAP1}"
+    assert overlay_path(f"/v/volume-abc.{SNAP1}", "abc", SNAP2) == f"/v/volume-abc.{SNAP2}"
+    long = "/v/" + "x" * 200 + ".virsh1"  # a layer made by hand
+    assert overlay_path(long, "abc", SNAP1) == f"/v/volume-abc.{SNAP1}"
+    # A disk without a serial: its fallback id, spelled safe, told apart.
+    one, two = overlay_path("/v/d", "web1/vda", SNAP1), overlay_path("/v/d", "web1-vda", SNAP1)
+    assert one.startswith("/v/volume-web1-vda-") and one.endswith(f".{SNAP1}")
+    assert two == f"/v/volume-web1-vda.{SNAP1}" and one != two
+    for hostile in ("../../etc", "a/../b", "." * 300, "x" * 300):
+        name = Path(overlay_path("/v/d", hostile, SNAP1))
+        assert name.parent == Path("/v") and len(name.name) < 255 and ".." not in name.name
+
+
+def test_spare_names_stay_within_name_max() -> None:
+    assert spare_path(f"/v/volume-abc.{SNAP1}") == "/v/.volume-abc.gasnap-spare"
+    long = spare_path("/v/" + "y" * 250)
+    assert Path(long).parent == Path("/v") and len(Path(long).name) < 255
 
 
 def test_snapshot_xml_names_every_disk() -> None:

@@ -257,8 +257,9 @@ async def test_a_busy_volume_refuses_a_delete(
         # Once the create's overlay exists it sits in its (3 s) freeze and
         # nothing else changes: only now is "nothing changed" measurable.
         deadline = time.monotonic() + 30
-        while not any(Path(overlay_path(active, r["id"])).exists() for r in agent.client.get(
-                f"/v1/snapshots?domain={merge_guest.name}&status=creating")["snapshots"]):
+        while not any(Path(overlay_path(active, r["volume_id"], r["id"])).exists()
+                      for r in agent.client.get(f"/v1/snapshots?domain={merge_guest.name}"
+                                                "&status=creating")["snapshots"]):
             assert time.monotonic() < deadline, "the create never made its overlay"
             await asyncio.sleep(0.05)
         await refused(agent, hv, merge_guest, f"/v1/snapshots/{made[0]['id']}", 409,

@@ -18,6 +18,7 @@ from conftest import (
     URI,
     Agent,
     chain_of,
+    create_snapshots,
     delete_snapshot,
     gasnap,
     image_digest,
@@ -128,3 +129,26 @@ async def test_unmanage_clears_an_error_record_of_a_domain_that_is_gone(agent: A
     agent.client.request("POST", "/v1/snapshots/orphan-1/unmanage", {})
     refused(agent, "GET", "/v1/snapshots/orphan-1", None, 404, "snapshot_not_found")
     refused(agent, "POST", "/v1/snapshots/orphan-1/unmanage", {}, 404, "snapshot_not_found")
+
+
+async def test_a_layer_named_by_another_tool_never_makes_names_grow(
+    agent: Agent, hv: LibvirtHypervisor, managed: Domain
+) -> None:
+    """virsh names the active file (230 characters here): gasnap's next
+    overlay is still volume-<volume_id>.<snapshot_id> (its name built from
+    the active file's would pass NAME_MAX)."""
+    name, volume = managed.name, managed.volumes[0].volume_id
+    active = (await chain_of(hv, name, "vda"))[0]
+    long = os.path.join(os.path.dirname(active), "x" * 230 + ".virsh1")
+    await sh(hv, name, "echo long > /data/long && sync")
+    subprocess.run(["virsh", "-q", "-c", URI, "snapshot-create-as", name, "long", "--disk-only",
+                    "--no-metadata", "--atomic", "--diskspec", f"vda,file={long}"],
+                   check=True, capture_output=True)
+    assert (await chain_of(hv, name, "vda"))[0] == long
+    task = create_snapshots(agent, {"domains": [name], "name": "after-virsh"})
+    assert task["state"] == "succeeded", task
+    record = task["result"]["snapshots"][0]
+    assert os.path.basename(record["file"]) == f"volume-{volume}.{record['id']}"
+    assert record["image"] == long
+    assert delete_snapshot(agent, record["id"])["state"] == "succeeded"
+    assert (await sh(hv, name, "cat /data/long")).strip() == "long"

@@ -120,7 +120,7 @@ async def test_no_spare_next_to_a_volume_whose_overlays_cinder_makes(
     spare = Path(spare_of(vol.active_file))
     spare.unlink(missing_ok=True)
     sid = str(uuid.uuid4())
-    new_file = Path(overlay_path(vol.active_file, sid))
+    new_file = Path(overlay_path(vol.active_file, vol.volume_id, sid))
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", vol.format, "-b",
                     Path(vol.active_file).name, str(new_file)], check=True)
     nova_create(nova, vol, new_file.name, sid)

@@ -10,7 +10,8 @@ from typing import Any
 
 import pytest
 
-from conftest import Agent, chain_of, create_snapshots, gasnap, running_agent
+from conftest import Agent, chain_of, create_snapshots, delete_snapshot, gasnap, running_agent
+from gasnap.client import ApiError
 from gasnap.hypervisor import Domain
 from gasnap.lab.workload import sh
 from gasnap.virt import LibvirtHypervisor
@@ -117,8 +118,10 @@ def test_check_config_names_the_problem(tmp_path: Any, guest: Domain) -> None:
     for text, key in cases.items():
         path = tmp_path / "agent.toml"
         path.write_text(text)
+        serving = ["serve", "--config", str(path), "--listen", f"unix:{tmp_path}/s"]
+        # A missing domain stops --check-config only (see the test below).
         for args in (["serve", "--config", str(path), "--check-config"],
-                     ["serve", "--config", str(path), "--listen", f"unix:{tmp_path}/s"]):
+                     *([serving] if "no-such-domain" not in text else [])):
             proc = gasnap(*args, check=False, timeout=60)
             assert proc.returncode == 2, (text, proc.stderr)
             assert key in proc.stderr
@@ -126,3 +129,25 @@ def test_check_config_names_the_problem(tmp_path: Any, guest: Domain) -> None:
     good.write_text(f'[schedules.x]\ndomains = ["{guest.name}"]\nkeep = 1\n')
     ok = gasnap("serve", "--config", str(good), "--check-config")
     assert "configuration OK" in ok.stdout
+
+
+def test_a_schedule_whose_domain_is_gone_fails_alone(tmp_path: Any, guest: Domain) -> None:
+    """A domain undefined since the configuration was written: the agent
+    starts, says so, and only that schedule's runs fail."""
+    config = (f'[schedules.gone]\ndomains = ["no-such-domain"]\nkeep = 1\n'
+              f'[schedules.kept]\ndomains = ["{guest.name}"]\nkeep = 1\nquiesce = "off"\n')
+    with running_agent(tmp_path, config=config) as agent:
+        assert "schedules.gone.domains: no domain 'no-such-domain'" in agent.output()
+        failed = run(agent, "gone", check=False)
+        assert failed.returncode == 1 and "no-such-domain" in failed.stderr
+        with pytest.raises(ApiError) as refused:
+            agent.client.request("POST", "/v1/schedules/gone/run")
+        assert (refused.value.details["status"], refused.value.code) == (404,
+                                                                          "domain_not_found")
+        listed = agent.client.get("/v1/schedules")["schedules"]
+        assert {s["name"] for s in listed} == {"gone", "kept"}
+        done = run(agent, "kept")
+        assert done["state"] == "succeeded", done
+        for record in done["result"]["snapshots"]:
+            assert delete_snapshot(agent, record["id"])["state"] == "succeeded"
+

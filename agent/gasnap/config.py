@@ -129,13 +129,12 @@ def _schedules(doc: Any) -> dict[str, Schedule]:
     return schedules
 
 
-def check_domains(settings: Settings, known: list[str]) -> None:
-    """Every domain a schedule names must exist (KNOWN: libvirt's domains)."""
-    for schedule in settings.schedules.values():
-        for name in schedule.domains:
-            if name not in known:
-                raise ConfigError(f"schedules.{schedule.name}.domains: no domain {name!r} "
-                                  f"on {settings.libvirt_uri}")
+def missing_domains(settings: Settings, known: list[str]) -> list[str]:
+    """What is wrong with the schedules' domains (KNOWN: libvirt's domains):
+    one line for each a schedule names that does not exist."""
+    return [f"schedules.{schedule.name}.domains: no domain {name!r} on {settings.libvirt_uri}"
+            for schedule in settings.schedules.values()
+            for name in schedule.domains if name not in known]
 
 
 def _read(file: Path) -> dict[str, Any]:

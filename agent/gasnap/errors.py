@@ -70,3 +70,27 @@ class ConfigError(GasnapError):
     """The configuration file or command line is invalid."""
 
     code = "config"
+
+
+class HostIOError(GasnapError):
+    """The host refused a file operation (create, chown, link, unlink, ...)."""
+
+    code = "host_io"
+
+
+def from_os_error(err: OSError) -> GasnapError:
+    """ERR as a caller should see it: what the host refused, the errno by
+    name, the file; a full filesystem is ``insufficient_space`` (507)."""
+    import errno  # noqa: PLC0415 (the CLI's request path never needs it)
+
+    name = errno.errorcode.get(err.errno or 0, "")
+    text = f"{err.strerror or err}" + (f" ({name})" if name else "")
+    if err.filename:
+        text += f": {err.filename}"
+    if err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return InsufficientStorage(f"the host's filesystem is full: {text}",
+                                   code="insufficient_space")
+    if err.errno == errno.ENAMETOOLONG:
+        return HostIOError(text, code="name_too_long")
+    return HostIOError(text)
+

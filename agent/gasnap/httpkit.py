@@ -26,6 +26,7 @@ from .errors import (
     InsufficientStorage,
     NotFound,
     Unavailable,
+    from_os_error,
 )
 
 log = logging.getLogger(__name__)
@@ -83,10 +84,18 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
         return await handler(request)
     except GasnapError as err:
         status = status_for(err)
-        if status >= 500:
+        if status == 500:  # no category: the operator's report needs where it came from
+            log.error("%s %s: %s", request.method, request.path, err, exc_info=True)
+        elif status > 500:
             log.error("%s %s: %s", request.method, request.path, err)
             log.debug("traceback", exc_info=True)  # a known outage: its cause is the message
         return error_response(status, err.code, err.message)
+    except OSError as exc:
+        # The host refused something no handler expected: named, errno and
+        # file, never a bare errno text; where from is in the log.
+        mapped = from_os_error(exc)
+        log.error("%s %s: %s", request.method, request.path, mapped.message, exc_info=True)
+        return error_response(status_for(mapped), mapped.code, mapped.message)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise

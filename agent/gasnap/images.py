@@ -22,13 +22,14 @@ then the header was written by the host, never by the guest.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import BadRequest, Conflict, GasnapError
+from .errors import BadRequest, Conflict
 from .hypervisor import Layer
 
 QCOW2_MAGIC = b"QFI\xfb"
@@ -53,14 +54,6 @@ class UnsafeImage(BadRequest):
     code = "unsafe_image"
 
 
-class HostIOError(GasnapError):
-    """The host refused a file operation (chown, chmod, link, unlink, ...)."""
-
-    code = "host_io"
-
-
-def host_error(err: OSError) -> HostIOError:
-    return HostIOError(f"{err.strerror or err}: {err.filename or ''}".rstrip(": "))
 
 
 @dataclass(frozen=True)
@@ -163,25 +156,41 @@ def relative_pointer(image: str, backing: str) -> str:
 
 _SNAPSHOT_SUFFIX = re.compile(r"(\.[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12})+$")
 SPARE_SUFFIX = ".gasnap-spare"
+NAME_MAX = 255
+# A volume id that may stand in a file name as it is (a Cinder UUID, a serial).
+_SAFE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 
 
-def volume_base(active_file: str) -> str:
-    """The volume's base name: the active file's name without snapshot suffixes."""
-    name = Path(active_file).name
-    return _SNAPSHOT_SUFFIX.sub("", name) or name
+def volume_name(volume_id: str) -> str:
+    """``volume-<volume_id>``, Cinder's name for a volume's files.  An id that
+    cannot stand in a file name as it is (``web1/vda`` when a disk has no
+    serial) is spelled safe and bounded, a digest of it keeping two such
+    ids apart."""
+    if _SAFE_ID.fullmatch(volume_id) and ".." not in volume_id:
+        return f"volume-{volume_id}"
+    spelled = re.sub(r"[^A-Za-z0-9_-]+", "-", volume_id).strip("-")[:64]
+    digest = hashlib.sha256(volume_id.encode()).hexdigest()[:8]
+    return f"volume-{spelled}-{digest}" if spelled else f"volume-{digest}"
 
 
-def overlay_path(active_file: str, snapshot_id: str) -> str:
-    """Cinder's naming: ``volume-<vol-uuid>.<snap-uuid>`` next to the active
-    file.  The base name drops earlier snapshot suffixes, so names do not grow
-    with every snapshot (NAME_MAX is 255)."""
-    return str(Path(active_file).with_name(f"{volume_base(active_file)}.{snapshot_id}"))
+def overlay_path(active_file: str, volume_id: str, snapshot_id: str) -> str:
+    """Cinder's naming: ``volume-<volume_id>.<snapshot_id>`` next to the
+    active file, whatever the active file is called (a layer virsh or a
+    person named, say): names never grow with the chain (NAME_MAX is 255)."""
+    return str(Path(active_file).with_name(f"{volume_name(volume_id)}.{snapshot_id}"))
 
 
 def spare_path(active_file: str) -> str:
     """The spare overlay of the volume whose active file is ACTIVE_FILE
-    (``gasnap.spares``): hidden, one per volume, next to its files."""
-    return str(Path(active_file).with_name(f".{volume_base(active_file)}{SPARE_SUFFIX}"))
+    (``gasnap.spares``): hidden, one per volume (its base name: the active
+    file's without snapshot suffixes), next to its files; a name too long
+    for the filesystem is shortened to a digest."""
+    name = Path(active_file).name
+    base = _SNAPSHOT_SUFFIX.sub("", name) or name
+    spare = f".{base}{SPARE_SUFFIX}"
+    if len(spare.encode()) > NAME_MAX:
+        spare = f".{hashlib.sha256(base.encode()).hexdigest()[:32]}{SPARE_SUFFIX}"
+    return str(Path(active_file).with_name(spare))
 
 
 # --- memory files ---------------------------------------------------------------

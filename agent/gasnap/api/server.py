@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import logging
 
-from ..config import Settings, check_domains
-from ..errors import Unavailable
+from ..config import Settings, missing_domains
+from ..errors import ConfigError, Unavailable
 from ..httpkit import run_app
 from ..runtime import open_hypervisor
 from .app import create_app
@@ -15,21 +15,29 @@ log = logging.getLogger(__name__)
 
 
 async def check_schedules(settings: Settings, *, strict: bool) -> None:
-    """Every domain a schedule names must exist.  STRICT (--check-config):
-    libvirt must answer; otherwise an unreachable libvirtd only postpones the
-    check.  Runs in the caller's loop: libvirt's event loop is bound to the
-    first loop that connects, for the life of the process."""
+    """Every domain a schedule names should exist.  STRICT (--check-config):
+    libvirt must answer and a missing domain is an error.  Otherwise (the
+    agent starting) each is a warning: a domain undefined since the
+    configuration was written fails that schedule's runs alone
+    (``domain_not_found``), and an unreachable libvirtd postpones the check.
+    Runs in the caller's loop: libvirt's event loop is bound to the first
+    loop that connects, for the life of the process."""
     if not settings.schedules:
         return
     hv = open_hypervisor(settings)
     try:
-        check_domains(settings, await hv.domain_names())
+        missing = missing_domains(settings, await hv.domain_names())
     except Unavailable:
         if strict:
             raise
         log.warning("libvirt unreachable: the domains of the schedules are not checked yet")
+        return
     finally:
         await hv.close()
+    if missing and strict:
+        raise ConfigError("; ".join(missing))
+    for problem in missing:
+        log.warning("%s: that schedule's runs will fail until it exists", problem)
 
 
 async def serve(settings: Settings) -> None:

@@ -29,7 +29,7 @@ from typing import Any
 
 from .. import faults, images, qemuimg
 from ..blockjobs import JobInfo
-from ..errors import GasnapError, NotFound, Unavailable
+from ..errors import GasnapError, NotFound, Unavailable, from_os_error
 from ..journal import Operation
 from ..metadata import (
     Attachment,
@@ -62,7 +62,7 @@ class Outcome:
 
 
 def _failure(err: GasnapError | OSError) -> GasnapError:
-    return err if isinstance(err, GasnapError) else images.host_error(err)
+    return err if isinstance(err, GasnapError) else from_os_error(err)
 
 
 async def _record(ctx: Context, clone_id: str, change: CloneChange) -> CloneMeta:

@@ -25,7 +25,7 @@ import time
 from dataclasses import dataclass, field
 
 from .. import faults, images, metrics, qemuimg
-from ..errors import GasnapError, Unavailable
+from ..errors import GasnapError, Unavailable, from_os_error
 from ..freezeguard import FreezeGuardError
 from ..guestagent import (
     THAW_TIMEOUT,
@@ -84,7 +84,7 @@ async def execute(ctx: Context, planned: CreatePlan) -> Outcome:
     except GasnapError as err:
         failure = err
     except OSError as err:  # chown, chmod, link: the host refused
-        failure = images.host_error(err)
+        failure = from_os_error(err)
     reason = failure.message if failure else "the overlay did not become active"
     op = await ctx.journal.step(op, CreateStep.FINALIZING, consistency=consistency)
     faults.hit("create:finalizing")
@@ -170,7 +170,7 @@ def _prepare_spares(ctx: Context, planned: CreatePlan, metas: list[SnapshotMeta]
     available = {m.id for m in metas if m.status is Status.AVAILABLE}
     for v in planned.volumes:
         if (v.domain in planned.live and v.snapshot_id in available and not v.reuse
-                and v.overlay == images.overlay_path(v.image, v.snapshot_id)):
+                and v.overlay == images.overlay_path(v.image, v.volume_id, v.snapshot_id)):
             ctx.spares.prepare(images.spare_path(v.overlay), v.overlay, "qcow2", v.size)
 
 

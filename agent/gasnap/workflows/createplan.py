@@ -302,7 +302,7 @@ async def plan(ctx: Context, req: CreateRequest) -> CreatePlan:
             preset = req.presets.get(vol.volume_id)
             snapshot_id = preset.snapshot_id if preset else str(uuid.uuid4())
             overlay = ((preset.overlay if preset else "")
-                       or images.overlay_path(vol.active_file, snapshot_id))
+                       or images.overlay_path(vol.active_file, vol.volume_id, snapshot_id))
             volumes.append(VolumePlan(
                 snapshot_id, dom.name, vol.volume_id, vol.target, vol.active_file, vol.format,
                 overlay, size, reuse=preset.reuse if preset else False,

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .. import faults, images, metrics
-from ..errors import GasnapError, NotFound, Unavailable
+from ..errors import GasnapError, NotFound, Unavailable, from_os_error
 from ..hypervisor import DomainChanged
 from ..journal import Operation
 from ..metadata import HOLDING, SnapshotMeta, Status
@@ -99,7 +99,7 @@ def _held(merge: DeletePlan) -> dict[str, str]:
 
 
 def _as_gasnap(err: GasnapError | OSError) -> GasnapError:
-    return err if isinstance(err, GasnapError) else images.host_error(err)
+    return err if isinstance(err, GasnapError) else from_os_error(err)
 
 
 async def verify(ctx: Context, merge: DeletePlan) -> None:

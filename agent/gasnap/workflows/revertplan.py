@@ -184,7 +184,7 @@ async def _volume(ctx: Context, meta: SnapshotMeta, dom: Domain) -> RevertVolume
                                 f"safely: {err}") from err
     revert_id = str(uuid.uuid4())
     return RevertVolume(meta.id, dom.name, vol.volume_id, vol.target, image, fmt,
-                        images.overlay_path(vol.active_file, revert_id), size,
+                        images.overlay_path(vol.active_file, vol.volume_id, revert_id), size,
                         before_id=str(uuid.uuid4()))
 
 
