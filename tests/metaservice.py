@@ -25,28 +25,56 @@ def free_port() -> int:
         return int(probe.getsockname()[1])
 
 
+def make_cert(directory: Path, host: str = "127.0.0.1") -> tuple[Path, Path]:
+    """A self-signed certificate for HOST (an IP) and its key, made by openssl:
+    the CA file a client checks it against is the certificate itself."""
+    cert, key = directory / "cert.pem", directory / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                    "-keyout", str(key), "-out", str(cert), "-subj", f"/CN={host}",
+                    "-addext", f"subjectAltName=IP:{host}"], check=True, capture_output=True)
+    key.chmod(0o600)
+    return cert, key
+
+
+def secret_file(path: Path, secret: str) -> Path:
+    path.write_text(secret + "\n")
+    path.chmod(0o600)
+    return path
+
+
 class MetadataServer:
-    def __init__(self, db_url: str, log: Path, token: str = TOKEN) -> None:
+    def __init__(self, db_url: str, log: Path, token: str = TOKEN,
+                 tls: tuple[Path, Path] | None = None) -> None:
+        """TLS: (certificate, key) to serve https with; the token then comes
+        from a root-only file, as production runs it."""
         self.db_url = db_url
         self.log = log
         self.token = token
+        self.tls = tls
         self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.url = f"{'https' if tls else 'http'}://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> MetadataServer:
+        args = [*GASNAP, "metadata", "serve", "--listen", f"tcp:127.0.0.1:{self.port}",
+                "--db", self.db_url]
+        if self.tls is None:
+            args += ["--token", self.token]
+        else:
+            token_file = secret_file(self.log.with_name("metadata.token"), self.token)
+            args += ["--token-file", str(token_file), "--tls-cert", str(self.tls[0]),
+                     "--tls-key", str(self.tls[1])]
         with self.log.open("ab") as out:
             self.proc = subprocess.Popen(
-                [*GASNAP, "metadata", "serve", "--listen", f"tcp:127.0.0.1:{self.port}",
-                 "--db", self.db_url, "--token", self.token],
-                stdout=out, stderr=subprocess.STDOUT,
+                args, stdout=out, stderr=subprocess.STDOUT,
                 env={**os.environ, "PYTHONUNBUFFERED": "1"},
             )
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             assert self.proc.poll() is None, f"metadata service exited: {self.output()}"
             try:
-                if requests.get(f"{self.url}/openapi.json", timeout=1).ok:
+                if requests.get(f"{self.url}/openapi.json", timeout=1,
+                                verify=str(self.tls[0]) if self.tls else True).ok:
                     return self
             except requests.ConnectionError:
                 pass
@@ -59,7 +87,8 @@ class MetadataServer:
             self.proc.wait(20)
 
     def get(self, path: str) -> requests.Response:
-        return requests.get(self.url + path, headers={"X-Auth-Token": self.token}, timeout=10)
+        return requests.get(self.url + path, headers={"X-Auth-Token": self.token}, timeout=10,
+                            verify=str(self.tls[0]) if self.tls else True)
 
     def output(self) -> str:
         return self.log.read_text(errors="replace")

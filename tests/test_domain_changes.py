@@ -18,6 +18,7 @@ import pytest
 from conftest import PREFIX, Agent, running_agent, wait_task
 from gasnap import domxml
 from gasnap.client import ApiError
+from gasnap.images import volume_name
 
 
 def virsh(*args: str) -> str:
@@ -72,7 +73,10 @@ async def test_a_stopped_domain_changed_before_its_switch_is_never_acted_on(
         while "stopping the agent at create:overlays" not in agent.output():
             assert time.monotonic() < deadline, "the create never made its overlays"
             await asyncio.sleep(0.05)
-        (overlay,) = [p for p in tmp_path.iterdir() if p.name.startswith("volume-a.")]
+        # The overlay is named from the volume id: the disk's serial.
+        (spec,) = domxml.disks(virsh("dumpxml", "--inactive", name))
+        (overlay,) = [p for p in tmp_path.iterdir()
+                      if p.name.startswith(volume_name(str(spec.serial)) + ".")]
         newcomer = image(tmp_path / "volume-b")
         if change == "undefined":
             virsh("undefine", name)

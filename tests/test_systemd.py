@@ -15,7 +15,7 @@ import pytest
 
 from conftest import GASNAP, URI
 from gasnap.client import ApiClient
-from metaservice import free_port
+from metaservice import free_port, secret_file
 
 ROOT = Path(__file__).resolve().parent.parent
 UNITS = ["gasnap.service", "gasnap-metadata.service", "gasnap-snapshot@.service",
@@ -116,6 +116,31 @@ def test_agent_is_ready_only_when_listening_and_recovered(
         assert any("STATUS=" in m for m in ready)
         proc.send_signal(signal.SIGTERM)
         assert "STOPPING=1" in "".join(messages(notify_socket, "STOPPING=1"))
+        assert proc.wait(30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def test_ready_means_every_listener_answers(
+    notify_socket: socket.socket, tmp_path: Path
+) -> None:
+    """The unit's agent on its socket (the timers' way in) and on TCP for
+    Nova-style callers at once: READY=1 comes when both answer."""
+    api, port = tmp_path / "api.sock", free_port()
+    token = secret_file(tmp_path / "api.token", "unit-s3cret")
+    env = {**os.environ, "NOTIFY_SOCKET": notify_socket.getsockname()}
+    proc = subprocess.Popen([*GASNAP, "serve", "--listen", f"unix:{api}", "--listen",
+                             f"tcp:127.0.0.1:{port}", "--token-file", str(token),
+                             "--state-dir", str(tmp_path / "state"), "--libvirt-uri", URI],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        ready = "".join(messages(notify_socket, "READY=1"))
+        assert f"unix:{api}" in ready and f"tcp:127.0.0.1:{port}" in ready
+        assert ApiClient(f"unix:{api}").get("/v1/health")["recovery"] == "done"
+        tcp = ApiClient(f"http://127.0.0.1:{port}", token="unit-s3cret")
+        assert tcp.get("/v1/health")["recovery"] == "done"
+        proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0
     finally:
         if proc.poll() is None:

@@ -40,10 +40,11 @@ class MalformedAnswer(ApiError):
 
 class ApiClient:
     def __init__(self, api: str = DEFAULT_API, token: str | None = None,
-                 timeout: float = TIMEOUT) -> None:
+                 timeout: float = TIMEOUT, ca_file: str | None = None) -> None:
         self.api = api
         self.token = token
         self.timeout = timeout
+        self.ca_file = ca_file  # https: the CAs to check the agent against (else the system's)
 
     def request(self, method: str, path: str, body: Any = None) -> Any:
         return _decode(*self.raw(method, path, body))
@@ -103,9 +104,11 @@ class ApiClient:
                headers: dict[str, str]) -> tuple[int, bytes]:
         # TLS needs ssl and certificate handling: http.client earns its cost here.
         import http.client  # noqa: PLC0415
+        import ssl  # noqa: PLC0415
 
         netloc = self.api.removeprefix("https://").split("/", 1)[0]
-        conn = http.client.HTTPSConnection(netloc, timeout=self.timeout)
+        context = ssl.create_default_context(cafile=self.ca_file)
+        conn = http.client.HTTPSConnection(netloc, timeout=self.timeout, context=context)
         try:
             conn.request(method, path, body=payload or None, headers=headers)
             response = conn.getresponse()

@@ -13,6 +13,7 @@ from .errors import ConfigError
 from .metadata import InvalidLimits, Limits, check_limits
 from .quiesce import VALUES as QUIESCE_VALUES
 from .quiesce import Quiesce
+from .secretfile import read_secret
 
 DEFAULT_CONFIG = Path("/etc/gasnap/agent.toml")
 
@@ -33,10 +34,13 @@ class Schedule:
 
 @dataclass(frozen=True)
 class Settings:
-    listen: str = "unix:/run/gasnap/api.sock"
+    # the unix socket for timers and local tools, TCP for Nova-style callers
+    listen: tuple[str, ...] = ("unix:/run/gasnap/api.sock",)
     state_dir: Path = Path("/var/lib/gasnap")
     libvirt_uri: str = "qemu:///system"
-    token: str = ""
+    token: str = ""  # required on TCP; token_file reads it from a root-only file
+    tls_cert: str = ""  # PEM: TCP listeners speak TLS with it and tls_key
+    tls_key: str = ""
     freeze_timeout: float = 10.0
     merge_bandwidth: int = 0  # MiB/s for live merges; 0: as fast as the disks go
     # seconds a live merge's follower waits for libvirtd before handing the
@@ -55,8 +59,13 @@ class Settings:
     spare_overlays: bool = True  # make the next snapshot's overlay ahead of time
     metadata_url: str = ""  # empty: the embedded store under state_dir
     metadata_token: str = ""
+    metadata_ca_file: str = ""  # PEM: the CAs an https metadata service is checked against
     metadata_deadline: float = 120.0  # seconds a metadata call may keep retrying
     schedules: dict[str, Schedule] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.listen, str):  # one address, as callers may give it
+            object.__setattr__(self, "listen", (self.listen,))
 
     @property
     def limits(self) -> Limits:
@@ -72,7 +81,8 @@ class Settings:
 
 
 _AGENT_KEYS: dict[str, type | tuple[type, ...]] = {
-    "listen": str, "state_dir": str, "libvirt_uri": str, "token": str,
+    "listen": (str, list), "state_dir": str, "libvirt_uri": str, "token": str,
+    "token_file": str, "tls_cert": str, "tls_key": str,
     "freeze_timeout": (int, float), "merge_bandwidth": int, "spare_overlays": bool,
     "libvirt_outage_wait": (int, float), "shutdown_timeout": (int, float),
     "detach_timeout": (int, float),
@@ -82,7 +92,7 @@ _LIMITS_KEYS: dict[str, type | tuple[type, ...]] = {
     "auto_delete": bool, "max_chain_depth": int,
 }
 _METADATA_KEYS: dict[str, type | tuple[type, ...]] = {
-    "url": str, "token": str, "deadline": (int, float),
+    "url": str, "token": str, "token_file": str, "ca_file": str, "deadline": (int, float),
 }
 
 
@@ -177,7 +187,11 @@ def load(path: Path | None, overrides: dict[str, Any]) -> Settings:
         values = _read(file)
     elif path is not None:
         raise ConfigError(f"config file {path} does not exist")
-    values.update({k: v for k, v in overrides.items() if v is not None})
+    given = {k: v for k, v in overrides.items() if v is not None}
+    if {"token", "token_file"} & set(given):  # the command line's secret wins whole
+        values.pop("token", None)
+        values.pop("token_file", None)
+    values.update(given)
     if "state_dir" in values:
         values["state_dir"] = Path(values["state_dir"])
     _positive(values, "freeze_timeout", "agent.freeze_timeout")
@@ -192,9 +206,46 @@ def load(path: Path | None, overrides: dict[str, Any]) -> Settings:
         raise ConfigError("agent.merge_bandwidth must not be negative")
     if values.get("limits_min_free_mib", 0) < 0:
         raise ConfigError("limits.min_free_mib must not be negative")
+    values["listen"] = _listen(values.get("listen", Settings.listen))
+    _secret(values, "token", "agent")
+    _secret(values, "metadata_token", "metadata")
     settings = Settings(**values)
-    if settings.listen.startswith("tcp:") and not settings.token:
-        raise ConfigError("listening on TCP needs a token (--token or agent.token)")
-    if not settings.listen.startswith(("unix:", "tcp:")):
-        raise ConfigError(f"listen must be unix:PATH or tcp:HOST:PORT, not {settings.listen!r}")
+    if any(a.startswith("tcp:") for a in settings.listen) and not settings.token:
+        raise ConfigError("listening on TCP needs a token (agent.token_file, --token-file "
+                          "or agent.token)")
+    _check_tls(settings)
     return settings
+
+
+def _listen(value: Any) -> tuple[str, ...]:
+    """``listen``: one address or a list of them, each unix:PATH or tcp:HOST:PORT."""
+    addresses = [value] if isinstance(value, str) else list(value)
+    if not addresses or not all(isinstance(a, str) for a in addresses):
+        raise ConfigError("agent.listen must be an address or a list of addresses")
+    for address in addresses:
+        if not address.startswith(("unix:", "tcp:")):
+            raise ConfigError(f"listen must be unix:PATH or tcp:HOST:PORT, not {address!r}")
+    if len(set(addresses)) != len(addresses):
+        raise ConfigError("agent.listen names an address twice")
+    return tuple(addresses)
+
+
+def _secret(values: dict[str, Any], key: str, section: str) -> None:
+    """KEY from KEY_file (a root-only file) when that is given; not both."""
+    path = values.pop(f"{key}_file", "")
+    if not path:
+        return
+    if values.get(key):
+        raise ConfigError(f"{section}: give the token or its token_file, not both")
+    values[key] = read_secret(path, f"{section}.token_file")
+
+
+def _check_tls(settings: Settings) -> None:
+    if bool(settings.tls_cert) != bool(settings.tls_key):
+        raise ConfigError("agent.tls_cert and agent.tls_key go together")
+    if settings.tls_cert and not any(a.startswith("tcp:") for a in settings.listen):
+        raise ConfigError("agent.tls_cert: TLS is for TCP listeners, and none is configured")
+    for key in ("tls_cert", "tls_key", "metadata_ca_file"):
+        path = getattr(settings, key)
+        if path and not Path(path).is_file():
+            raise ConfigError(f"{key.replace('metadata_', 'metadata.')}: no file {path}")

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import ipaddress
 import logging
 import os
 import signal
 import socket
+import ssl
 import stat
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -108,14 +110,21 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
         return error_response(500, "internal", "internal error (see the service's log)")
 
 
-def token_middleware(token: str, open_paths: frozenset[str] = frozenset()) -> Middleware:
+def _on_unix_socket(request: web.Request) -> bool:
+    sock = request.transport.get_extra_info("socket") if request.transport else None
+    return sock is not None and sock.family == socket.AF_UNIX
+
+
+def token_middleware(token: str, open_paths: frozenset[str] = frozenset(), *,
+                     tcp_only: bool = False) -> Middleware:
     """``Authorization: Bearer T`` or OpenStack's ``X-Auth-Token: T``, compared in
-    constant time; OPEN_PATHS (the spec, metrics) need none."""
+    constant time; OPEN_PATHS (the spec, metrics) need none, nor (TCP_ONLY)
+    requests on a unix socket, which its file mode guards."""
     expected = token.encode()
 
     @web.middleware
     async def check(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if request.path in open_paths:
+        if request.path in open_paths or (tcp_only and _on_unix_socket(request)):
             return await handler(request)
         auth = request.headers.get("Authorization", "")
         given = auth.removeprefix("Bearer ").strip() if auth.startswith("Bearer ") else ""
@@ -217,27 +226,64 @@ def _prepare_socket(path: Path) -> None:
         probe.close()
 
 
-async def run_app(app: web.Application, listen: str, what: str,
-                  ready: Callable[[], Awaitable[object]] | None = None) -> None:
-    """Serve APP on ``unix:PATH`` (mode 0660) or ``tcp:HOST:PORT`` until
-    SIGTERM or SIGINT.  Tells systemd READY=1 once it listens and READY (if
-    given) has returned."""
+def server_tls(cert: str, key: str) -> ssl.SSLContext:
+    """A server's TLS context from PEM files (TLS 1.2 at least)."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        context.load_cert_chain(cert, key)
+    except (OSError, ssl.SSLError) as err:
+        raise ConfigError(f"TLS: cannot load {cert} and {key}: {err}") from err
+    return context
+
+
+def _loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+def warn_plain_tokens(listen: Sequence[str], tls: bool, what: str) -> None:
+    """A token sent over plain TCP beyond this host can be read on the way."""
+    if tls:
+        return
+    for address in listen:
+        if address.startswith("tcp:"):
+            host = address.removeprefix("tcp:").rpartition(":")[0] or "127.0.0.1"
+            if not _loopback(host):
+                log.warning("%s: tokens reach %s over plain TCP, readable on the way; "
+                            "configure TLS (tls_cert, tls_key)", what, address)
+
+
+async def _start_site(runner: web.AppRunner, address: str,
+                      tls: ssl.SSLContext | None) -> None:
+    if address.startswith("unix:"):
+        path = Path(address.removeprefix("unix:"))
+        _prepare_socket(path)
+        await web.UnixSite(runner, str(path)).start()
+        os.chmod(path, 0o660)
+    else:
+        host, _, port = address.removeprefix("tcp:").rpartition(":")
+        await web.TCPSite(runner, host or "127.0.0.1", int(port), ssl_context=tls).start()
+
+
+async def run_app(app: web.Application, listen: Sequence[str], what: str,
+                  ready: Callable[[], Awaitable[object]] | None = None,
+                  tls: ssl.SSLContext | None = None) -> None:
+    """Serve APP on every address of LISTEN (``unix:PATH``, mode 0660, or
+    ``tcp:HOST:PORT``, with TLS when given) until SIGTERM or SIGINT.  Tells
+    systemd READY=1 once it listens everywhere and READY (if given) has
+    returned."""
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     announce: asyncio.Task[None] | None = None
+    shown = ", ".join(a.replace("tcp:", "tls:") if tls and a.startswith("tcp:") else a
+                      for a in listen)
     try:
-        site: web.BaseSite
-        if listen.startswith("unix:"):
-            path = Path(listen.removeprefix("unix:"))
-            _prepare_socket(path)
-            site = web.UnixSite(runner, str(path))
-            await site.start()
-            os.chmod(path, 0o660)
-        else:
-            host, _, port = listen.removeprefix("tcp:").rpartition(":")
-            site = web.TCPSite(runner, host or "127.0.0.1", int(port))
-            await site.start()
-        log.info("%s listening on %s", what, listen)
+        for address in listen:
+            await _start_site(runner, address, tls)
+        log.info("%s listening on %s", what, shown)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -246,7 +292,7 @@ async def run_app(app: web.Application, listen: str, what: str,
         async def announce_ready() -> None:
             if ready is not None:
                 await ready()
-            sdnotify.notify(f"READY=1\nSTATUS={what} ready on {listen}")
+            sdnotify.notify(f"READY=1\nSTATUS={what} ready on {shown}")
             log.info("%s ready", what)
 
         announce = asyncio.create_task(announce_ready())

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import ssl
 import time
 from typing import Any
 from urllib.parse import quote
@@ -122,13 +123,18 @@ def _segment(value: str) -> str:
 class RemoteMetadata:
     """``MetadataService`` over HTTP: ``http(s)://HOST:PORT`` or ``unix:PATH``."""
 
-    def __init__(self, url: str, token: str = "", deadline: float = DEFAULT_DEADLINE) -> None:
+    def __init__(self, url: str, token: str = "", deadline: float = DEFAULT_DEADLINE, *,
+                 ca_file: str | None = None) -> None:
         if url.startswith("unix:"):
             self._base = "http://metadata"
             connector: aiohttp.BaseConnector = aiohttp.UnixConnector(url.removeprefix("unix:"))
         else:
             self._base = url.rstrip("/")
-            connector = aiohttp.TCPConnector()
+            # https: the service's certificate is checked, against CA_FILE
+            # when given (else the system's CAs); plain http carries no TLS.
+            tls = ssl.create_default_context(cafile=ca_file) if url.startswith("https:") \
+                else False
+            connector = aiohttp.TCPConnector(ssl=tls)
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         self._session = aiohttp.ClientSession(
             connector=connector, headers=headers,
@@ -150,6 +156,11 @@ class RemoteMetadata:
                 status = resp.status
                 text = await resp.text() if status != 204 else ""
             doc = _decode(text, status)
+        except aiohttp.ClientConnectorCertificateError as err:
+            # Not an outage: no retry makes an untrusted certificate trusted.
+            raise MetadataUnauthorized(
+                f"metadata service {self._url}: its certificate is not trusted ({err}; check "
+                "[metadata] ca_file)", code="metadata_untrusted") from err
         except (aiohttp.ClientError, TimeoutError, ValueError) as err:
             raise _Retryable(f"{type(err).__name__}: {err}") from err
         finally:

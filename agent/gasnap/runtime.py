@@ -79,7 +79,8 @@ async def _open_metadata(settings: Settings) -> MetadataService:
     if settings.metadata_url:
         log.info("metadata service: %s", settings.metadata_url)
         return RemoteMetadata(settings.metadata_url, settings.metadata_token,
-                              settings.metadata_deadline)
+                              settings.metadata_deadline,
+                              ca_file=settings.metadata_ca_file or None)
     return await open_sqlite(settings.state_dir / "metadata.db")
 
 

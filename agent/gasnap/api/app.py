@@ -26,8 +26,9 @@ async def _runtime_ctx(app: web.Application) -> AsyncIterator[None]:
 
 def create_app(settings: Settings) -> web.Application:
     middlewares: list[Middleware] = [errors_middleware]
-    if settings.listen.startswith("tcp:"):
-        middlewares.insert(0, token_middleware(settings.token, frozenset({"/openapi.json"})))
+    if any(address.startswith("tcp:") for address in settings.listen):
+        middlewares.insert(0, token_middleware(settings.token, frozenset({"/openapi.json"}),
+                                               tcp_only=True))
     app = web.Application(middlewares=middlewares)
     app[SETTINGS] = settings
     app.cleanup_ctx.append(_runtime_ctx)

@@ -6,7 +6,7 @@ import logging
 
 from ..config import Settings, missing_domains
 from ..errors import ConfigError, Unavailable
-from ..httpkit import run_app
+from ..httpkit import run_app, server_tls, warn_plain_tokens
 from ..runtime import open_hypervisor
 from .app import create_app
 from .keys import SERVICE
@@ -49,5 +49,7 @@ async def serve(settings: Settings) -> None:
         # The service exists only once the runner has set the app up.
         await app[SERVICE].ready.wait()
 
+    tls = server_tls(settings.tls_cert, settings.tls_key) if settings.tls_cert else None
+    warn_plain_tokens(settings.listen, tls is not None, "gasnap agent")
     # Ready for systemd once the API listens and recovery has settled the journal.
-    await run_app(app, settings.listen, "gasnap agent", ready=recovered)
+    await run_app(app, settings.listen, "gasnap agent", ready=recovered, tls=tls)

@@ -53,9 +53,15 @@ def _show(args: argparse.Namespace, doc: Any, human: Callable[[Any], None]) -> N
 def _client(args: argparse.Namespace) -> Any:
     from ..client import DEFAULT_API, ApiClient
 
-    # $GASNAP_API and $GASNAP_TOKEN stand in for --api and --token.
-    return ApiClient(args.api or os.environ.get("GASNAP_API") or DEFAULT_API,
-                     args.token or os.environ.get("GASNAP_TOKEN"))
+    # $GASNAP_API, $GASNAP_TOKEN(_FILE) and $GASNAP_CA_FILE stand in for the flags.
+    token = args.token or os.environ.get("GASNAP_TOKEN")
+    token_file = args.token_file or os.environ.get("GASNAP_TOKEN_FILE")
+    if token_file and not token:
+        from ..secretfile import read_secret
+
+        token = read_secret(token_file, "--token-file")
+    return ApiClient(args.api or os.environ.get("GASNAP_API") or DEFAULT_API, token,
+                     ca_file=args.ca_file or os.environ.get("GASNAP_CA_FILE"))
 
 
 # --- agent ------------------------------------------------------------------
@@ -72,6 +78,7 @@ def serve(args: argparse.Namespace) -> int:
         {
             "listen": args.listen,
             "token": args.serve_token,
+            "token_file": args.serve_token_file,
             "state_dir": args.state_dir,
             "libvirt_uri": args.libvirt_uri,
             "metadata_url": args.metadata_url,
@@ -99,10 +106,15 @@ def schedule_run(args: argparse.Namespace) -> int:
 def metadata_serve(args: argparse.Namespace) -> int:
     from ..metaserver.app import ServiceSettings
     from ..metaserver.app import serve as run_service
+    from ..secretfile import read_secret
 
-    # The token may come from the environment so that it stays off argv.
+    # The token may come from a root-only file or the environment, so that
+    # it stays off argv.
     token = args.serve_token or os.environ.get("GASNAP_METADATA_TOKEN", "")
-    settings = ServiceSettings(listen=args.listen, db_url=args.db, token=token)
+    if args.token_file:
+        token = read_secret(args.token_file, "--token-file")
+    settings = ServiceSettings(listen=args.listen, db_url=args.db, token=token,
+                               tls_cert=args.tls_cert or "", tls_key=args.tls_key or "")
     _run(args, run_service(settings), daemon=True)
     return 0
 

@@ -58,6 +58,11 @@ def _build_parser(argv: Sequence[str]) -> argparse.ArgumentParser:
     parser.add_argument("--api", help="agent API: unix:PATH or http://HOST:PORT "
                         "(default: $GASNAP_API, else unix:/run/gasnap/api.sock)")
     parser.add_argument("--token", help="API token for TCP (default: $GASNAP_TOKEN)")
+    parser.add_argument("--token-file", metavar="FILE", help="read the API token from FILE "
+                        "(default: $GASNAP_TOKEN_FILE)")
+    parser.add_argument("--ca-file", metavar="PEM", help="CAs an https:// agent's "
+                        "certificate is checked against (default: $GASNAP_CA_FILE, else "
+                        "the system's)")
     parser.add_argument("-v", "--verbose", action="count", default=0,
                         help="more log output from commands that run in this process "
                         "(serve, lab, doctor, demo; -vvv: libvirt's event loop too)")
@@ -73,8 +78,12 @@ def _build_parser(argv: Sequence[str]) -> argparse.ArgumentParser:
 
 def _serve_parser(serve: argparse.ArgumentParser) -> None:
     serve.add_argument("--config", help="TOML configuration file")
-    serve.add_argument("--listen", help="unix:PATH or tcp:HOST:PORT")
-    serve.add_argument("--token", dest="serve_token", help="token required on TCP")
+    serve.add_argument("--listen", action="append", metavar="ADDRESS",
+                       help="unix:PATH or tcp:HOST:PORT (repeatable: every one is served)")
+    serve.add_argument("--token", dest="serve_token", help="token required on TCP "
+                       "(better: --token-file)")
+    serve.add_argument("--token-file", dest="serve_token_file", metavar="FILE",
+                       help="read the TCP token from FILE (mode 0600)")
     serve.add_argument("--state-dir")
     serve.add_argument("--libvirt-uri")
     serve.add_argument("--metadata-url")
@@ -248,7 +257,13 @@ def _metadata_parsers(group: argparse.ArgumentParser) -> None:
     mserve.add_argument("--db", default="sqlite:////var/lib/gasnap/metadata-service.db",
                         help="sqlite:///PATH or postgresql://USER@HOST:PORT/DB")
     mserve.add_argument("--token", dest="serve_token",
-                        help="token callers must present (or $GASNAP_METADATA_TOKEN)")
+                        help="token callers must present (or $GASNAP_METADATA_TOKEN; "
+                        "better: --token-file)")
+    mserve.add_argument("--token-file", metavar="FILE",
+                        help="read the token from FILE (mode 0600)")
+    mserve.add_argument("--tls-cert", metavar="PEM", help="TCP speaks TLS with this "
+                        "certificate (and --tls-key)")
+    mserve.add_argument("--tls-key", metavar="PEM")
     mserve.set_defaults(func=commands.metadata_serve)
 
 

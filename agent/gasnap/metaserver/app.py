@@ -15,7 +15,14 @@ from aiohttp.typedefs import Middleware
 
 from .. import metrics
 from ..errors import ConfigError
-from ..httpkit import Handler, errors_middleware, run_app, token_middleware
+from ..httpkit import (
+    Handler,
+    errors_middleware,
+    run_app,
+    server_tls,
+    token_middleware,
+    warn_plain_tokens,
+)
 from ..metastore import open_store
 from . import handlers, spec
 from .keys import DB_URL, STORE
@@ -32,12 +39,18 @@ class ServiceSettings:
     listen: str = DEFAULT_LISTEN
     db_url: str = DEFAULT_DB
     token: str = ""
+    tls_cert: str = ""  # PEM: a TCP listener speaks TLS with it and tls_key
+    tls_key: str = ""
 
     def __post_init__(self) -> None:
         if not self.listen.startswith(("unix:", "tcp:")):
             raise ConfigError(f"listen must be unix:PATH or tcp:HOST:PORT, not {self.listen!r}")
         if self.listen.startswith("tcp:") and not self.token:
-            raise ConfigError("listening on TCP needs a token (--token)")
+            raise ConfigError("listening on TCP needs a token (--token-file or --token)")
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ConfigError("--tls-cert and --tls-key go together")
+        if self.tls_cert and not self.listen.startswith("tcp:"):
+            raise ConfigError("--tls-cert: TLS is for a TCP listener")
 
     def __repr__(self) -> str:  # never print the token (or a database password)
         return f"ServiceSettings(listen={self.listen!r}, token={'***' if self.token else ''!r})"
@@ -72,4 +85,8 @@ def create_app(settings: ServiceSettings) -> web.Application:
 
 
 async def serve(settings: ServiceSettings) -> None:
-    await run_app(create_app(settings), settings.listen, "gasnap metadata service")
+    what = "gasnap metadata service"
+    tls = server_tls(settings.tls_cert, settings.tls_key) if settings.tls_cert else None
+    if settings.token:
+        warn_plain_tokens([settings.listen], tls is not None, what)
+    await run_app(create_app(settings), [settings.listen], what, tls=tls)
