@@ -80,3 +80,23 @@ def test_spare_overlays_is_a_boolean(tmp_path: Path) -> None:
 def test_missing_explicit_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="does not exist"):
         config.load(tmp_path / "nope.toml", {})
+
+
+def test_cinder_section(tmp_path: Path) -> None:
+    secret = tmp_path / "cinder.token"
+    secret.write_text("t\n")
+    secret.chmod(0o600)
+    ok = config.load(write(tmp_path, f'[cinder]\nurl = "http://c:8776/v3/p"\n'
+                                     f'token_file = "{secret}"\n'), {})
+    assert ok.cinder is not None and ok.cinder.url == "http://c:8776/v3/p"
+    for text, fragment in (
+            ('[cinder]\ntoken_file = "x"\n', "cinder.url is required"),
+            ('[cinder]\nurl = "c:8776"\ntoken_file = "x"\n', "cinder.url must be"),
+            ('[cinder]\nurl = "http://c/v3/p"\n', "one of the two"),
+            ('[cinder]\nurl = "http://c/v3/p"\nusername = "u"\n', "go together"),
+            ('[cinder]\nurl = "http://c/v3/p"\ntoken_file = "x"\nusername = "u"\n',
+             "one of the two"),
+            ('[cinder]\nurl = "http://c/v3/p"\npassword = "x"\n', "cinder.password")):
+        with pytest.raises(ConfigError, match=fragment):
+            config.load(write(tmp_path, text), {})
+

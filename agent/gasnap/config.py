@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .cinder import CinderSettings
 from .errors import ConfigError
 from .metadata import InvalidLimits, Limits, check_limits
 from .quiesce import VALUES as QUIESCE_VALUES
@@ -62,6 +63,7 @@ class Settings:
     metadata_ca_file: str = ""  # PEM: the CAs an https metadata service is checked against
     metadata_deadline: float = 120.0  # seconds a metadata call may keep retrying
     schedules: dict[str, Schedule] = dataclasses.field(default_factory=dict)
+    cinder: CinderSettings | None = None  # [cinder]: report Nova-style calls back to Cinder
 
     def __post_init__(self) -> None:
         if isinstance(self.listen, str):  # one address, as callers may give it
@@ -108,6 +110,9 @@ def _checked(section: str, table: Any, keys: dict[str, type | tuple[type, ...]])
     return dict(table)
 
 
+_CINDER_KEYS: dict[str, type | tuple[type, ...]] = {
+    f.name: str for f in dataclasses.fields(CinderSettings)
+}
 _SCHEDULE_KEYS: dict[str, type | tuple[type, ...]] = {
     "domains": list, "keep": int, "quiesce": str,
 }
@@ -152,7 +157,7 @@ def _read(file: Path) -> dict[str, Any]:
         doc = tomllib.loads(file.read_text())
     except (OSError, tomllib.TOMLDecodeError) as err:
         raise ConfigError(f"{file}: {err}") from err
-    unknown = set(doc) - {"agent", "metadata", "schedules", "limits"}
+    unknown = set(doc) - {"agent", "metadata", "schedules", "limits", "cinder"}
     if unknown:
         raise ConfigError(f"unknown section [{sorted(unknown)[0]}]")
     values = _checked("agent", doc.get("agent", {}), _AGENT_KEYS)
@@ -166,6 +171,12 @@ def _read(file: Path) -> dict[str, Any]:
             raise ConfigError(f"limits.{key}: {err.message}") from err
     values.update({f"limits_{k}": v for k, v in limits.items()})
     values["schedules"] = _schedules(doc.get("schedules", {}))
+    if "cinder" in doc:
+        cinder = _checked("cinder", doc["cinder"], _CINDER_KEYS)
+        if "url" not in cinder:
+            raise ConfigError("cinder.url is required")
+        values["cinder"] = CinderSettings(**cinder)
+        values["cinder"].check()
     return values
 
 

@@ -172,6 +172,18 @@ def get_object(doc: dict[str, Any], key: str) -> dict[str, Any]:
     return value
 
 
+def one_action(doc: dict[str, Any], allowed: Sequence[str], code: str = "invalid_request"
+               ) -> tuple[str, dict[str, Any]]:
+    """An action body in Cinder's style: one key, one of ALLOWED, naming an object."""
+    if len(doc) != 1 or next(iter(doc)) not in allowed:
+        raise BadRequest(f"the body must hold exactly one of {list(allowed)}", code=code)
+    name = next(iter(doc))
+    value = doc[name]
+    if not isinstance(value, dict):
+        raise BadRequest(f"{name} must be an object", code=code)
+    return name, value
+
+
 def only_keys(doc: dict[str, Any], allowed: set[str], where: str = "the body") -> None:
     unknown = set(doc) - allowed
     if unknown:

@@ -52,6 +52,14 @@ VOLUME_SNAPSHOT_LIMIT = Gauge(
     "gasnap_volume_snapshot_limit", "A volume's max_snapshots (its own, else [limits])",
     ["volume_id"], registry=AGENT,
 )
+CINDER_UPDATES = Counter(
+    "gasnap_cinder_updates", "os-update_snapshot_status calls to Cinder, by status and "
+    "outcome (delivered, refused)", ["status", "outcome"], registry=AGENT,
+)
+CINDER_PENDING = Gauge(
+    "gasnap_cinder_updates_pending", "Reports to Cinder not delivered yet (outcome known "
+    "or not)", registry=AGENT,
+)
 
 SERVICE = CollectorRegistry()
 

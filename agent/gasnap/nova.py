@@ -13,11 +13,13 @@ import asyncio
 import json
 import os
 import re
+from collections.abc import Awaitable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from . import images
+from .cinder import CinderReporter
 from .errors import BadRequest
 from .hypervisor import Domain, Volume
 from .metadata import SnapshotNotFound
@@ -182,7 +184,8 @@ async def _find_volume(service: SnapshotService, volume_id: str) -> tuple[Domain
     return found[0]
 
 
-async def create(service: SnapshotService, call: NovaCreate) -> Task:
+async def create(service: SnapshotService, call: NovaCreate,
+                 cinder: CinderReporter | None = None) -> Task:
     """Snapshot the volume onto ``new_file`` (created, or reused when the
     caller made it on top of the active file)."""
     dom, vol = await _find_volume(service, call.volume_id)
@@ -204,10 +207,27 @@ async def create(service: SnapshotService, call: NovaCreate) -> Task:
         presets={vol.volume_id: Preset(call.snapshot_id, str(overlay), reuse)},
         auto_delete=False,  # Cinder keeps these snapshots' records: it deletes them
     )
-    return await service.create(request)
+    return await _reported(cinder, call.snapshot_id, "create", service.create(request))
 
 
-async def delete(service: SnapshotService, snapshot_id: str, call: NovaDelete) -> Task:
+async def _reported(cinder: CinderReporter | None, snapshot_id: str, op: str,
+                    accepted: Awaitable[Task]) -> Task:
+    """The work ACCEPTED starts, and Cinder hears how it ends: the intent is
+    written before the work is accepted, so a restart cannot lose it."""
+    if cinder is None:
+        return await accepted
+    seq = await cinder.intend(snapshot_id, op)
+    try:
+        task = await accepted
+    except BaseException:
+        await cinder.forget(seq)  # refused up front: the caller heard it
+        raise
+    cinder.follow(seq, task)
+    return task
+
+
+async def delete(service: SnapshotService, snapshot_id: str, call: NovaDelete,
+                 cinder: CinderReporter | None = None) -> Task:
     """Nova's meaning: no merge target → pull into the active layer down to
     ``file_to_merge``; otherwise commit ``file_to_merge`` into the target."""
     _dom, vol = await _find_volume(service, call.volume_id)
@@ -230,11 +250,13 @@ async def delete(service: SnapshotService, snapshot_id: str, call: NovaDelete) -
         if own[0] != chain[0] or named["file_to_merge"] != below:
             raise FileMismatch("delete_info asks for a pull that does not remove snapshot "
                                f"{snapshot_id}'s image from the active layer")
-        return await service.delete(snapshot_id, Strategy.PULL)
+        return await _reported(cinder, snapshot_id, "delete",
+                               service.delete(snapshot_id, Strategy.PULL))
     if (named["file_to_merge"], named["merge_target_file"]) != own:
         raise FileMismatch(f"delete_info does not merge snapshot {snapshot_id}'s overlay "
                            "into its image")
-    return await service.delete(snapshot_id, Strategy.COMMIT)
+    return await _reported(cinder, snapshot_id, "delete",
+                           service.delete(snapshot_id, Strategy.COMMIT))
 
 
 async def _exists(path: Path) -> bool:

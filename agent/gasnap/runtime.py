@@ -12,6 +12,7 @@ import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
+from .cinder import CinderReporter
 from .cloneservice import CloneService
 from .config import Settings
 from .errors import Unavailable
@@ -39,6 +40,7 @@ class Runtime:
     hv: Hypervisor
     service: SnapshotService
     clones: CloneService
+    cinder: CinderReporter | None  # [cinder]: Nova-style calls reported back
 
 
 def open_hypervisor(settings: Settings) -> Hypervisor:
@@ -62,11 +64,18 @@ async def open_runtime(settings: Settings) -> AsyncIterator[Runtime]:
     await tasks.load()
     service = SnapshotService(ctx, tasks)
     recovery = asyncio.get_running_loop().create_task(_recover(ctx, guard, service))
+    cinder = None
+    if settings.cinder is not None:
+        cinder = CinderReporter(settings.cinder, settings.state_dir / "cinder-outbox.db",
+                                metadata)
+        cinder.start()
     try:
-        yield Runtime(hv, service, CloneService(ctx, tasks, service.ready))
+        yield Runtime(hv, service, CloneService(ctx, tasks, service.ready), cinder)
     finally:
         recovery.cancel()
         await asyncio.gather(recovery, return_exceptions=True)
+        if cinder is not None:
+            await cinder.close()
         await tasks.close()
         await spares.close()
         await guard.close()

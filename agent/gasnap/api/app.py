@@ -12,7 +12,7 @@ from ..config import Settings
 from ..httpkit import errors_middleware, token_middleware
 from ..runtime import open_runtime
 from . import clones, handlers, spec
-from .keys import CLONES, HYPERVISOR, SERVICE, SETTINGS
+from .keys import CINDER, CLONES, HYPERVISOR, SERVICE, SETTINGS
 
 log = logging.getLogger(__name__)
 
@@ -21,6 +21,7 @@ async def _runtime_ctx(app: web.Application) -> AsyncIterator[None]:
         app[HYPERVISOR] = runtime.hv
         app[SERVICE] = runtime.service
         app[CLONES] = runtime.clones
+        app[CINDER] = runtime.cinder
         yield
 
 

@@ -22,7 +22,7 @@ from ..httpkit import (
 from ..workflows.createplan import request_from_doc
 from ..workflows.deleteplan import Strategy
 from ..workflows.revertplan import Scope
-from .keys import HYPERVISOR, SERVICE, SETTINGS
+from .keys import CINDER, HYPERVISOR, SERVICE, SETTINGS
 
 MAX_WAIT = 60.0
 
@@ -191,13 +191,14 @@ async def run_schedule(request: web.Request) -> web.Response:
 
 async def nova_create(request: web.Request) -> web.Response:
     call = nova.parse_create(await json_body(request))
-    await nova.create(request.app[SERVICE], call)
+    await nova.create(request.app[SERVICE], call, request.app[CINDER])
     return web.json_response({"snapshot": {"id": call.reply_id, "volumeId": call.volume_id}})
 
 
 async def nova_delete(request: web.Request) -> web.Response:
     call = nova.parse_delete(request.query.get("delete_info"))
-    await nova.delete(request.app[SERVICE], request.match_info["snapshot_id"], call)
+    await nova.delete(request.app[SERVICE], request.match_info["snapshot_id"], call,
+                      request.app[CINDER])
     return web.Response(status=204)
 
 

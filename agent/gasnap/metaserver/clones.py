@@ -12,7 +12,7 @@ from typing import Any
 from aiohttp import web
 
 from ..errors import BadRequest
-from ..httpkit import get_string, json_body, only_keys
+from ..httpkit import get_string, json_body, one_action, only_keys
 from ..metadata import Attachment, CloneChange, CloneMeta, CloneMode, CloneStatus, NewClone
 from .keys import STORE
 
@@ -99,14 +99,7 @@ _ACTIONS = {
 
 
 async def clone_action(request: web.Request) -> web.Response:
-    doc = await json_body(request)
-    if len(doc) != 1 or next(iter(doc)) not in _ACTIONS:
-        raise BadRequest(f"the body must hold exactly one of {list(_ACTIONS)}",
-                         code="invalid_request")
-    name = next(iter(doc))
-    body = doc[name]
-    if not isinstance(body, dict):
-        raise BadRequest(f"{name} must be an object", code="invalid_request")
+    name, body = one_action(await json_body(request), tuple(_ACTIONS))
     return await _ACTIONS[name](request, request.match_info["id"], body)
 
 

@@ -10,9 +10,9 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from .. import __version__, metrics
 from ..errors import BadRequest
 from ..httpkit import (
-    get_object,
     get_string,
     json_body,
+    one_action,
     only_keys,
     page_answer,
     page_query,
@@ -27,7 +27,7 @@ from ..metadata import (
     Status,
     check_limits,
 )
-from . import clones
+from . import cinder, clones
 from .keys import STORE
 
 ACTIONS = ("finalize-snapshot-metadata", "update-snapshot-status", "snapshot-delete-metadata",
@@ -55,14 +55,6 @@ def _required(doc: dict[str, Any], key: str) -> str:
     return value
 
 
-def _one_action(doc: dict[str, Any], allowed: tuple[str, ...]) -> tuple[str, dict[str, Any]]:
-    if len(doc) != 1 or next(iter(doc)) not in allowed:
-        raise BadRequest(f"the body must hold exactly one of {list(allowed)}",
-                         code="invalid_request")
-    name = next(iter(doc))
-    return name, get_object(doc, name)
-
-
 # --- create-snapshot-metadata ---------------------------------------------------
 
 
@@ -86,7 +78,7 @@ def _new_snapshot(volume_id: str, body: dict[str, Any]) -> NewSnapshot:
 
 
 async def volume_action(request: web.Request) -> web.Response:
-    name, body = _one_action(await json_body(request), VOLUME_ACTIONS)
+    name, body = one_action(await json_body(request), VOLUME_ACTIONS)
     volume_id = request.match_info["volume_id"]
     if name == "update-volume-limits":
         limits = await request.app[STORE].update_volume_limits(volume_id, check_limits(body))
@@ -157,7 +149,7 @@ _SNAPSHOT_ACTIONS = {
 
 
 async def snapshot_action(request: web.Request) -> web.Response:
-    name, body = _one_action(await json_body(request), ACTIONS)
+    name, body = one_action(await json_body(request), ACTIONS)
     return await _SNAPSHOT_ACTIONS[name](request, request.match_info["id"], body)
 
 
@@ -202,3 +194,4 @@ def setup_routes(app: web.Application) -> None:
     app.router.add_get("/v1/snapshots/{id}", get_snapshot)
     app.router.add_get("/metrics", prometheus)
     clones.setup_routes(app)
+    cinder.setup_routes(app)

@@ -94,6 +94,13 @@ SCHEMAS: Schema = {
          "status": {"type": "string", "enum": CLONE_STATUSES}, "created_at": STRING,
          "attached_to": {**ATTACHMENT, "nullable": True}, "error": OPT}),
     "CloneAnswer": obj(["clone"], {"clone": ref("Clone")}),
+    "CinderAnswer": obj(["snapshot"], {"snapshot": obj(
+        ["id", "volume_id", "status"],
+        {"id": STRING, "volume_id": STRING, "name": STRING, "status": STRING,
+         "progress": OPT, "created_at": STRING,
+         "os-extended-snapshot-attributes:progress": OPT,
+         "updates": {"type": "array", "items": obj(
+             ["status"], {"status": STRING, "progress": OPT})}})}),
     "CloneAction": {"oneOf": [
         _action("finalize-clone-metadata", obj(
             ["status"], {"status": {"type": "string", "enum": ["available", "error"]},
@@ -151,6 +158,27 @@ PATHS: Schema = {
         "finalize-clone-metadata, update-clone-metadata, clone-delete-metadata (204)", 200,
         ref("CloneAnswer"), [400, 404, 409, 503], params=[path_param("id")],
         body=json_body(ref("CloneAction")))},
+    "/v3/{project_id}/snapshots": {"post": operation(
+        "Cinder stand-in: a snapshot, creating (as Cinder's API makes it before its driver "
+        "asks Nova)", 202, ref("CinderAnswer"), [400], params=[path_param("project_id")],
+        body=json_body(obj(["snapshot"], {"snapshot": obj(
+            ["volume_id"], {"volume_id": STRING, "name": STRING})})))},
+    "/v3/{project_id}/snapshots/{id}": {
+        "get": operation("Cinder stand-in: one snapshot, with every status update it "
+                         "received (updates)", 200, ref("CinderAnswer"), [404],
+                         params=[path_param("project_id"), path_param("id")]),
+        "delete": operation("Cinder stand-in: marks the snapshot deleting", 202, None,
+                            [400, 404], params=[path_param("project_id"), path_param("id")]),
+    },
+    "/v3/{project_id}/snapshots/{id}/action": {"post": operation(
+        "Cinder stand-in: os-update_snapshot_status (validated as Cinder does: its status "
+        "map, an integer percentage) or os-reset_status", 202, None, [400, 404],
+        params=[path_param("project_id"), path_param("id")],
+        body=json_body({"oneOf": [
+            _action("os-update_snapshot_status", obj(
+                ["status"], {"status": STRING, "progress": STRING}, closed=True)),
+            _action("os-reset_status", obj(["status"], {"status": STRING}, closed=True)),
+        ]}))},
     "/metrics": {"get": operation("Prometheus metrics", 200, STRING, [],
                                   content_type="text/plain")},
     "/openapi.json": {"get": operation("This document", 200, {"type": "object"}, [])},

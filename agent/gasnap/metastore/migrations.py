@@ -126,6 +126,29 @@ STEPS: list[tuple[int, dict[str, list[str]]]] = [
                 soft_limit_percent INTEGER, auto_delete BOOLEAN, max_chain_depth INTEGER)""",
         ],
     }),
+    (9, {
+        # The reference service's stand-in for Cinder's snapshots, so that
+        # gasnap's os-update_snapshot_status lands somewhere real in tests
+        # and labs (metaserver/cinder.py).
+        "sqlite": [
+            """CREATE TABLE cinder_snapshots (
+                id TEXT PRIMARY KEY, project_id TEXT NOT NULL, volume_id TEXT NOT NULL,
+                name TEXT NOT NULL, status TEXT NOT NULL, progress TEXT,
+                created_at TEXT NOT NULL)""",
+            """CREATE TABLE cinder_updates (
+                seq INTEGER PRIMARY KEY AUTOINCREMENT, snapshot_id TEXT NOT NULL,
+                status TEXT NOT NULL, progress TEXT)""",
+        ],
+        "postgresql": [
+            """CREATE TABLE cinder_snapshots (
+                id TEXT PRIMARY KEY, project_id TEXT NOT NULL, volume_id TEXT NOT NULL,
+                name TEXT NOT NULL, status TEXT NOT NULL, progress TEXT,
+                created_at TEXT NOT NULL)""",
+            """CREATE TABLE cinder_updates (
+                seq BIGSERIAL PRIMARY KEY, snapshot_id TEXT NOT NULL,
+                status TEXT NOT NULL, progress TEXT)""",
+        ],
+    }),
 ]
 
 LATEST = STEPS[-1][0]

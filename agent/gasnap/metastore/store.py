@@ -24,6 +24,7 @@ from ..metadata import (
     check_transition,
 )
 from .backend import Backend, Row, Tx
+from .cinderstandin import CinderStandIn
 from .clones import CloneRecords, check_no_clones
 from .limits import LimitRecords
 from .migrations import migrate
@@ -50,7 +51,7 @@ def _meta(row: Row) -> SnapshotMeta:
     )
 
 
-class SqlMetadata(CloneRecords, LimitRecords):
+class SqlMetadata(CloneRecords, LimitRecords, CinderStandIn):
     """``MetadataService`` on a database; ``open()`` migrates the schema first."""
 
     def __init__(self, backend: Backend) -> None:
