@@ -220,3 +220,34 @@ async def test_cinders_refusal_is_counted_not_retried(
                    if line.startswith("gasnap_cinder_updates_pending ")]
     task = agent_for_cinder.client.request("DELETE", f"/v1/snapshots/{sid}")
     assert agent_for_cinder.client.wait_task(task["task"])["state"] == "succeeded"
+
+
+async def test_a_keystone_password_session_reaches_cinder_too(
+    cinder: MetadataServer, hv: LibvirtHypervisor, guest: Domain, tmp_path: Path
+) -> None:
+    """[cinder] with auth_url, username, password_file and project_name: the
+    agent's keystoneauth1 session logs in (the stand-in Keystone's one user)
+    and its token carries the report."""
+    vol = (await hv.get_domain(guest.name)).volumes[1]
+    password = secret_file(tmp_path / "cinder.password", cinder.token)
+    keystone = (f'[cinder]\nurl = "{cinder.url}/v3/{PROJECT}"\n'
+                f'auth_url = "{cinder.url}/v3"\nusername = "gasnap"\n'
+                f'password_file = "{password}"\nproject_name = "service"\n')
+    sid = cinder_snapshot(cinder, vol.volume_id)
+    with running_agent(tmp_path, config=keystone, tcp_token=NOVA_TOKEN) as agent:
+        nova_of(agent).assisted_volume_snapshots.create(vol.volume_id,
+                                                        create_info(vol.volume_id, sid))
+        assert wait_heard(cinder, sid, 1) == [("creating", "90%")]
+        cinder_call(cinder, "POST", f"/snapshots/{sid}/action",
+                    {"os-reset_status": {"status": "available"}})
+        task = agent.client.request("DELETE", f"/v1/snapshots/{sid}")
+        assert agent.client.wait_task(task["task"])["state"] == "succeeded"
+    assert login(cinder, "nope").status_code == 401
+
+
+def login(cinder: MetadataServer, password: str) -> requests.Response:
+    return requests.post(f"{cinder.url}/v3/auth/tokens", timeout=10, json={"auth": {
+        "identity": {"methods": ["password"], "password": {"user": {
+            "name": "gasnap", "domain": {"name": "Default"}, "password": password}}},
+        "scope": {"project": {"name": "service", "domain": {"name": "Default"}}}}})
+

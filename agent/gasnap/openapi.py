@@ -19,7 +19,7 @@ OPENAPI_VERSION = "3.0.3"
 STATUSES = ["creating", "available", "error", "deleting", "error_deleting"]
 STRING: Schema = {"type": "string"}
 REASONS = {
-    200: "OK", 202: "Accepted: the work runs as a task", 204: "Done, no content",
+    200: "OK", 201: "Created", 202: "Accepted: the work runs as a task", 204: "Done, no content",
     400: "Bad input", 401: "Missing or wrong token (TCP only)",
     404: "Unknown domain, volume, snapshot or task", 409: "Conflict: busy, wrong status",
     503: "A service gasnap depends on is unreachable",

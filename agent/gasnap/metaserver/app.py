@@ -25,13 +25,14 @@ from ..httpkit import (
 )
 from ..metastore import open_store
 from . import handlers, spec
-from .keys import DB_URL, STORE
+from .keys import DB_URL, KEYSTONE_PASSWORD, STORE
 
 log = logging.getLogger(__name__)
 
 DEFAULT_LISTEN = "unix:/run/gasnap/metadata.sock"
 DEFAULT_DB = "sqlite:////var/lib/gasnap/metadata-service.db"
-OPEN_PATHS = frozenset({"/openapi.json"})
+# the spec, and the stand-in Keystone's token route (its password is checked there)
+OPEN_PATHS = frozenset({"/openapi.json", "/v3/auth/tokens"})
 
 
 @dataclass(frozen=True)
@@ -78,6 +79,7 @@ def create_app(settings: ServiceSettings) -> web.Application:
         middlewares.insert(0, token_middleware(settings.token, OPEN_PATHS))
     app = web.Application(middlewares=middlewares)
     app[DB_URL] = settings.db_url
+    app[KEYSTONE_PASSWORD] = settings.token
     app.cleanup_ctx.append(_store_ctx)
     handlers.setup_routes(app)
     spec.setup(app)

@@ -127,7 +127,7 @@ PATHS: Schema = {
         body=json_body({"oneOf": [ref("CreateAction"), ref("LimitsAction")]}))},
     "/v1/volumes/{volume_id}/limits": {"get": operation(
         "The volume's own limits (null: the agent's default)", 200, ref("LimitsAnswer"),
-        [503], params=[path_param("volume_id")])},
+        [404, 503], params=[path_param("volume_id")])},
     "/v1/snapshots/{id}/action": {"post": {
         **operation(
             "finalize-snapshot-metadata, update-snapshot-status, snapshot-delete-metadata "
@@ -158,6 +158,10 @@ PATHS: Schema = {
         "finalize-clone-metadata, update-clone-metadata, clone-delete-metadata (204)", 200,
         ref("CloneAnswer"), [400, 404, 409, 503], params=[path_param("id")],
         body=json_body(ref("CloneAction")))},
+    "/v3/auth/tokens": {"post": operation(
+        "Keystone stand-in: a v3 password session's token (the one user's password is the "
+        "service's token; no token needed to ask)", 201, {"type": "object"}, [400],
+        body=json_body({"type": "object"}))},
     "/v3/{project_id}/snapshots": {"post": operation(
         "Cinder stand-in: a snapshot, creating (as Cinder's API makes it before its driver "
         "asks Nova)", 202, ref("CinderAnswer"), [400], params=[path_param("project_id")],
