@@ -157,20 +157,21 @@ def relative_pointer(image: str, backing: str) -> str:
 _SNAPSHOT_SUFFIX = re.compile(r"(\.[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12})+$")
 SPARE_SUFFIX = ".gasnap-spare"
 NAME_MAX = 255
-# A volume id that may stand in a file name as it is (a Cinder UUID, a serial).
-_SAFE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
+# The longest volume id a name keeps whole: room for "volume-", "." and a
+# snapshot id (and a spare's suffixes) within NAME_MAX.
+_MAX_ID = 160
 
 
 def volume_name(volume_id: str) -> str:
-    """``volume-<volume_id>``, Cinder's name for a volume's files.  An id that
-    cannot stand in a file name as it is (``web1/vda`` when a disk has no
-    serial) is spelled safe and bounded, a digest of it keeping two such
-    ids apart."""
-    if _SAFE_ID.fullmatch(volume_id) and ".." not in volume_id:
-        return f"volume-{volume_id}"
-    spelled = re.sub(r"[^A-Za-z0-9_-]+", "-", volume_id).strip("-")[:64]
-    digest = hashlib.sha256(volume_id.encode()).hexdigest()[:8]
-    return f"volume-{spelled}-{digest}" if spelled else f"volume-{digest}"
+    """``volume-<volume_id>``, Cinder's name for a volume's files, with the
+    characters of the id outside ``[A-Za-z0-9._-]`` written as ``_`` (a
+    fallback id like ``web1/vda``); an id too long for a file name is
+    shortened, a digest of it keeping such ids apart."""
+    spelled = re.sub(r"[^A-Za-z0-9._-]", "_", volume_id).replace("..", "__")
+    if len(spelled) > _MAX_ID:
+        digest = hashlib.sha256(volume_id.encode()).hexdigest()[:16]
+        spelled = f"{spelled[:_MAX_ID - 17]}-{digest}"
+    return f"volume-{spelled}"
 
 
 def overlay_path(active_file: str, volume_id: str, snapshot_id: str) -> str:

@@ -115,12 +115,16 @@ class SnapshotService:
             domains = await self.ctx.hv.list_domains(probe_agent=True)
         else:
             domains = [await self.ctx.hv.get_domain(name, probe_agent=True)]
-        metas = await self.ctx.metadata.list_snapshots() if domains else []
+        # Each volume's own records: the service may hold a whole fleet's.
+        ids = sorted({vol.volume_id for dom in domains for vol in dom.volumes})
+        listed = await asyncio.gather(*(self.ctx.metadata.list_snapshots(volume_id=v)
+                                        for v in ids))
+        by_volume = dict(zip(ids, listed, strict=True))
         records = []
         for dom in domains:
             record = dom.to_record()
             for vol, doc in zip(dom.volumes, record["volumes"], strict=True):
-                found = tree.current(vol, (m for m in metas if m.volume_id == vol.volume_id))
+                found = tree.current(vol, by_volume.get(vol.volume_id, []))
                 doc["current"] = found.id if found else None
             records.append(record)
         return records

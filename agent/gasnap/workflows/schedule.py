@@ -57,7 +57,10 @@ async def retain(ctx: Context, schedule: Schedule, volumes: set[str],
     failure; a snapshot a linked clone holds is kept."""
     deleted: list[str] = []
     try:
-        metas = await ctx.metadata.list_snapshots()
+        # This host's volumes only: a fleet shares the service, and another
+        # host's schedule of the same name is its own business.
+        metas = [m for volume in sorted(volumes)
+                 for m in await ctx.metadata.list_snapshots(volume_id=volume)]
         doomed = expired(metas, schedule.name, schedule.keep, volumes)
         for number, meta in enumerate(doomed, start=1):
             log.info("schedule %s: retention deletes %s (%s)", schedule.name, meta.id,
