@@ -9,6 +9,7 @@ import sqlite3
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import psycopg
 import pytest
 
 from gasnap.metaclient import RemoteMetadata
@@ -380,3 +381,33 @@ async def test_replicas_change_different_limits_at_once(postgres: Cluster) -> No
     finally:
         for replica in replicas:
             await replica.close()
+
+
+async def test_a_stuck_lock_never_stalls_the_other_calls(
+    postgres: Cluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another session holds a snapshot's row (a stuck replica, an operator's
+    psql): the call that needs it gives up at lock_timeout with nothing
+    changed, and calls on other rows go on meanwhile."""
+    from gasnap.metastore import postgres as pg  # noqa: PLC0415
+
+    monkeypatch.setattr(pg, "_OPTIONS", "-c statement_timeout=30000 -c lock_timeout=500")
+    url = postgres.new_database()
+    store = await open_store(url)
+    holder = psycopg.connect(url)
+    try:
+        for sid in ("s1", "s2"):
+            await store.create_snapshot_metadata(new(sid))
+            await store.finalize_snapshot_metadata(sid, dataclasses.replace(
+                AVAILABLE, file=f"/v/f.{sid}"))
+        holder.execute("SELECT id FROM snapshots WHERE id = 's1' FOR UPDATE")
+        stuck = asyncio.create_task(store.update_snapshot_status("s1", Status.DELETING, "0%"))
+        moved = await store.update_snapshot_status("s2", Status.DELETING, "0%")
+        assert moved.status is Status.DELETING and not stuck.done()
+        with pytest.raises(StoreUnavailable, match="lock"):
+            await stuck
+    finally:
+        holder.rollback()
+        holder.close()
+    assert (await store.get_snapshot("s1")).status is Status.AVAILABLE
+    await store.close()
