@@ -29,7 +29,7 @@ lint:
 	$(VENV)/bin/ruff check agent tests
 	$(VENV)/bin/mypy
 
-# P1-P10 side by side with virsh and qemu-img; writes docs/benchmarks.md and
+# P1-P11 side by side with virsh and qemu-img; writes docs/benchmarks.md and
 # docs/benchmarks.json.  `make bench QUICK=1`: fewer runs, prints only.
 bench: setup
 ifdef QUICK

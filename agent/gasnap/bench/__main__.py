@@ -1,5 +1,5 @@
 """``python -m gasnap.bench [--quick] [--only P9 ...] [--docs DIR]``: run
-P1-P10, print the table, write DIR/benchmarks.md and DIR/benchmarks.json.
+P1-P11, print the table, write DIR/benchmarks.md and DIR/benchmarks.json.
 
 Targets are goals: a missed one is reported, never an error.  The full run
 takes about a quarter of an hour on 2 cores; ``--quick`` (fewer runs, a
@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 from ..virt import LibvirtHypervisor
-from . import cases, clones, depth, memory, report, revert
+from . import cases, clones, depth, fleet, memory, report, revert
 from .rig import URI, Agent, reap, scratch
 
 ANALYSIS = Path(__file__).with_name("analysis.md")
@@ -82,6 +82,9 @@ async def run(quick: bool, only: frozenset[str] = frozenset()
         if wanted("P10"):
             results += await depth.depth(hv, agent, 3 if quick else 5)
         agent.stop()
+        if wanted("P11"):
+            sizes = (10, 100) if quick else (10, 100, 1000)
+            results += await asyncio.to_thread(fleet.fleet, sizes, 5 if quick else 15, base)
         if wanted("P6"):
             results += await cases.footprint(base, 30 if quick else 100)
     finally:
@@ -98,7 +101,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m gasnap.bench", description=__doc__)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--only", nargs="+", default=[], metavar="P",
-                        help="run these cases only (P1 ... P10)")
+                        help="run these cases only (P1 ... P11)")
     parser.add_argument("--docs", type=Path, help="write benchmarks.md/.json here")
     parser.add_argument("--render", type=Path, metavar="JSON",
                         help="no run: render the page again from a benchmarks.json")
