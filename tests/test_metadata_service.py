@@ -54,6 +54,9 @@ async def test_replicas_share_one_postgresql(postgres: Cluster, tmp_path: Path) 
         final = Finalization(Status.AVAILABLE, "/v/f.s1", "/v/f", Consistency.FILESYSTEM)
         assert (await b.finalize_snapshot_metadata("s1", final)).status is Status.AVAILABLE
         assert [m.id for m in await a.list_snapshots(volume_id="web1/vda")] == ["s1"]
+        # A volume's limits set through one replica hold through the other.
+        await a.update_volume_limits("web1/vda", {"max_snapshots": 9})
+        assert (await b.get_volume_limits("web1/vda")).max_snapshots == 9
     finally:
         await a.close()
         await b.close()
