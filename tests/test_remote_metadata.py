@@ -8,7 +8,9 @@ import asyncio
 import os
 import signal
 import sqlite3
+import subprocess
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -16,6 +18,7 @@ from typing import Any
 import pytest
 
 from conftest import (
+    URI,
     Agent,
     chain_of,
     create_snapshots,
@@ -250,3 +253,34 @@ async def test_limits_live_in_the_service_and_hold_through_an_outage(
                     if r["name"] == "past-limit"]
     finally:
         remote_agent.client.request("PUT", path, {"max_snapshots": None})
+
+
+def test_a_disk_without_a_serial_is_refused_when_records_are_shared(
+    remote_agent: Agent, agent: Agent, tmp_path: Path
+) -> None:
+    """Its volume id (domain/target) is not unique among the hosts sharing a
+    metadata service: refused with the fix named, nothing recorded.  With
+    the embedded store (one host) the same disk is snapshotted."""
+    name = f"gt-noserial-{uuid.uuid4().hex[:6]}"
+    disk = tmp_path / "disk.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(disk), "16M"], check=True)
+    xml = tmp_path / "dom.xml"
+    xml.write_text(f"""<domain type='qemu'><name>{name}</name><memory unit='MiB'>64</memory>
+      <os><type arch='x86_64'>hvm</type></os><devices>
+      <disk type='file' device='disk'><driver name='qemu' type='qcow2'/>
+        <source file='{disk}'/><target dev='vda' bus='virtio'/></disk></devices></domain>""")
+    subprocess.run(["virsh", "-q", "-c", URI, "define", str(xml)], check=True,
+                   capture_output=True)
+    try:
+        with pytest.raises(ApiError) as refused:
+            remote_agent.client.request("POST", "/v1/snapshots", {"domains": [name]})
+        assert refused.value.code == "unsupported_disk" and "<serial>" in str(refused.value)
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["disk.qcow2", "dom.xml"]
+        done = create_snapshots(agent, {"domains": [name], "quiesce": "off"})
+        assert done["state"] == "succeeded", done
+        record = done["result"]["snapshots"][0]
+        assert record["volume_id"] == f"{name}/vda"
+        assert delete_snapshot(agent, record["id"])["state"] == "succeeded"
+    finally:
+        subprocess.run(["virsh", "-q", "-c", URI, "undefine", name], capture_output=True,
+                       check=False)

@@ -59,7 +59,8 @@ async def open_runtime(settings: Settings) -> AsyncIterator[Runtime]:
     ctx = Context(hv, hv.agent, metadata, journal, guard, settings.freeze_timeout,
                   settings.merge_bandwidth, spares, shutdown_timeout=settings.shutdown_timeout,
                   detach_timeout=settings.detach_timeout,
-                  min_free=settings.limits_min_free_mib << 20, limits=settings.limits)
+                  min_free=settings.limits_min_free_mib << 20, limits=settings.limits,
+                  shared_records=bool(settings.metadata_url))
     tasks = TaskManager(journal)
     await tasks.load()
     service = SnapshotService(ctx, tasks)

@@ -46,3 +46,7 @@ class Context:
     detach_timeout: float = 60.0  # a clone's detach: the wait for the guest to let go
     min_free: int = 256 << 20  # bytes a create or merge must leave free ([limits])
     limits: Limits = field(default_factory=Limits)  # every volume's, unless its own
+    # The records live in a metadata service other hosts may share: a volume
+    # id must then be the disk's serial (a fallback domain/target is not
+    # unique across hosts).
+    shared_records: bool = False

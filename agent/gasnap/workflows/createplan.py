@@ -230,6 +230,17 @@ def _check_volume(domain: str, vol: Volume) -> None:
         )
 
 
+def check_unique_id(ctx: Context, domain: str, vol: Volume) -> None:
+    """With records shared by a fleet, a disk without a serial has a volume
+    id (``domain/target``) that a domain of the same name on another host
+    has too: its records would mix with that one's.  Refused, with the fix."""
+    if ctx.shared_records and vol.serial is None:
+        raise UnsupportedDisk(
+            f"{domain}/{vol.target} has no <serial>: its volume id {vol.volume_id} is not "
+            "unique among the hosts sharing the metadata service; give the disk a <serial> "
+            "(Nova gives every Cinder volume its id)")
+
+
 def _selected(dom: Domain, targets: list[str] | None) -> list[Volume]:
     if targets is None:
         # A read-only disk (a clone attached to read from) cannot change:
@@ -294,6 +305,7 @@ async def plan(ctx: Context, req: CreateRequest) -> CreatePlan:
         left_alone[dom.name] = [v.target for v in dom.volumes if v.target not in taken]
         for vol in chosen:
             _check_volume(dom.name, vol)
+            check_unique_id(ctx, dom.name, vol)
             try:
                 size = await images.virtual_size(vol.active_file, vol.format)
             except (OSError, GasnapError) as err:

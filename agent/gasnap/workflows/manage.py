@@ -32,7 +32,7 @@ from ..metadata import (
     WrongStatus,
 )
 from . import Context, tree
-from .createplan import VolumeNotFound, check_description, check_name
+from .createplan import VolumeNotFound, check_description, check_name, check_unique_id
 
 
 class InvalidReference(BadRequest):
@@ -102,6 +102,7 @@ async def manage(ctx: Context, volume_id: str, ref: str, name: str,
         raise InvalidReference(f"ref.file must be a file name in the volume's directory, "
                                f"not {ref!r}")
     dom, vol, found = await layers(ctx, volume_id)
+    check_unique_id(ctx, dom.name, vol)
     path = os.path.join(os.path.dirname(vol.active_file), ref)
     layer = next((x for x in found if x.path == path), None)
     if layer is None:
