@@ -114,6 +114,8 @@ def test_what_is_retried() -> None:
     assert not cinder._transient(cinder_errors.BadRequest(400, "not allowed"))
     assert not cinder._transient(cinder_errors.NotFound(404, "no snapshot"))
     assert not cinder._transient(ValueError("a bug"))
+    assert cinder._refused(cinder_errors.BadRequest(400, "not allowed"))
+    assert not cinder._refused(ValueError("a bug"))  # a bug is no refusal: sent again
 
 
 def test_settings_are_one_auth_or_the_other(tmp_path: Path) -> None:
@@ -123,3 +125,32 @@ def test_settings_are_one_auth_or_the_other(tmp_path: Path) -> None:
         CinderSettings(url="http://c/v3/p", token_file="t", username="u").check()
     CinderSettings(url="http://c/v3/p", auth_url="http://k/v3", username="u",
                    password_file="p", project_name="s").check()
+
+
+async def test_a_sender_that_fails_goes_on(
+    settings: CinderSettings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """An unexpected error in a round (a bug, the outbox unreadable a moment)
+    is logged with its traceback, and the next round delivers."""
+    sent: list[tuple[str, str]] = []
+    failures = [RuntimeError("once")]
+
+    def update(_self: CinderReporter, sid: str, status: str) -> None:
+        if failures:
+            raise failures.pop()
+        sent.append((sid, status))
+
+    monkeypatch.setattr(CinderReporter, "_update", update)
+    monkeypatch.setattr(cinder, "RESOLVE_INTERVAL", 0.05)
+    reporter = CinderReporter(settings, tmp_path / "outbox.db", Records({}))  # type: ignore[arg-type]
+    reporter.start()
+    try:
+        task = Task("t1", "snapshot-create", frozenset(), state=TaskState.SUCCEEDED)
+        task.done.set()
+        reporter.follow(await reporter.intend("s1", "create"), task)
+        await delivered(reporter, sent, 1)
+        assert sent == [("s1", "creating")]
+        assert any("could not be sent" in r.getMessage() and r.exc_info for r in caplog.records)
+    finally:
+        await reporter.close()

@@ -124,6 +124,18 @@ def _transient(err: BaseException) -> bool:
                             OSError))
 
 
+def _refused(err: BaseException) -> bool:
+    """Cinder's (or Keystone's) word on the request itself: a 4xx."""
+    from cinderclient import exceptions as cinder_errors  # noqa: PLC0415
+    from keystoneauth1 import exceptions as ks_errors  # noqa: PLC0415
+
+    if isinstance(err, cinder_errors.ClientException):
+        return err.code is not None and 400 <= int(err.code) < 500
+    if isinstance(err, ks_errors.HttpError):
+        return err.http_status is not None and 400 <= err.http_status < 500
+    return False
+
+
 class CinderReporter:
     def __init__(self, settings: CinderSettings, path: Path,
                  metadata: MetadataService) -> None:
@@ -183,22 +195,33 @@ class CinderReporter:
         task.add_done_callback(self._tasks.discard)
 
     async def _send_forever(self) -> None:
+        """Never ends on an error: the outbox keeps what is not delivered,
+        and the next round tries again."""
         while True:
-            self._wake.clear()
-            rows = await self._db.run(lambda c: c.execute(
-                "SELECT seq, snapshot_id, op, status FROM reports ORDER BY seq").fetchall())
-            metrics.CINDER_PENDING.set(len(rows))
-            for row in rows:
-                if row["status"] is None:
-                    if row["seq"] not in self._followed:
-                        await self._resolve_orphan(row["seq"], row["snapshot_id"], row["op"])
-                    continue
-                await self._deliver(row["snapshot_id"], row["status"])
-                await self._delivered(int(row["seq"]))
-            if not rows or all(r["status"] is None for r in rows):
-                # Nothing to send: wait for a task's end, or look at orphans again.
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), RESOLVE_INTERVAL)
+            try:
+                await self._send_round()
+            except Exception as err:
+                log.error("cinder: the outbox could not be sent (%s); trying again", err,
+                          exc_info=True)
+                await asyncio.sleep(RESOLVE_INTERVAL)
+
+    async def _send_round(self) -> None:
+        """Send every resolved report in order; resolve orphans; then wait
+        for a task's end (or look at the orphans again)."""
+        self._wake.clear()
+        rows = await self._db.run(lambda c: c.execute(
+            "SELECT seq, snapshot_id, op, status FROM reports ORDER BY seq").fetchall())
+        metrics.CINDER_PENDING.set(len(rows))
+        for row in rows:
+            if row["status"] is None:
+                if row["seq"] not in self._followed:
+                    await self._resolve_orphan(row["seq"], row["snapshot_id"], row["op"])
+                continue
+            await self._deliver(row["snapshot_id"], row["status"])
+            await self._delivered(int(row["seq"]))
+        if not rows or all(r["status"] is None for r in rows):
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), RESOLVE_INTERVAL)
 
     async def _delivered(self, seq: int) -> None:
         await self._db.run(lambda c: c.execute("DELETE FROM reports WHERE seq = ?", (seq,)))
@@ -231,8 +254,8 @@ class CinderReporter:
                 try:
                     await asyncio.to_thread(self._update, snapshot_id, status)
                 except Exception as err:
-                    if _transient(err):
-                        raise
+                    if not _refused(err):
+                        raise  # retried here when transient, else by the next round
                     log.error("cinder refused %s of snapshot %s: %s", status, snapshot_id, err)
                     metrics.CINDER_UPDATES.labels(status, "refused").inc()
                     return
