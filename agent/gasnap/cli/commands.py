@@ -256,6 +256,13 @@ def _lab_run(args: argparse.Namespace, coro_factory: Any,
 
 
 def lab_up(args: argparse.Namespace) -> int:
+    if args.backend == "qmp":
+        from ..lab.bare import BareLab
+
+        record = _run(args, BareLab().up(args.name, disks=args.disks, size_mib=args.size,
+                                         disk_format=args.disk_format))
+        _show(args, record, lambda r: print(f"{r['name']}  qmp {r['qmp']}  qga {r['qga']}"))
+        return 0
     dom = _lab_run(args, lambda lab: lab.up(args.name, disks=args.disks, size_mib=args.size,
                                             disk_format=args.disk_format))
     _show(args, dom.to_record(), lambda record: output.domains([record]))
@@ -263,7 +270,12 @@ def lab_up(args: argparse.Namespace) -> int:
 
 
 def lab_down(args: argparse.Namespace) -> int:
-    _lab_run(args, lambda lab: lab.down(args.name))
+    if args.backend == "qmp":
+        from ..lab.bare import BareLab
+
+        _run(args, BareLab().down(args.name))
+    else:
+        _lab_run(args, lambda lab: lab.down(args.name))
     if args.json:
         output.emit_json({"name": args.name, "removed": True})
     return 0

@@ -279,6 +279,10 @@ def _lab_parsers(group: argparse.ArgumentParser) -> None:
     up.set_defaults(func=commands.lab_up)
     down = lab.add_parser("down", help="destroy a lab guest and its files")
     down.add_argument("name")
+    for parser in (up, down):
+        parser.add_argument("--backend", choices=("libvirt", "qmp"), default="libvirt",
+                            help="qmp: a bare QEMU process with NAME.qmp and NAME.qga "
+                            "sockets in $GASNAP_QMP_RUN_DIR (default /run/gasnap/qemu)")
     _add_json(down)
     down.set_defaults(func=commands.lab_down)
     llist = lab.add_parser("list", help="lab guests")

@@ -1,0 +1,73 @@
+"""The guest agent's transport on bare QEMU: qemu-ga over ``NAME.qga``.
+
+With no libvirt in between, gasnap opens the agent's socket itself, with
+qemu.qmp's client: qemu-ga speaks QMP's wire format without a greeting or
+capabilities negotiation.  The socket serves one client at a time, so
+commands to one domain are serialised; each starts with
+``guest-sync`` with a random id (its delimited form starts with a 0xFF
+byte, which no JSON reader takes), so an answer a timed-out command left
+behind is never taken for this one's; every wait is bounded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from pathlib import Path
+from typing import Any
+
+from qemu.qmp import ExecuteError, QMPClient
+from qemu.qmp.error import QMPError
+
+from ..guestagent import AgentAbsent, AgentCommandFailed, AgentUnresponsive
+
+log = logging.getLogger(__name__)
+
+CONNECT_TIMEOUT = 2.0
+
+
+class QgaChannel:
+    """``guestagent.AgentTransport`` over the guests' ``NAME.qga`` sockets."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.run_dir = run_dir
+        self._locks: dict[str, asyncio.Lock] = {}
+
+    def socket_of(self, domain: str) -> Path:
+        return self.run_dir / f"{domain}.qga"
+
+    async def agent_command(
+        self, domain: str, command: str, arguments: dict[str, Any] | None, timeout: float
+    ) -> Any:
+        lock = self._locks.setdefault(domain, asyncio.Lock())
+        async with lock:
+            return await self._command(domain, command, arguments, timeout)
+
+    async def _command(self, domain: str, command: str, arguments: dict[str, Any] | None,
+                       timeout: float) -> Any:
+        what = f"{domain}: {command}"
+        path = self.socket_of(domain)
+        client = QMPClient(f"gasnap-qga-{domain}")
+        client.await_greeting = False
+        client.negotiate = False
+        try:
+            try:
+                await asyncio.wait_for(client.connect(str(path)), CONNECT_TIMEOUT)
+            except (OSError, QMPError, TimeoutError) as err:
+                raise AgentAbsent(f"{what}: no guest agent socket at {path} ({err})") from err
+            try:
+                token = random.randint(1, 2**31 - 1)  # noqa: S311 (a sync id, not a secret)
+                synced = await asyncio.wait_for(
+                    client.execute("guest-sync", {"id": token}), timeout)
+                if synced != token:
+                    raise AgentUnresponsive(f"{what}: guest-sync answered {synced!r}")
+                return await asyncio.wait_for(client.execute(command, arguments), timeout)
+            except TimeoutError as err:
+                raise AgentUnresponsive(f"{what}: no answer within {timeout:.1f}s") from err
+            except ExecuteError as err:
+                raise AgentCommandFailed(f"{what}: {err.error.error.desc}") from err
+            except QMPError as err:
+                raise AgentUnresponsive(f"{what}: {err}") from err
+        finally:
+            await client.disconnect()
