@@ -18,9 +18,11 @@ import pytest
 
 from conftest import GASNAP
 from gasnap.guestagent import AgentAbsent, AgentUnresponsive, FreezeState
+from gasnap.hypervisor import AgentState, DomainState
 from gasnap.lab.bare import BareLab
 from gasnap.lab.guests import NotALabGuest
 from gasnap.lab.workload import sh
+from gasnap.qmp.monitor import Monitor, QmpDomainNotFound, read_domain
 
 NAME = "gt-bare"
 
@@ -112,3 +114,33 @@ def test_the_cli_starts_and_stops_a_bare_guest(tmp_path: Path) -> None:
     assert not (tmp_path / "run/gt-bare-cli.pid").exists()
     again = cli("lab", "down", "gt-bare-cli", "--backend", "qmp")
     assert again.returncode != 0 and "no bare lab guest" in again.stderr
+
+
+async def test_a_domain_is_read_from_qemu_itself(tmp_path_factory: pytest.TempPathFactory
+                                                 ) -> None:
+    """Disks, serials, formats and chains from query-block and qom-get: a
+    raw guest's disks are raw, and a layer QEMU stacks on one is in the chain
+    with its format."""
+    base = tmp_path_factory.mktemp("bare-read")
+    lab = BareLab(run_dir=base / "run", lab_dir=base / "lab")
+    await lab.up("gt-bare-read", disks=2, size_mib=32, disk_format="raw")
+    try:
+        dom = await read_domain(lab.run_dir, "gt-bare-read", AgentState.CONNECTED)
+        assert dom.state is DomainState.RUNNING and dom.memory == 256 << 20
+        assert [(v.target, v.format) for v in dom.volumes] == [("vda", "raw"), ("vdb", "raw")]
+        assert {v.active_file for v in dom.volumes} == set(lab.record("gt-bare-read")["disks"])
+        for vol in dom.volumes:
+            assert vol.volume_id == vol.serial == Path(vol.active_file).name.removeprefix(
+                "volume-")
+        overlay = Path(dom.volumes[0].active_file).with_name("layer.qcow2")
+        async with Monitor(lab.run_dir, "gt-bare-read") as qmp:
+            await qmp.call("blockdev-snapshot-sync", {
+                "node-name": "vda-0", "snapshot-file": str(overlay),
+                "snapshot-node-name": "vda-1", "format": "qcow2"})
+        vda = (await read_domain(lab.run_dir, "gt-bare-read", AgentState.CONNECTED)).volumes[0]
+        assert [(layer.path, layer.format) for layer in vda.chain] == [
+            (str(overlay), "qcow2"), (dom.volumes[0].active_file, "raw")]
+        with pytest.raises(QmpDomainNotFound):
+            await read_domain(lab.run_dir, "gt-no-such", AgentState.ABSENT)
+    finally:
+        await lab.down("gt-bare-read")
