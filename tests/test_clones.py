@@ -300,6 +300,38 @@ async def test_offline_flatten_and_attach_to_a_stopped_domain(
     gasnap("--api", agent.api, "clone", "delete", linked["id"])
 
 
+@pytest.mark.parametrize("source", ["qcow2"], indirect=True)
+async def test_a_detach_follows_a_domain_renamed_since(
+    agent: Agent, hv: LibvirtHypervisor, lab: Lab, source: Domain, reader: Domain
+) -> None:
+    """The record names the domain as it was called at attach time; renamed
+    since, the domain is found by the clone's serial on its disk and the
+    disk really leaves it (before, the record said detached while the
+    renamed domain still had it)."""
+    made = snap(agent, source, "renamed")
+    linked = clone(agent, made["id"])["result"]["clone"]
+    renamed = f"{reader.name}-renamed"
+    await hv.destroy(reader.name)
+    try:
+        agent.client.request("POST", f"/v1/clones/{linked['id']}/attach",
+                             {"domain": reader.name, "readonly": True})
+        subprocess.run(["virsh", "-q", "-c", URI, "domrename", reader.name, renamed],
+                       check=True, capture_output=True)
+        try:
+            detached = agent.client.request("POST", f"/v1/clones/{linked['id']}/detach",
+                                            {})["clone"]
+            assert detached["attached_to"] is None
+            assert linked["id"] not in await hv.domain_xml(renamed, inactive=True)
+        finally:
+            subprocess.run(["virsh", "-q", "-c", URI, "domrename", renamed, reader.name],
+                           check=True, capture_output=True)
+    finally:
+        await hv.start(reader.name)
+        await lab.wait_for_agent(reader.name, timeout=180)
+    gasnap("--api", agent.api, "clone", "delete", linked["id"])
+    assert delete_snapshot(agent, made["id"])["state"] == "succeeded"
+
+
 async def test_a_child_made_outside_gasnap_holds_its_snapshot_too(
     agent: Agent, hv: LibvirtHypervisor, source: Domain, reader: Domain
 ) -> None:

@@ -30,6 +30,7 @@ from typing import Any
 from .. import faults, images, qemuimg
 from ..blockjobs import JobInfo
 from ..errors import GasnapError, NotFound, Unavailable, from_os_error
+from ..hypervisor import Domain
 from ..journal import Operation
 from ..metadata import (
     Attachment,
@@ -207,11 +208,8 @@ async def detach(ctx: Context, meta: CloneMeta) -> Outcome:
         return Outcome(clone=meta)
 
     async def work() -> CloneMeta:
-        try:
-            dom = await ctx.hv.get_domain(where.domain)
-        except NotFound:
-            dom = None  # undefined since: nothing holds the clone any more
-        if dom is not None:
+        dom = await _holder(ctx, where.domain, meta.id)
+        if dom is not None:  # None: undefined since, nothing holds the clone any more
             await ctx.hv.detach_disk(dom.name, meta.id, timeout=ctx.detach_timeout)
         return await _record(ctx, meta.id, CloneChange(detach=True))
 
@@ -220,11 +218,30 @@ async def detach(ctx: Context, meta: CloneMeta) -> Outcome:
                             "readonly": where.readonly}, work)
 
 
+async def _holder(ctx: Context, name: str, clone_id: str) -> Domain | None:
+    """The domain that has the clone: the one the record names (its live
+    view may have let go while its definition still holds the disk), or,
+    renamed since, whichever has a disk with the clone's id as serial."""
+    try:
+        return await ctx.hv.get_domain(name)
+    except NotFound:
+        pass
+    return next((dom for dom in await ctx.hv.list_domains()
+                 if any(vol.serial == clone_id for vol in dom.volumes)), None)
+
+
 async def _reconcile(ctx: Context, clone_id: str, domain: str, uuid: str | None,
                      readonly: bool) -> CloneMeta:
-    """Record the attachment the domain's XML shows (live or defined)."""
+    """Record the attachment the domain's XML shows (live or defined); a
+    domain renamed since is found by the clone's serial on its disk."""
     try:
         dom = await ctx.hv.get_domain(domain, uuid=uuid)
+    except NotFound:
+        held = await _holder(ctx, domain, clone_id)
+        if held is None:
+            return await _record(ctx, clone_id, CloneChange(detach=True))
+        dom = held
+    try:
         found = await ctx.hv.disk_targets(dom.name)
     except NotFound:
         return await _record(ctx, clone_id, CloneChange(detach=True))
