@@ -18,6 +18,7 @@ import sys
 import tempfile
 import time
 from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,8 +27,11 @@ import pytest
 from gasnap.client import ApiClient
 from gasnap.hypervisor import Domain
 from gasnap.images import read_qcow2_header
+from gasnap.lab.bare import BareLab
 from gasnap.lab.guests import Lab
 from gasnap.lab.workload import sh
+from gasnap.qmp.backend import QmpHypervisor
+from gasnap.qmp.graph import disks, format_nodes
 from gasnap.virt import LibvirtHypervisor
 from metaservice import free_port
 from pgcluster import Cluster, private_cluster
@@ -212,10 +216,129 @@ def agent(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Agent]:
         yield running
 
 
+# --- both hypervisor backends ---------------------------------------------------
+
+
+@dataclass
+class Rig:
+    """One hypervisor backend: the test's own view of it, its lab guests and
+    an agent on it.  Tests that take ``rig`` run on libvirt and on bare QEMU
+    over QMP alike (the ids say which)."""
+
+    backend: str  # "libvirt" or "qmp"
+    hv: Any  # LibvirtHypervisor or QmpHypervisor: what the test reads with
+    agent: Agent  # the session's agent on this backend
+    guest: Domain  # two qcow2 data disks
+    merge: Domain  # one 256 MiB qcow2 disk
+    raw: Domain  # one raw data disk
+    second: Domain  # another guest, for groups (libvirt: two disks; qmp: ``raw``)
+    lab: Lab | None = None  # libvirt: the lab that starts guests
+    run_dir: Path | None = None  # qmp: where the guests' sockets are
+    bare: BareLab | None = None  # qmp: the lab that starts them
+
+    async def up(self, name: str, **options: Any) -> Domain:
+        """Another lab guest on this backend (OPTIONS as ``Lab.up``)."""
+        if self.bare is None:
+            assert self.lab is not None
+            return await self.lab.up(name, **options)
+        await self.bare.up(name, **options)
+        found: Domain = await self.hv.get_domain(name)
+        return found
+
+    async def down(self, name: str) -> None:
+        if self.bare is None:
+            assert self.lab is not None
+            await self.lab.down(name)
+        else:
+            await self.bare.down(name)
+
+    def toml(self, **agent: object) -> str:
+        """An agent's configuration on this backend, with AGENT's keys."""
+        keys = dict(agent)
+        if self.backend == "qmp":
+            keys["hypervisor"] = "qmp"
+        text = "[agent]\n" + "".join(f"{k} = {_toml(v)}\n" for k, v in keys.items())
+        if self.run_dir is not None:
+            text += f"[qmp]\nrun_dir = {_toml(str(self.run_dir))}\n"
+        return text
+
+    def new_agent(self, base: Path, *, env: dict[str, str] | None = None,
+                  **agent: object) -> Agent:
+        return Agent(base, env=env, config=self.toml(**agent))
+
+
+def _toml(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return str(value)
+
+
+@pytest.fixture(scope="session")
+async def qmp_rig(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Rig]:
+    """Bare QEMU lab guests (no libvirt) and an agent with hypervisor = "qmp"."""
+    base = tmp_path_factory.mktemp("qmp")
+    lab = BareLab(run_dir=base / "run", lab_dir=base / "lab")
+    names = {"guest": (f"{PREFIX}q-main", 2, "qcow2", 64),
+             "merge": (f"{PREFIX}q-merge", 1, "qcow2", 256),
+             "raw": (f"{PREFIX}q-raw", 1, "raw", 64)}
+    await asyncio.gather(*(lab.up(n, disks=d, size_mib=m, disk_format=f)
+                           for n, d, f, m in names.values()))
+    hv = QmpHypervisor(lab.run_dir)
+    doms = {key: await hv.get_domain(n) for key, (n, *_rest) in names.items()}
+    try:
+        probe = Rig("qmp", hv, None, second=doms["raw"],  # type: ignore[arg-type]
+                    run_dir=lab.run_dir, bare=lab, **doms)
+        (base / "agent").mkdir()
+        with running_agent(base / "agent", config=probe.toml()) as agent:
+            probe.agent = agent
+            yield probe
+    finally:
+        await hv.close()
+        for n, *_rest in names.values():
+            await lab.down(n)
+
+
+@pytest.fixture(scope="session", params=["libvirt", "qmp"])
+def rig(request: pytest.FixtureRequest) -> Rig:
+    if request.param == "qmp":
+        found: Rig = request.getfixturevalue("qmp_rig")
+        return found
+    value = request.getfixturevalue
+    return Rig("libvirt", value("hv"), value("agent"), value("guest"), value("merge_guest"),
+               value("raw_guest"), value("second"), lab=value("lab"))
+
+
+async def commit_by_hand(rig: Rig, name: str, target: str, top: str, base: str) -> None:
+    """Change a chain behind gasnap's back: TOP committed into BASE, as an
+    operator would with the backend's own tools."""
+    if rig.backend == "libvirt":
+        subprocess.run(["virsh", "blockcommit", name, target, "--top", top, "--base", base,
+                        "--wait", "--keep-relative"], check=True, capture_output=True)
+        return
+    hv: QmpHypervisor = rig.hv
+    async with hv.sessions.using(name) as qmp:
+        disk = (await disks(qmp))[target]
+        root, chain = disk.root, disk.chain
+        nodes = await format_nodes(qmp)
+        formats = {layer.path: layer.format for layer in chain}
+        above = [layer.path for layer in chain][[lr.path for lr in chain].index(top) - 1]
+        await qmp.call("block-commit", {
+            "job-id": "by-hand", "device": root, "top-node": nodes[(top, formats[top])],
+            "base-node": nodes[(base, formats[base])],
+            "backing-file": os.path.relpath(base, os.path.dirname(above))})
+
+        async def done() -> bool:
+            return not await qmp.call("query-block-jobs")
+
+        await wait_until(done)
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Tests that use a lab fixture are marked ``lab`` (select with -m)."""
     lab_fixtures = {"guest", "lab", "hv", "agent", "second", "noagent", "merge_guest",
-                    "raw_guest"}
+                    "raw_guest", "rig", "qmp_rig"}
     for item in items:
         if lab_fixtures & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.lab)
@@ -258,7 +381,7 @@ def wait_task(agent: Agent, task_id: str, timeout: float = 120) -> dict[str, Any
         assert time.monotonic() < deadline, f"task {task_id} did not end"
 
 
-async def chain_of(hv: LibvirtHypervisor, domain: str, target: str) -> list[str]:
+async def chain_of(hv: Any, domain: str, target: str) -> list[str]:
     vol = (await hv.get_domain(domain)).volume(target)
     assert vol is not None
     return [layer.path for layer in vol.chain]
@@ -270,7 +393,7 @@ async def hv_call(hv: LibvirtHypervisor, name: str, method: str) -> None:
                              what=f"{method} {name}")
 
 
-async def freeze_status(hv: LibvirtHypervisor, domain: str) -> str:
+async def freeze_status(hv: Any, domain: str) -> str:
     return (await hv.agent.fsfreeze_status(domain, 5)).value
 
 
@@ -304,7 +427,7 @@ def record_digest(rec: dict[str, Any]) -> str:
     return image_digest(rec["image"], str(read_qcow2_header(rec["file"]).backing_format))
 
 
-async def active_digest(hv: LibvirtHypervisor, domain: str, target: str = "vda") -> str:
+async def active_digest(hv: Any, domain: str, target: str = "vda") -> str:
     """image_digest of the disk as the running guest sees it (synced first)."""
     await sh(hv, domain, "sync")
     vol = (await hv.get_domain(domain)).volume(target)

@@ -14,7 +14,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from gasnap import httpkit
 from gasnap.api import app as app_module
 from gasnap.config import Settings
-from gasnap.errors import BadRequest, Conflict, GasnapError, NotFound, Unavailable
+from gasnap.errors import BadRequest, Conflict, GasnapError, NotFound, NotSupported, Unavailable
 
 
 def make_app(error: Exception) -> web.Application:
@@ -39,6 +39,7 @@ def make_app(error: Exception) -> web.Application:
         (OSError(errno.ENOSPC, "No space left on device", "/v/x"), 507,
          "insufficient_space"),
         (PermissionError(errno.EACCES, "Permission denied", "/v/x"), 500, "host_io"),
+        (NotSupported("no RAM to restore"), 501, "not_supported_on_backend"),
     ],
 )
 async def test_errors_become_json(error: Exception, status: int, code: str) -> None:

@@ -52,6 +52,9 @@ def test_file_then_flags(tmp_path: Path) -> None:
         ("[limits]\nmax_chain_depth = 1\n", "limits.max_chain_depth"),
         ('[limits]\nauto_delete = "yes"\n', "limits.auto_delete"),
         ("[limits]\nmax_snapshot = 5\n", "limits.max_snapshot"),
+        ('[agent]\nhypervisor = "xen"\n', "agent.hypervisor"),
+        ('[qmp]\nrundir = "/run"\n', "qmp.rundir"),
+        ("[qmp]\nrun_dir = 3\n", "qmp.run_dir"),
     ],
 )
 def test_bad_config_names_the_problem(tmp_path: Path, text: str, fragment: str) -> None:
@@ -100,3 +103,15 @@ def test_cinder_section(tmp_path: Path) -> None:
         with pytest.raises(ConfigError, match=fragment):
             config.load(write(tmp_path, text), {})
 
+
+
+def test_the_qmp_backend(tmp_path: Path) -> None:
+    default = config.load(write(tmp_path, ""), {})
+    assert (default.hypervisor, default.qmp_run_dir) == ("libvirt", Path("/run/gasnap/qemu"))
+    settings = config.load(write(tmp_path, '[agent]\nhypervisor = "qmp"\n'
+                                           '[qmp]\nrun_dir = "/srv/qemu"\n'), {})
+    assert (settings.hypervisor, settings.qmp_run_dir) == ("qmp", Path("/srv/qemu"))
+    missing = config.missing_domains(
+        config.Settings(hypervisor="qmp", qmp_run_dir=Path("/srv/qemu"),
+                        schedules={"n": config.Schedule("n", ("vm1",), 1)}), [])
+    assert missing == ["schedules.n.domains: no domain 'vm1' on qmp:/srv/qemu"]

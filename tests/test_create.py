@@ -12,6 +12,7 @@ import pytest
 
 from conftest import (
     Agent,
+    Rig,
     chain_of,
     create_snapshots,
     freeze_status,
@@ -28,10 +29,10 @@ from gasnap.virt import LibvirtHypervisor
 
 
 @pytest.fixture
-async def load(hv: LibvirtHypervisor, guest: Domain) -> AsyncIterator[None]:
-    await start_load(hv, guest.name)
+async def load(rig: Rig) -> AsyncIterator[None]:
+    await start_load(rig.hv, rig.guest.name)
     yield
-    await stop_load(hv, guest.name)
+    await stop_load(rig.hv, rig.guest.name)
 
 
 def virsh(*args: str) -> str:
@@ -42,9 +43,8 @@ def virsh(*args: str) -> str:
 # --- consistency ----------------------------------------------------------------
 
 
-async def test_twenty_quiesced_snapshots_have_clean_images(
-    agent: Agent, hv: LibvirtHypervisor, guest: Domain, load: None
-) -> None:
+async def test_twenty_quiesced_snapshots_have_clean_images(rig: Rig, load: None) -> None:
+    agent, hv, guest = rig.agent, rig.hv, rig.guest
     before = int(await sh(hv, guest.name, "wc -l < /data/load/counter"))
     snaps = []
     for i in range(20):
@@ -75,16 +75,17 @@ async def test_twenty_quiesced_snapshots_have_clean_images(
     assert header["backing-filename"] == Path(snaps[-1]["image"]).name  # relative
 
 
-async def test_group_of_two_domains_with_two_disks_each(
-    agent: Agent, hv: LibvirtHypervisor, guest: Domain, second: Domain
-) -> None:
+async def test_group_of_two_domains(rig: Rig) -> None:
+    """One window over two domains (on bare QEMU, two QEMU processes: one
+    transaction each, inside the same freeze)."""
+    agent, hv, guest, second = rig.agent, rig.hv, rig.guest, rig.second
     logs = {d: len(await freeze_log(hv, d)) for d in (guest.name, second.name)}
     task = create_snapshots(agent, {"domains": [guest.name, second.name],
                                     "quiesce": "required", "name": "group"})
     assert task["state"] == "succeeded", task
     snaps = task["result"]["snapshots"]
-    assert sorted((s["domain"], s["target"]) for s in snaps) == [
-        (guest.name, "vda"), (guest.name, "vdb"), (second.name, "vda"), (second.name, "vdb")]
+    assert sorted((s["domain"], s["target"]) for s in snaps) == sorted(
+        (d.name, v.target) for d in (guest, second) for v in d.volumes)
     assert len({s["group_id"] for s in snaps}) == 1
     assert snaps[0]["group_id"] is not None
     assert {s["consistency"] for s in snaps} == {"filesystem"}
@@ -190,9 +191,9 @@ async def test_no_guest_agent_with_each_policy(
 
 
 @pytest.fixture
-def short_agent(tmp_path: Path) -> Iterator[Agent]:
-    """An agent with a 3 s freeze_timeout."""
-    running = Agent(tmp_path, config="[agent]\nfreeze_timeout = 3\n")
+def short_agent(tmp_path: Path, rig: Rig) -> Iterator[Agent]:
+    """An agent with a 3 s freeze_timeout, on each backend."""
+    running = rig.new_agent(tmp_path, freeze_timeout=3)
     running.wait_ready()
     yield running
     running.stop()
@@ -200,8 +201,9 @@ def short_agent(tmp_path: Path) -> Iterator[Agent]:
 
 @pytest.mark.parametrize("policy", ["required", "preferred"])
 async def test_a_guest_agent_that_hangs_mid_freeze(
-    short_agent: Agent, hv: LibvirtHypervisor, guest: Domain, policy: str
+    short_agent: Agent, rig: Rig, policy: str
 ) -> None:
+    hv, guest = rig.hv, rig.guest
     await sh(hv, guest.name, "echo 8 > /run/gasnap-hook-delay")
     chain = await chain_of(hv, guest.name, "vdb")
     try:

@@ -16,6 +16,7 @@ import pytest
 import libvirtd
 from conftest import (
     Agent,
+    Rig,
     active_digest,
     chain_of,
     create_snapshots,
@@ -50,10 +51,10 @@ def newest_two(agent: Agent, dom: Domain) -> list[dict[str, Any]]:
 
 @pytest.mark.parametrize(("point", "strategy", "expected"), STEPS)
 async def test_agent_stopped_at_each_delete_step(
-    tmp_path: Path, hv: LibvirtHypervisor, merge_guest: Domain,
-    point: str, strategy: str, expected: str,
+    tmp_path: Path, rig: Rig, point: str, strategy: str, expected: str,
 ) -> None:
-    agent = Agent(tmp_path, env={"GASNAP_TEST_FAULT": point})
+    hv, merge_guest = rig.hv, rig.merge
+    agent = rig.new_agent(tmp_path, env={"GASNAP_TEST_FAULT": point})
     agent.wait_ready()
     older, victim = newest_two(agent, merge_guest)
     digest = record_digest(older)
@@ -63,7 +64,7 @@ async def test_agent_stopped_at_each_delete_step(
     except ApiError as err:
         assert err.code == "agent_unreachable"
     assert agent.wait_exit() == -signal.SIGKILL
-    restarted = Agent(tmp_path)
+    restarted = rig.new_agent(tmp_path)
     try:
         restarted.wait_ready()
         now = await chain_of(hv, merge_guest.name, "vda")

@@ -40,7 +40,8 @@ DOCS = ROOT / "docs"
 # The order matters: later pages use the guests and state earlier ones made.
 PAGES = ["install.md", "quickstart.md", "snapshots.md", "clones.md", "schedules.md",
          "configuration.md",
-         "metadata.md", "nova.md", "observability.md", "index.md", "recovery.md", "lab.md"]
+         "metadata.md", "nova.md", "observability.md", "index.md", "recovery.md", "lab.md",
+         "qmp.md"]
 GUESTS = {"web1": "gt-web1", "db1": "gt-db1"}
 SANDBOXED = ["/etc/gasnap", "/run/gasnap", "/var/lib/gasnap", "/opt/gasnap",
              "/etc/systemd/system"]

@@ -22,7 +22,8 @@ from gasnap.hypervisor import AgentState, DomainState
 from gasnap.lab.bare import BareLab
 from gasnap.lab.guests import NotALabGuest
 from gasnap.lab.workload import sh
-from gasnap.qmp.monitor import Monitor, QmpDomainNotFound, read_domain
+from gasnap.qmp.backend import QmpHypervisor
+from gasnap.qmp.monitor import Monitor, QmpDomainNotFound
 
 NAME = "gt-bare"
 
@@ -125,7 +126,9 @@ async def test_a_domain_is_read_from_qemu_itself(tmp_path_factory: pytest.TempPa
     lab = BareLab(run_dir=base / "run", lab_dir=base / "lab")
     await lab.up("gt-bare-read", disks=2, size_mib=32, disk_format="raw")
     try:
-        dom = await read_domain(lab.run_dir, "gt-bare-read", AgentState.CONNECTED)
+        hv = QmpHypervisor(lab.run_dir)
+        dom = await hv.get_domain("gt-bare-read")
+        assert dom.guest_agent is AgentState.CONNECTED  # the guest opened its port
         assert dom.state is DomainState.RUNNING and dom.memory == 256 << 20
         assert [(v.target, v.format) for v in dom.volumes] == [("vda", "raw"), ("vdb", "raw")]
         assert {v.active_file for v in dom.volumes} == set(lab.record("gt-bare-read")["disks"])
@@ -137,10 +140,10 @@ async def test_a_domain_is_read_from_qemu_itself(tmp_path_factory: pytest.TempPa
             await qmp.call("blockdev-snapshot-sync", {
                 "node-name": "vda-0", "snapshot-file": str(overlay),
                 "snapshot-node-name": "vda-1", "format": "qcow2"})
-        vda = (await read_domain(lab.run_dir, "gt-bare-read", AgentState.CONNECTED)).volumes[0]
+        vda = (await hv.get_domain("gt-bare-read")).volumes[0]
         assert [(layer.path, layer.format) for layer in vda.chain] == [
             (str(overlay), "qcow2"), (dom.volumes[0].active_file, "raw")]
         with pytest.raises(QmpDomainNotFound):
-            await read_domain(lab.run_dir, "gt-no-such", AgentState.ABSENT)
+            await hv.get_domain("gt-no-such")
     finally:
         await lab.down("gt-bare-read")

@@ -10,11 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from conftest import Agent, chain_of, create_snapshots, freeze_status, volume_files
+from conftest import Agent, Rig, chain_of, create_snapshots, freeze_status, volume_files
 from gasnap.client import ApiError
-from gasnap.hypervisor import Domain
+from gasnap.hypervisor import Domain, Hypervisor
 from gasnap.lab.workload import sh
-from gasnap.virt import LibvirtHypervisor
 
 FREEZE_TIMEOUT = 6
 
@@ -27,7 +26,7 @@ def post(agent: Agent, body: dict[str, object]) -> None:
         assert err.code == "agent_unreachable", err
 
 
-async def wait_frozen_then_thawed(hv: LibvirtHypervisor, name: str, limit: float) -> float:
+async def wait_frozen_then_thawed(hv: Hypervisor, name: str, limit: float) -> float:
     """Seconds from seeing the guest frozen until it reads thawed (bounded)."""
     deadline = time.monotonic() + 30
     while await freeze_status(hv, name) != "frozen":
@@ -38,11 +37,11 @@ async def wait_frozen_then_thawed(hv: LibvirtHypervisor, name: str, limit: float
     return time.monotonic() - frozen_at
 
 
-async def guest_sha(hv: LibvirtHypervisor, name: str) -> str:
+async def guest_sha(hv: Hypervisor, name: str) -> str:
     return await sh(hv, name, "sync; sha256sum /data/marker /data1/marker")
 
 
-async def check_converged(agent: Agent, hv: LibvirtHypervisor, guest: Domain,
+async def check_converged(agent: Agent, hv: Hypervisor, guest: Domain,
                           files_before: dict[str, set[str]]) -> dict[str, dict[str, object]]:
     """No record left creating; available iff the overlay is the active layer;
     no overlay left that the chain does not use; guest thawed."""
@@ -67,17 +66,17 @@ async def check_converged(agent: Agent, hv: LibvirtHypervisor, guest: Domain,
 
 
 @pytest.fixture
-async def marked(hv: LibvirtHypervisor, guest: Domain) -> str:
+async def marked(rig: Rig) -> str:
+    hv, guest = rig.hv, rig.guest
     await sh(hv, guest.name, "for d in /data /data1; do head -c 1048576 /dev/urandom "
                              "> $d/marker; done; sync")
     return await guest_sha(hv, guest.name)
 
 
-async def test_sigkill_while_frozen_thaws_within_the_timeout(
-    tmp_path: Path, hv: LibvirtHypervisor, guest: Domain
-) -> None:
-    agent = Agent(tmp_path, env={"GASNAP_TEST_FAULT": "create:switching"},
-                  config=f"[agent]\nfreeze_timeout = {FREEZE_TIMEOUT}\n")
+async def test_sigkill_while_frozen_thaws_within_the_timeout(tmp_path: Path, rig: Rig) -> None:
+    hv, guest = rig.hv, rig.guest
+    agent = rig.new_agent(tmp_path, env={"GASNAP_TEST_FAULT": "create:switching"},
+                          freeze_timeout=FREEZE_TIMEOUT)
     try:
         agent.wait_ready()
         post(agent, {"domains": [guest.name], "quiesce": "required"})
@@ -88,10 +87,11 @@ async def test_sigkill_while_frozen_thaws_within_the_timeout(
 
 
 async def test_a_hung_agent_is_thawed_by_the_guard_at_the_deadline(
-    tmp_path: Path, hv: LibvirtHypervisor, guest: Domain
+    tmp_path: Path, rig: Rig
 ) -> None:
-    agent = Agent(tmp_path, env={"GASNAP_TEST_FAULT": "create:switching:stop"},
-                  config=f"[agent]\nfreeze_timeout = {FREEZE_TIMEOUT}\n")
+    hv, guest = rig.hv, rig.guest
+    agent = rig.new_agent(tmp_path, env={"GASNAP_TEST_FAULT": "create:switching:stop"},
+                          freeze_timeout=FREEZE_TIMEOUT)
     try:
         agent.wait_ready()
         post(agent, {"domains": [guest.name], "quiesce": "required"})
@@ -103,7 +103,7 @@ async def test_a_hung_agent_is_thawed_by_the_guard_at_the_deadline(
     finally:
         os.kill(agent.proc.pid, signal.SIGKILL)
         agent.wait_exit()
-    restarted = Agent(tmp_path)
+    restarted = rig.new_agent(tmp_path)
     try:
         restarted.wait_ready()
         recs = restarted.client.get(f"/v1/snapshots?domain={guest.name}")["snapshots"]
@@ -125,20 +125,20 @@ STEPS = [
 
 @pytest.mark.parametrize(("point", "expected"), STEPS)
 async def test_stop_at_every_journal_step_then_recover(
-    tmp_path: Path, hv: LibvirtHypervisor, guest: Domain, marked: str,
-    point: str, expected: str | None,
+    tmp_path: Path, rig: Rig, marked: str, point: str, expected: str | None,
 ) -> None:
+    hv, guest = rig.hv, rig.guest
     files_before = {v.target: volume_files(v.active_file)
                     for v in (await hv.get_domain(guest.name)).volumes}
     chains = {v.target: await chain_of(hv, guest.name, v.target) for v in guest.volumes}
-    agent = Agent(tmp_path, env={"GASNAP_TEST_FAULT": point})
+    agent = rig.new_agent(tmp_path, env={"GASNAP_TEST_FAULT": point})
     try:
         agent.wait_ready()
         post(agent, {"domains": [guest.name], "quiesce": "required"})
         assert agent.wait_exit() == -signal.SIGKILL
     finally:
         agent.stop()
-    restarted = Agent(tmp_path)
+    restarted = rig.new_agent(tmp_path)
     try:
         restarted.wait_ready()
         records = await check_converged(restarted, hv, guest, files_before)

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from conftest import PREFIX, Agent, create_snapshots, delete_snapshot, gasnap, wait_task
+from conftest import PREFIX, Agent, Rig, create_snapshots, delete_snapshot, gasnap, wait_task
 from gasnap import domxml, images
 from gasnap.client import ApiError
 from gasnap.hypervisor import Domain
@@ -132,9 +132,8 @@ async def test_a_raw_disk_whose_bytes_look_like_qcow2_stays_raw(
     assert (await sh(hv, raw_guest.name, "grep -c ' /data ' /proc/mounts")).strip() == "1"
 
 
-async def test_a_quiesced_snapshot_of_a_raw_disk_is_clean(
-    agent: Agent, hv: LibvirtHypervisor, raw_guest: Domain
-) -> None:
+async def test_a_quiesced_snapshot_of_a_raw_disk_is_clean(rig: Rig) -> None:
+    agent, hv, raw_guest = rig.agent, rig.hv, rig.raw
     await sh(hv, raw_guest.name, "head -c 1048576 /dev/urandom > /data/raw-marker")
     task = create_snapshots(agent, {"domains": [raw_guest.name], "quiesce": "required"})
     assert task["state"] == "succeeded", task
@@ -192,10 +191,10 @@ def test_shareable_and_read_only_disks_are_refused(agent: Agent, odd_disks: str,
 
 
 @pytest.fixture(scope="module")
-async def quad(lab: Lab) -> AsyncIterator[Domain]:
-    dom = await lab.up(f"{PREFIX}quad", disks=4, size_mib=32)
+async def quad(rig: Rig) -> AsyncIterator[Domain]:
+    dom = await rig.up(f"{PREFIX}quad", disks=4, size_mib=32)
     yield dom
-    await lab.down(dom.name)
+    await rig.down(dom.name)
 
 
 def paired(log: list[tuple[str, int]]) -> bool:
@@ -205,12 +204,13 @@ def paired(log: list[tuple[str, int]]) -> bool:
 
 
 async def test_parallel_creates_on_one_domain_each_own_their_freeze(
-    agent: Agent, hv: LibvirtHypervisor, quad: Domain
+    rig: Rig, quad: Domain
 ) -> None:
     """REVIEW R2: Cinder snapshots each volume of an instance on its own.
     Four single-disk creates at once, five rounds: all succeed, every one is
     filesystem-consistent, and the guest's hook saw freezes and thaws in
     pairs (a window queues behind the running one; nothing thaws another's)."""
+    agent, hv = rig.agent, rig.hv
     start = len(await freeze_log(hv, quad.name))
     targets = [v.target for v in quad.volumes]
     for _ in range(5):

@@ -38,7 +38,9 @@ class Settings:
     # the unix socket for timers and local tools, TCP for Nova-style callers
     listen: tuple[str, ...] = ("unix:/run/gasnap/api.sock",)
     state_dir: Path = Path("/var/lib/gasnap")
+    hypervisor: str = "libvirt"  # or "qmp": bare QEMU processes found in qmp_run_dir
     libvirt_uri: str = "qemu:///system"
+    qmp_run_dir: Path = Path("/run/gasnap/qemu")  # NAME.qmp and NAME.qga of each guest
     token: str = ""  # required on TCP; token_file reads it from a root-only file
     tls_cert: str = ""  # PEM: TCP listeners speak TLS with it and tls_key
     tls_key: str = ""
@@ -82,13 +84,17 @@ class Settings:
         return f"Settings({fields})"
 
 
+HYPERVISORS = ("libvirt", "qmp")
+
 _AGENT_KEYS: dict[str, type | tuple[type, ...]] = {
-    "listen": (str, list), "state_dir": str, "libvirt_uri": str, "token": str,
+    "listen": (str, list), "state_dir": str, "hypervisor": str, "libvirt_uri": str,
+    "token": str,
     "token_file": str, "tls_cert": str, "tls_key": str,
     "freeze_timeout": (int, float), "merge_bandwidth": int, "spare_overlays": bool,
     "libvirt_outage_wait": (int, float), "shutdown_timeout": (int, float),
     "detach_timeout": (int, float),
 }
+_QMP_KEYS: dict[str, type | tuple[type, ...]] = {"run_dir": str}
 _LIMITS_KEYS: dict[str, type | tuple[type, ...]] = {
     "min_free_mib": int, "max_snapshots": int, "soft_limit_percent": int,
     "auto_delete": bool, "max_chain_depth": int,
@@ -147,7 +153,9 @@ def _schedules(doc: Any) -> dict[str, Schedule]:
 def missing_domains(settings: Settings, known: list[str]) -> list[str]:
     """What is wrong with the schedules' domains (KNOWN: libvirt's domains):
     one line for each a schedule names that does not exist."""
-    return [f"schedules.{schedule.name}.domains: no domain {name!r} on {settings.libvirt_uri}"
+    where = (f"qmp:{settings.qmp_run_dir}" if settings.hypervisor == "qmp"
+             else settings.libvirt_uri)
+    return [f"schedules.{schedule.name}.domains: no domain {name!r} on {where}"
             for schedule in settings.schedules.values()
             for name in schedule.domains if name not in known]
 
@@ -157,12 +165,14 @@ def _read(file: Path) -> dict[str, Any]:
         doc = tomllib.loads(file.read_text())
     except (OSError, tomllib.TOMLDecodeError) as err:
         raise ConfigError(f"{file}: {err}") from err
-    unknown = set(doc) - {"agent", "metadata", "schedules", "limits", "cinder"}
+    unknown = set(doc) - {"agent", "metadata", "schedules", "limits", "cinder", "qmp"}
     if unknown:
         raise ConfigError(f"unknown section [{sorted(unknown)[0]}]")
     values = _checked("agent", doc.get("agent", {}), _AGENT_KEYS)
     meta = _checked("metadata", doc.get("metadata", {}), _METADATA_KEYS)
     values.update({f"metadata_{k}": v for k, v in meta.items()})
+    qmp = _checked("qmp", doc.get("qmp", {}), _QMP_KEYS)
+    values.update({f"qmp_{k}": v for k, v in qmp.items()})
     limits = _checked("limits", doc.get("limits", {}), _LIMITS_KEYS)
     for key, value in limits.items():  # the ranges a volume's own limits keep to
         try:
@@ -203,8 +213,12 @@ def load(path: Path | None, overrides: dict[str, Any]) -> Settings:
         values.pop("token", None)
         values.pop("token_file", None)
     values.update(given)
-    if "state_dir" in values:
-        values["state_dir"] = Path(values["state_dir"])
+    for key in ("state_dir", "qmp_run_dir"):
+        if key in values:
+            values[key] = Path(values[key])
+    if values.get("hypervisor", "libvirt") not in HYPERVISORS:
+        raise ConfigError(f"agent.hypervisor must be one of {', '.join(HYPERVISORS)}, "
+                          f"not {values['hypervisor']!r}")
     _positive(values, "freeze_timeout", "agent.freeze_timeout")
     _positive(values, "metadata_deadline", "metadata.deadline")
     _positive(values, "libvirt_outage_wait", "agent.libvirt_outage_wait")

@@ -66,6 +66,13 @@ class InsufficientStorage(GasnapError):
     code = "insufficient_storage"
 
 
+class NotSupported(GasnapError):
+    """This hypervisor backend cannot do what was asked; the message says
+    why (501): the request is valid, and another backend may serve it."""
+
+    code = "not_supported_on_backend"
+
+
 class ConfigError(GasnapError):
     """The configuration file or command line is invalid."""
 

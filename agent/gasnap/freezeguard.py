@@ -35,10 +35,12 @@ import signal
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from .errors import GasnapError, NotFound, Unavailable
-from .guestagent import THAW_TIMEOUT
+from .guestagent import THAW_TIMEOUT, AgentAbsent
+from .hypervisor import DomainState, Hypervisor
 
 log = logging.getLogger(__name__)
 
@@ -57,8 +59,11 @@ class FreezeGuardError(Unavailable):
 class FreezeGuard:
     """Handle on the guard process, owned by the agent."""
 
-    def __init__(self, uri: str) -> None:
+    def __init__(self, uri: str, *, qmp_run_dir: Path | None = None) -> None:
         self.uri = uri
+        # The guard reaches the guests the way the agent does.
+        self.backend = (["--qmp-run-dir", str(qmp_run_dir)] if qmp_run_dir is not None
+                        else ["--uri", uri])
         self._proc: asyncio.subprocess.Process | None = None
         self._lock = asyncio.Lock()
         self._ids = itertools.count(1)
@@ -71,7 +76,7 @@ class FreezeGuard:
         if self._proc is not None and self._proc.returncode is None:
             return self._proc
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "gasnap.freezeguard", "--uri", self.uri,
+            sys.executable, "-m", "gasnap.freezeguard", *self.backend,
             stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
             start_new_session=True,
         )
@@ -136,10 +141,15 @@ class FreezeGuard:
             await proc.stdin.drain()
             proc.stdin.close()
             await asyncio.wait_for(proc.wait(), 10)
-        except (OSError, TimeoutError):
-            log.warning("freeze guard did not exit; killing it")
+        except OSError:
+            log.warning("freeze guard did not take its exit; killing it")
             proc.kill()
             await proc.wait()
+        except TimeoutError:
+            # It thaws whatever is still armed before it exits, retrying
+            # until each guest is thawed or gone: killed now, a guest would
+            # stay frozen.  It runs in its own session and ends by itself.
+            log.warning("freeze guard (pid %d) is still thawing; left to finish", proc.pid)
 
 
 # --- the guard process -------------------------------------------------------
@@ -152,10 +162,8 @@ class _Armed:
 
 
 class _Guard:
-    def __init__(self, uri: str) -> None:
-        from .virt import LibvirtHypervisor  # noqa: PLC0415 - only in the guard process
-
-        self.hv = LibvirtHypervisor(uri)
+    def __init__(self, hv: Hypervisor) -> None:
+        self.hv = hv
         self.armed: dict[str, _Armed] = {}
         self.pending: set[asyncio.Task[None]] = set()
 
@@ -204,10 +212,24 @@ class _Guard:
                 log.warning("freeze guard: %s no longer runs: %s", name, err.message)
                 return
             except GasnapError as err:
+                if isinstance(err, AgentAbsent) and not await self._runs(name):
+                    log.warning("freeze guard: %s no longer runs", name)
+                    return
                 log.error("freeze guard: cannot thaw %s yet (%s); retrying in %.1fs",
                           name, err.message, pause)
             await asyncio.sleep(pause)
             pause = min(pause * 2, THAW_PAUSE_MAX)
+
+    async def _runs(self, name: str) -> bool:
+        """Whether NAME still runs, as far as the backend can tell now (an
+        agent's socket gone with its QEMU says nothing by itself)."""
+        try:
+            dom = await self.hv.get_domain(name)
+        except NotFound:
+            return False
+        except GasnapError:
+            return True  # cannot tell: keep trying
+        return dom.state in (DomainState.RUNNING, DomainState.PAUSED, DomainState.BLOCKED)
 
     async def thaw_all(self) -> None:
         names = list(self.armed)
@@ -220,9 +242,20 @@ def _reply(doc: dict[str, Any]) -> None:
     sys.stdout.flush()
 
 
-async def _serve(uri: str) -> None:
+def _backend(uri: str | None, qmp_run_dir: str | None) -> Hypervisor:
+    # Imported here: only the guard process needs either.
+    if qmp_run_dir is not None:
+        from .qmp.backend import QmpHypervisor  # noqa: PLC0415
+
+        return QmpHypervisor(Path(qmp_run_dir))
+    from .virt import LibvirtHypervisor  # noqa: PLC0415
+
+    return LibvirtHypervisor(uri or "qemu:///system")
+
+
+async def _serve(hv: Hypervisor) -> None:
     loop = asyncio.get_running_loop()
-    guard = _Guard(uri)
+    guard = _Guard(hv)
     await guard.hv.connect()
     reader = asyncio.StreamReader()
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
@@ -261,13 +294,15 @@ async def _serve(uri: str) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(prog="gasnap-freezeguard")
-    parser.add_argument("--uri", required=True)
+    where = parser.add_mutually_exclusive_group(required=True)
+    where.add_argument("--uri")
+    where.add_argument("--qmp-run-dir")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING,  # it speaks only when it thaws
                         format="%(asctime)s %(levelname)s gasnap.freezeguard: %(message)s")
     # The agent's terminal going away must not take the guard with it.
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
-    asyncio.run(_serve(args.uri))
+    asyncio.run(_serve(_backend(args.uri, args.qmp_run_dir)))
 
 
 if __name__ == "__main__":

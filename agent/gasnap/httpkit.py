@@ -27,6 +27,7 @@ from .errors import (
     GasnapError,
     InsufficientStorage,
     NotFound,
+    NotSupported,
     Unavailable,
     from_os_error,
 )
@@ -41,6 +42,7 @@ _STATUS: list[tuple[type[GasnapError], int]] = [
     (Conflict, 409),
     (Unavailable, 503),
     (InsufficientStorage, 507),
+    (NotSupported, 501),
 ]
 
 

@@ -1,8 +1,10 @@
 """The small interface workflow code uses to talk to a hypervisor.
 
-libvirt (the ``gasnap.virt`` package) is the first implementation; a QMP-only backend for
-QEMU guests without libvirt is meant to implement the same protocol.  Workflow
-code must depend on this module, never on ``libvirt`` directly.
+Two implementations: libvirt (the ``gasnap.virt`` package) and bare QEMU
+over QMP (``gasnap.qmp``).  Workflow code depends on this module, never on
+either.  What a backend cannot do at all it names in ``unsupported`` (a
+``Feature``), and plans refuse such a request before anything is touched
+(501 ``not_supported_on_backend``).
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from .blockjobs import JobEnd, JobInfo, Progress
-from .errors import Conflict
+from .errors import Conflict, NotSupported
 from .guestagent import GuestAgent
 
 
@@ -28,6 +30,21 @@ class DetachTimeout(Conflict):
     """A guest did not release a hot-plugged disk in time; it stays attached."""
 
     code = "detach_timeout"
+
+
+class Feature(enum.Enum):
+    """What not every backend can do."""
+
+    MEMORY = "memory"  # a snapshot's RAM and device state, and its restore
+    OFFLINE = "offline"  # stopped domains: a definition to change, start, shut down
+    HOTPLUG = "hotplug"  # disks attached to and detached from a domain (clones)
+
+
+def require(hv: Hypervisor, feature: Feature) -> None:
+    """NotSupported (501) with the backend's reason when HV cannot do FEATURE."""
+    reason = hv.unsupported(feature)
+    if reason is not None:
+        raise NotSupported(reason)
 
 
 class DomainState(enum.Enum):
@@ -153,6 +170,16 @@ class Hypervisor(Protocol):
         resolved while the block runs, so that the calls inside reach the
         planned domains without resolving their names again; a name that no
         longer belongs to its planned domain fails here (DomainChanged)."""
+
+    def unsupported(self, feature: Feature) -> str | None:
+        """Why this backend cannot do FEATURE; None when it can."""
+
+    def staging(self, name: str, overlays: dict[str, str]
+                ) -> AbstractAsyncContextManager[None]:
+        """Before the freeze: whatever making OVERLAYS (target -> path) the
+        active layers of running domain NAME can do ahead, so that the
+        switch in the window does the least; on leaving, whatever did not
+        become active is undone."""
 
     async def switch_overlays(self, name: str, overlays: dict[str, str],
                               others: list[str], memory: str | None = None) -> float | None:

@@ -22,6 +22,7 @@ REASONS = {
     200: "OK", 201: "Created", 202: "Accepted: the work runs as a task", 204: "Done, no content",
     400: "Bad input", 401: "Missing or wrong token (TCP only)",
     404: "Unknown domain, volume, snapshot or task", 409: "Conflict: busy, wrong status",
+    501: "This hypervisor backend cannot do it (not_supported_on_backend; nothing changed)",
     503: "A service gasnap depends on is unreachable",
     507: "Not enough free space for it (nothing changed)",
 }

@@ -22,6 +22,7 @@ from .journal import Journal
 from .metaclient import RemoteMetadata
 from .metadata import MetadataService
 from .metastore import open_sqlite
+from .qmp.backend import QmpHypervisor
 from .service import SnapshotService
 from .spares import Spares
 from .tasks import TaskManager
@@ -45,7 +46,16 @@ class Runtime:
 
 def open_hypervisor(settings: Settings) -> Hypervisor:
     """The backend the settings name; the one place that picks it."""
+    if settings.hypervisor == "qmp":
+        return QmpHypervisor(settings.qmp_run_dir)
     return LibvirtHypervisor(settings.libvirt_uri, outage_wait=settings.libvirt_outage_wait)
+
+
+def open_guard(settings: Settings) -> FreezeGuard:
+    """The freeze guard, reaching the guests the way the backend does."""
+    if settings.hypervisor == "qmp":
+        return FreezeGuard(settings.libvirt_uri, qmp_run_dir=settings.qmp_run_dir)
+    return FreezeGuard(settings.libvirt_uri)
 
 
 @contextlib.asynccontextmanager
@@ -54,7 +64,7 @@ async def open_runtime(settings: Settings) -> AsyncIterator[Runtime]:
     hv = open_hypervisor(settings)
     journal = Journal(settings.state_dir / "journal.db")
     metadata = await _open_metadata(settings)
-    guard = FreezeGuard(settings.libvirt_uri)
+    guard = open_guard(settings)
     spares = Spares(enabled=settings.spare_overlays)
     ctx = Context(hv, hv.agent, metadata, journal, guard, settings.freeze_timeout,
                   settings.merge_bandwidth, spares, shutdown_timeout=settings.shutdown_timeout,
@@ -105,7 +115,7 @@ async def _recover(ctx: Context, guard: FreezeGuard, service: SnapshotService) -
             await guard.start()
             break
         except Unavailable as err:
-            log.warning("recovery waits for libvirt: %s", err.message)
+            log.warning("recovery waits for the hypervisor: %s", err.message)
         await asyncio.sleep(RECOVERY_RETRY)
     done = await recover(ctx)
     if done.settled or done.failed:

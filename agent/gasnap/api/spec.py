@@ -135,7 +135,7 @@ PATHS: Schema = {
         "One domain", 200, ref("Domain"), [404, 503], params=[path_param("name")])},
     "/v1/snapshots": {
         "post": operation("Snapshot volumes of one or more domains (one freeze window)",
-                          202, ref("TaskAnswer"), [400, 404, 409, 503, 507],
+                          202, ref("TaskAnswer"), [400, 404, 409, 501, 503, 507],
                           body=json_body(ref("CreateRequest"))),
         "get": operation(
             "Snapshot records, oldest first: all of them, or pages of limit after marker "
@@ -161,12 +161,12 @@ PATHS: Schema = {
     "/v1/snapshots/{id}/revert": {"post": operation(
         "Go back to the snapshot (its whole group by default); the state left is kept as "
         "before-revert snapshots first. Result: reverted, before, domains", 202,
-        ref("TaskAnswer"), [400, 404, 409, 503, 507], params=_ID,
+        ref("TaskAnswer"), [400, 404, 409, 501, 503, 507], params=_ID,
         body=json_body(ref("RevertRequest")))},
     "/v1/snapshots/{id}/clone": {"post": operation(
         "A new volume from the snapshot: linked (backed by its image) or full (a copy); "
         "attach it at once if asked. Result: clone", 202, ref("TaskAnswer"),
-        [400, 404, 409, 503, 507], params=_ID, body=json_body(ref("CloneRequest")))},
+        [400, 404, 409, 501, 503, 507], params=_ID, body=json_body(ref("CloneRequest")))},
     "/v1/clones": {"get": operation(
         "Clone records, oldest first", 200,
         obj(["clones"], {"clones": {"type": "array", "items": ref("Clone")}}), [400, 503],
@@ -179,11 +179,12 @@ PATHS: Schema = {
     },
     "/v1/clones/{id}/attach": {"post": operation(
         "Hot-plug the clone into a running domain, or into a stopped one's definition "
-        "(serial = clone id)", 200, ref("CloneAnswer"), [400, 404, 409, 503], params=_ID,
+        "(serial = clone id)", 200, ref("CloneAnswer"), [400, 404, 409, 501, 503],
+        params=_ID,
         body=json_body(ref("Attach")))},
     "/v1/clones/{id}/detach": {"post": operation(
         "Unplug the clone (the guest is given a bounded time to let go)", 200,
-        ref("CloneAnswer"), [400, 404, 409, 503], params=_ID)},
+        ref("CloneAnswer"), [400, 404, 409, 501, 503], params=_ID)},
     "/v1/clones/{id}/flatten": {"post": operation(
         "Make a linked clone independent of its snapshot (mode becomes full)", 202,
         ref("TaskAnswer"), [404, 409, 503], params=_ID)},

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 from ..virt import LibvirtHypervisor
-from . import cases, clones, depth, fleet, memory, report, revert
+from . import cases, clones, depth, fleet, memory, qmpcase, report, revert
 from .rig import URI, Agent, reap, scratch
 
 ANALYSIS = Path(__file__).with_name("analysis.md")
@@ -67,6 +67,7 @@ async def run(quick: bool, only: frozenset[str] = frozenset()
         # Twice the runs: P2's windows vary by +-15 ms on TCG guests.
         if wanted("P1", "P2"):
             results += await cases.create_vs_virsh(hv, agent, 2 * runs)
+            results += await qmpcase.create_on_qmp(hv, 2 * runs, base)
         if wanted("P5"):
             results += await cases.size_independence(hv, agent, runs)
         if wanted("P3"):

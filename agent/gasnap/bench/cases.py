@@ -15,6 +15,7 @@ from pathlib import Path
 
 from .. import qemuimg
 from ..client import ApiClient
+from ..hypervisor import Hypervisor
 from ..images import virtual_size
 from ..lab.baseline import bare_switch
 from ..lab.guests import Lab
@@ -70,7 +71,7 @@ async def create_vs_virsh(hv: LibvirtHypervisor, agent: Agent, runs: int
                     p1.a.append(await timed(agent.cli("snapshot", "create", name,
                                                       "--quiesce", "required")))
                     p2.a.append(await window_ms(hv, name, since))
-                    await _merge_back(hv, client, name, vol.target)
+                    await merge_back(hv, client, name, vol.target)
                     continue
                 if which == "floor":
                     await asyncio.to_thread(bare_switch, URI, name, {}, others, mode="floor")
@@ -98,7 +99,7 @@ async def create_vs_virsh(hv: LibvirtHypervisor, agent: Agent, runs: int
             # Where P1's time goes: the same request from a running client (the
             # agent's share), and the CLI process answering a trivial request.
             api.append(await asyncio.to_thread(_api_create, agent.api, name) * 1000)
-            await _merge_back(hv, client, name, vol.target)
+            await merge_back(hv, client, name, vol.target)
             floor.append(await timed(agent.cli("task", "list")) * 1000)
             virsh_floor.append(await timed(["virsh", "-q", "-c", URI, "list"]) * 1000)
     return [p1, p2,
@@ -131,7 +132,7 @@ def _api_create(api: str, domain: str) -> float:
     return elapsed
 
 
-async def _merge_back(hv: LibvirtHypervisor, client: ApiClient, domain: str,
+async def merge_back(hv: Hypervisor, client: ApiClient, domain: str,
                       target: str) -> None:
     """Delete the snapshot whose overlay is active now (gasnap's own active
     commit + pivot): the chain is as it was before that snapshot."""

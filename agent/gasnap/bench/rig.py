@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from ..client import ApiClient
+from ..hypervisor import Hypervisor
 from ..lab.guests import Lab
 from ..lab.workload import freeze_log
 from ..virt import LibvirtHypervisor
@@ -59,8 +60,9 @@ async def timed(argv: list[str]) -> float:
 class Agent:
     """``gasnap serve`` as a process on a private socket and state dir."""
 
-    def __init__(self, base: Path) -> None:
+    def __init__(self, base: Path, config: str | None = None) -> None:
         self.base = base
+        self.config = config  # the agent's TOML, if not the defaults
         self.api = f"unix:{base / 'api.sock'}"
         self.state_dir = base / "state"
         self.proc: subprocess.Popen[bytes] | None = None
@@ -68,9 +70,12 @@ class Agent:
     def start(self) -> Agent:
         self.base.mkdir(parents=True, exist_ok=True)
         log = (self.base / "agent.log").open("ab")
-        self.proc = subprocess.Popen(
-            [*GASNAP, "serve", "--listen", self.api, "--state-dir", str(self.state_dir),
-             "--libvirt-uri", URI], stdout=log, stderr=subprocess.STDOUT)
+        argv = [*GASNAP, "serve", "--listen", self.api, "--state-dir", str(self.state_dir),
+                "--libvirt-uri", URI]
+        if self.config is not None:
+            (self.base / "agent.toml").write_text(self.config)
+            argv += ["--config", str(self.base / "agent.toml")]
+        self.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
         client = ApiClient(self.api)
         deadline = time.monotonic() + 60
         while True:
@@ -119,11 +124,11 @@ async def reap(hv: LibvirtHypervisor) -> None:
             await lab.down(name)
 
 
-async def log_length(hv: LibvirtHypervisor, domain: str) -> int:
+async def log_length(hv: Hypervisor, domain: str) -> int:
     return len(await freeze_log(hv, domain))
 
 
-async def window_ms(hv: LibvirtHypervisor, domain: str, since: int) -> float:
+async def window_ms(hv: Hypervisor, domain: str, since: int) -> float:
     """The freeze window of the one quiesced snapshot taken after entry SINCE
     of the guest's hook log: thaw minus freeze, guest-monotonic, in ms.  qemu-ga
     runs the thaw hook even when nothing was frozen: only a freeze followed by

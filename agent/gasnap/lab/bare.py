@@ -17,6 +17,7 @@ import os
 import shutil
 import signal
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +51,9 @@ def qemu_argv(name: str, image: LabImage, disks: list[tuple[str, Path]], fmt: st
               run_dir: Path, console: Path) -> list[str]:
     argv = [
         "qemu-system-x86_64", "-name", f"{name},{mark(name)}", "-machine", "pc,accel=tcg",
+        # A UUID per start, as libvirt gives one: a name taken over by another
+        # QEMU is then told apart from the guest a plan read.
+        "-uuid", str(uuid.uuid4()),
         "-m", str(MEMORY_MIB), "-smp", "1", "-nodefaults", "-display", "none",
         "-kernel", str(image.kernel), "-initrd", str(image.initrd),
         "-append", f"console=ttyS0 panic=-1 quiet gasnap.disks={len(disks)}",
@@ -156,7 +160,7 @@ class BareLab:
                 other = int(pidfile.read_text().strip())
             except (OSError, ValueError):
                 other = None
-            if other is not None and _running(other):
+            if other is not None and is_running(other):
                 raise NotALabGuest(f"the process of {pidfile} is not gasnap's lab guest; "
                                    "refusing to stop it")
             if not (self.lab_dir / name).is_dir():
@@ -172,13 +176,13 @@ def _stop(pid: int) -> None:
     """SIGTERM (QEMU exits at once), SIGKILL if it has not after STOP_WAIT."""
     os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + STOP_WAIT
-    while _running(pid) and time.monotonic() < deadline:
+    while is_running(pid) and time.monotonic() < deadline:
         time.sleep(0.1)
-    if _running(pid):
+    if is_running(pid):
         os.kill(pid, signal.SIGKILL)
 
 
-def _running(pid: int) -> bool:
+def is_running(pid: int) -> bool:
     """PID is a live process (a zombie no init has reaped yet is not)."""
     try:
         state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]

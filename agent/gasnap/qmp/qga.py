@@ -3,10 +3,15 @@
 With no libvirt in between, gasnap opens the agent's socket itself, with
 qemu.qmp's client: qemu-ga speaks QMP's wire format without a greeting or
 capabilities negotiation.  The socket serves one client at a time, so
-commands to one domain are serialised; each starts with
-``guest-sync`` with a random id (its delimited form starts with a 0xFF
-byte, which no JSON reader takes), so an answer a timed-out command left
-behind is never taken for this one's; every wait is bounded.
+commands to one domain are serialised (within this process; other
+processes may take turns on it).  A command that timed out leaves its
+answer in the channel, to be read by the next client, whichever process it
+is.  So every connection numbers its requests with ids no other connection
+uses (a late answer meets an id nobody waits for, and is dropped), and
+starts with ``guest-sync`` with a random token (its delimited form starts
+with a 0xFF byte, which no JSON reader takes): qemu-ga answers in order,
+so once the sync's answer is in, nothing older is left.  Every wait is
+bounded.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import secrets
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +31,22 @@ from ..guestagent import AgentAbsent, AgentCommandFailed, AgentUnresponsive
 log = logging.getLogger(__name__)
 
 CONNECT_TIMEOUT = 2.0
+
+
+class _QgaClient(QMPClient):
+    """qemu.qmp's client, speaking to qemu-ga (no greeting, no
+    negotiation), with request ids unique to this connection."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(name)
+        self.await_greeting = False
+        self.negotiate = False
+        self._prefix = secrets.token_hex(6)
+
+    def _get_exec_id(self) -> str:
+        # qemu.qmp numbers every connection's requests from 0: a late
+        # answer to another connection's request N would be taken for ours.
+        return f"gasnap-{self._prefix}-{super()._get_exec_id()}"
 
 
 class QgaChannel:
@@ -48,9 +70,7 @@ class QgaChannel:
                        timeout: float) -> Any:
         what = f"{domain}: {command}"
         path = self.socket_of(domain)
-        client = QMPClient(f"gasnap-qga-{domain}")
-        client.await_greeting = False
-        client.negotiate = False
+        client = _QgaClient(f"gasnap-qga-{domain}")
         try:
             try:
                 await asyncio.wait_for(client.connect(str(path)), CONNECT_TIMEOUT)

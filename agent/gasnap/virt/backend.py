@@ -23,7 +23,15 @@ from .. import domxml, images, metrics
 from ..blockjobs import BlockJobEvents, JobEnd, JobInfo, PivotNotReady, Progress, follow
 from ..errors import GasnapError
 from ..guestagent import AgentAbsent, GuestAgent, GuestAgentError
-from ..hypervisor import AgentState, DetachTimeout, Domain, DomainState, Layer, Volume
+from ..hypervisor import (
+    AgentState,
+    DetachTimeout,
+    Domain,
+    DomainState,
+    Feature,
+    Layer,
+    Volume,
+)
 from .agent import AgentChannel
 from .connection import (
     Connection,
@@ -238,6 +246,14 @@ class LibvirtHypervisor:
         return AgentState.CONNECTED
 
     # switching overlays
+
+    def unsupported(self, feature: Feature) -> str | None:
+        return None  # libvirt does all of it
+
+    @contextlib.asynccontextmanager
+    async def staging(self, name: str, overlays: dict[str, str]) -> AsyncIterator[None]:
+        """Nothing to do ahead: libvirt opens the overlays in its snapshot call."""
+        yield
 
     async def switch_overlays(self, name: str, overlays: dict[str, str],
                               others: list[str], memory: str | None = None) -> float | None:

@@ -23,7 +23,7 @@ from typing import Any
 from .. import images
 from ..errors import BadRequest, Conflict
 from ..httpkit import get_string, only_keys
-from ..hypervisor import DomainState
+from ..hypervisor import DomainState, Feature, require
 from ..metadata import CloneMeta, CloneMode, CloneStatus, Status, WrongStatus
 from . import Context, space
 from .createplan import check_name
@@ -159,6 +159,8 @@ async def _image_format(overlay: str, image: str) -> str:
 
 
 async def plan_create(ctx: Context, request: CloneRequest) -> ClonePlan:
+    if request.attach is not None:
+        require(ctx.hv, Feature.HOTPLUG)
     meta = await ctx.metadata.get_snapshot(request.snapshot_id)
     if meta.status is not Status.AVAILABLE or not meta.file or not meta.backing_file:
         raise WrongStatus(f"snapshot {meta.id} is {meta.status.value}; only an available "
@@ -187,6 +189,7 @@ async def plan_create(ctx: Context, request: CloneRequest) -> ClonePlan:
 
 async def plan_attach(ctx: Context, clone_id: str, path: str,
                       request: AttachRequest) -> AttachPlan:
+    require(ctx.hv, Feature.HOTPLUG)
     dom = await ctx.hv.get_domain(request.domain)
     if dom.state not in (DomainState.RUNNING, DomainState.PAUSED, DomainState.SHUTOFF):
         raise Conflict(f"{dom.name} is {dom.state.value}", code="domain_state")

@@ -10,8 +10,10 @@ before taking it:
           → finalizing (``settle``: the live chain decides available | error)
 
 Only the switch happens inside the freeze window: the overlays exist before
-the first guest is frozen, the domains are held by the UUIDs planned (no name
-lookups in the window), and no journal write comes between freeze and switch
+the first guest is frozen, the backend has staged them (``Hypervisor.staging``:
+on bare QEMU, each overlay's block node is added before the freeze), the
+domains are held by the UUIDs planned (no name lookups in the window), and
+no journal write comes between freeze and switch
 (recovery judges a switch from the live chain either way, and proves
 consistency only from "thawed").
 """
@@ -19,9 +21,11 @@ consistency only from "thawed").
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from .. import faults, images, metrics, qemuimg
@@ -79,7 +83,8 @@ async def execute(ctx: Context, planned: CreatePlan) -> Outcome:
         # Every planned domain, stopped ones too: a name that changed hands
         # since the plan is refused here, never switched.
         async with ctx.hv.hold(planned.uuids):
-            op, consistency = await _freeze_window(ctx, op, planned, pauses)
+            async with _staged(ctx, planned):
+                op, consistency = await _freeze_window(ctx, op, planned, pauses)
             op = await _switch_offline(ctx, op, planned)
     except GasnapError as err:
         failure = err
@@ -172,6 +177,17 @@ def _prepare_spares(ctx: Context, planned: CreatePlan, metas: list[SnapshotMeta]
         if (v.domain in planned.live and v.snapshot_id in available and not v.reuse
                 and v.overlay == images.overlay_path(v.image, v.volume_id, v.snapshot_id)):
             ctx.spares.prepare(images.spare_path(v.overlay), v.overlay, "qcow2", v.size)
+
+
+@contextlib.asynccontextmanager
+async def _staged(ctx: Context, planned: CreatePlan) -> AsyncIterator[None]:
+    """Every live domain's overlays staged by the backend before the first
+    freeze, and what did not become active undone after the last thaw."""
+    async with contextlib.AsyncExitStack() as stack:
+        for name in planned.live:
+            await stack.enter_async_context(ctx.hv.staging(
+                name, {v.target: v.overlay for v in planned.of(name)}))
+        yield
 
 
 async def _freeze_window(

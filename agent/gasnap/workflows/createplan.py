@@ -21,7 +21,7 @@ from typing import Any
 from .. import images
 from ..errors import BadRequest, Conflict, GasnapError, NotFound
 from ..guestagent import AgentAbsent, AgentUnresponsive
-from ..hypervisor import AgentState, Domain, DomainState, Volume
+from ..hypervisor import AgentState, Domain, DomainState, Feature, Volume, require
 from ..metadata import Origin
 from ..quiesce import Quiesce
 from . import Context, limits, space
@@ -273,6 +273,8 @@ def _check_quiesce(dom: Domain, quiesce: Quiesce) -> None:
 async def plan(ctx: Context, req: CreateRequest) -> CreatePlan:
     """REQ checked against the domains as they are now."""
     check_request(req)
+    if req.memory:
+        require(ctx.hv, Feature.MEMORY)
     volumes: list[VolumePlan] = []
     live: list[str] = []
     running: list[str] = []
@@ -291,6 +293,7 @@ async def plan(ctx: Context, req: CreateRequest) -> CreatePlan:
         elif dom.state is DomainState.PAUSED:
             live.append(dom.name)
         elif dom.state is DomainState.SHUTOFF:
+            require(ctx.hv, Feature.OFFLINE)
             stopped.append(dom.name)
         else:
             raise DomainStateConflict(f"{dom.name} is {dom.state.value}; gasnap snapshots "

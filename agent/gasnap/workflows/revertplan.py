@@ -22,7 +22,7 @@ from typing import Any
 
 from .. import images
 from ..errors import Conflict, GasnapError
-from ..hypervisor import AgentState, Domain, DomainState, Volume
+from ..hypervisor import AgentState, Domain, DomainState, Feature, Volume, require
 from ..metadata import Origin, SnapshotMeta, Status, WrongStatus
 from ..quiesce import Quiesce
 from . import Context, createplan, space, tree
@@ -99,6 +99,7 @@ class RevertPlan:
 
 async def plan(ctx: Context, snapshot_id: str, scope: Scope, *, force: bool,
                start: bool | None) -> RevertPlan:
+    require(ctx.hv, Feature.OFFLINE)  # a revert stops, redefines and starts domains
     meta = await ctx.metadata.get_snapshot(snapshot_id)
     targets = await _targets(ctx, meta, scope)
     domains = {name: await ctx.hv.get_domain(name)
