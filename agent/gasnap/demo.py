@@ -6,11 +6,16 @@ workflow the agent runs, deletes one of them again by a live merge (the
 guest's data checked across it), checks each remaining point-in-time image
 with ``e2fsck -fn`` and reads the freeze window from the guest's own
 fsfreeze-hook log.
+
+Each run starts from a new guest and an empty state: a demo run again and
+again must not pile its snapshots onto one chain (it did, and reached
+``max_chain_depth`` after 63 runs).
 """
 
 from __future__ import annotations
 
 import asyncio
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -83,7 +88,20 @@ async def _boot(uri: str) -> Domain:
         await lab_hv.close()
 
 
+async def _reset(uri: str) -> None:
+    """The guest and the state an earlier run left, gone."""
+    lab_hv = LibvirtHypervisor(uri)
+    try:
+        lab = Lab(lab_hv)
+        if DEMO_GUEST in await lab.names():
+            await lab.down(DEMO_GUEST)
+    finally:
+        await lab_hv.close()
+    await asyncio.to_thread(shutil.rmtree, DEMO_STATE, True)
+
+
 async def run_demo(say: Callable[..., None], uri: str = "qemu:///system") -> dict[str, Any]:
+    await _reset(uri)
     settings = Settings(state_dir=DEMO_STATE, libvirt_uri=uri)
     async with open_runtime(settings) as runtime:
         hv = runtime.hv

@@ -11,6 +11,14 @@ signal to the agent does not reach it, and talks to it over a pipe:
 * ``disarm`` DOMAINS OWNER once the owner has thawed them: a domain armed
   by another owner is left armed, so nobody cancels a deadline it did not set.
 
+* ``agent`` DOMAIN COMMAND ARGUMENTS TIMEOUT (bare QEMU): a guest-agent
+  command sent by the guard.  It holds one connection to each armed
+  guest's qemu-ga (``NAME.qga`` takes one client, and qemu-ga sleeps
+  100 ms after a client leaves), so the agent's freeze and thaw travel on
+  it, and the guard's own thaw needs no connection the agent could be
+  holding.  The reply comes when the command is done; other requests are
+  served meanwhile.
+
 The guard thaws an armed domain when its deadline passes, and thaws every
 armed domain at once when the pipe closes (the agent died, however) or when
 it receives SIGTERM (systemd stopping the service).  A thaw is retried,
@@ -33,13 +41,19 @@ import logging
 import os
 import signal
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from .errors import GasnapError, NotFound, Unavailable
-from .guestagent import THAW_TIMEOUT, AgentAbsent
+from .guestagent import (
+    THAW_TIMEOUT,
+    AgentAbsent,
+    AgentCommandFailed,
+    AgentTransport,
+    AgentUnresponsive,
+    GuestAgentError,
+)
 from .hypervisor import DomainState, Hypervisor
 
 log = logging.getLogger(__name__)
@@ -55,9 +69,14 @@ class FreezeGuardError(Unavailable):
 
 # --- the agent's side -------------------------------------------------------
 
+_AGENT_ERRORS: dict[str, type[GuestAgentError]] = {
+    cls.code: cls for cls in (AgentAbsent, AgentUnresponsive, AgentCommandFailed)}
+
 
 class FreezeGuard:
-    """Handle on the guard process, owned by the agent."""
+    """Handle on the guard process, owned by the agent.  Requests may be
+    under way at once (a freeze waits on one guest while another window
+    arms): each reply is handed to its request by id."""
 
     def __init__(self, uri: str, *, qmp_run_dir: Path | None = None) -> None:
         self.uri = uri
@@ -67,6 +86,9 @@ class FreezeGuard:
         self._proc: asyncio.subprocess.Process | None = None
         self._lock = asyncio.Lock()
         self._ids = itertools.count(1)
+        self._waiting: dict[int, asyncio.Future[dict[str, Any]]] = {}
+        self._reader: asyncio.Task[None] | None = None
+        self.armed: set[str] = set()  # domains this agent armed and has not disarmed
 
     async def start(self) -> None:
         async with self._lock:
@@ -81,6 +103,7 @@ class FreezeGuard:
             start_new_session=True,
         )
         self._proc = proc
+        self.armed.clear()  # a new guard holds no deadline
         try:
             reply = await self._read(proc, START_TIMEOUT)
         except FreezeGuardError:
@@ -89,6 +112,7 @@ class FreezeGuard:
             raise
         if reply.get("ready") is not True:
             raise FreezeGuardError(f"freeze guard did not start: {reply}")
+        self._reader = asyncio.get_running_loop().create_task(self._dispatch(proc))
         log.info("freeze guard running (pid %d)", proc.pid)
         return proc
 
@@ -104,35 +128,75 @@ class FreezeGuard:
         doc: dict[str, Any] = json.loads(line)
         return doc
 
-    async def _call(self, doc: dict[str, Any]) -> None:
+    async def _dispatch(self, proc: asyncio.subprocess.Process) -> None:
+        """Each reply to the request waiting for it; one whose request
+        timed out meanwhile is dropped, never taken for another's."""
+        assert proc.stdout is not None
+        while line := await proc.stdout.readline():
+            reply = json.loads(line)
+            waiting = self._waiting.get(reply.get("id", -1))
+            if waiting is None or waiting.done():
+                log.warning("freeze guard: dropped a late reply %s", reply)
+            else:
+                waiting.set_result(reply)
+        for waiting in self._waiting.values():
+            if not waiting.done():
+                waiting.set_exception(FreezeGuardError("freeze guard exited"))
+
+    async def _call(self, doc: dict[str, Any], timeout: float = 0.0) -> dict[str, Any]:
+        """DOC's reply, within REPLY_TIMEOUT plus TIMEOUT (what the guard may
+        itself wait, for a guest agent)."""
+        request = next(self._ids)
+        waiting: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         async with self._lock:
             proc = await self._ensure()
             assert proc.stdin is not None
-            request = next(self._ids)
+            self._waiting[request] = waiting
             try:
                 proc.stdin.write(json.dumps({**doc, "id": request}).encode() + b"\n")
                 await proc.stdin.drain()
             except (BrokenPipeError, ConnectionResetError) as err:
+                del self._waiting[request]
                 raise FreezeGuardError("freeze guard is gone") from err
-            deadline = time.monotonic() + REPLY_TIMEOUT
-            while True:
-                reply = await self._read(proc, max(0.0, deadline - time.monotonic()))
-                if reply.get("id") == request:
-                    break
-                log.warning("freeze guard: dropped a late reply %s", reply)
-            if not reply.get("ok"):
-                raise FreezeGuardError(f"freeze guard refused {doc['op']}: "
-                                       f"{reply.get('error', reply)}")
+        try:
+            reply = await asyncio.wait_for(waiting, REPLY_TIMEOUT + timeout)
+        except TimeoutError as err:
+            raise FreezeGuardError("freeze guard did not answer") from err
+        finally:
+            del self._waiting[request]
+        if not reply.get("ok"):
+            raise FreezeGuardError(f"freeze guard refused {doc['op']}: "
+                                   f"{reply.get('error', reply)}", reply=reply)
+        return reply
 
     async def arm(self, domains: list[str], timeout: float, *, owner: str) -> None:
         await self._call({"op": "arm", "domains": domains, "timeout": timeout,
                           "owner": owner})
+        self.armed.update(domains)
 
     async def disarm(self, domains: list[str], *, owner: str) -> None:
+        self.armed.difference_update(domains)
         await self._call({"op": "disarm", "domains": domains, "owner": owner})
+
+    async def agent_command(self, domain: str, command: str,
+                            arguments: dict[str, Any] | None, timeout: float) -> Any:
+        """A guest-agent command sent by the guard, on the connection it
+        holds to the guest while the domain is armed (see ``GuardedAgent``)."""
+        try:
+            reply = await self._call({"op": "agent", "domain": domain, "command": command,
+                                      "arguments": arguments, "timeout": timeout}, timeout)
+        except FreezeGuardError as err:
+            failed = err.details.get("reply")
+            if failed is None or "agent_error" not in failed:
+                raise
+            kind = _AGENT_ERRORS.get(failed["agent_error"], AgentUnresponsive)
+            raise kind(str(failed.get("error", ""))) from err
+        return reply.get("result")
 
     async def close(self) -> None:
         proc, self._proc = self._proc, None
+        if self._reader is not None:
+            self._reader.cancel()
         if proc is None or proc.returncode is not None:
             return
         assert proc.stdin is not None
@@ -152,6 +216,24 @@ class FreezeGuard:
             log.warning("freeze guard (pid %d) is still thawing; left to finish", proc.pid)
 
 
+class GuardedChannel:
+    """``guestagent.AgentTransport`` that sends the commands for guests the
+    guard holds armed through the guard (bare QEMU: the guard keeps one
+    connection to each armed guest's qemu-ga, from freeze to thaw, and the
+    socket takes one client), and the others on DIRECT."""
+
+    def __init__(self, direct: AgentTransport, guard: FreezeGuard) -> None:
+        self.direct = direct
+        self.guard = guard
+
+    async def agent_command(
+        self, domain: str, command: str, arguments: dict[str, Any] | None, timeout: float
+    ) -> Any:
+        if domain in self.guard.armed:
+            return await self.guard.agent_command(domain, command, arguments, timeout)
+        return await self.direct.agent_command(domain, command, arguments, timeout)
+
+
 # --- the guard process -------------------------------------------------------
 
 
@@ -161,11 +243,22 @@ class _Armed:
     timer: asyncio.TimerHandle
 
 
+class Pins(Protocol):
+    """A guest-agent transport that can keep one connection per guest
+    (bare QEMU's qga sockets: see ``GuardedAgent``)."""
+
+    def pin(self, domain: str) -> None: ...
+
+    async def unpin(self, domain: str) -> None: ...
+
+
 class _Guard:
-    def __init__(self, hv: Hypervisor) -> None:
+    def __init__(self, hv: Hypervisor, pins: Pins | None = None) -> None:
         self.hv = hv
+        self.pins = pins
         self.armed: dict[str, _Armed] = {}
         self.pending: set[asyncio.Task[None]] = set()
+        self.commands: set[asyncio.Task[None]] = set()
 
     def arm(self, domains: list[str], timeout: float, owner: str) -> str | None:
         """Arm every one of DOMAINS for OWNER, or none (the error)."""
@@ -176,14 +269,47 @@ class _Guard:
         for name in domains:
             self._drop(name)
             self.armed[name] = _Armed(owner, loop.call_later(timeout, self._expire, name))
+            if self.pins is not None:
+                self.pins.pin(name)
         return None
 
-    def disarm(self, domains: list[str], owner: str | None) -> None:
-        """OWNER None: every one (the guard's own shutdown)."""
+    def disarm(self, domains: list[str], owner: str | None) -> list[str]:
+        """OWNER None: every one (the guard's own shutdown).  Returns those
+        disarmed."""
+        dropped = []
         for name in domains:
             armed = self.armed.get(name)
             if armed is not None and owner in (None, armed.owner):
                 self._drop(name)
+                dropped.append(name)
+        return dropped
+
+    async def unpin(self, domains: list[str]) -> None:
+        """Let go of the connections held to DOMAINS' guest agents (once
+        nobody armed them any more)."""
+        if self.pins is not None:
+            for name in domains:
+                if name not in self.armed:
+                    await self.pins.unpin(name)
+
+    def command(self, doc: dict[str, Any]) -> None:
+        """Run a guest-agent command for the agent, on the held connection;
+        the reply goes out when it is done (others are served meanwhile)."""
+        task = asyncio.get_running_loop().create_task(self._command(doc))
+        self.commands.add(task)
+        task.add_done_callback(self.commands.discard)
+
+    async def _command(self, doc: dict[str, Any]) -> None:
+        reply: dict[str, Any] = {"id": doc.get("id"), "ok": True}
+        try:
+            reply["result"] = await self.hv.agent.command(
+                str(doc["domain"]), str(doc["command"]), doc.get("arguments"),
+                float(doc["timeout"]))
+        except GuestAgentError as err:
+            reply.update(ok=False, agent_error=err.code, error=err.message)
+        except GasnapError as err:
+            reply.update(ok=False, error=err.message)
+        _reply(reply)
 
     def _drop(self, name: str) -> None:
         armed = self.armed.pop(name, None)
@@ -193,7 +319,7 @@ class _Guard:
     def _expire(self, name: str) -> None:
         self.armed.pop(name, None)
         log.warning("freeze guard: %s still frozen at its deadline; thawing", name)
-        task = asyncio.get_running_loop().create_task(self.thaw(name))
+        task = asyncio.get_running_loop().create_task(self._thaw_and_unpin(name))
         self.pending.add(task)
         task.add_done_callback(self.pending.discard)
 
@@ -220,6 +346,10 @@ class _Guard:
             await asyncio.sleep(pause)
             pause = min(pause * 2, THAW_PAUSE_MAX)
 
+    async def _thaw_and_unpin(self, name: str) -> None:
+        await self.thaw(name)
+        await self.unpin([name])
+
     async def _runs(self, name: str) -> bool:
         """Whether NAME still runs, as far as the backend can tell now (an
         agent's socket gone with its QEMU says nothing by itself)."""
@@ -232,9 +362,10 @@ class _Guard:
         return dom.state in (DomainState.RUNNING, DomainState.PAUSED, DomainState.BLOCKED)
 
     async def thaw_all(self) -> None:
-        names = list(self.armed)
-        self.disarm(names, None)
-        await asyncio.gather(*(self.thaw(n) for n in names), *self.pending)
+        for task in list(self.commands):
+            task.cancel()
+        names = self.disarm(list(self.armed), None)
+        await asyncio.gather(*(self._thaw_and_unpin(n) for n in names), *self.pending)
 
 
 def _reply(doc: dict[str, Any]) -> None:
@@ -242,20 +373,20 @@ def _reply(doc: dict[str, Any]) -> None:
     sys.stdout.flush()
 
 
-def _backend(uri: str | None, qmp_run_dir: str | None) -> Hypervisor:
+def _backend(uri: str | None, qmp_run_dir: str | None) -> _Guard:
     # Imported here: only the guard process needs either.
     if qmp_run_dir is not None:
         from .qmp.backend import QmpHypervisor  # noqa: PLC0415
 
-        return QmpHypervisor(Path(qmp_run_dir))
+        qmp = QmpHypervisor(Path(qmp_run_dir))
+        return _Guard(qmp, qmp.qga)
     from .virt import LibvirtHypervisor  # noqa: PLC0415
 
-    return LibvirtHypervisor(uri or "qemu:///system")
+    return _Guard(LibvirtHypervisor(uri or "qemu:///system"))
 
 
-async def _serve(hv: Hypervisor) -> None:
+async def _serve(guard: _Guard) -> None:
     loop = asyncio.get_running_loop()
-    guard = _Guard(hv)
     await guard.hv.connect()
     reader = asyncio.StreamReader()
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
@@ -283,7 +414,10 @@ async def _serve(hv: Hypervisor) -> None:
                 error = guard.arm(list(doc["domains"]), float(doc["timeout"]),
                                   str(doc["owner"]))
             elif doc["op"] == "disarm":
-                guard.disarm(list(doc["domains"]), str(doc["owner"]))
+                await guard.unpin(guard.disarm(list(doc["domains"]), str(doc["owner"])))
+            elif doc["op"] == "agent":
+                guard.command(doc)  # replies by itself
+                continue
             elif doc["op"] == "exit":
                 break
             _reply({"id": doc.get("id"), "ok": error is None, "error": error})

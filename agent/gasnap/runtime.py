@@ -65,6 +65,8 @@ async def open_runtime(settings: Settings) -> AsyncIterator[Runtime]:
     journal = Journal(settings.state_dir / "journal.db")
     metadata = await _open_metadata(settings)
     guard = open_guard(settings)
+    if isinstance(hv, QmpHypervisor):
+        hv.guarded_by(guard)
     spares = Spares(enabled=settings.spare_overlays)
     ctx = Context(hv, hv.agent, metadata, journal, guard, settings.freeze_timeout,
                   settings.merge_bandwidth, spares, shutdown_timeout=settings.shutdown_timeout,

@@ -52,6 +52,7 @@ from ..blockjobs import (
     follow,
 )
 from ..errors import NotSupported
+from ..freezeguard import FreezeGuard, GuardedChannel
 from ..guestagent import AgentAbsent, GuestAgent, GuestAgentError
 from ..hypervisor import AgentState, Domain, DomainChanged, Feature, Layer
 from .graph import PROTOCOL_SUFFIX, disks, format_nodes
@@ -112,7 +113,8 @@ class QmpHypervisor:
         self.run_dir = run_dir
         self.block_events = BlockJobEvents()
         self.sessions = Sessions(run_dir, self._on_event)
-        self.agent = GuestAgent(QgaChannel(run_dir))
+        self.qga = QgaChannel(run_dir)
+        self.agent = GuestAgent(self.qga)
         # Per domain: the creates between staging and switch (each on its
         # own disks; several may wait for one domain's window at once).
         self._staged: dict[str, list[_Staged]] = {}
@@ -136,6 +138,12 @@ class QmpHypervisor:
 
     def unsupported(self, feature: Feature) -> str | None:
         return _UNSUPPORTED.get(feature)
+
+    def guarded_by(self, guard: FreezeGuard) -> None:
+        """Send guest-agent commands for the guests GUARD holds armed
+        through the guard, on the connection it keeps to each (qemu-ga
+        serves one client, and a freeze window must not reconnect)."""
+        self.agent = GuestAgent(GuardedChannel(self.qga, guard))
 
     # domains
 

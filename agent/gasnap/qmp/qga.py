@@ -50,44 +50,86 @@ class _QgaClient(QMPClient):
 
 
 class QgaChannel:
-    """``guestagent.AgentTransport`` over the guests' ``NAME.qga`` sockets."""
+    """``guestagent.AgentTransport`` over the guests' ``NAME.qga`` sockets.
+
+    Each command connects and disconnects, leaving the socket to other
+    tools, except for a *pinned* guest, whose connection stays open
+    until it is unpinned (the freeze guard pins a guest while it is armed):
+    qemu-ga, once its host side has gone, sleeps 100 ms before it reads
+    again, and a freeze window must not pay that between freeze and thaw.
+    """
 
     def __init__(self, run_dir: Path) -> None:
         self.run_dir = run_dir
         self._locks: dict[str, asyncio.Lock] = {}
+        self._pins: set[str] = set()
+        self._open: dict[str, _QgaClient] = {}  # pinned guests' connections
 
     def socket_of(self, domain: str) -> Path:
         return self.run_dir / f"{domain}.qga"
 
+    def pin(self, domain: str) -> None:
+        self._pins.add(domain)
+
+    async def unpin(self, domain: str) -> None:
+        self._pins.discard(domain)
+        async with self._lock(domain):
+            client = self._open.pop(domain, None)
+            if client is not None:
+                await client.disconnect()
+
+    def _lock(self, domain: str) -> asyncio.Lock:
+        return self._locks.setdefault(domain, asyncio.Lock())
+
     async def agent_command(
         self, domain: str, command: str, arguments: dict[str, Any] | None, timeout: float
     ) -> Any:
-        lock = self._locks.setdefault(domain, asyncio.Lock())
-        async with lock:
-            return await self._command(domain, command, arguments, timeout)
+        async with self._lock(domain):
+            client = self._open.pop(domain, None)
+            # A held connection's last answer came in, and nothing else was
+            # asked on it: nothing stale is left to sync past.
+            sync = client is None
+            if client is None:
+                client = await self._connect(domain, f"{domain}: {command}")
+            ok = False
+            try:
+                result = await self._command(client, domain, command, arguments, timeout,
+                                             sync=sync)
+                ok = True
+                return result
+            finally:
+                # A connection that failed is never used again: what it
+                # was left holding is unknown.
+                if ok and domain in self._pins:
+                    self._open[domain] = client
+                else:
+                    await client.disconnect()
 
-    async def _command(self, domain: str, command: str, arguments: dict[str, Any] | None,
-                       timeout: float) -> Any:
-        what = f"{domain}: {command}"
+    async def _connect(self, domain: str, what: str) -> _QgaClient:
         path = self.socket_of(domain)
         client = _QgaClient(f"gasnap-qga-{domain}")
         try:
-            try:
-                await asyncio.wait_for(client.connect(str(path)), CONNECT_TIMEOUT)
-            except (OSError, QMPError, TimeoutError) as err:
-                raise AgentAbsent(f"{what}: no guest agent socket at {path} ({err})") from err
-            try:
-                token = random.randint(1, 2**31 - 1)  # noqa: S311 (a sync id, not a secret)
-                synced = await asyncio.wait_for(
-                    client.execute("guest-sync", {"id": token}), timeout)
-                if synced != token:
-                    raise AgentUnresponsive(f"{what}: guest-sync answered {synced!r}")
-                return await asyncio.wait_for(client.execute(command, arguments), timeout)
-            except TimeoutError as err:
-                raise AgentUnresponsive(f"{what}: no answer within {timeout:.1f}s") from err
-            except ExecuteError as err:
-                raise AgentCommandFailed(f"{what}: {err.error.error.desc}") from err
-            except QMPError as err:
-                raise AgentUnresponsive(f"{what}: {err}") from err
-        finally:
+            await asyncio.wait_for(client.connect(str(path)), CONNECT_TIMEOUT)
+        except (OSError, QMPError, TimeoutError) as err:
             await client.disconnect()
+            raise AgentAbsent(f"{what}: no guest agent socket at {path} ({err})") from err
+        return client
+
+    @staticmethod
+    async def _command(client: _QgaClient, domain: str, command: str,
+                       arguments: dict[str, Any] | None, timeout: float, *,
+                       sync: bool) -> Any:
+        what = f"{domain}: {command}"
+        try:
+            token = random.randint(1, 2**31 - 1)  # noqa: S311 (a sync id, not a secret)
+            synced = await asyncio.wait_for(
+                client.execute("guest-sync", {"id": token}), timeout) if sync else token
+            if synced != token:
+                raise AgentUnresponsive(f"{what}: guest-sync answered {synced!r}")
+            return await asyncio.wait_for(client.execute(command, arguments), timeout)
+        except TimeoutError as err:
+            raise AgentUnresponsive(f"{what}: no answer within {timeout:.1f}s") from err
+        except ExecuteError as err:
+            raise AgentCommandFailed(f"{what}: {err.error.error.desc}") from err
+        except QMPError as err:
+            raise AgentUnresponsive(f"{what}: {err}") from err
