@@ -36,6 +36,7 @@ from .errors import ConfigError, GasnapError, Unavailable
 from .metadata import MetadataService, SnapshotNotFound, Status
 from .secretfile import read_secret
 from .sqlitedb import SqliteDB
+from .tasks import TaskState
 
 if TYPE_CHECKING:
     from .tasks import Task
@@ -170,7 +171,7 @@ class CinderReporter:
         op = await self._db.run(lambda c: c.execute(
             "SELECT op FROM reports WHERE seq = ?", (seq,)).fetchone())
         if op is not None:
-            await self._resolve(seq, _status(op["op"], task.state.value == "succeeded"))
+            await self._resolve(seq, _status(op["op"], task.state is TaskState.SUCCEEDED))
         self._followed.discard(seq)
 
     async def _resolve(self, seq: int, status: str) -> None:
