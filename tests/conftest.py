@@ -310,6 +310,12 @@ def rig(request: pytest.FixtureRequest) -> Rig:
                value("raw_guest"), value("second"), lab=value("lab"))
 
 
+def qemu_open_files(hv: QmpHypervisor, name: str) -> set[str]:
+    """The files a bare QEMU guest's process holds open."""
+    pid = int((hv.run_dir / f"{name}.pid").read_text())
+    return {os.readlink(fd) for fd in Path(f"/proc/{pid}/fd").iterdir()}
+
+
 async def commit_by_hand(rig: Rig, name: str, target: str, top: str, base: str) -> None:
     """Change a chain behind gasnap's back: TOP committed into BASE, as an
     operator would with the backend's own tools."""

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import subprocess
 import time
 from pathlib import Path
@@ -23,6 +22,7 @@ from conftest import (
     create_snapshots,
     delete_snapshot,
     gasnap,
+    qemu_open_files,
     record_digest,
     running_agent,
     wait_task,
@@ -35,7 +35,6 @@ from gasnap.lab.guests import Lab
 from gasnap.lab.workload import sh, start_load, stop_load
 from gasnap.metadata import Status
 from gasnap.metastore import open_sqlite
-from gasnap.qmp.backend import QmpHypervisor
 from gasnap.virt import LibvirtHypervisor
 
 
@@ -112,12 +111,6 @@ def merging(request: pytest.FixtureRequest) -> Domain:
 def live_merging(request: pytest.FixtureRequest, rig: Rig) -> Domain:
     """``merging`` on each hypervisor backend."""
     return rig.merge if request.param == "qcow2" else rig.raw
-
-
-def qemu_open_files(hv: QmpHypervisor, name: str) -> set[str]:
-    pid = int((hv.run_dir / f"{name}.pid").read_text())
-    fds = Path(f"/proc/{pid}/fd")
-    return {os.readlink(fd) for fd in fds.iterdir()}
 
 
 @pytest.mark.parametrize(

@@ -26,6 +26,7 @@ from conftest import (
     create_snapshots,
     delete_snapshot,
     freeze_status,
+    qemu_open_files,
     wait_until,
 )
 from gasnap.client import ApiError
@@ -42,11 +43,6 @@ from test_trust import HOST_FILE, guest_written_header, hostile_header
 @pytest.fixture(scope="module")
 def rig(qmp_rig: Rig) -> Rig:
     return qmp_rig
-
-
-def qemu_open_files(hv: QmpHypervisor, name: str) -> set[str]:
-    pid = int((hv.run_dir / f"{name}.pid").read_text())
-    return {os.readlink(fd) for fd in Path(f"/proc/{pid}/fd").iterdir()}
 
 
 async def named_nodes(hv: QmpHypervisor, name: str) -> set[str]:

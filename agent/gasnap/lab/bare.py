@@ -22,18 +22,18 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import BadRequest
-from ..guestagent import GuestAgent, GuestAgentError
+from ..guestagent import GuestAgent
 from ..qmp.qga import QgaChannel
 from .guests import (
     BOOT_TIMEOUT,
     LAB_DIR,
     MEMORY_MIB,
-    LabBootTimeout,
     LabError,
     LabGuestNotFound,
     NotALabGuest,
     _validate,
     make_data_disk,
+    wait_for_agent,
 )
 from .image import LabImage, ensure_image
 
@@ -136,16 +136,7 @@ class BareLab:
         log.info("bare QEMU lab guest %s started with %d disk(s)", name, disks)
 
     async def wait_for_agent(self, name: str, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                await self.agent.ping(name, timeout=2.0)
-                return
-            except GuestAgentError as err:
-                if time.monotonic() >= deadline:
-                    raise LabBootTimeout(f"{name}: guest agent did not answer within "
-                                         f"{timeout:.0f}s") from err
-            await asyncio.sleep(0.5)
+        await wait_for_agent(self.agent, name, timeout, self.lab_dir / name / "console.log")
 
     async def down(self, name: str) -> None:
         """Stop NAME's QEMU (ours only) and remove its sockets and files."""

@@ -21,7 +21,7 @@ from xml.sax.saxutils import escape, quoteattr
 
 from .. import qemuimg
 from ..errors import BadRequest, Conflict, GasnapError, NotFound
-from ..guestagent import GuestAgentError
+from ..guestagent import GuestAgent, GuestAgentError
 from ..hypervisor import Domain, DomainState
 from ..virt import DomainNotFound, LibvirtHypervisor
 from . import domains
@@ -194,18 +194,8 @@ class Lab:
         log.info("lab guest %s defined with %d disk(s)", name, disks)
 
     async def wait_for_agent(self, name: str, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                await self.hv.agent.ping(name, timeout=2.0)
-                return
-            except GuestAgentError as err:
-                if time.monotonic() >= deadline:
-                    raise LabBootTimeout(
-                        f"{name}: guest agent did not answer within {timeout:.0f}s "
-                        f"(console: {self.lab_dir / name / 'console.log'})"
-                    ) from err
-            await asyncio.sleep(0.5)
+        await wait_for_agent(self.hv.agent, name, timeout,
+                             self.lab_dir / name / "console.log")
 
     async def reboot(self, name: str, timeout: float = BOOT_TIMEOUT) -> None:
         """Reboot NAME cleanly and return once its new boot answers."""
@@ -246,3 +236,17 @@ def _validate(name: str, disks: int, size_mib: int) -> None:
         raise BadRequest(f"--disks must be between 1 and {MAX_DISKS}")
     if not 16 <= size_mib <= 1024 * 1024:
         raise BadRequest("--size must be between 16 and 1048576 MiB")
+
+
+async def wait_for_agent(agent: GuestAgent, name: str, timeout: float, console: Path) -> None:
+    """Until NAME's guest agent answers a ping (bounded), whatever the backend."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            await agent.ping(name, timeout=2.0)
+            return
+        except GuestAgentError as err:
+            if time.monotonic() >= deadline:
+                raise LabBootTimeout(f"{name}: guest agent did not answer within "
+                                     f"{timeout:.0f}s (console: {console})") from err
+        await asyncio.sleep(0.5)

@@ -95,9 +95,12 @@ def _job_target(job: str) -> tuple[str, str] | None:
     return None
 
 
+NODE_PREFIX = "gasnap-"
+
+
 def node_name(path: str) -> str:
     """An overlay's node: QEMU's names are at most 31 characters."""
-    return "gasnap-" + hashlib.sha256(path.encode()).hexdigest()[:20]
+    return NODE_PREFIX + hashlib.sha256(path.encode()).hexdigest()[:20]
 
 
 @dataclass
@@ -120,6 +123,9 @@ class QmpHypervisor:
         self._staged: dict[str, list[_Staged]] = {}
         self._held: dict[str, str] = {}  # name -> UUID while a hold runs
         self._cleanups: set[asyncio.Task[None]] = set()
+        # (domain, target) -> the files of the chain a merge started on: its
+        # leftovers are the nodes of those the chain no longer holds.
+        self._merging: dict[tuple[str, str], set[str]] = {}
 
     # connection
 
@@ -317,6 +323,7 @@ class QmpHypervisor:
                 above = paths[paths.index(top) - 1]
                 args["backing-file"] = images.relative_pointer(above, base)
             self.block_events.forget(name, target)
+            self._merging[(name, target)] = set(paths)
             await qmp.call("block-commit", args)
 
     async def block_pull(self, name: str, target: str, base: str | None, *,
@@ -329,6 +336,7 @@ class QmpHypervisor:
                 args["base-node"] = _node(await format_nodes(qmp), chain, base)
                 args["backing-file"] = images.relative_pointer(chain[0].path, base)
             self.block_events.forget(name, target)
+            self._merging[(name, target)] = {layer.path for layer in chain}
             await qmp.call("block-stream", args)
 
     async def block_job_info(self, name: str, target: str) -> JobInfo | None:
@@ -374,7 +382,7 @@ class QmpHypervisor:
             if end is JobEnd.GONE:
                 # Ended while nobody listened (the agent restarted): its
                 # event, and the clean-up it starts, never came.
-                await self._drop_unused(name)
+                await self._drop_unused(name, target)
             return end
 
     # events (on the loop, from a session's pump)
@@ -396,14 +404,17 @@ class QmpHypervisor:
             failed = "error" in data
             self.block_events.on_event(name, target, FAILED if failed else COMPLETED)
             if not failed:
-                task = asyncio.get_running_loop().create_task(self._drop_unused(name))
+                task = asyncio.get_running_loop().create_task(self._drop_unused(name, target))
                 self._cleanups.add(task)
                 task.add_done_callback(self._cleanups.discard)
 
-    async def _drop_unused(self, name: str) -> None:
-        """Delete the named nodes no chain uses any more (a merge's leftovers:
-        the monitor holds a reference to each node it added, and QEMU keeps
-        its file open until it goes)."""
+    async def _drop_unused(self, name: str, target: str) -> None:
+        """Delete the nodes of the files a merge on TARGET took out of its
+        chain (the monitor holds a reference to each node it added, and QEMU
+        keeps the file open until it goes).  Only those: a node somebody
+        else added is theirs.  A merge this process did not start (followed
+        after a restart) leaves only gasnap's own overlays to look at."""
+        merged = self._merging.pop((name, target), None)
         staged = {n for each in self._staged.values() for s in each for n in s.added.values()}
         try:
             async with self.sessions.using(name) as qmp:
@@ -411,7 +422,9 @@ class QmpHypervisor:
                         for layer in disk.chain}
                 unused = [node for (path, _), node in (await format_nodes(qmp)).items()
                           if path not in used
-                          and node.removesuffix(PROTOCOL_SUFFIX) not in staged]
+                          and node.removesuffix(PROTOCOL_SUFFIX) not in staged
+                          and (path in merged if merged is not None
+                               else node.startswith(NODE_PREFIX))]
                 for _ in range(2):  # a protocol node is free once its format node went
                     unused = [n for n in unused if not await _delete_node(qmp, n, quiet=True)]
         except (QmpDomainNotFound, QmpUnavailable) as err:
