@@ -199,6 +199,19 @@ class Agent:
 
 
 @contextlib.contextmanager
+def tmpfs(path: Path, size: str) -> Iterator[Path]:
+    """A filesystem of SIZE of its own at PATH (lab guests whose disks fill
+    it up without touching the host's)."""
+    path.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", f"gasnap-{path.name}",
+                    str(path)], check=True)
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+@contextlib.contextmanager
 def running_agent(base: Path, **options: Any) -> Iterator[Agent]:
     """An ``Agent`` (OPTIONS: its env, config, tcp_token), recovered, stopped afterwards."""
     running = Agent(base, **options)

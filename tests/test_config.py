@@ -45,6 +45,7 @@ def test_file_then_flags(tmp_path: Path) -> None:
         ("[agent]\nspare_overlays = 1\n", "agent.spare_overlays"),
         ("[agent]\nmerge_bandwidth = true\n", "agent.merge_bandwidth"),
         ("[agent]\ndetach_timeout = 0\n", "agent.detach_timeout"),
+        ("[agent]\nsweep_interval = 0\n", "agent.sweep_interval"),
         ("[limits]\nmin_free_mib = -1\n", "limits.min_free_mib"),
         ('[limits]\nmin_free_mib = "lots"\n', "limits.min_free_mib"),
         ("[limits]\nmax_snapshots = 0\n", "limits.max_snapshots"),

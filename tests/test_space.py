@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import math
 import os
-import subprocess
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -24,6 +23,7 @@ from conftest import (
     hv_call,
     running_agent,
     snap,
+    tmpfs,
     wait_task,
     wait_until,
 )
@@ -38,19 +38,14 @@ SMALL = Path("/var/lib/gasnap/lab-small")
 
 
 @pytest.fixture(scope="module")
-def tmpfs() -> Iterator[Path]:
-    SMALL.mkdir(parents=True, exist_ok=True)
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=200m", "gasnap-small", str(SMALL)],
-                   check=True)
-    try:
-        yield SMALL
-    finally:
-        subprocess.run(["umount", "-l", str(SMALL)], check=False)
+def small_fs() -> Iterator[Path]:
+    with tmpfs(SMALL, "200m") as path:
+        yield path
 
 
 @pytest.fixture(scope="module")
-async def small(hv: LibvirtHypervisor, tmpfs: Path) -> AsyncIterator[Domain]:
-    lab = Lab(hv, lab_dir=tmpfs)
+async def small(hv: LibvirtHypervisor, small_fs: Path) -> AsyncIterator[Domain]:
+    lab = Lab(hv, lab_dir=small_fs)
     dom = await lab.up(f"{PREFIX}small", disks=1, size_mib=64)
     yield dom
     await lab.down(dom.name)
@@ -92,7 +87,7 @@ def files(path: Path) -> set[str]:
 
 
 async def test_a_merge_the_filesystem_cuts_short_fails_and_is_retried(
-    tmp_path: Path, hv: LibvirtHypervisor, small: Domain, tmpfs: Path
+    tmp_path: Path, hv: LibvirtHypervisor, small: Domain, small_fs: Path
 ) -> None:
     """First in the module: the commit must allocate new clusters in the
     image below, which a later test's commits would have allocated already."""
@@ -104,7 +99,7 @@ async def test_a_merge_the_filesystem_cuts_short_fails_and_is_retried(
         chain = await chain_of(hv, name, "vda")
         task = agent.client.request(
             "DELETE", f"/v1/snapshots/{made['id']}?strategy=commit")["task"]
-        filler = fill(tmpfs, 2)  # the check passed; now the filesystem fills
+        filler = fill(small_fs, 2)  # the check passed; now the filesystem fills
         try:
             # Waited for in a thread: a loop blocked for the whole merge would
             # miss libvirt's keepalives, and libvirtd would drop the connection.
@@ -123,27 +118,27 @@ async def test_a_merge_the_filesystem_cuts_short_fails_and_is_retried(
 
 
 async def test_what_would_not_fit_is_refused_up_front(
-    tmp_path: Path, hv: LibvirtHypervisor, small: Domain, tmpfs: Path
+    tmp_path: Path, hv: LibvirtHypervisor, small: Domain, small_fs: Path
 ) -> None:
     name = small.name
-    before, chain = files(tmpfs), await chain_of(hv, name, "vda")
+    before, chain = files(small_fs), await chain_of(hv, name, "vda")
     # The reserve alone: every MiB free must stay free, so not even an overlay fits.
-    strict = config(math.ceil(free_mib(tmpfs)))
+    strict = config(math.ceil(free_mib(small_fs)))
     with running_agent(base(tmp_path, "strict"), config=strict) as agent:
         message = refused(agent, "POST", "/v1/snapshots", {"domains": [name]})
         assert "min_free_mib" in message
         assert agent.client.get(f"/v1/snapshots?domain={name}")["snapshots"] == []
-    assert (files(tmpfs), await chain_of(hv, name, "vda")) == (before, chain)
+    assert (files(small_fs), await chain_of(hv, name, "vda")) == (before, chain)
 
     with running_agent(base(tmp_path, "loose"), config=config(1)) as agent:
         # 256 MiB of RAM do not fit in what the tmpfs has left: nor does its
         # memory file, counted with the overlays (#17).
         refused(agent, "POST", "/v1/snapshots", {"domains": [name], "memory": True})
-        assert (files(tmpfs), await chain_of(hv, name, "vda")) == (before, chain)
+        assert (files(small_fs), await chain_of(hv, name, "vda")) == (before, chain)
         made = snap(agent, small, "fits")
         await sh(hv, name, "dd if=/dev/urandom of=/data/forty bs=1M count=40 2>/dev/null; sync")
         # The merge moves what the guest wrote: leave less than that free.
-        filler = fill(tmpfs, 20)
+        filler = fill(small_fs, 20)
         try:
             chain = await chain_of(hv, name, "vda")
             # A commit moves the 40 MiB into the image below (a pull would
@@ -158,13 +153,13 @@ async def test_what_would_not_fit_is_refused_up_front(
 
 
 async def test_a_guest_that_fills_its_overlay_is_reported_and_recovers(
-    tmp_path: Path, hv: LibvirtHypervisor, small: Domain, tmpfs: Path
+    tmp_path: Path, hv: LibvirtHypervisor, small: Domain, small_fs: Path
 ) -> None:
     name = small.name
     with running_agent(tmp_path, config=config(1)) as agent:
         made = snap(agent, small, "before-full")
         await sh(hv, name, "rm -f /data/thirty /data/forty; sync")  # room in the guest
-        filler = fill(tmpfs, 16)
+        filler = fill(small_fs, 16)
         try:
             await sh(hv, name, "(dd if=/dev/urandom of=/data/big bs=1M count=32; sync; "
                                "echo done > /data/big.done) >/dev/null 2>&1 &")

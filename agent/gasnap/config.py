@@ -49,6 +49,9 @@ class Settings:
     # seconds a live merge's follower waits for libvirtd before handing the
     # merge to the sweep (QEMU goes on with the job meanwhile)
     libvirt_outage_wait: float = 120.0
+    # seconds between two looks at operations a workflow handed over
+    # (a service was away) or recovery could not settle yet
+    sweep_interval: float = 10.0
     # seconds a forced revert waits for a guest to power off before it
     # destroys the domain
     shutdown_timeout: float = 120.0
@@ -92,7 +95,7 @@ _AGENT_KEYS: dict[str, type | tuple[type, ...]] = {
     "token_file": str, "tls_cert": str, "tls_key": str,
     "freeze_timeout": (int, float), "merge_bandwidth": int, "spare_overlays": bool,
     "libvirt_outage_wait": (int, float), "shutdown_timeout": (int, float),
-    "detach_timeout": (int, float),
+    "detach_timeout": (int, float), "sweep_interval": (int, float),
 }
 _QMP_KEYS: dict[str, type | tuple[type, ...]] = {"run_dir": str}
 _LIMITS_KEYS: dict[str, type | tuple[type, ...]] = {
@@ -224,6 +227,7 @@ def load(path: Path | None, overrides: dict[str, Any]) -> Settings:
     _positive(values, "libvirt_outage_wait", "agent.libvirt_outage_wait")
     _positive(values, "shutdown_timeout", "agent.shutdown_timeout")
     _positive(values, "detach_timeout", "agent.detach_timeout")
+    _positive(values, "sweep_interval", "agent.sweep_interval")
     url = values.get("metadata_url", "")
     if url and not url.startswith(("http://", "https://", "unix:")):
         raise ConfigError(f"metadata.url must be http(s)://HOST:PORT or unix:PATH, not {url!r}")

@@ -334,11 +334,14 @@ class _Guard:
                 count = await self.hv.agent.fsthaw(name, THAW_TIMEOUT)
                 log.warning("freeze guard: thawed %s (%d filesystems)", name, count)
                 return
-            except (NotFound, DomainNotRunning) as err:
+            except NotFound as err:
                 log.warning("freeze guard: %s no longer runs: %s", name, err.message)
                 return
             except GasnapError as err:
-                if isinstance(err, AgentAbsent) and not await self._runs(name):
+                # Paused is not stopped (QEMU pauses a guest whose disk
+                # filled up): a freeze it got before will land once it runs.
+                if isinstance(err, (AgentAbsent, DomainNotRunning)) and \
+                        not await self._runs(name):
                     log.warning("freeze guard: %s no longer runs", name)
                     return
                 log.error("freeze guard: cannot thaw %s yet (%s); retrying in %.1fs",

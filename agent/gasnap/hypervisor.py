@@ -149,6 +149,11 @@ class Hypervisor(Protocol):
     def connected(self) -> bool:
         """Whether the backend is reachable now, as far as it knows without asking."""
 
+    async def reachable(self) -> None:
+        """Wait for a daemon between gasnap and QEMU that went away (a
+        libvirtd restart) to answer again, up to the backend's outage bound;
+        Unavailable past it.  Never called inside a freeze window."""
+
     async def domain_names(self) -> list[str]: ...
 
     async def list_domains(self, *, probe_agent: bool = False) -> list[Domain]: ...

@@ -33,7 +33,6 @@ from .workflows.recovery import recover
 log = logging.getLogger(__name__)
 
 RECOVERY_RETRY = 5.0
-SWEEP_INTERVAL = 10.0
 
 
 @dataclass(frozen=True)
@@ -76,7 +75,8 @@ async def open_runtime(settings: Settings) -> AsyncIterator[Runtime]:
     tasks = TaskManager(journal)
     await tasks.load()
     service = SnapshotService(ctx, tasks)
-    recovery = asyncio.get_running_loop().create_task(_recover(ctx, guard, service))
+    recovery = asyncio.get_running_loop().create_task(
+        _recover(ctx, guard, service, settings.sweep_interval))
     cinder = None
     if settings.cinder is not None:
         cinder = CinderReporter(settings.cinder, settings.state_dir / "cinder-outbox.db",
@@ -106,7 +106,8 @@ async def _open_metadata(settings: Settings) -> MetadataService:
     return await open_sqlite(settings.state_dir / "metadata.db")
 
 
-async def _recover(ctx: Context, guard: FreezeGuard, service: SnapshotService) -> None:
+async def _recover(ctx: Context, guard: FreezeGuard, service: SnapshotService,
+                   sweep_interval: float) -> None:
     """Connect and start the freeze guard (while libvirtd is unreachable, try
     again: the API answers 503 meanwhile), then settle the journal once; the
     agent serves from then on, even if some operation could not be settled
@@ -124,15 +125,15 @@ async def _recover(ctx: Context, guard: FreezeGuard, service: SnapshotService) -
         log.warning("recovery settled %d unfinished operation(s); %d left for later",
                     done.settled, done.failed)
     service.ready.set()
-    await _sweep(ctx)
+    await _sweep(ctx, sweep_interval)
 
 
-async def _sweep(ctx: Context) -> None:
+async def _sweep(ctx: Context, interval: float) -> None:
     """Settle, now and then, operations a workflow had to give up (a service
     was away) and those recovery could not settle yet; those still being
     driven are left alone."""
     while True:
-        await asyncio.sleep(SWEEP_INTERVAL)
+        await asyncio.sleep(interval)
         try:
             done = await recover(ctx)
         except Exception as err:  # the journal unreadable: the sweep goes on

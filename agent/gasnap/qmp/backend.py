@@ -142,6 +142,9 @@ class QmpHypervisor:
     def connected(self) -> bool:
         return True  # no daemon in between to lose
 
+    async def reachable(self) -> None:
+        return  # each QEMU answers for itself, or its domain is gone
+
     def unsupported(self, feature: Feature) -> str | None:
         return _UNSUPPORTED.get(feature)
 

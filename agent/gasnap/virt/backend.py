@@ -45,6 +45,7 @@ from .connection import (
 log = logging.getLogger(__name__)
 
 OUTAGE_WAIT = 120.0  # how long a block job's follower waits for libvirtd to return
+OUTAGE_POLL = 0.5  # between two tries to reach a libvirtd that went away
 
 _STATES = {
     libvirt.VIR_DOMAIN_NOSTATE: DomainState.NOSTATE,
@@ -113,6 +114,17 @@ class LibvirtHypervisor:
     def connected(self) -> bool:
         return self.connection.connected
 
+    async def reachable(self) -> None:
+        deadline = time.monotonic() + self.outage_wait
+        while True:
+            try:
+                await self.connection.call(lambda c: c.getLibVersion(), what="libvirtd")
+                return
+            except LibvirtUnavailable:
+                if time.monotonic() >= deadline:
+                    raise
+                await asyncio.sleep(OUTAGE_POLL)
+
     def _register_events(self, conn: libvirt.virConnect) -> None:
         conn.domainEventRegisterAny(
             None, libvirt.VIR_DOMAIN_EVENT_ID_BLOCK_JOB_2, self._on_block_job, None
@@ -158,6 +170,8 @@ class LibvirtHypervisor:
 
     async def _hold(self, name: str, uuid: str) -> None:
         if name not in self._held:
+            # Before any window: a libvirtd restarting (an upgrade) is waited out.
+            await self.reachable()
             conn, dom = await self.connection.call(lambda c: (c, _by_uuid(c, name, uuid)),
                                         what=f"domain {name}")
             self._held.setdefault(name, _Held(uuid, conn, dom))

@@ -15,7 +15,9 @@ import asyncio
 import concurrent.futures
 import functools
 import logging
+import math
 import threading
+import time
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
@@ -190,6 +192,7 @@ class Connection:
             LIBVIRT_THREADS, thread_name_prefix="libvirt")
         self._conn: libvirt.virConnect | None = None
         self._lock = asyncio.Lock()
+        self.opened_at = -math.inf  # monotonic: when the connection was last (re)opened
 
     async def connect(self) -> None:
         await self._connection()
@@ -224,6 +227,7 @@ class Connection:
                 f"cannot connect to {self.uri}: {err.get_error_message()}"
             ) from err
         log.info("connected to %s", self.uri)
+        self.opened_at = time.monotonic()
         return conn
 
     def _on_close(self, conn: libvirt.virConnect, reason: int, _opaque: object) -> None:

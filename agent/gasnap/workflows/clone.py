@@ -41,7 +41,7 @@ from ..metadata import (
     CloneStatus,
     NewClone,
 )
-from . import Context, ProgressSink
+from . import Context, ProgressSink, space
 from .cloneplan import AttachPlan, ClonePlan
 from .records import until_recorded
 from .steps import CloneStep, Kind
@@ -99,8 +99,9 @@ async def create(ctx: Context, plan: ClonePlan, progress: ProgressSink) -> Outco
         await _make(ctx, plan, progress)
     except (GasnapError, OSError) as err:
         log.debug("clone %s: traceback", plan.clone_id, exc_info=True)
-        await _undo(ctx, op, plan, str(_failure(err).message))
-        return Outcome(failure=_failure(err))
+        failure = await space.explain(_failure(err), os.path.dirname(plan.file), ctx.min_free)
+        await _undo(ctx, op, plan, failure.message)
+        return Outcome(failure=failure)
     faults.hit("clone:made")
     if plan.attach is not None:
         op = await ctx.journal.step(op, CloneStep.ATTACHING)

@@ -44,7 +44,7 @@ from ..metadata import (
     Status,
 )
 from ..quiesce import Quiesce
-from . import Context, limits, tree
+from . import Context, limits, outage, space, tree
 from .createplan import CreatePlan, VolumePlan
 from .settle import settle
 from .steps import CreateStep, Kind
@@ -87,7 +87,7 @@ async def execute(ctx: Context, planned: CreatePlan) -> Outcome:
                 op, consistency = await _freeze_window(ctx, op, planned, pauses)
             op = await _switch_offline(ctx, op, planned)
     except GasnapError as err:
-        failure = err
+        failure = await space.explain_any(err, planned.directories(), ctx.min_free)
     except OSError as err:  # chown, chmod, link: the host refused
         failure = from_os_error(err)
     reason = failure.message if failure else "the overlay did not become active"
@@ -96,11 +96,11 @@ async def execute(ctx: Context, planned: CreatePlan) -> Outcome:
     try:
         # Once every record exists, disks may change: from then on the
         # records must be finalized, however long the service is away.
-        metas = await settle(ctx, planned, consistency, reason, persist=recorded)
+        metas = await _settle(ctx, planned, consistency, reason, persist=recorded)
     except Unavailable as err:
-        # libvirt, or (before any record existed) the metadata service, is
-        # away: the journal keeps the operation and its volumes, and the
-        # agent's sweep settles it once both answer.
+        # libvirt past its outage bound, or (before any record existed) the
+        # metadata service, is away: the journal keeps the operation and its
+        # volumes, and the agent's sweep settles it once both answer.
         log.error("create: cannot finalize now (%s); the sweep will", err.message)
         ctx.journal.release(op)
         return Outcome([], failure or err)
@@ -108,6 +108,14 @@ async def execute(ctx: Context, planned: CreatePlan) -> Outcome:
     await ctx.journal.finish(op)
     _prepare_spares(ctx, planned, metas)
     return Outcome(metas, failure, pauses, warnings)
+
+
+async def _settle(ctx: Context, planned: CreatePlan, consistency: dict[str, str],
+                  reason: str, *, persist: bool) -> list[SnapshotMeta]:
+    """``settle``, a libvirtd restart waited out, so that the task tells what
+    became of its snapshots rather than leave it to the sweep."""
+    return await outage.ride_out(ctx, "create: finalize", lambda: settle(
+        ctx, planned, consistency, reason, persist=persist))
 
 
 async def settle_memory(planned: CreatePlan, metas: list[SnapshotMeta]) -> None:

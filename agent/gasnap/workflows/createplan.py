@@ -132,6 +132,11 @@ class CreatePlan:
     def of(self, domain: str) -> list[VolumePlan]:
         return [v for v in self.volumes if v.domain == domain]
 
+    def directories(self) -> list[str]:
+        """Where the create writes: its overlays' and memory files' directories."""
+        paths = [v.overlay for v in self.volumes] + list(self.memory.values())
+        return list(dict.fromkeys(os.path.dirname(p) for p in paths))
+
 
 # --- the request: parsed and checked here, and nowhere else -------------------
 

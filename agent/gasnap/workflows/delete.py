@@ -78,10 +78,8 @@ async def execute(ctx: Context, merge: DeletePlan, progress: ProgressSink) -> Ou
             faults.hit("delete:merged")
             await verify(ctx, merge)
     except Unavailable as err:
-        # libvirtd away: QEMU goes on with the job.  The record stays
-        # deleting and the sweep finishes the merge when libvirtd is back.
-        ctx.journal.release(op)
-        return Outcome(err)
+        # libvirtd away: QEMU goes on with the job.
+        return await _ride_out(ctx, op, merge, err)
     except (GasnapError, OSError) as err:
         log.debug("delete of %s: traceback", merge.snapshot_id, exc_info=True)
         failure = await space.explain(_as_gasnap(err), os.path.dirname(merge_target(merge)),
@@ -90,8 +88,37 @@ async def execute(ctx: Context, merge: DeletePlan, progress: ProgressSink) -> Ou
         return Outcome(failure)
     metrics.MERGE_SECONDS.labels(merge.method.value).observe(time.monotonic() - started)
     metrics.MERGE_BYTES.labels(merge.method.value).inc(merge.moved_bytes)
-    await cleanup(ctx, op, merge)
+    try:
+        await cleanup(ctx, op, merge)
+    except Unavailable as err:
+        return await _ride_out(ctx, op, merge, err)
+    except (GasnapError, OSError) as err:
+        # Merged, not yet cleaned up: the sweep repeats the clean-up.
+        log.error("delete of %s: clean-up failed (%s); the sweep will retry it",
+                  merge.snapshot_id, err)
+        ctx.journal.release(op)
+        return Outcome(_as_gasnap(err))
     return Outcome()
+
+
+async def _ride_out(ctx: Context, op: Operation, merge: DeletePlan,
+                    err: Unavailable) -> Outcome:
+    """The hypervisor went away mid-merge (a libvirtd restart): wait for it,
+    then finish as recovery would, so that the task says how the delete
+    ended.  Past the outage bound the record stays deleting and the sweep
+    finishes the merge when libvirtd is back."""
+    log.warning("delete of %s: %s; waiting for the hypervisor", merge.snapshot_id,
+                err.message)
+    try:
+        await ctx.hv.reachable()
+        await resume(ctx, op)
+        meta = await ctx.metadata.get_snapshot(merge.snapshot_id)
+    except NotFound:
+        return Outcome()  # merged and cleaned up
+    except Unavailable as again:
+        ctx.journal.release(op)
+        return Outcome(again)
+    return Outcome(MergeFailed(meta.error or f"the snapshot is {meta.status.value}"))
 
 
 def _held(merge: DeletePlan) -> dict[str, str]:

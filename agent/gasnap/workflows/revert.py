@@ -36,7 +36,7 @@ from ..guestagent import THAW_TIMEOUT, AgentCommandFailed, GuestAgentError
 from ..hypervisor import AgentState, DomainChanged, DomainState
 from ..journal import Operation
 from ..metadata import SnapshotMeta, Status
-from . import Context, create, createplan
+from . import Context, create, createplan, outage, space
 from .revertplan import RevertPlan
 from .steps import Kind, RevertStep
 
@@ -69,17 +69,18 @@ async def execute(ctx: Context, planned: RevertPlan) -> Outcome:
             before = await _keep_current_state(ctx, planned)
             faults.hit("revert:before")
             op = await clock.step(ctx, op, RevertStep.STOPPING)
-            await _stop(ctx, planned)
+            await outage.ride_out(ctx, "revert: stop", lambda: _stop(ctx, planned))
             faults.hit("revert:stopping")
             op = await clock.step(ctx, op, RevertStep.OVERLAYS)
             await _make_overlays(ctx, planned)
             faults.hit("revert:overlays")
             op = await clock.step(ctx, op, RevertStep.SWITCHING)
-            await _switch(ctx, planned)
+            await outage.ride_out(ctx, "revert: switch", lambda: _switch(ctx, planned))
             faults.hit("revert:switching")
             op = await clock.step(ctx, op, RevertStep.STARTING)
-            await _start(ctx, planned)
+            await outage.ride_out(ctx, "revert: start", lambda: _start(ctx, planned))
     except GasnapError as err:
+        err = await space.explain_any(err, planned.directories(), ctx.min_free)
         log.error("revert to %s failed: %s", planned.snapshot_id, err.message)
         log.debug("traceback", exc_info=True)
         await _undo(ctx, op, planned)
@@ -180,20 +181,27 @@ async def _make_overlays(ctx: Context, planned: RevertPlan) -> None:
 
 
 async def _switch(ctx: Context, planned: RevertPlan) -> None:
+    """Idempotent: a domain already on its new overlays (switched, maybe
+    started, before a crash or a failure after) is left as it is."""
     for name in planned.domains:
+        if not await _off_the_new_overlays(ctx, planned, name):
+            continue
         await ctx.hv.define_overlays(name, {v.target: v.overlay for v in planned.of(name)})
-        await _check_switched(ctx, planned, name)
+        wrong = await _off_the_new_overlays(ctx, planned, name)
+        if wrong:
+            raise RevertFailed(f"{name}: after the switch {wrong}")
 
 
-async def _check_switched(ctx: Context, planned: RevertPlan, name: str) -> None:
-    """The definition's chain is the new overlay on the snapshot's image."""
+async def _off_the_new_overlays(ctx: Context, planned: RevertPlan, name: str) -> str:
+    """Why NAME's chain (as it runs, or its definition) is not each new
+    overlay on its snapshot's image; empty when it is."""
     dom = await ctx.hv.get_domain(name, uuid=planned.uuids.get(name))
     for v in planned.of(name):
         vol = dom.volume(v.target)
         chain = [layer.path for layer in vol.chain] if vol is not None else []
         if chain[:2] != [v.overlay, v.image]:
-            raise RevertFailed(f"{name}/{v.target}: after the switch the chain is {chain}, "
-                               f"expected {v.overlay} on {v.image}")
+            return f"the chain of {v.target} is {chain}, expected {v.overlay} on {v.image}"
+    return ""
 
 
 async def _start(ctx: Context, planned: RevertPlan) -> None:
@@ -247,6 +255,11 @@ async def _agent_back(ctx: Context, name: str) -> None:
                 log.warning("%s started, but its guest agent did not answer within %.0f s "
                             "(%s)", name, ctx.shutdown_timeout, err.message)
                 return
+        except GasnapError as err:
+            # Paused already (QEMU pauses a guest whose disk is full), or
+            # gone: reported; the revert itself is done.
+            log.warning("%s started, but %s", name, err.message)
+            return
         await asyncio.sleep(STATE_POLL)
 
 
@@ -256,7 +269,8 @@ async def _agent_back(ctx: Context, name: str) -> None:
 async def _undo(ctx: Context, op: Operation, planned: RevertPlan) -> None:
     """Settle a revert that failed at OP's step (see ``_settle``)."""
     try:
-        await _settle(ctx, planned, RevertStep(op.step))
+        await outage.ride_out(ctx, "revert: undo",
+                              lambda: _settle(ctx, planned, RevertStep(op.step)))
     except GasnapError as err:
         log.error("revert to %s: cannot settle now (%s); recovery will", planned.snapshot_id,
                   err.message)

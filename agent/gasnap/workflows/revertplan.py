@@ -80,6 +80,10 @@ class RevertPlan:
     def domains(self) -> list[str]:
         return list(dict.fromkeys(v.domain for v in self.volumes))
 
+    def directories(self) -> list[str]:
+        """Where the revert writes: its new overlays' directories."""
+        return list(dict.fromkeys(os.path.dirname(v.overlay) for v in self.volumes))
+
     def of(self, domain: str) -> list[RevertVolume]:
         return [v for v in self.volumes if v.domain == domain]
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from ..errors import GasnapError, InsufficientStorage
@@ -80,12 +80,23 @@ async def explain(failure: GasnapError, directory: str, min_free: int) -> Gasnap
     """FAILURE of work that wrote into DIRECTORY; when that filesystem is now
     below its reserve, the reason the work stopped is most likely that it
     filled up: say so (507), so the operator frees space and tries again."""
+    return await explain_any(failure, [directory], min_free)
+
+
+async def explain_any(failure: GasnapError, directories: Iterable[str], min_free: int
+                      ) -> GasnapError:
+    """``explain`` for work that wrote into several DIRECTORIES."""
+    if isinstance(failure, InsufficientStorage):
+        return failure
     try:
-        (fs,) = await asyncio.to_thread(_filesystems, {directory: 0})
+        filesystems = await asyncio.to_thread(_filesystems, dict.fromkeys(directories, 0))
     except OSError:
         return failure
-    if fs.free >= min_free:
+    # A reserve of 0 still leaves nothing to write into at the last MiB.
+    full = [fs for fs in filesystems if fs.free < max(min_free, MIB)]
+    if not full:
         return failure
     return InsufficientSpace(
-        f"{failure.message}: the filesystem of {directory} is full ({fs.free / MIB:.1f} MiB "
-        "free); free some space and try again", directory=directory, free=fs.free)
+        f"{failure.message}: the filesystem of {full[0].directory} is full "
+        f"({full[0].free / MIB:.1f} MiB free); free some space and try again",
+        directory=full[0].directory, free=full[0].free)
