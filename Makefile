@@ -6,7 +6,7 @@ PREFIX ?= /opt/gasnap
 SYSCONFDIR ?= /etc/gasnap
 UNITDIR ?= /etc/systemd/system
 
-.PHONY: setup demo test lint bench install
+.PHONY: setup demo test lint bench install soak
 
 setup:
 	@bash scripts/setup.sh
@@ -28,6 +28,15 @@ install:
 lint:
 	$(VENV)/bin/ruff check agent tests
 	$(VENV)/bin/mypy
+
+# Everything at once, with faults, for SOAK_MINUTES (not part of `make test`);
+# writes docs/soak.md and docs/soak.json.  See tests/soak.py.
+SOAK_MINUTES ?= 20
+export SOAK_MINUTES
+soak:
+	@bash scripts/setup.sh --test
+	$(VENV)/bin/python -m pytest -q -p no:cacheprovider tests/soak.py \
+		--timeout=$$(( $(SOAK_MINUTES) * 60 + 1800 )) $(PYTEST_ARGS)
 
 # P1-P11 side by side with virsh and qemu-img; writes docs/benchmarks.md and
 # docs/benchmarks.json.  `make bench QUICK=1`: fewer runs, prints only.

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import json
 import os
 import socket
 import subprocess
@@ -148,8 +149,10 @@ class Agent:
     """A running ``gasnap serve`` process with its own socket and state dir."""
 
     def __init__(self, base: Path, env: dict[str, str] | None = None,
-                 config: str | None = None, tcp_token: str | None = None) -> None:
-        """TCP_TOKEN: listen on a free TCP port with that token (else a unix socket)."""
+                 config: str | None = None, tcp_token: str | None = None,
+                 verbose: bool = False) -> None:
+        """TCP_TOKEN: listen on a free TCP port with that token (else a unix
+        socket).  VERBOSE: the agent logs at DEBUG."""
         self.base = base
         self.sock = base / "api.sock"
         self.port = free_port() if tcp_token else 0
@@ -158,8 +161,8 @@ class Agent:
         self.state_dir = base / "state"
         self.log = base / "agent.log"
         self.client = ApiClient(self.api, token=tcp_token)
-        args = [*GASNAP, "serve", "--listen", listen, "--state-dir", str(self.state_dir),
-                "--libvirt-uri", URI]
+        args = [*GASNAP, *(["-vv"] if verbose else []), "serve", "--listen", listen,
+                "--state-dir", str(self.state_dir), "--libvirt-uri", URI]
         if tcp_token:
             args += ["--token", tcp_token]
         if config is not None:
@@ -426,6 +429,15 @@ def volume_files(path: str) -> set[str]:
 def delete_snapshot(agent: Agent, snapshot_id: str, strategy: str = "auto") -> dict[str, Any]:
     task = agent.client.request("DELETE", f"/v1/snapshots/{snapshot_id}?strategy={strategy}")
     return wait_task(agent, task["task"]["id"])
+
+
+def backing_path(path: str) -> str | None:
+    """The real path of the file qcow2 overlay PATH backs onto (None: none)."""
+    info = json.loads(subprocess.run(
+        ["qemu-img", "info", "-U", "-f", "qcow2", "--output=json", path],
+        check=True, capture_output=True, text=True).stdout)
+    backing = info.get("full-backing-filename")
+    return os.path.realpath(backing) if backing else None
 
 
 def image_digest(path: str, fmt: str) -> str:

@@ -35,7 +35,7 @@ from typing import Any
 import pytest
 
 import libvirtd
-from conftest import PREFIX, Agent, snap, tmpfs, wait_task
+from conftest import PREFIX, Agent, backing_path, snap, tmpfs, wait_task
 from gasnap.client import ApiError
 from gasnap.freezeguard import THAW_PAUSE_MAX
 from gasnap.hypervisor import Domain, DomainState
@@ -294,14 +294,6 @@ async def _settled(bench: Bench) -> bool:
     return paused
 
 
-def _backing(path: str) -> str | None:
-    info = json.loads(subprocess.run(
-        ["qemu-img", "info", "-U", "-f", "qcow2", "--output=json", path],
-        check=True, capture_output=True, text=True).stdout)
-    backing = info.get("full-backing-filename")
-    return os.path.realpath(backing) if backing else None
-
-
 def _journal_operations(agent: Agent) -> int:
     with sqlite3.connect(agent.state_dir / "journal.db") as conn:
         return int(conn.execute("SELECT count(*) FROM operations").fetchone()[0])
@@ -325,7 +317,7 @@ async def _chain_and_files_agree(bench: Bench, dom: Domain) -> None:
         if rec["status"] == "available":
             # In the live chain, or (after a revert) on a branch of it:
             # either way the overlay backs onto the image, on disk.
-            assert _backing(rec["file"]) == rec["image"], rec
+            assert backing_path(rec["file"]) == rec["image"], rec
             held |= {rec["file"], rec["image"]}
     clones = {c["file"] for c in bench.agent.client.get("/v1/clones")["clones"]
               if c["status"] == "available"}
