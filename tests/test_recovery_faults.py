@@ -106,13 +106,15 @@ async def test_an_operation_recovery_cannot_settle_holds_only_its_volumes(
 async def test_libvirtd_away_while_a_create_finalizes(
     tmp_path: Path, hv: LibvirtHypervisor, guest: Domain
 ) -> None:
-    """REVIEW item 3: the finalize cannot read the chain (libvirtd away), so
-    the create is handed to the sweep.  Until the sweep settled it, its volume
+    """REVIEW item 3: the finalize cannot read the chain (libvirtd away past
+    ``libvirt_outage_wait``, which a create waits out first), so the create
+    is handed to the sweep.  Until the sweep settled it, its volume
     is refused (a retry would make the overlay inner, and the old sweep then
     deleted it); afterwards the snapshot is available and its files all there."""
     target = guest.volumes[0].target
     managed = libvirtd.systemd_managed()
-    agent = Agent(tmp_path, env={"GASNAP_TEST_FAULT": "create:finalizing:stop"})
+    agent = Agent(tmp_path, env={"GASNAP_TEST_FAULT": "create:finalizing:stop"},
+                  config="[agent]\nlibvirt_outage_wait = 2\n")
     try:
         agent.wait_ready()
         task = agent.client.request("POST", "/v1/snapshots", {
