@@ -34,7 +34,7 @@ from gasnap.lab.workload import sh
 from gasnap.qmp.backend import QmpHypervisor
 from gasnap.qmp.graph import disks, format_nodes
 from gasnap.virt import LibvirtHypervisor
-from metaservice import free_port
+from metaservice import MetadataServer, free_port
 from pgcluster import Cluster, private_cluster
 
 URI = "qemu:///system"
@@ -57,6 +57,16 @@ def postgres() -> Iterator[Cluster]:
     """A private PostgreSQL cluster (temp dir, free port, user postgres)."""
     with private_cluster() as cluster:
         yield cluster
+
+
+@pytest.fixture(scope="module")
+def service(postgres: Cluster, tmp_path_factory: pytest.TempPathFactory
+            ) -> Iterator[MetadataServer]:
+    """The reference metadata service on a database of its own, per module."""
+    server = MetadataServer(postgres.new_database(),
+                            tmp_path_factory.mktemp("meta") / "service.log").start()
+    yield server
+    server.stop()
 
 
 @pytest.fixture(scope="session")
@@ -329,7 +339,11 @@ def rig(request: pytest.FixtureRequest) -> Rig:
 def qemu_open_files(hv: QmpHypervisor, name: str) -> set[str]:
     """The files a bare QEMU guest's process holds open."""
     pid = int((hv.run_dir / f"{name}.pid").read_text())
-    return {os.readlink(fd) for fd in Path(f"/proc/{pid}/fd").iterdir()}
+    found = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        with contextlib.suppress(FileNotFoundError):  # closed while we listed them
+            found.add(os.readlink(fd))
+    return found
 
 
 async def commit_by_hand(rig: Rig, name: str, target: str, top: str, base: str) -> None:

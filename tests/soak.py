@@ -42,17 +42,16 @@ import pytest
 
 import libvirtd
 from conftest import PREFIX, Agent, backing_path, tmpfs, wait_task
-from gasnap import qemuimg
+from gasnap import images
 from gasnap.client import ApiError
 from gasnap.errors import GasnapError
 from gasnap.hypervisor import DomainState
 from gasnap.lab.guests import Lab
-from gasnap.lab.verify import fsck_image
+from gasnap.lab.verify import fsck_raw, raw_copy
 from gasnap.lab.workload import sh
 from gasnap.qemuimg import QemuImgError
 from gasnap.virt import LibvirtHypervisor
 from metaservice import TOKEN, MetadataServer
-from pgcluster import Cluster
 
 MINUTES = float(os.environ.get("SOAK_MINUTES", "20"))
 REPORT = Path(os.environ.get("SOAK_REPORT", str(
@@ -121,7 +120,7 @@ def soak_fs() -> Iterator[Path]:
 
 
 @pytest.fixture(scope="module")
-async def soak(hv: LibvirtHypervisor, soak_fs: Path, postgres: Cluster,
+async def soak(hv: LibvirtHypervisor, soak_fs: Path, service: MetadataServer,
                tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Soak]:
     lab = Lab(hv, lab_dir=soak_fs)
     names = [f"{PREFIX}soak-q1", f"{PREFIX}soak-q2", f"{PREFIX}soak-r1", f"{PREFIX}soak-r2"]
@@ -129,7 +128,6 @@ async def soak(hv: LibvirtHypervisor, soak_fs: Path, postgres: Cluster,
         await lab.up(name, disks=1, size_mib=64,
                      disk_format="raw" if "-r" in name else "qcow2")
     base = tmp_path_factory.mktemp("soak")
-    service = MetadataServer(postgres.new_database(), base / "service.log").start()
     config = (f"[agent]\nfreeze_timeout = {FREEZE_TIMEOUT}\nsweep_interval = 2\n"
               "shutdown_timeout = 10\n"
               "[limits]\nmin_free_mib = 16\nmax_snapshots = 40\nmax_chain_depth = 30\n"
@@ -142,7 +140,6 @@ async def soak(hv: LibvirtHypervisor, soak_fs: Path, postgres: Cluster,
     finally:
         if bench.agent is not None:
             bench.agent.stop()
-        service.stop()
         for name in names:
             await lab.down(name)
 
@@ -529,33 +526,34 @@ async def _check_workload_live(soak: Soak, name: str, counts: Counter[str]) -> N
 
 async def _check_image(rec: dict[str, Any], counts: Counter[str]) -> None:
     """A filesystem-consistent image: e2fsck -fn clean, and every file its
-    own manifest lists present with its sha256."""
-    fmt = json.loads(subprocess.run(
-        ["qemu-img", "info", "-U", "-f", "qcow2", "--output=json", rec["file"]],
-        check=True, capture_output=True, text=True).stdout).get("backing-filename-format", "")
+    own manifest lists present with its sha256.  The image's format is the
+    one gasnap wrote into the overlay's header."""
+    header = await asyncio.to_thread(images.read_qcow2_header, rec["file"])
     try:
-        fsck = await fsck_image(rec["image"], fmt)
+        async with raw_copy(rec["image"], header.backing_format or "") as raw:
+            fsck = await fsck_raw(raw)
+            counts["ok e2fsck -fn of a filesystem snapshot" if fsck.clean
+                   else f"FAILED e2fsck {rec['id']}"] += 1
+            await _check_manifest(raw, rec, counts)
     except QemuImgError as err:
         counts[f"FAILED image of {rec['id']} cannot be read: {err.message}"] += 1
-        return
-    counts["ok e2fsck -fn of a filesystem snapshot" if fsck.clean
-           else f"FAILED e2fsck {rec['id']}"] += 1
+
+
+async def _check_manifest(raw: Path, rec: dict[str, Any], counts: Counter[str]) -> None:
     with tempfile.TemporaryDirectory(prefix="gasnap-soak-") as tmp:
-        raw = Path(tmp) / "image.raw"
-        await qemuimg.run("convert", "-U", "-f", fmt, "-O", "raw", rec["image"], str(raw))
-        dump = Path(tmp) / "dump"
-        dump.mkdir()
-        subprocess.run(["debugfs", "-R", f"rdump /soak {dump}", str(raw)],
-                       capture_output=True, check=False)
+        dump = Path(tmp)
+        await asyncio.to_thread(subprocess.run, ["debugfs", "-R", f"rdump /soak {dump}",
+                                                 str(raw)], capture_output=True, check=False)
         manifest = dump / "soak" / "manifest"
         if not manifest.exists():
             counts["ok snapshot taken before the workload"] += 1
             return
-        check = subprocess.run(["sha256sum", "--quiet", "-c", "manifest"], cwd=dump / "soak",
-                               capture_output=True, text=True, check=False)
-        lines = len(manifest.read_text().splitlines())
+        check = await asyncio.to_thread(
+            subprocess.run, ["sha256sum", "--quiet", "-c", "manifest"], cwd=dump / "soak",
+            capture_output=True, text=True, check=False)
         if check.returncode == 0:
-            counts["ok workload files in filesystem snapshots"] += lines
+            counts["ok workload files in filesystem snapshots"] += len(
+                manifest.read_text().splitlines())
         else:
             counts[f"FAILED workload files in snapshot {rec['id']}"] += 1
 

@@ -43,7 +43,6 @@ from gasnap.lab.guests import Lab
 from gasnap.lab.workload import sh
 from gasnap.virt import LibvirtHypervisor
 from metaservice import TOKEN, MetadataServer
-from pgcluster import Cluster
 
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "recovery.md"
 FS = Path("/var/lib/gasnap/lab-faults")
@@ -71,15 +70,6 @@ CELLS = [(f"{op}:{step}", fault) for op, steps in STEPS.items() for step in step
 def small_fs() -> Iterator[Path]:
     with tmpfs(FS, "160m") as path:
         yield path
-
-
-@pytest.fixture(scope="module")
-def service(postgres: Cluster, tmp_path_factory: pytest.TempPathFactory
-            ) -> Iterator[MetadataServer]:
-    base = tmp_path_factory.mktemp("matrix-meta")
-    server = MetadataServer(postgres.new_database(), base / "service.log").start()
-    yield server
-    server.stop()
 
 
 @dataclass

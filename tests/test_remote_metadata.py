@@ -32,18 +32,8 @@ from gasnap.hypervisor import Domain
 from gasnap.lab.workload import sh
 from gasnap.virt import LibvirtHypervisor
 from metaservice import TOKEN, MetadataServer
-from pgcluster import Cluster
 
 DEADLINE = 8
-
-
-@pytest.fixture(scope="module")
-def service(postgres: Cluster, tmp_path_factory: pytest.TempPathFactory
-            ) -> Iterator[MetadataServer]:
-    base = tmp_path_factory.mktemp("remote-meta")
-    server = MetadataServer(postgres.new_database(), base / "service.log").start()
-    yield server
-    server.stop()
 
 
 @pytest.fixture(scope="module")

@@ -15,8 +15,13 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from .blockjobs import JobEnd, JobInfo, Progress
-from .errors import Conflict, NotSupported
+from .errors import Conflict, NotSupported, Unavailable
 from .guestagent import GuestAgent
+
+
+class HypervisorUnavailable(Unavailable):
+    """The hypervisor cannot be reached now (libvirtd restarting, a QEMU
+    monitor gone): what ``Hypervisor.reachable`` waits out."""
 
 
 class DomainChanged(Conflict):

@@ -4,7 +4,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import tempfile
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,12 +39,24 @@ async def fsck_snapshot(snapshot: dict[str, Any]) -> FsckResult:
 async def fsck_image(image: str, fmt: str) -> FsckResult:
     """e2fsck -fn on a raw copy of IMAGE of format FMT (read through its
     backing chain)."""
+    async with raw_copy(image, fmt) as raw:
+        return await fsck_raw(raw)
+
+
+@contextlib.asynccontextmanager
+async def raw_copy(image: str, fmt: str) -> AsyncIterator[Path]:
+    """A raw copy of IMAGE of format FMT, read through its backing chain,
+    for as long as the block runs."""
     with tempfile.TemporaryDirectory(prefix="gasnap-fsck-") as tmp:
         raw = Path(tmp) / "image.raw"
         await qemuimg.run("convert", "-U", "-f", fmt, "-O", "raw", image, str(raw))
-        proc = await asyncio.create_subprocess_exec(
-            "e2fsck", "-fn", str(raw),
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
-        )
-        out, _ = await proc.communicate()
+        yield raw
+
+
+async def fsck_raw(raw: Path) -> FsckResult:
+    proc = await asyncio.create_subprocess_exec(
+        "e2fsck", "-fn", str(raw),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+    )
+    out, _ = await proc.communicate()
     return FsckResult(proc.returncode or 0, out.decode(errors="replace"))

@@ -25,8 +25,8 @@ from qemu.qmp import EventListener, ExecuteError, QMPClient, Runstate
 from qemu.qmp.error import QMPError
 from qemu.qmp.protocol import ConnectError
 
-from ..errors import GasnapError, NotFound, Unavailable
-from ..hypervisor import AgentState, Domain, DomainState, Volume
+from ..errors import GasnapError, NotFound
+from ..hypervisor import AgentState, Domain, DomainState, HypervisorUnavailable, Volume
 from . import graph
 
 log = logging.getLogger(__name__)
@@ -60,7 +60,7 @@ class QmpDomainNotFound(QmpError, NotFound):
     code = "domain_not_found"
 
 
-class QmpUnavailable(QmpError, Unavailable):
+class QmpUnavailable(QmpError, HypervisorUnavailable):
     code = "qmp_unavailable"
 
 

@@ -170,10 +170,15 @@ class LibvirtHypervisor:
 
     async def _hold(self, name: str, uuid: str) -> None:
         if name not in self._held:
-            # Before any window: a libvirtd restarting (an upgrade) is waited out.
-            await self.reachable()
-            conn, dom = await self.connection.call(lambda c: (c, _by_uuid(c, name, uuid)),
-                                        what=f"domain {name}")
+            def find(c: libvirt.virConnect) -> tuple[libvirt.virConnect, libvirt.virDomain]:
+                return c, _by_uuid(c, name, uuid)
+
+            try:
+                conn, dom = await self.connection.call(find, what=f"domain {name}")
+            except LibvirtUnavailable:
+                # Before any window: a libvirtd restarting (an upgrade) is waited out.
+                await self.reachable()
+                conn, dom = await self.connection.call(find, what=f"domain {name}")
             self._held.setdefault(name, _Held(uuid, conn, dom))
         held = self._held[name]
         if held.uuid != uuid:

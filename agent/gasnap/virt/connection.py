@@ -25,7 +25,7 @@ import libvirt
 import libvirtaio
 
 from .. import hypervisor
-from ..errors import Conflict, GasnapError, NotFound, Unavailable
+from ..errors import Conflict, GasnapError, NotFound
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +51,7 @@ class VirtError(GasnapError):
     code = "libvirt"
 
 
-class LibvirtUnavailable(VirtError, Unavailable):
+class LibvirtUnavailable(VirtError, hypervisor.HypervisorUnavailable):
     code = "libvirt_unavailable"
 
 
