@@ -5,6 +5,7 @@ that fails, PostgreSQL's server-side bounds, a page size in another script."""
 from __future__ import annotations
 
 import sqlite3
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -39,7 +40,11 @@ ANSWERS: dict[str, tuple[int, dict[str, Any]]] = {
     "other-409": (409, {"error": {"message": "taken"}}),
     "token": (401, {"error": {"code": "unauthorized", "message": "wrong token"}}),
     "forbidden": (403, {"error": {"message": "not yours"}}),
+    "down": (503, {}),
 }
+
+
+ATTEMPTS: list[float] = []
 
 
 @pytest.fixture
@@ -48,6 +53,7 @@ async def service() -> AsyncIterator[tuple[RemoteMetadata, list[str]]]:
 
     async def answer(request: web.Request) -> web.Response:
         paths.append(request.raw_path)
+        ATTEMPTS.append(time.monotonic())
         status, doc = ANSWERS.get(request.match_info["id"], (404, {}))
         return web.json_response(doc, status=status)
 
@@ -81,6 +87,21 @@ async def test_answers_mean_what_the_protocol_says(
     assert getattr(info.value, "code", None) == code
     if error is MetadataUnauthorized:
         assert isinstance(info.value, Unavailable)  # 503: the host's config, not the caller
+
+
+async def test_no_attempt_starts_past_the_deadline(
+    service: tuple[RemoteMetadata, list[str]]
+) -> None:
+    """The deadline bounds when the last try starts, back-off included: a
+    service that comes back just after it must not be asked again (the fault
+    matrix once saw a create succeed past its metadata deadline)."""
+    client, _ = service
+    ATTEMPTS.clear()
+    start = time.monotonic()
+    with pytest.raises(MetadataUnavailable):
+        await client.get_snapshot("down")
+    assert len(ATTEMPTS) >= 2, ATTEMPTS  # it did retry
+    assert max(ATTEMPTS) - start < client.deadline, ATTEMPTS
 
 
 async def test_snapshot_ids_stay_one_path_segment(

@@ -22,7 +22,7 @@ from tenacity import (
     AsyncRetrying,
     RetryCallState,
     retry_if_exception_type,
-    stop_after_delay,
+    stop_before_delay,
     wait_exponential,
     wait_random,
 )
@@ -205,7 +205,10 @@ class RemoteMetadata:
                     query: dict[str, str] | None = None) -> Any:
         try:
             async for attempt in AsyncRetrying(
-                stop=stop_after_delay(self.deadline),
+                # Before, not after: no attempt starts past the deadline, so a
+                # service back a moment later does not turn "unreachable for
+                # N s" into an answer given at N + a back-off.
+                stop=stop_before_delay(self.deadline),
                 wait=wait_exponential(multiplier=0.2, max=5.0) + wait_random(0, 0.5),
                 retry=retry_if_exception_type(_Retryable),
                 before_sleep=self._before_sleep,
