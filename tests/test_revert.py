@@ -16,6 +16,7 @@ import pytest
 from conftest import (
     PREFIX,
     Agent,
+    backing_path,
     chain_of,
     create_snapshots,
     delete_snapshot,
@@ -138,6 +139,48 @@ async def test_revert_keeps_the_state_it_leaves_and_can_be_undone(
         assert {rid: record_digest(r) for rid, r in left.items()} == digests
     assert await files_in(name, hv) >= {"a", "b", "c"}
     await _check_no_stray_files(agent, hv, reverting)
+
+
+async def test_deletes_below_a_revert_keep_the_branch_it_left(
+    agent: Agent, hv: LibvirtHypervisor, lab: Lab, reverting: Domain
+) -> None:
+    """The soak's broken branch: reverted to B, the running chain passes
+    through A's overlay, which B's branch also backs onto.  Deleting A must
+    not commit that overlay away: it pulls A's image up instead, and while a
+    snapshot's overlay is the active layer (C) even that would take C off its
+    image, so the delete is refused until C is gone."""
+    name = reverting.name
+    existing = frozenset(await volume_files(hv, reverting))
+    await sh(hv, name, "echo A > /data/ba && sync")
+    sa = snap(agent, reverting, "below-a")
+    await sh(hv, name, "echo B > /data/bb && sync")
+    sb = snap(agent, reverting, "below-b")
+    task = revert(agent, sb["id"], force=True)
+    assert task["state"] == "succeeded", task
+    await wait_booted(lab, name)
+    sc = snap(agent, reverting, "below-c")
+    chain = await chain_of(hv, name, "vda")
+    files = await volume_files(hv, reverting)
+    digests = {rid: record_digest(r) for rid, r in records(agent, reverting).items()}
+
+    with pytest.raises(ApiError) as refused:
+        agent.client.request("DELETE", f"/v1/snapshots/{sa['id']}")
+    assert (refused.value.details["status"], refused.value.code) == (409, "has_dependents")
+    assert sc["id"] in refused.value.message
+    assert (await chain_of(hv, name, "vda"), await volume_files(hv, reverting)) == (
+        chain, files)
+
+    for doomed in (sc["id"], sa["id"]):
+        task = delete_snapshot(agent, doomed)
+        assert task["state"] == "succeeded", task
+        del digests[doomed]
+    left = records(agent, reverting)
+    assert {rid: record_digest(r) for rid, r in left.items()} == digests
+    for rec in left.values():
+        assert backing_path(rec["file"]) == rec["image"], rec
+    assert left[sb["id"]]["image"] == sa["file"]  # the branch's base stayed
+    assert await files_in(name, hv) >= {"ba", "bb"}
+    await _check_no_stray_files(agent, hv, reverting, existing)
 
 
 async def volume_files(hv: LibvirtHypervisor, dom: Domain) -> set[str]:

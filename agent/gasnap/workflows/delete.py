@@ -54,6 +54,8 @@ class Outcome:
 async def execute(ctx: Context, merge: DeletePlan, progress: ProgressSink) -> Outcome:
     op = await ctx.journal.begin(Kind.DELETE, DeleteStep.PLANNED, merge.to_dict(),
                                  volumes=[merge.volume_id])
+    log.info("delete of %s: %s on %s/%s, removing %s", merge.snapshot_id, merge.method.value,
+             merge.domain, merge.target, os.path.basename(merge.remove))
     faults.hit("delete:planned")
     op = await ctx.journal.step(op, DeleteStep.DELETING)
     try:

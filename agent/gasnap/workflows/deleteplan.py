@@ -194,24 +194,18 @@ async def plan(ctx: Context, snapshot_id: str, strategy: Strategy) -> DeletePlan
     others = [m for m in metas if m.id != meta.id and m.status in HOLDING]
     if any(m.backing_file == meta.backing_file for m in others):
         raise ChainMismatch(f"snapshot {meta.id}: another snapshot records the same image")
-    dependents = nodes.dependents(str(meta.backing_file))
     in_chain = str(meta.file) in [layer.path for layer in vol.chain]
     if not in_chain and str(meta.file) not in _left_by_reverts(nodes, metas):
         raise ChainMismatch(f"snapshot {meta.id}: its overlay {meta.file} is not in the live "
                             f"chain of {dom.name}/{vol.target}, nor on a branch a revert left")
     own = await _clone_of(ctx, meta.volume_id)
-    if in_chain and len(dependents) == 1:
-        merge = await _linear(meta, dom, vol, live=live, strategy=strategy, others=others)
-        if own is not None and merge.remove == own.file and strategy is Strategy.AUTO:
-            # A clone's own file stays: its record and every host name it.
-            merge = await _linear(meta, dom, vol, live=live, strategy=Strategy.COMMIT,
-                                  others=others)
-    elif strategy is Strategy.COMMIT:
-        raise HasDependents(f"snapshot {meta.id}: its image backs {len(dependents)} files "
-                            "(or a branch the domain does not run); only pull can merge it")
-    else:
-        merge = await _branch(meta, dom, vol, live=live, nodes=nodes, dependents=dependents,
-                              others=others)
+    merge = await _choose(meta, dom, vol, live=live, strategy=strategy, nodes=nodes,
+                          others=others, own=own)
+    broken = left_broken(merge, nodes, others)
+    if broken:
+        raise HasDependents(
+            f"snapshot {meta.id}: merging it would leave the overlays of snapshots "
+            f"{', '.join(broken)} off their images; delete those first", snapshots=broken)
     if own is not None and merge.remove == own.file:
         raise StrategyUnsupported(f"snapshot {meta.id}: merging it so would remove clone "
                                   f"{own.id}'s own file; commit it instead")
@@ -220,6 +214,33 @@ async def plan(ctx: Context, snapshot_id: str, strategy: Strategy) -> DeletePlan
     await space.check({os.path.dirname(merge_target(merge)): merge.moved_bytes}, ctx.min_free,
                       f"the merge of snapshot {meta.id}")
     return dataclasses.replace(merge, memory_file=meta.memory_file, group_id=meta.group_id)
+
+
+async def _choose(meta: SnapshotMeta, dom: Domain, vol: Volume, *, live: bool,
+                  strategy: Strategy, nodes: tree.Tree, others: list[SnapshotMeta],
+                  own: CloneMeta | None) -> DeletePlan:
+    """The merge for META: linear when S.image backs S.file alone in the
+    running chain and no branch hangs off what it removes, else a branch pull."""
+    dependents = nodes.dependents(str(meta.backing_file))
+    in_chain = str(meta.file) in [layer.path for layer in vol.chain]
+    merge: DeletePlan | None = None
+    if in_chain and len(dependents) == 1:
+        merge = await _linear(meta, dom, vol, live=live, strategy=strategy, others=others)
+        if own is not None and merge.remove == own.file and strategy is Strategy.AUTO:
+            # A clone's own file stays: its record and every host name it.
+            merge = await _linear(meta, dom, vol, live=live, strategy=Strategy.COMMIT,
+                                  others=others)
+        if left_broken(merge, nodes, others):
+            # S.file also backs a branch a revert left: a commit would remove
+            # it from under that branch.  Pulling S.image up keeps S.file.
+            merge = None
+    if merge is None and strategy is Strategy.COMMIT:
+        raise HasDependents(f"snapshot {meta.id}: its files also back a branch a revert "
+                            "left (or it lies on one); only pull can merge it")
+    if merge is None:
+        merge = await _branch(meta, dom, vol, live=live, nodes=nodes, dependents=dependents,
+                              others=others)
+    return merge
 
 
 async def _clone_of(ctx: Context, volume_id: str) -> CloneMeta | None:
@@ -271,6 +292,36 @@ async def _check_other_users(ctx: Context, merge: DeletePlan, dom: Domain, vol: 
             f"snapshot {merge.snapshot_id}: {', '.join(shared)} is also in the disk of another "
             "domain or another disk (a child made outside gasnap); detach it first",
             files=shared)
+
+
+def left_broken(merge: DeletePlan, nodes: tree.Tree, others: list[SnapshotMeta]
+                ) -> list[str]:
+    """The other snapshots whose overlay backs onto their image now but would
+    not once MERGE ran (its relinks applied): the plan would break them.  The
+    backing pointers after the merge are what ``merging`` rewrites, no more."""
+    backing = {path: node.backing for path, node in nodes.nodes.items()}
+    backing.update(_repointed(merge))
+    relinks = {r.snapshot_id: r for r in merge.relinks}
+    broken = []
+    for other in others:
+        if not nodes.consistent(other):
+            continue  # already off its image: not this merge's doing
+        relink = relinks.get(other.id, Relink(other.id))
+        file = relink.file or str(other.file)
+        image = relink.backing_file or other.backing_file
+        if merge.remove in (file, image) or backing.get(file) != image:
+            broken.append(other.id)
+    return broken
+
+
+def _repointed(merge: DeletePlan) -> dict[str, str | None]:
+    """The files MERGE gives a new backing file, and that file."""
+    if merge.method is Method.BRANCH_PULL:
+        moved = [*merge.dependents, *([merge.top] if merge.pull_active else [])]
+        return dict.fromkeys(moved, merge.pull_base)
+    if merge.method in (Method.PULL, Method.OFFLINE_PULL):
+        return {merge.top: merge.pull_base}
+    return {merge.above: merge.base} if merge.above else {}
 
 
 def _left_by_reverts(nodes: tree.Tree, metas: list[SnapshotMeta]) -> set[str]:

@@ -1,0 +1,82 @@
+"""A delete plan never takes another snapshot's overlay off its image.
+
+The soak found it: after a revert the reverted-to snapshot's image is also
+the overlay of the snapshot below, and committing that one removed the file
+a whole branch backed onto.  ``left_broken`` reads the tree after the merge
+(the pointers ``merging`` rewrites, the relinks applied); these cases are
+the chains of the soak, on paths alone.  tests/test_revert.py runs them on
+lab guests."""
+
+from __future__ import annotations
+
+from gasnap.metadata import SnapshotMeta, Status
+from gasnap.workflows import tree
+from gasnap.workflows.deleteplan import DeletePlan, Method, Relink, left_broken
+
+
+def meta(sid: str, file: str, image: str) -> SnapshotMeta:
+    return SnapshotMeta(sid, "v", sid, "", 1, "t", "d", None, "vda", Status.AVAILABLE,
+                        file=file, backing_file=image)
+
+
+def nodes(backing: dict[str, str | None]) -> tree.Tree:
+    return tree.Tree({p: tree.Node(p, "qcow2", b, "qcow2" if b else None)
+                      for p, b in backing.items()}, [])
+
+
+def plan(method: Method, **fields: object) -> DeletePlan:
+    base: dict[str, object] = {
+        "snapshot_id": "a", "domain": "d", "target": "vda", "volume_id": "v",
+        "method": method, "top": "", "base": "", "remove": "", "pull_base": None,
+        "above": None, "base_format": "qcow2", "moved_bytes": 0, "chain": []}
+    return DeletePlan(**{**base, **fields})  # type: ignore[arg-type]
+
+
+# base <- FA (A) <- FB (B), reverted to B: N on FA; the branch FB <- OBV.
+REVERTED = nodes({"base": None, "FA": "base", "FB": "FA", "OBV": "FB", "N": "FA"})
+B, BV = meta("b", "FB", "FA"), meta("bv", "OBV", "FB")
+
+
+def test_a_commit_that_removes_a_branch_base_is_broken() -> None:
+    commit = plan(Method.COMMIT, top="FA", base="base", remove="FA", above="N",
+                  chain=["N", "FA", "base"], relinks=[Relink("b", backing_file="base")])
+    assert left_broken(commit, REVERTED, [B, BV]) == ["b"]
+
+
+def test_a_branch_pull_that_keeps_the_branch_base_is_whole() -> None:
+    pull = plan(Method.BRANCH_PULL, top="N", base="base", remove="base", pull_base=None,
+                dependents=["FA"], pull_active=True, chain=["N", "FA", "base"],
+                after=["N"])
+    assert left_broken(pull, REVERTED, [B, BV]) == []
+
+
+def test_a_pull_through_a_snapshot_overlay_is_broken() -> None:
+    """Once the guest took C on N, pulling everything into C's overlay would
+    take it off N, C's image: refused (delete C first)."""
+    taken = nodes({**{n.path: n.backing for n in REVERTED.nodes.values()}, "FC": "N"})
+    c = meta("c", "FC", "N")
+    pull = plan(Method.BRANCH_PULL, top="FC", base="base", remove="base", pull_base=None,
+                dependents=["FA"], pull_active=True, chain=["FC", "N", "FA", "base"],
+                after=["FC"])
+    assert left_broken(pull, taken, [B, BV, c]) == ["c"]
+
+
+def test_plain_merges_keep_every_other_record() -> None:
+    linear = nodes({"base": None, "F1": "base", "F2": "F1", "F3": "F2"})
+    one, two, three = meta("1", "F1", "base"), meta("2", "F2", "F1"), meta("3", "F3", "F2")
+    inner = plan(Method.COMMIT, top="F2", base="F1", remove="F2", above="F3",
+                 relinks=[Relink("3", backing_file="F1")])
+    assert left_broken(inner, linear, [one, three]) == []
+    active = plan(Method.PULL, top="F3", base="F2", remove="F2", pull_base="F1",
+                  relinks=[Relink("2", file="F3")])
+    assert left_broken(active, linear, [one, two]) == []
+    # Without its relink the record would name a removed file.
+    assert left_broken(plan(Method.PULL, top="F3", base="F2", remove="F2", pull_base="F1"),
+                       linear, [one, two]) == ["2"]
+
+
+def test_a_record_already_off_its_image_is_not_this_merges_doing() -> None:
+    linear = nodes({"base": None, "F1": "base", "F2": "F1", "X": None})
+    stray = meta("x", "X", "F1")  # a chain changed by hand
+    commit = plan(Method.ACTIVE_COMMIT, top="F2", base="F1", remove="F2")
+    assert left_broken(commit, linear, [stray]) == []
