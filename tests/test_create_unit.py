@@ -231,3 +231,73 @@ async def test_a_failed_overlay_is_removed_only_when_no_chain_holds_it(tmp_path:
 
 def overlay_path_of(directory: Path) -> Path:
     return Path(os.path.realpath(directory / f"vol.{SNAP1}"))
+
+
+# --- the freeze window: when a snapshot may be called filesystem-consistent -------
+
+
+class Clock:
+    """A monotonic clock that moves only when a fake says so."""
+
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+
+class WindowFakes:
+    """Guard, guest agent, journal and hypervisor of one freeze window, each
+    taking the (fake) time given: the guard's deadline runs from when it
+    takes the arm, as the real guard's ``call_later`` does."""
+
+    def __init__(self, clock: Clock, *, ack: float, switch: float) -> None:
+        self.clock, self.ack, self.switch = clock, ack, switch
+        self.guard_deadline = 0.0
+        self.switched_at = 0.0
+
+    async def arm(self, domains: list[str], timeout: float, *, owner: str) -> None:
+        self.guard_deadline = self.clock.now + timeout
+        self.clock.now += self.ack  # a loaded host: the answer comes late
+
+    async def disarm(self, domains: list[str], *, owner: str) -> None:
+        pass
+
+    async def step(self, op: Any, _step: Any, **_fields: Any) -> Any:
+        return op
+
+    async def fsfreeze(self, _domain: str, _timeout: float) -> int:
+        self.clock.now += 0.1
+        return 1
+
+    async def fsthaw(self, _domain: str, _timeout: float) -> int:
+        return 1
+
+    async def switch_overlays(self, *_args: Any) -> None:
+        self.clock.now += self.switch
+        self.switched_at = self.clock.now
+
+
+@pytest.mark.parametrize(("ack", "switch", "expected"), [
+    (0.0, 0.5, "filesystem"),
+    (0.5, 0.3, "filesystem"),  # 0.9 s after the arm: inside the guard's deadline
+    (0.5, 0.6, "crash"),  # 1.2 s: the guard had thawed, though 0.7 s after its ack
+])
+async def test_a_switch_after_the_guards_deadline_is_crash_consistent(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, ack: float, switch: float, expected: str
+) -> None:
+    from types import SimpleNamespace  # noqa: PLC0415
+
+    from gasnap.workflows import create  # noqa: PLC0415
+    from gasnap.workflows.createplan import VolumePlan  # noqa: PLC0415
+
+    clock = Clock()
+    monkeypatch.setattr(create, "time", SimpleNamespace(monotonic=clock.monotonic))
+    fakes = WindowFakes(clock, ack=ack, switch=switch)
+    ctx = Context(fakes, fakes, None, fakes, fakes, 1.0)  # type: ignore[arg-type]
+    planned = CreatePlan(None, "n", "", Quiesce.PREFERRED, "t", [VolumePlan(
+        SNAP1, "d", "d/vda", "vda", str(tmp_path / "vol"), "qcow2", str(tmp_path / "o"), 1)],
+        ["d"], ["d"], [])
+    _, consistency = await create._owned_window(ctx, SimpleNamespace(id="op"), planned, {})
+    assert (fakes.switched_at < fakes.guard_deadline) == (expected == "filesystem")
+    assert consistency == {"d": expected}

@@ -35,7 +35,7 @@ from typing import Any
 import pytest
 
 import libvirtd
-from conftest import PREFIX, Agent, backing_path, snap, tmpfs, wait_task
+from conftest import PREFIX, Agent, backing_path, snap, tmpfs, wait_task, wait_until
 from gasnap.client import ApiError
 from gasnap.freezeguard import THAW_PAUSE_MAX
 from gasnap.hypervisor import Domain, DomainState
@@ -82,6 +82,7 @@ class Bench:
     reader: Domain  # what clones are attached to
     hold: Path  # the agent's GASNAP_TEST_HOLD directory
     libvirtd_managed: bool = False  # how libvirtd was running when the test stopped it
+    refuser: Refuser | None = None  # the metadata service's port while it is down
     cloned: str = ""  # the snapshot the clone cells clone
 
 
@@ -198,6 +199,7 @@ async def _inject(bench: Bench, fault: str, point: str) -> None:
         bench.libvirtd_managed = await asyncio.to_thread(libvirtd.stop)
     elif fault == "metadata":
         bench.service.kill()
+        bench.refuser = await Refuser.open(bench.service.port)
     elif fault == "qga":
         if point in GUEST_OFF:
             await _agent_at_boot(bench, on=False)
@@ -218,12 +220,48 @@ _QGA_AWAY = ("touch /run/gasnap-qga-off; (sleep 0.5; kill -9 $(pidof qemu-ga); s
 
 async def _heal_now(bench: Bench, fault: str) -> None:
     """Faults that last a few seconds from the moment the step goes on."""
-    if fault in ("libvirtd", "metadata"):
-        await asyncio.sleep(DEADLINE + 1 if fault == "metadata" else 2)
-        if fault == "libvirtd":
-            await asyncio.to_thread(libvirtd.start, bench.libvirtd_managed)
-        else:
-            bench.service.start()
+    if fault == "libvirtd":
+        await asyncio.sleep(2)
+        await asyncio.to_thread(libvirtd.start, bench.libvirtd_managed)
+    elif fault == "metadata" and bench.refuser is not None:
+        await bench.refuser.away(DEADLINE + 1)
+        bench.refuser = None
+        bench.service.start()
+
+
+class Refuser:
+    """The metadata service's port while the service is down: each
+    connection is closed at once (an outage to the agent), and the first one
+    is noted.  The outage lasts OUTAGE seconds from the moment the step goes
+    on and, if a call met it in that time, OUTAGE seconds from that call:
+    a call that finds the service away is always away past its deadline,
+    however late in the window the step makes it."""
+
+    def __init__(self) -> None:
+        self.first: float | None = None
+        self.server: asyncio.Server | None = None
+
+    @classmethod
+    async def open(cls, port: int) -> Refuser:
+        refuser = cls()
+        refuser.server = await asyncio.start_server(refuser._refuse, "127.0.0.1", port,
+                                                    reuse_address=True)
+        return refuser
+
+    async def _refuse(self, _reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+                      ) -> None:
+        if self.first is None:
+            self.first = time.monotonic()
+        writer.close()
+
+    async def away(self, outage: float) -> None:
+        window = time.monotonic() + outage
+        await asyncio.sleep(outage)
+        if self.first is not None and self.first <= window:
+            await asyncio.sleep(max(0.0, self.first + outage - time.monotonic()))
+        assert self.server is not None
+        self.server.close()
+        await self.server.wait_closed()
 
 
 async def _heal_after(bench: Bench, fault: str, point: str) -> None:
@@ -388,3 +426,45 @@ def documented() -> dict[tuple[str, str], str]:
         for fault, cell in zip(FAULTS, parts[2:], strict=True):
             cells[(point, fault)] = cell.removesuffix(PAUSED).strip()
     return cells
+
+
+# --- a plan gone stale while it waited ----------------------------------------------
+
+
+async def test_a_disk_plugged_before_the_window_fails_the_create(bench: Bench) -> None:
+    """The soak's race, made on purpose: the create stands after its overlays
+    while a disk is hot-plugged by hand (a clone attach elsewhere would do
+    the same).  The window reads the domain first and fails the create,
+    nothing switched: the snapshot says error, the chain is as it was."""
+    chain = await _chain(bench)
+    extra = bench.hold / "extra.raw"
+    extra.write_bytes(b"\0" * (1 << 20))
+    (bench.hold / "hold").write_text("create:overlays")
+    request = asyncio.create_task(asyncio.to_thread(_start, bench, "create", ""))
+    known = set(_snapshots(bench))
+    try:
+        await _until_held(bench, request)
+        await asyncio.to_thread(_virsh, "attach-disk", bench.guest.name, str(extra), "vdz",
+                                "--live", "--driver", "qemu", "--subdriver", "raw")
+    finally:
+        (bench.hold / "hold").unlink(missing_ok=True)
+    try:
+        done = await asyncio.to_thread(wait_task, bench.agent, (await request)["id"], 120)
+        assert (done["state"], done["error"]["code"]) == ("failed", "disks_changed"), done
+        assert "vdz" in done["error"]["message"]
+        assert await _chain(bench) == chain
+        (made,) = [r for i, r in _snapshots(bench).items() if i not in known]
+        assert made["status"] == "error"
+    finally:
+        await asyncio.to_thread(_virsh, "detach-disk", bench.guest.name, "vdz", "--live")
+
+        async def unplugged() -> bool:
+            return "vdz" not in await asyncio.to_thread(_virsh, "domblklist", bench.guest.name)
+
+        await wait_until(unplugged, 60)
+    await _settled(bench)
+
+
+async def _chain(bench: Bench) -> list[str]:
+    return [layer.path for layer in (await bench.hv.get_domain(
+        bench.guest.name)).volumes[0].chain]

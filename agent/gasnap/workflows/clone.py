@@ -153,7 +153,8 @@ async def _copy(ctx: Context, plan: ClonePlan, progress: ProgressSink) -> None:
 
 
 async def _attach(ctx: Context, plan: AttachPlan) -> CloneMeta:
-    async with ctx.hv.hold({plan.domain: plan.uuid}):
+    # Never inside a freeze window: a create there names every disk.
+    async with ctx.windows.owning([plan.uuid]), ctx.hv.hold({plan.domain: plan.uuid}):
         await ctx.hv.attach_disk(plan.domain, plan.path, plan.target, plan.clone_id,
                                  readonly=plan.readonly)
     return await _record(ctx, plan.clone_id, CloneChange(
@@ -211,7 +212,8 @@ async def detach(ctx: Context, meta: CloneMeta) -> Outcome:
     async def work() -> CloneMeta:
         dom = await _holder(ctx, where.domain, meta.id)
         if dom is not None:  # None: undefined since, nothing holds the clone any more
-            await ctx.hv.detach_disk(dom.name, meta.id, timeout=ctx.detach_timeout)
+            async with ctx.windows.owning([dom.uuid]):  # as attach: never in a window
+                await ctx.hv.detach_disk(dom.name, meta.id, timeout=ctx.detach_timeout)
         return await _record(ctx, meta.id, CloneChange(detach=True))
 
     return await _one_step(ctx, CloneStep.DETACHING,

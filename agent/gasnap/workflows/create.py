@@ -29,7 +29,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from .. import faults, images, metrics, qemuimg
-from ..errors import GasnapError, Unavailable, from_os_error
+from ..errors import Conflict, GasnapError, Unavailable, from_os_error
 from ..freezeguard import FreezeGuardError
 from ..guestagent import (
     THAW_TIMEOUT,
@@ -205,7 +205,33 @@ async def _freeze_window(
     domain.  The window owns its domains' freezes (``windows``): another
     window on one of them waits until this one has thawed."""
     async with ctx.windows.owning(planned.uuids.get(d, d) for d in planned.live):
+        await _disks_as_planned(ctx, planned)
         return await _owned_window(ctx, op, planned, pauses)
+
+
+class DisksChanged(Conflict):
+    """A domain's disks are not those planned: a disk was attached or
+    detached (a clone) or a chain moved between the plan and the window."""
+
+    code = "disks_changed"
+
+
+async def _disks_as_planned(ctx: Context, planned: CreatePlan) -> None:
+    """Each live domain has the disks planned, on the files planned.  Read
+    with the window owned (hot-plugs take it too), before any freeze: a plan
+    that went stale while it queued fails here, nothing switched."""
+    for name in planned.live:
+        dom = await ctx.hv.get_domain(name, uuid=planned.uuids.get(name))
+        now = {v.target: v.active_file for v in dom.volumes}
+        wanted = {v.target: v.image for v in planned.of(name)}
+        alone = set(planned.left_alone.get(name, []))
+        moved = [t for t, image in wanted.items() if now.get(t) != image]
+        if set(now) != set(wanted) | alone or moved:
+            raise DisksChanged(
+                f"{name}: its disks changed since the snapshot was planned (now "
+                f"{', '.join(sorted(now)) or 'none'}; planned {', '.join(sorted(wanted))}, "
+                f"besides {', '.join(sorted(alone)) or 'none'}"
+                f"{'; moved: ' + ', '.join(moved) if moved else ''}); nothing was switched")
 
 
 async def _owned_window(
@@ -214,6 +240,11 @@ async def _owned_window(
     consistency = {d: Consistency.CRASH.value for d in [*planned.live, *planned.stopped]}
     to_freeze = [] if planned.quiesce is Quiesce.OFF else list(planned.running)
     marks = [time.monotonic()]
+    # The guard's deadline runs from when it takes the arm, which is after
+    # this instant: a switch done before armed + freeze_timeout was done
+    # before any thaw of the guard's.  (Measured from after the arm, a slow
+    # ack or journal write let a switch after the guard's thaw pass as frozen.)
+    armed = marks[0]
     if to_freeze:
         try:
             await ctx.guard.arm(to_freeze, ctx.freeze_timeout, owner=op.id)
@@ -227,6 +258,7 @@ async def _owned_window(
     marks.append(started)
     owned = to_freeze
     switch_errors: dict[str, str] = {}
+    switched = armed
     try:
         frozen, owned, stop = await _freeze(ctx, to_freeze, planned.quiesce)
         if stop is not None:
@@ -236,7 +268,8 @@ async def _owned_window(
             consistency[name] = Consistency.FILESYSTEM.value
         faults.hit("create:switching")
         switch_errors = await _switch_live(ctx, planned, pauses)
-        marks.append(time.monotonic())
+        switched = time.monotonic()
+        marks.append(switched)
         faults.hit("create:switched")
     finally:
         await _thaw(ctx, owned, op.id)
@@ -245,7 +278,7 @@ async def _owned_window(
     marks.append(time.monotonic())
     log.debug("window of %s: arm %.1f ms, freeze %.1f ms, switch %.1f ms, thaw %.1f ms",
               ",".join(planned.live), *((b - a) * 1e3 for a, b in itertools.pairwise(marks)))
-    if time.monotonic() - started >= ctx.freeze_timeout:
+    if switched - armed >= ctx.freeze_timeout:
         # The guard may have thawed before the switch: no longer a frozen image.
         log.warning("freeze window exceeded %.1fs; recording crash consistency",
                     ctx.freeze_timeout)
