@@ -94,6 +94,7 @@ class Soak:
     rss: list[dict[str, float]] = field(default_factory=list)
     ending: bool = False
     faulting: set[str] = field(default_factory=set)  # faults in force now
+    evidence: dict[str, Any] = field(default_factory=dict)  # per FAILED item: what it was
 
     def event(self, **what: Any) -> None:
         self.events.append({"t": round(time.monotonic() - START, 2), **what})
@@ -475,8 +476,10 @@ async def _inventory(soak: Soak) -> Counter[str]:
         backing = backing_path(rec["file"])
         counts["ok record's overlay backs onto its image" if backing == rec["image"]
                else f"FAILED {rec['id']} backs onto {backing}"] += 1
+        if backing != rec["image"]:
+            soak.evidence[rec["id"]] = {"record": rec, "backing": backing}
         if rec["consistency"] == "filesystem":
-            await _check_image(rec, counts)
+            await _check_image(soak, rec, counts)
     for directory in {Path(p).parent for p in held if p.startswith(str(FS))}:
         for path in directory.iterdir():
             if path.name in ("console.log",) or ".gasnap-spare" in path.name:
@@ -524,7 +527,7 @@ async def _check_workload_live(soak: Soak, name: str, counts: Counter[str]) -> N
         counts[f"FAILED workload files in the live state of {name}"] += 1
 
 
-async def _check_image(rec: dict[str, Any], counts: Counter[str]) -> None:
+async def _check_image(soak: Soak, rec: dict[str, Any], counts: Counter[str]) -> None:
     """A filesystem-consistent image: e2fsck -fn clean, and every file its
     own manifest lists present with its sha256.  The image's format is the
     one gasnap wrote into the overlay's header."""
@@ -534,6 +537,8 @@ async def _check_image(rec: dict[str, Any], counts: Counter[str]) -> None:
             fsck = await fsck_raw(raw)
             counts["ok e2fsck -fn of a filesystem snapshot" if fsck.clean
                    else f"FAILED e2fsck {rec['id']}"] += 1
+            if not fsck.clean:  # which record, and what e2fsck saw: the next lead
+                soak.evidence[rec["id"]] = {"record": rec, "e2fsck": fsck.output[-4000:]}
             await _check_manifest(raw, rec, counts)
     except QemuImgError as err:
         counts[f"FAILED image of {rec['id']} cannot be read: {err.message}"] += 1
@@ -597,7 +602,7 @@ def _report(soak: Soak, counts: Counter[str]) -> None:
     REPORT.write_text("\n".join(lines) + "\n")
     REPORT.with_suffix(".json").write_text(json.dumps(
         {"seed": SEED, "minutes": MINUTES, "events": soak.events, "rss": soak.rss,
-         "invariants": counts}, indent=1) + "\n")
+         "invariants": counts, "evidence": soak.evidence}, indent=1) + "\n")
 
 
 def _verdict(counts: Counter[str]) -> str:
