@@ -40,7 +40,7 @@ B, BV = meta("b", "FB", "FA"), meta("bv", "OBV", "FB")
 def test_a_commit_that_removes_a_branch_base_is_broken() -> None:
     commit = plan(Method.COMMIT, top="FA", base="base", remove="FA", above="N",
                   chain=["N", "FA", "base"], relinks=[Relink("b", backing_file="base")])
-    assert left_broken(commit, REVERTED, [B, BV]) == ["b"]
+    assert left_broken(commit, REVERTED, [B, BV]) == ["b", "bv"]  # BV's image reads FA
 
 
 def test_a_branch_pull_that_keeps_the_branch_base_is_whole() -> None:
@@ -80,3 +80,18 @@ def test_a_record_already_off_its_image_is_not_this_merges_doing() -> None:
     stray = meta("x", "X", "F1")  # a chain changed by hand
     commit = plan(Method.ACTIVE_COMMIT, top="F2", base="F1", remove="F2")
     assert left_broken(commit, linear, [stray]) == []
+
+
+def test_an_image_whose_own_backing_goes_is_broken() -> None:
+    """The soak's second run: the record of the snapshot whose overlay FA is
+    was gone, so no record named FA as its file; FA was still the image of
+    B, left on a branch, and committing base's upper layer (S, file FS)
+    away from under FA broke B's image although B's own pointer held."""
+    tree_ = nodes({"base": None, "FS": "base", "FA": "FS", "FB": "FA", "N": "FS"})
+    b = meta("b", "FB", "FA")
+    commit = plan(Method.COMMIT, top="FS", base="base", remove="FS", above="N",
+                  chain=["N", "FS", "base"])
+    assert left_broken(commit, tree_, [b]) == ["b"]
+    pull = plan(Method.BRANCH_PULL, top="N", base="base", remove="base", pull_base=None,
+                dependents=["FS"], pull_active=True, chain=["N", "FS", "base"], after=["N"])
+    assert left_broken(pull, tree_, [b]) == []

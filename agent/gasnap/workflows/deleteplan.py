@@ -297,8 +297,9 @@ async def _check_other_users(ctx: Context, merge: DeletePlan, dom: Domain, vol: 
 def left_broken(merge: DeletePlan, nodes: tree.Tree, others: list[SnapshotMeta]
                 ) -> list[str]:
     """The other snapshots whose overlay backs onto their image now but would
-    not once MERGE ran (its relinks applied): the plan would break them.  The
-    backing pointers after the merge are what ``merging`` rewrites, no more."""
+    not once MERGE ran (its relinks applied), or whose image would then read
+    through the file MERGE removes: the plan would break them.  The backing
+    pointers after the merge are what ``merging`` rewrites, no more."""
     backing = {path: node.backing for path, node in nodes.nodes.items()}
     backing.update(_repointed(merge))
     relinks = {r.snapshot_id: r for r in merge.relinks}
@@ -309,9 +310,19 @@ def left_broken(merge: DeletePlan, nodes: tree.Tree, others: list[SnapshotMeta]
         relink = relinks.get(other.id, Relink(other.id))
         file = relink.file or str(other.file)
         image = relink.backing_file or other.backing_file
-        if merge.remove in (file, image) or backing.get(file) != image:
+        if backing.get(file) != image or merge.remove in _below(file, backing):
             broken.append(other.id)
     return broken
+
+
+def _below(path: str, backing: dict[str, str | None]) -> list[str]:
+    """PATH and every file under it, following BACKING (a loop ends it)."""
+    found: list[str] = []
+    node: str | None = path
+    while node is not None and node not in found:
+        found.append(node)
+        node = backing.get(node)
+    return found
 
 
 def _repointed(merge: DeletePlan) -> dict[str, str | None]:

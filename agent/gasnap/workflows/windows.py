@@ -14,9 +14,10 @@ already under way, and the freeze hook's pairs in the guest stay readable.
 A live merge starts its block job under the same lock, so a job never
 starts inside somebody's window, and a clone's hot-plug or unplug runs under
 it (an unplug waits up to ``detach_timeout`` for the guest), so a window's
-domain keeps the disks its create named; the window checks them first.  Keys are domain UUIDs: a name can change
-hands, a UUID cannot.  Groups take their domains' locks in one order
-(sorted), so two groups can never wait on each other.
+domain keeps the disks its create named; the window checks them first.
+Keys are domain UUIDs: a name can change hands, a UUID cannot.  Groups take
+their domains' locks in one order (sorted), so two groups can never wait on
+each other.
 """
 
 from __future__ import annotations
