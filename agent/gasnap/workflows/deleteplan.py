@@ -200,7 +200,7 @@ async def plan(ctx: Context, snapshot_id: str, strategy: Strategy) -> DeletePlan
                             f"chain of {dom.name}/{vol.target}, nor on a branch a revert left")
     own = await _clone_of(ctx, meta.volume_id)
     merge = await _choose(meta, dom, vol, live=live, strategy=strategy, nodes=nodes,
-                          others=others, own=own)
+                          others=others, own=own, in_chain=in_chain)
     broken = left_broken(merge, nodes, others)
     if broken:
         raise HasDependents(
@@ -218,11 +218,10 @@ async def plan(ctx: Context, snapshot_id: str, strategy: Strategy) -> DeletePlan
 
 async def _choose(meta: SnapshotMeta, dom: Domain, vol: Volume, *, live: bool,
                   strategy: Strategy, nodes: tree.Tree, others: list[SnapshotMeta],
-                  own: CloneMeta | None) -> DeletePlan:
+                  own: CloneMeta | None, in_chain: bool) -> DeletePlan:
     """The merge for META: linear when S.image backs S.file alone in the
     running chain and no branch hangs off what it removes, else a branch pull."""
     dependents = nodes.dependents(str(meta.backing_file))
-    in_chain = str(meta.file) in [layer.path for layer in vol.chain]
     merge: DeletePlan | None = None
     if in_chain and len(dependents) == 1:
         merge = await _linear(meta, dom, vol, live=live, strategy=strategy, others=others)
@@ -300,8 +299,9 @@ def left_broken(merge: DeletePlan, nodes: tree.Tree, others: list[SnapshotMeta]
     not once MERGE ran (its relinks applied), or whose image would then read
     through the file MERGE removes: the plan would break them.  The backing
     pointers after the merge are what ``merging`` rewrites, no more."""
-    backing = {path: node.backing for path, node in nodes.nodes.items()}
-    backing.update(_repointed(merge))
+    moved = _repointed(merge)
+    after = tree.Tree({path: dataclasses.replace(node, backing=moved[path]) if path in moved
+                       else node for path, node in nodes.nodes.items()}, [])
     relinks = {r.snapshot_id: r for r in merge.relinks}
     broken = []
     for other in others:
@@ -310,19 +310,10 @@ def left_broken(merge: DeletePlan, nodes: tree.Tree, others: list[SnapshotMeta]
         relink = relinks.get(other.id, Relink(other.id))
         file = relink.file or str(other.file)
         image = relink.backing_file or other.backing_file
-        if backing.get(file) != image or merge.remove in _below(file, backing):
+        node = after.nodes.get(file)
+        if node is None or node.backing != image or merge.remove in after.lineage(file):
             broken.append(other.id)
     return broken
-
-
-def _below(path: str, backing: dict[str, str | None]) -> list[str]:
-    """PATH and every file under it, following BACKING (a loop ends it)."""
-    found: list[str] = []
-    node: str | None = path
-    while node is not None and node not in found:
-        found.append(node)
-        node = backing.get(node)
-    return found
 
 
 def _repointed(merge: DeletePlan) -> dict[str, str | None]:
