@@ -9,9 +9,10 @@ lab guests."""
 
 from __future__ import annotations
 
-from gasnap.metadata import SnapshotMeta, Status
+from gasnap.hypervisor import AgentState, Domain, DomainState, Layer, Volume
+from gasnap.metadata import CloneMeta, CloneMode, CloneStatus, SnapshotMeta, Status
 from gasnap.workflows import tree
-from gasnap.workflows.deleteplan import DeletePlan, Method, Relink, left_broken
+from gasnap.workflows.deleteplan import DeletePlan, Method, Relink, drop_of, left_broken
 
 
 def meta(sid: str, file: str, image: str) -> SnapshotMeta:
@@ -95,3 +96,51 @@ def test_an_image_whose_own_backing_goes_is_broken() -> None:
     pull = plan(Method.BRANCH_PULL, top="N", base="base", remove="base", pull_base=None,
                 dependents=["FS"], pull_active=True, chain=["N", "FS", "base"], after=["N"])
     assert left_broken(pull, tree_, [b]) == []
+
+
+# --- drop: a leaf of a branch a revert left --------------------------------------
+#
+# A on base (overlay FA), reverted to A: the before-revert snapshot R keeps
+# FA (its image) under its overlay OR, and the domain runs N on base.
+
+LEFT = nodes({"base": None, "FA": "base", "OR": "FA", "N": "base"})
+A, R = meta("a", "FA", "base"), meta("r", "OR", "FA")
+RUNNING = Volume("v", "vda", None, "file", (Layer("N", "qcow2"), Layer("base", "raw")))
+
+
+def drop(target: SnapshotMeta, tree_: tree.Tree, others: list[SnapshotMeta],
+         *, own: CloneMeta | None = None) -> DeletePlan | None:
+    dom = Domain("d", "u", DomainState.RUNNING, AgentState.CONNECTED, (RUNNING,))
+    return drop_of(target, dom, RUNNING, nodes=tree_, others=others, own=own,
+                   in_chain=str(target.file) in ("N", "base"))
+
+
+def test_the_state_a_revert_left_is_dropped_unmerged() -> None:
+    """Merging R's image into its overlay (a branch pull) left OR behind
+    once A went too: a file nothing names (the soak's orphans)."""
+    first = drop(R, LEFT, [A])
+    assert first is not None
+    assert (first.removed, first.chain, first.expected_chain) == (["OR"], ["N", "base"],
+                                                                  ["N", "base"])
+    assert left_broken(first, LEFT, [A]) == []
+    then = drop(A, nodes({"base": None, "FA": "base", "N": "base"}), [])
+    assert then is not None and then.removed == ["FA"]  # base runs
+
+
+def test_a_drop_takes_the_image_only_when_nothing_else_holds_it() -> None:
+    alone = drop(R, LEFT, [])  # A's record is gone
+    assert alone is not None and alone.removed == ["OR", "FA"]
+    shared = nodes({**{n.path: n.backing for n in LEFT.nodes.values()}, "OX": "FA"})
+    kept = drop(R, shared, [meta("x", "OX", "FA")])
+    assert kept is not None and kept.removed == ["OR"]
+    clone = CloneMeta("c", "c", "s", "w", CloneMode.FULL, "FA", None, 1, CloneStatus.AVAILABLE,
+                      "t")
+    kept = drop(R, LEFT, [], own=clone)
+    assert kept is not None and kept.removed == ["OR"]
+
+
+def test_only_a_leaf_nothing_else_names_is_dropped() -> None:
+    assert drop(A, LEFT, [R]) is None  # OR backs onto FA
+    assert drop(meta("n", "N", "base"), LEFT, []) is None  # the running layer
+    named = meta("y", "OR", "FA")
+    assert drop(R, LEFT, [named]) is None

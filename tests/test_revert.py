@@ -21,12 +21,14 @@ from conftest import (
     create_snapshots,
     delete_snapshot,
     gasnap,
+    image_digest,
     record_digest,
     snap,
     wait_task,
 )
 from gasnap.client import ApiError
 from gasnap.hypervisor import Domain, DomainState
+from gasnap.images import read_qcow2_header
 from gasnap.lab.guests import Lab
 from gasnap.lab.verify import fsck_image
 from gasnap.lab.workload import sh
@@ -130,10 +132,12 @@ async def test_revert_keeps_the_state_it_leaves_and_can_be_undone(
         agent.client.request("DELETE", f"/v1/snapshots/{s1['id']}?strategy=commit")
     assert (refused.value.details["status"], refused.value.code) == (409, "has_dependents")
     digests = {rid: record_digest(r) for rid, r in records(agent, reverting).items()}
-    for doomed in (s1["id"], before_id):
+    # The undo's running chain passes through S2's overlay, not through the
+    # first revert's before-revert overlay: that leaf is dropped unmerged.
+    for doomed, method in ((s1["id"], "branch-pull"), (before_id, "drop")):
         task = delete_snapshot(agent, doomed)
         assert task["state"] == "succeeded", task
-        assert task["result"]["strategy"] == "branch-pull"
+        assert task["result"]["strategy"] == method
         del digests[doomed]
         left = records(agent, reverting)
         assert {rid: record_digest(r) for rid, r in left.items()} == digests
@@ -180,6 +184,38 @@ async def test_deletes_below_a_revert_keep_the_branch_it_left(
         assert backing_path(rec["file"]) == rec["image"], rec
     assert left[sb["id"]]["image"] == sa["file"]  # the branch's base stayed
     assert await files_in(name, hv) >= {"ba", "bb"}
+    await _check_no_stray_files(agent, hv, reverting, existing)
+
+
+async def test_the_branch_a_revert_left_goes_whole_with_its_records(
+    agent: Agent, hv: LibvirtHypervisor, lab: Lab, reverting: Domain
+) -> None:
+    """The soak's orphans: reverted to A, the state left is the before-revert
+    snapshot R's (A's overlay, R's overlay on it).  Deleting R, then A, must
+    leave no file behind; merging R's image into R's overlay used to, and
+    then flattened the running base to take A's image out."""
+    name = reverting.name
+    existing = frozenset(await volume_files(hv, reverting))
+    await sh(hv, name, "echo D > /data/da && sync")
+    sa = snap(agent, reverting, "drop-a")
+    await sh(hv, name, "echo E > /data/db && sync")
+    task = revert(agent, sa["id"], force=True)
+    assert task["state"] == "succeeded", task
+    (before_id,) = task["result"]["before"]
+    await wait_booted(lab, name)
+    running = await chain_of(hv, name, "vda")
+    assert running[1] == sa["image"]
+    image_format = str(read_qcow2_header(sa["file"]).backing_format)
+    digest = image_digest(sa["image"], image_format)
+    for doomed in (before_id, sa["id"]):
+        task = delete_snapshot(agent, doomed)
+        assert task["state"] == "succeeded", task
+        assert task["result"]["strategy"] == "drop"
+        assert await chain_of(hv, name, "vda") == running
+    assert not Path(sa["file"]).exists()
+    assert image_digest(sa["image"], image_format) == digest  # runs on, untouched
+    assert await files_in(name, hv) >= {"da"}
+    assert "db" not in await files_in(name, hv)
     await _check_no_stray_files(agent, hv, reverting, existing)
 
 
@@ -327,3 +363,54 @@ async def test_a_revert_cut_short_anywhere_converges(
         assert existing <= await volume_files(hv, reverting)
     finally:
         restarted.stop()
+
+
+@pytest.mark.parametrize("reverting", ["qcow2"], indirect=True)
+async def test_a_drop_cut_short_converges(
+    tmp_path: Path, hv: LibvirtHypervisor, lab: Lab, reverting: Domain
+) -> None:
+    """A drop removes nothing before its clean-up.  Killed once the record
+    is deleting: error_deleting, every file kept.  Killed again at the
+    clean-up: the restarted agent removes the overlay and the record."""
+    name = reverting.name
+    existing = frozenset(await volume_files(hv, reverting))
+    first = Agent(tmp_path, env={"GASNAP_TEST_FAULT": "delete:deleting"})
+    try:
+        first.wait_ready()
+        kept = snap(first, reverting, "cut-drop")
+        task = revert(first, kept["id"], force=True)
+        assert task["state"] == "succeeded", task
+        (before_id,) = task["result"]["before"]
+        dropped = first.client.get(f"/v1/snapshots/{before_id}")["file"]
+        await wait_booted(lab, name)
+        files = await volume_files(hv, reverting)
+        _delete_until_killed(first, before_id)
+    finally:
+        first.stop()
+    second = Agent(tmp_path, env={"GASNAP_TEST_FAULT": "delete:cleanup"})
+    try:
+        second.wait_ready()
+        assert second.client.get(f"/v1/snapshots/{before_id}")["status"] == "error_deleting"
+        assert await volume_files(hv, reverting) == files
+        _delete_until_killed(second, before_id)
+    finally:
+        second.stop()
+    third = Agent(tmp_path)
+    try:
+        third.wait_ready()
+        with pytest.raises(ApiError) as gone:
+            third.client.get(f"/v1/snapshots/{before_id}")
+        assert gone.value.details["status"] == 404
+        assert not Path(dropped).exists()
+        assert await volume_files(hv, reverting) == files - {dropped}
+        await _check_no_stray_files(third, hv, reverting, existing)
+    finally:
+        third.stop()
+
+
+def _delete_until_killed(agent: Agent, snapshot_id: str) -> None:
+    try:
+        agent.client.request("DELETE", f"/v1/snapshots/{snapshot_id}")
+    except ApiError as err:
+        assert err.code == "agent_unreachable"
+    assert agent.wait_exit() == -signal.SIGKILL

@@ -12,6 +12,9 @@ With S the snapshot, the live chain reads ``... ← S.image ← S.file ← ...``
   is removed).  ``auto`` moves the fewer allocated bytes.
 * Domain stopped → the same with ``qemu-img commit``/``rebase`` and relative
   pointers; the persistent definition follows when the active file changes.
+* S on a branch a revert left → a **branch pull** of S.image into every file
+  it backs; or, S.file being the branch's newest file and nobody else's, a
+  **drop**: no merge, S.file (and S.image, if S alone holds it) removed.
 
 ``deleteplan`` finds the method; ``execute`` runs it.  Steps, each
 journaled before it is taken: planned → deleting (status) → job
@@ -55,7 +58,7 @@ async def execute(ctx: Context, merge: DeletePlan, progress: ProgressSink) -> Ou
     op = await ctx.journal.begin(Kind.DELETE, DeleteStep.PLANNED, merge.to_dict(),
                                  volumes=[merge.volume_id])
     log.info("delete of %s: %s on %s/%s, removing %s", merge.snapshot_id, merge.method.value,
-             merge.domain, merge.target, os.path.basename(merge.remove))
+             merge.domain, merge.target, ", ".join(map(os.path.basename, merge.removed)))
     faults.hit("delete:planned")
     op = await ctx.journal.step(op, DeleteStep.DELETING)
     try:
@@ -71,7 +74,9 @@ async def execute(ctx: Context, merge: DeletePlan, progress: ProgressSink) -> Ou
     started = time.monotonic()
     try:
         async with ctx.hv.hold(_held(merge)):
-            if merge.method is Method.BRANCH_PULL:
+            if merge.method is Method.DROP:
+                pass  # nothing to merge: the files go at clean-up
+            elif merge.method is Method.BRANCH_PULL:
                 op = await merging.branch_pull(ctx, op, merge, progress, job="start")
             elif merge.method.live:
                 op = await merging.live_merge(ctx, op, merge, progress, started=False)
@@ -156,9 +161,10 @@ async def cleanup(ctx: Context, op: Operation, merge: DeletePlan) -> None:
             functools.partial(meta_svc.update_snapshot_files, relink.snapshot_id, relink.file,
                               relink.backing_file), f"relink {relink.snapshot_id}")
     faults.hit("delete:cleanup")
-    await _remove(ctx, merge.remove)
-    if await ctx.spares.forget(images.spare_path(merge.remove), merge.remove):
-        await _replace_spare(ctx, merge)
+    for path in merge.removed:
+        await _remove(ctx, path)
+        if await ctx.spares.forget(images.spare_path(path), path):
+            await _replace_spare(ctx, merge)
     meta = await until_recorded(functools.partial(meta_svc.get_snapshot, sid), f"read {sid}")
     if meta.status is not Status.DELETING:
         await until_recorded(functools.partial(
@@ -238,7 +244,9 @@ async def resume(ctx: Context, op: Operation) -> None:
     except (NotFound, DomainChanged) as err:
         await _give_up(ctx, op, merge, meta, f"{err.message}; nothing was changed")
         return
-    if merge.method is Method.BRANCH_PULL:
+    if merge.method is Method.DROP:
+        await _resume_drop(ctx, op, merge, meta)
+    elif merge.method is Method.BRANCH_PULL:
         await _resume_branch(ctx, op, merge, meta, chain)
     elif chain == merge.expected_chain:
         log.warning("recovery: merge for %s is done; cleaning up", merge.snapshot_id)
@@ -303,6 +311,18 @@ async def _resume_branch(ctx: Context, op: Operation, merge: DeletePlan, meta: S
     except (GasnapError, OSError) as err:
         await _failed(ctx, op, merge, _as_gasnap(err))
         return
+    await cleanup(ctx, op, merge)
+
+
+async def _resume_drop(ctx: Context, op: Operation, merge: DeletePlan,
+                       meta: SnapshotMeta) -> None:
+    """A drop changes no file before its clean-up: from the job step on,
+    the record is deleting and the clean-up finishes; before, nothing moved."""
+    if DeleteStep(op.step) in (DeleteStep.PLANNED, DeleteStep.DELETING):
+        await _give_up(ctx, op, merge, meta, "interrupted before the files were removed; "
+                       "delete again to retry")
+        return
+    log.warning("recovery: finishing the drop of %s", merge.snapshot_id)
     await cleanup(ctx, op, merge)
 
 

@@ -50,6 +50,10 @@ class Method(enum.Enum):
     # S.image backs several files (a branch point), or S is on a branch the
     # domain does not run: S.image's data goes into every file it backs.
     BRANCH_PULL = "branch-pull"
+    # S.file is a leaf of a branch nothing runs and no other record names:
+    # nothing needs its data, so it goes unmerged (S.image with it when
+    # nothing else holds that either).  Merging would leave it behind.
+    DROP = "drop"
 
     @property
     def live(self) -> bool:
@@ -113,6 +117,12 @@ class DeletePlan:
     # last record that names it
     memory_file: str | None = None
     group_id: str | None = None
+    drop_image: bool = False  # drop: S.image goes too
+
+    @property
+    def removed(self) -> list[str]:
+        """The files that leave the volume once the delete is done."""
+        return [self.remove, *([self.base] if self.drop_image else [])]
 
     def format_of(self, path: str) -> str:
         """PATH's format as the live chain named it when planned (never probed)."""
@@ -195,12 +205,14 @@ async def plan(ctx: Context, snapshot_id: str, strategy: Strategy) -> DeletePlan
     if any(m.backing_file == meta.backing_file for m in others):
         raise ChainMismatch(f"snapshot {meta.id}: another snapshot records the same image")
     in_chain = str(meta.file) in [layer.path for layer in vol.chain]
-    if not in_chain and str(meta.file) not in _left_by_reverts(nodes, metas):
+    if not in_chain and not _on_a_branch(meta, vol, nodes, metas):
         raise ChainMismatch(f"snapshot {meta.id}: its overlay {meta.file} is not in the live "
                             f"chain of {dom.name}/{vol.target}, nor on a branch a revert left")
     own = await _clone_of(ctx, meta.volume_id)
-    merge = await _choose(meta, dom, vol, live=live, strategy=strategy, nodes=nodes,
-                          others=others, own=own, in_chain=in_chain)
+    merge = drop_of(meta, dom, vol, nodes=nodes, others=others, own=own, in_chain=in_chain)
+    if merge is None:
+        merge = await _choose(meta, dom, vol, live=live, strategy=strategy, nodes=nodes,
+                              others=others, own=own, in_chain=in_chain)
     broken = left_broken(merge, nodes, others)
     if broken:
         raise HasDependents(
@@ -260,7 +272,9 @@ def touched(merge: DeletePlan) -> set[str]:
     written = {merge_target(merge)}
     if merge.method is Method.BRANCH_PULL:
         written = {*merge.dependents, *([merge.top] if merge.pull_active else [])}
-    return {*written, merge.remove}
+    elif merge.method is Method.DROP:
+        written = set()
+    return {*written, *merge.removed}
 
 
 async def _check_clones(ctx: Context, merge: DeletePlan, nodes: tree.Tree) -> None:
@@ -303,6 +317,7 @@ def left_broken(merge: DeletePlan, nodes: tree.Tree, others: list[SnapshotMeta]
     after = tree.Tree({path: dataclasses.replace(node, backing=moved[path]) if path in moved
                        else node for path, node in nodes.nodes.items()}, [])
     relinks = {r.snapshot_id: r for r in merge.relinks}
+    gone = set(merge.removed)
     broken = []
     for other in others:
         if not nodes.consistent(other):
@@ -311,7 +326,7 @@ def left_broken(merge: DeletePlan, nodes: tree.Tree, others: list[SnapshotMeta]
         file = relink.file or str(other.file)
         image = relink.backing_file or other.backing_file
         node = after.nodes.get(file)
-        if node is None or node.backing != image or merge.remove in after.lineage(file):
+        if node is None or node.backing != image or gone & set(after.lineage(file)):
             broken.append(other.id)
     return broken
 
@@ -326,12 +341,47 @@ def _repointed(merge: DeletePlan) -> dict[str, str | None]:
     return {merge.above: merge.base} if merge.above else {}
 
 
-def _left_by_reverts(nodes: tree.Tree, metas: list[SnapshotMeta]) -> set[str]:
-    """The files of the branches reverts left: each ends in the overlay of a
-    before-revert snapshot."""
-    return {path for m in metas
-            if m.origin is Origin.BEFORE_REVERT and m.status in HOLDING and m.file
+def _on_a_branch(meta: SnapshotMeta, vol: Volume, nodes: tree.Tree,
+                 metas: list[SnapshotMeta]) -> bool:
+    """META's overlay is off the running chain because a revert left it on a
+    branch, not because the chain was changed by hand.  A branch a revert
+    left ends in a before-revert snapshot's overlay; once that snapshot is
+    deleted, the branch is known by its shape: every record of the volume
+    agrees with its files, and the branch does not back onto the running
+    layer (an active commit by hand leaves the overlay so)."""
+    holding = [m for m in metas if m.status in HOLDING]
+    left = {path for m in holding if m.origin is Origin.BEFORE_REVERT and m.file
             for path in nodes.lineage(m.file)}
+    if str(meta.file) in left:
+        return True
+    return (all(nodes.consistent(m) for m in holding)
+            and vol.active_file not in nodes.lineage(str(meta.file)))
+
+
+def drop_of(meta: SnapshotMeta, dom: Domain, vol: Volume, *, nodes: tree.Tree,
+          others: list[SnapshotMeta], own: CloneMeta | None, in_chain: bool
+          ) -> DeletePlan | None:
+    """META's overlay is the leaf of a branch a revert left, and nothing
+    else holds it: the branch's state past META's image is nobody's.  Its
+    image goes as well when META alone holds that (the overlay backs it
+    alone, off the running chain, no other record names it); whatever lies
+    below the image is another record's.  None if META is not such a leaf."""
+    file, image = str(meta.file), str(meta.backing_file)
+    chain = [layer.path for layer in vol.chain]
+
+    def held(path: str, dependents: list[str]) -> bool:
+        return (path in chain or nodes.dependents(path) != dependents
+                or (own is not None and own.file == path)
+                or any(path in (m.file, m.backing_file) for m in others))
+
+    if in_chain or held(file, []):
+        return None
+    return DeletePlan(
+        snapshot_id=meta.id, domain=dom.name, target=vol.target, volume_id=meta.volume_id,
+        method=Method.DROP, top=file, base=image, remove=file, pull_base=None, above=None,
+        base_format=nodes.format_of(image), moved_bytes=0, chain=chain, uuid=dom.uuid,
+        after=chain, drop_image=not held(image, [file]),
+    )
 
 
 async def _branch(meta: SnapshotMeta, dom: Domain, vol: Volume, *, live: bool,
