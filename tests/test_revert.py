@@ -270,6 +270,34 @@ async def test_a_group_goes_back_to_one_instant(
     assert len(task["result"]["domains"]) == 1
 
 
+async def test_a_revert_holds_every_disk_of_its_domain(
+    agent: Agent, hv: LibvirtHypervisor, lab: Lab
+) -> None:
+    """The soak: a revert of one disk shut the domain down; a delete on its
+    other disk, planned meanwhile, merged offline with qemu-img, and the
+    revert started the domain under it.  A revert holds every disk of the
+    domains it stops and starts, until it ends."""
+    dom = await lab.up(f"{PREFIX}revert-two", disks=2, size_mib=32)
+    try:
+        made = create_snapshots(agent, {"domains": [dom.name]})
+        assert made["state"] == "succeeded", made
+        by_target = {s["target"]: s for s in made["result"]["snapshots"]}
+        going = agent.client.request("POST", f"/v1/snapshots/{by_target['vda']['id']}/revert",
+                                     {"scope": "volume", "force": True, "start": False})["task"]
+        other = by_target["vdb"]
+        with pytest.raises(ApiError) as busy:
+            agent.client.request("DELETE", f"/v1/snapshots/{other['id']}")
+        assert busy.value.code == "volume_busy" and going["id"] in busy.value.message
+        done = wait_task(agent, going["id"], timeout=300)
+        assert done["state"] == "succeeded", done
+        assert agent.client.get(f"/v1/snapshots/{other['id']}")["status"] == "available"
+        task = delete_snapshot(agent, other["id"])
+        assert task["state"] == "succeeded", task
+        assert task["result"]["strategy"].startswith("offline-")
+    finally:
+        await lab.down(dom.name)
+
+
 async def test_bad_revert_requests_change_nothing(
     agent: Agent, hv: LibvirtHypervisor, reverting: Domain
 ) -> None:

@@ -329,17 +329,18 @@ class SnapshotService:
 
     async def revert(self, snapshot_id: str, scope: revertplan.Scope, *, force: bool,
                      start: bool | None) -> Task:
-        """Plan under a reservation of every volume going back (so the plan
-        stays true), then run as a task."""
+        """Plan under a reservation of every volume going back, and of every
+        other disk of their domains (the revert stops and starts them), so
+        the plan stays true; then run as a task."""
         self._check_ready()
         first = await revertplan.plan(self.ctx, snapshot_id, scope, force=force, start=start)
-        task = self.tasks.reserve("snapshot-revert", {v.volume_id for v in first.volumes})
+        task = self.tasks.reserve("snapshot-revert", first.holds)
         try:
             planned = await revertplan.plan(self.ctx, snapshot_id, scope, force=force,
                                             start=start)
-            if {v.volume_id for v in planned.volumes} != task.volumes:
-                raise Conflict("the snapshot's group changed while the revert was planned; "
-                               "try again", code="domain_changed")
+            if planned.holds != task.volumes:
+                raise Conflict("the snapshot's group or its domains' disks changed while the "
+                               "revert was planned; try again", code="domain_changed")
         except BaseException:
             self.tasks.drop(task)
             raise

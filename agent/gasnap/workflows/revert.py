@@ -59,7 +59,7 @@ class Outcome:
 
 async def execute(ctx: Context, planned: RevertPlan) -> Outcome:
     op = await ctx.journal.begin(Kind.REVERT, RevertStep.PLANNED, planned.to_dict(),
-                                 volumes=[v.volume_id for v in planned.volumes])
+                                 volumes=sorted(planned.holds))
     faults.hit("revert:planned")
     before: list[SnapshotMeta] = []
     clock = _Clock()

@@ -65,6 +65,9 @@ class RevertPlan:
     memory: dict[str, str] = field(default_factory=dict)
     paused: list[str] = field(default_factory=list)
     snapshot_name: str = ""  # names the before-revert snapshots
+    # every disk of the domains: a revert takes each whole domain down and
+    # up again, so nothing may merge offline on another disk meanwhile
+    held: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -74,7 +77,13 @@ class RevertPlan:
         return cls(doc["snapshot_id"], [RevertVolume(**v) for v in doc["volumes"]],
                    dict(doc["uuids"]), list(doc["stop"]), list(doc["start"]),
                    list(doc.get("agents", [])), dict(doc.get("memory", {})),
-                   list(doc.get("paused", [])), doc.get("snapshot_name", ""))
+                   list(doc.get("paused", [])), doc.get("snapshot_name", ""),
+                   list(doc.get("held", [])))
+
+    @property
+    def holds(self) -> frozenset[str]:
+        """The volumes the revert keeps to itself while it runs."""
+        return frozenset([*self.held, *(v.volume_id for v in self.volumes)])
 
     @property
     def domains(self) -> list[str]:
@@ -125,7 +134,8 @@ async def plan(ctx: Context, snapshot_id: str, scope: Scope, *, force: bool,
     planned = RevertPlan(meta.id, volumes, {d.name: d.uuid for d in domains.values()},
                          live, restart, agents, memory,
                          [t.domain for t in targets
-                          if t.domain in memory and t.domain_state == "paused"], meta.name)
+                          if t.domain in memory and t.domain_state == "paused"], meta.name,
+                         sorted({v.volume_id for d in domains.values() for v in d.volumes}))
     needs: dict[str, int] = {}
     for v in volumes:
         where = os.path.dirname(v.overlay)
