@@ -6,10 +6,13 @@ their source, bad input, and a clone cut short at every step."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
+import sqlite3
 import subprocess
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -365,6 +368,71 @@ async def test_a_child_made_outside_gasnap_holds_its_snapshot_too(
 async def _detached(hv: LibvirtHypervisor, name: str, path: str) -> bool:
     return all(path not in [layer.path for layer in vol.chain]
                for vol in (await hv.get_domain(name)).volumes)
+
+
+@pytest.mark.parametrize("source", ["qcow2"], indirect=True)
+async def test_a_plug_or_unplug_waits_for_a_create_window(
+    agent: Agent, hv: LibvirtHypervisor, source: Domain, reader: Domain
+) -> None:
+    """A clone plugged into (or unplugged from) a guest that a create holds
+    frozen would change its disks inside the window: both wait for the
+    window to close.  The create takes the reader with the source, whose
+    freeze hook sleeps 3 s: the reader stays frozen meanwhile, and an attach
+    or detach that did not wait would land then (libvirt itself only keeps
+    it off while the reader's own freeze call runs)."""
+    made = snap(agent, source, "window-race")
+    linked = clone(agent, made["id"])["result"]["clone"]
+    disks = {name: [(await hv.get_domain(name)).volumes[0].target]
+             for name in (reader.name, source.name)}
+    body = {"domains": list(disks), "disks": disks}
+    try:
+        for action, extra in (("attach", {"domain": reader.name}), ("detach", {})):
+            was = await _has_disk(hv, reader.name, linked["id"])
+            await sh(hv, source.name, "echo 3 > /run/gasnap-hook-delay")
+            try:
+                task = agent.client.request("POST", "/v1/snapshots", body)["task"]
+                await wait_until(lambda: _freezing(agent), timeout=30)
+                change = asyncio.create_task(asyncio.to_thread(
+                    agent.client.request, "POST", f"/v1/clones/{linked['id']}/{action}", extra))
+                frozen_seen, deadline = 0, time.monotonic() + 60
+                while True:
+                    assert time.monotonic() < deadline, "the create never froze and thawed"
+                    status = (await hv.agent.fsfreeze_status(reader.name, 30)).value
+                    plugged = await _has_disk(hv, reader.name, linked["id"])
+                    if status != "frozen" and frozen_seen:
+                        break
+                    if status == "frozen":
+                        frozen_seen += 1
+                        assert plugged == was, f"{action} ran inside the create's window"
+                        assert not change.done()
+                    await asyncio.sleep(0.05)
+                assert frozen_seen
+                changed = (await change)["clone"]
+                done = await asyncio.to_thread(wait_task, agent, task["id"])
+            finally:
+                await sh(hv, source.name, "rm -f /run/gasnap-hook-delay")
+            assert done["state"] == "succeeded", done
+            assert [t["consistency"] for t in done["result"]["snapshots"]] == ["filesystem"] * 2
+            assert (changed["attached_to"] is not None) == (action == "attach")
+            assert await _has_disk(hv, reader.name, linked["id"]) == (action == "attach")
+    finally:
+        if await _has_disk(hv, reader.name, linked["id"]):
+            agent.client.request("POST", f"/v1/clones/{linked['id']}/detach", {})
+        agent.client.request("DELETE", f"/v1/clones/{linked['id']}")
+        assert delete_snapshot(agent, made["id"])["state"] == "succeeded"
+
+
+async def _has_disk(hv: LibvirtHypervisor, name: str, volume_id: str) -> bool:
+    return (await hv.get_domain(name)).volume(volume_id) is not None
+
+
+async def _freezing(agent: Agent) -> bool:
+    """A create stands in its window: the journal says it is freezing."""
+    def read() -> bool:
+        with sqlite3.connect(agent.state_dir / "journal.db") as conn:
+            return conn.execute("SELECT 1 FROM operations WHERE kind = 'create' "
+                                "AND step = 'freezing'").fetchone() is not None
+    return await asyncio.to_thread(read)
 
 
 @pytest.mark.parametrize("source", ["qcow2"], indirect=True)

@@ -40,7 +40,7 @@ DEADLINE = 8
 def remote_agent(service: MetadataServer, tmp_path_factory: pytest.TempPathFactory
                  ) -> Iterator[Agent]:
     config = (f'[metadata]\nurl = "{service.url}"\ntoken = "{TOKEN}"\n'
-              f"deadline = {DEADLINE}\n")
+              f"deadline = {DEADLINE}\n[agent]\nsweep_interval = 2\n")
     with running_agent(tmp_path_factory.mktemp("remote-agent"), config=config) as running:
         yield running
 
@@ -166,7 +166,7 @@ async def test_outage_as_a_delete_starts_is_swept(
     held until the sweep has looked at the record, then the delete can run."""
     vol = guest.volumes[0]
     config = (f'[metadata]\nurl = "{service.url}"\ntoken = "{TOKEN}"\n'
-              f"deadline = {DEADLINE}\n")
+              f"deadline = {DEADLINE}\n[agent]\nsweep_interval = 2\n")
     agent = Agent(tmp_path, config=config, env={"GASNAP_TEST_FAULT": "delete:planned:stop"})
     try:
         agent.wait_ready()

@@ -111,6 +111,9 @@ async def test_a_merge_the_filesystem_cuts_short_fails_and_is_retried(
             assert await chain_of(hv, name, "vda") == chain
         finally:
             filler.unlink()
+    # The retry, by the same agent restarted without the limit that kept the
+    # merge going while the filesystem filled (at 1 MiB/s it takes 30 s).
+    with running_agent(tmp_path, config=config(1)) as agent:
         retried = await asyncio.to_thread(delete_snapshot, agent, made["id"], "commit")
         assert retried["state"] == "succeeded", retried
         assert "thirty" in await sh(hv, name, "ls /data")
