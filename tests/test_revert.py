@@ -187,6 +187,7 @@ async def test_deletes_below_a_revert_keep_the_branch_it_left(
     await _check_no_stray_files(agent, hv, reverting, existing)
 
 
+@pytest.mark.parametrize("reverting", ["qcow2"], indirect=True)  # raw: the undo above
 async def test_the_branch_a_revert_left_goes_whole_with_its_records(
     agent: Agent, hv: LibvirtHypervisor, lab: Lab, reverting: Domain
 ) -> None:
