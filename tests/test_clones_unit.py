@@ -5,15 +5,21 @@ bandwidth setting as its rate limit)."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 
 from gasnap import qemuimg
 from gasnap.errors import BadRequest
-from gasnap.metadata import CloneMode
-from gasnap.workflows.cloneplan import request_from_doc
+from gasnap.metadata import CloneChange, CloneMode
+from gasnap.workflows import clone
+from gasnap.workflows.cloneplan import AttachPlan, request_from_doc
 from gasnap.workflows.deleteplan import DeletePlan, Method, touched
+from gasnap.workflows.windows import Windows
 
 
 def plan(method: Method, **fields: Any) -> DeletePlan:
@@ -69,3 +75,40 @@ async def test_a_full_copy_names_formats_flushes_and_is_throttled(
     await qemuimg.convert("/v/image", "raw", "/v/.volume-c.part", bandwidth_mib=bandwidth)
     assert calls == [("convert", "-t", "writeback", "-f", "raw", "-O", "qcow2", *limit,
                       "/v/image", "/v/.volume-c.part")]
+
+
+# --- a plug never lands inside a freeze window ---------------------------------------
+
+
+class _Hypervisor:
+    def __init__(self) -> None:
+        self.attached: list[str] = []
+
+    @contextlib.asynccontextmanager
+    async def hold(self, _domains: dict[str, str]) -> AsyncIterator[None]:
+        yield
+
+    async def attach_disk(self, _name: str, _path: str, target: str, _serial: str, *,
+                          readonly: bool) -> None:
+        self.attached.append(target)
+
+
+class _Metadata:
+    async def update_clone_metadata(self, clone_id: str, change: CloneChange) -> str:
+        return clone_id
+
+
+async def test_an_attach_waits_for_the_window_of_its_domain() -> None:
+    """The lab test's host lets libvirt itself delay a plug past a freeze
+    call; the window lock is what keeps it out of the rest of the window."""
+    hv, windows = _Hypervisor(), Windows()
+    ctx = SimpleNamespace(windows=windows, hv=hv, metadata=_Metadata())
+    planned = AttachPlan("c1", "/v/c1", "reader", "uuid-r", "vdb", readonly=False)
+    async with windows.owning(["uuid-r"]):
+        attaching = asyncio.create_task(clone._attach(ctx, planned))  # type: ignore[arg-type]
+        await asyncio.sleep(0.1)
+        assert hv.attached == [] and not attaching.done()
+    assert await attaching == "c1"
+    assert hv.attached == ["vdb"]
+    async with windows.owning(["uuid-other"]):  # another domain's window: no wait
+        await asyncio.wait_for(clone._attach(ctx, planned), 5)  # type: ignore[arg-type]
