@@ -385,6 +385,7 @@ async def test_a_plug_or_unplug_waits_for_a_create_window(
     disks = {name: [(await hv.get_domain(name)).volumes[0].target]
              for name in (reader.name, source.name)}
     body = {"domains": list(disks), "disks": disks}
+    taken: list[str] = []  # deleted again: other agents' tests take the source's files next
     try:
         for action, extra in (("attach", {"domain": reader.name}), ("detach", {})):
             was = await _has_disk(hv, reader.name, linked["id"])
@@ -412,6 +413,7 @@ async def test_a_plug_or_unplug_waits_for_a_create_window(
             finally:
                 await sh(hv, source.name, "rm -f /run/gasnap-hook-delay")
             assert done["state"] == "succeeded", done
+            taken.extend(t["id"] for t in done["result"]["snapshots"])
             assert [t["consistency"] for t in done["result"]["snapshots"]] == ["filesystem"] * 2
             assert (changed["attached_to"] is not None) == (action == "attach")
             assert await _has_disk(hv, reader.name, linked["id"]) == (action == "attach")
@@ -419,7 +421,8 @@ async def test_a_plug_or_unplug_waits_for_a_create_window(
         if await _has_disk(hv, reader.name, linked["id"]):
             agent.client.request("POST", f"/v1/clones/{linked['id']}/detach", {})
         agent.client.request("DELETE", f"/v1/clones/{linked['id']}")
-        assert delete_snapshot(agent, made["id"])["state"] == "succeeded"
+        for snapshot_id in [*reversed(taken), made["id"]]:
+            assert delete_snapshot(agent, snapshot_id)["state"] == "succeeded"
 
 
 async def _has_disk(hv: LibvirtHypervisor, name: str, volume_id: str) -> bool:
