@@ -234,14 +234,16 @@ async def _heal_now(bench: Bench, fault: str) -> None:
 
 class Refuser:
     """The metadata service's port while the service is down: each
-    connection is closed at once (an outage to the agent), and the first one
-    is noted.  The outage lasts OUTAGE seconds from the moment the step goes
-    on and, if a call met it in that time, OUTAGE seconds from that call:
-    a call that finds the service away is always away past its deadline,
-    however late in the window the step makes it."""
+    connection is closed at once (an outage to the agent), and noted.  The
+    outage lasts OUTAGE seconds from the moment the step goes on and, past
+    that, OUTAGE seconds from the last connection refused in that time: a
+    call that finds the service away in the window is always away past its
+    deadline, however late in the window it starts, and however many calls
+    one step makes one after the other (a plan's bounded limits read, then
+    the record step's own)."""
 
     def __init__(self) -> None:
-        self.first: float | None = None
+        self.refused: list[float] = []
         self.server: asyncio.Server | None = None
 
     @classmethod
@@ -253,15 +255,15 @@ class Refuser:
 
     async def _refuse(self, _reader: asyncio.StreamReader, writer: asyncio.StreamWriter
                       ) -> None:
-        if self.first is None:
-            self.first = time.monotonic()
+        self.refused.append(time.monotonic())
         writer.close()
 
     async def away(self, outage: float) -> None:
         window = time.monotonic() + outage
         await asyncio.sleep(outage)
-        if self.first is not None and self.first <= window:
-            await asyncio.sleep(max(0.0, self.first + outage - time.monotonic()))
+        met = [t for t in self.refused if t <= window]
+        if met:
+            await asyncio.sleep(max(0.0, max(met) + outage - time.monotonic()))
         assert self.server is not None
         self.server.close()
         await self.server.wait_closed()
