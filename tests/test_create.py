@@ -77,12 +77,24 @@ async def test_twenty_quiesced_snapshots_have_clean_images(rig: Rig, load: None)
 
 async def test_group_of_two_domains(rig: Rig) -> None:
     """One window over two domains (on bare QEMU, two QEMU processes: one
-    transaction each, inside the same freeze)."""
+    transaction each, inside the same freeze).  The second guest's freeze
+    hook takes a second: the task's window breakdown names it as the one
+    that bounded the freeze phase."""
     agent, hv, guest, second = rig.agent, rig.hv, rig.guest, rig.second
     logs = {d: len(await freeze_log(hv, d)) for d in (guest.name, second.name)}
-    task = create_snapshots(agent, {"domains": [guest.name, second.name],
-                                    "quiesce": "required", "name": "group"})
+    await sh(hv, second.name, "echo 1 > /run/gasnap-hook-delay")
+    try:
+        task = create_snapshots(agent, {"domains": [guest.name, second.name],
+                                        "quiesce": "required", "name": "group"})
+    finally:
+        await sh(hv, second.name, "rm -f /run/gasnap-hook-delay")
     assert task["state"] == "succeeded", task
+    window = task["result"]["window"]
+    assert window["slowest"]["freeze"]["domain"] == second.name, window
+    assert window["freeze_ms"] >= window["slowest"]["freeze"]["ms"] >= 1000, window
+    for phase in ("switch", "thaw"):
+        assert window["slowest"][phase]["domain"] in (guest.name, second.name), window
+        assert 0 < window["slowest"][phase]["ms"] <= window[f"{phase}_ms"], window
     snaps = task["result"]["snapshots"]
     assert sorted((s["domain"], s["target"]) for s in snaps) == sorted(
         (d.name, v.target) for d in (guest, second) for v in d.volumes)

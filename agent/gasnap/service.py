@@ -228,6 +228,9 @@ class SnapshotService:
         (parents included: no second read each), and why it failed, if it did."""
         outcome = await create.execute(self.ctx, planned)
         result = {**(extra or {}), "snapshots": await snapshot_records(outcome.snapshots)}
+        if outcome.window:
+            # Each phase of the freeze window, and the guest that took longest.
+            result["window"] = outcome.window
         if planned.memory:
             # How long each guest stood still while its RAM was saved.
             result["pause_ms"] = {d: round(s * 1000, 1) for d, s in outcome.pauses.items()}

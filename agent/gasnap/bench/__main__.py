@@ -1,5 +1,7 @@
 """``python -m gasnap.bench [--quick] [--only P9 ...] [--docs DIR]``: run
-P1-P11, print the table, write DIR/benchmarks.md and DIR/benchmarks.json.
+P1-P11, print the table, write DIR/benchmarks.md and DIR/benchmarks.json,
+and name every figure that moved past its spread since the last committed
+docs/benchmarks.json (``--against`` another).
 
 Targets are goals: a missed one is reported, never an error.  The full run
 takes about a quarter of an hour on 2 cores; ``--quick`` (fewer runs, a
@@ -17,6 +19,7 @@ import platform
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -25,6 +28,8 @@ from . import cases, clones, depth, fleet, memory, qmpcase, report, revert
 from .rig import URI, Agent, reap, scratch
 
 ANALYSIS = Path(__file__).with_name("analysis.md")
+ROOT = Path(__file__).resolve().parents[3]
+COMMITTED = "docs/benchmarks.json"
 
 
 def _versions() -> dict[str, str]:
@@ -44,6 +49,18 @@ def _byte_compile() -> None:
     tree under PYTHONDONTWRITEBYTECODE would recompile every module of every
     CLI run and bill the compiler to P1."""
     compileall.compile_dir(Path(__file__).parents[1], quiet=1)
+
+
+def _last_committed() -> list[report.Result]:
+    """The figures of the last committed run (none outside a checkout)."""
+    out = subprocess.run(["git", "-C", str(ROOT), "show", f"HEAD:{COMMITTED}"],
+                         capture_output=True, text=True, check=False)
+    if out.returncode != 0:
+        return []
+    with tempfile.NamedTemporaryFile("w", suffix=".json") as copy:
+        copy.write(out.stdout)
+        copy.flush()
+        return report.load(Path(copy.name))[0]
 
 
 async def run(quick: bool, only: frozenset[str] = frozenset()
@@ -106,16 +123,23 @@ def main() -> int:
     parser.add_argument("--docs", type=Path, help="write benchmarks.md/.json here")
     parser.add_argument("--render", type=Path, metavar="JSON",
                         help="no run: render the page again from a benchmarks.json")
+    parser.add_argument("--against", type=Path, metavar="JSON",
+                        help=f"compare with this run (default: the last committed {COMMITTED})")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
+    before = report.load(args.against)[0] if args.against else _last_committed()
     if args.render is not None:
         results, context = report.load(args.render)
     else:
         results, context = asyncio.run(run(args.quick, frozenset(args.only)))
-    print(report.table(results))
+    last = report.moves(before, results)
+    print(report.table(results, last))
     print(f"\n{context}")
+    print("\nmoved past its spread since the last committed run: "
+          + ("; ".join(f"{case} {what}: {change}" for (case, what), change in last.items())
+             if last else "nothing") if before else "\nno committed run to compare with")
     if args.docs is not None:
-        report.write(results, context, ANALYSIS.read_text(), args.docs)
+        report.write(results, context, ANALYSIS.read_text(), args.docs, last)
         print(f"wrote {args.docs / 'benchmarks.md'} and benchmarks.json")
     return 0
 

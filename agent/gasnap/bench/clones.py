@@ -23,8 +23,8 @@ from ..client import ApiClient
 from ..lab.guests import Lab
 from ..virt import LibvirtHypervisor
 from .cases import order
-from .rig import URI, Agent, guests, timed, timed_task
-from .stats import Comparison
+from .rig import URI, Agent, guests, settle, settled_figure, timed, timed_task
+from .stats import Comparison, Figure
 
 # The full clone's source: this much random data, all allocated.  Large
 # enough that the request's fixed cost (plan, records, journal) does not
@@ -33,7 +33,7 @@ FULL_MIB = 4096
 
 
 async def clones(hv: LibvirtHypervisor, agent: Agent, runs: int, scratch: Path
-                 ) -> list[Comparison]:
+                 ) -> list[Comparison | Figure]:
     linked = Comparison("P9", "linked clone latency, 1 TiB vs 1 GiB virtual disk", "s",
                         "1 TiB disk", "1 GiB disk", "<= 1.1x")
     full = Comparison("P9", f"full clone of {FULL_MIB} MiB of data (throughput)", "s",
@@ -45,6 +45,7 @@ async def clones(hv: LibvirtHypervisor, agent: Agent, runs: int, scratch: Path
     async with guests(hv, ["gb-clone"]) as (name,):
         await _cold_plug(hv, name, scratch)
         snaps = await _snapshots(agent, name)
+        settles = [await settle()]
         for i in range(runs):
             for which in order(i):
                 target = "vdy" if which == "a" else "vdx"
@@ -62,6 +63,7 @@ async def clones(hv: LibvirtHypervisor, agent: Agent, runs: int, scratch: Path
                 # Each copy starts with no dirty pages of the one before:
                 # 4 GiB of writeback would land on whichever ran next.
                 await asyncio.to_thread(os.sync)
+                settles.append(await settle())
                 if which == "a":
                     seconds = await asyncio.to_thread(_full_clone, client, snaps["vdz"]["id"])
                 else:
@@ -70,7 +72,7 @@ async def clones(hv: LibvirtHypervisor, agent: Agent, runs: int, scratch: Path
                                            fmt, "-O", "qcow2", image, str(dest)])
                     dest.unlink()
                 (full.a if which == "a" else full.b).append(seconds)
-    return [linked, full]
+    return [linked, full, settled_figure("P9", settles)]
 
 
 async def _cold_plug(hv: LibvirtHypervisor, name: str, scratch: Path) -> None:

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 from ..lab.workload import sh
 from ..virt import LibvirtHypervisor
-from .rig import Agent, guests, timed, timed_task
-from .stats import Comparison
+from .rig import Agent, guests, settle, settled_figure, timed, timed_task
+from .stats import Comparison, Figure
 
 DEPTHS = (16, 64)
 FILE_MIB = 128
@@ -26,7 +26,7 @@ _TIMED_READ = ("read t0 _ < /proc/uptime; "
                'read t1 _ < /proc/uptime; echo "$t0 $t1"')
 
 
-async def depth(hv: LibvirtHypervisor, agent: Agent, runs: int) -> list[Comparison]:
+async def depth(hv: LibvirtHypervisor, agent: Agent, runs: int) -> list[Comparison | Figure]:
     guest = {d: Comparison("P10", f"guest read of {FILE_MIB} MiB in 64 KiB O_DIRECT reads, "
                                   f"chain of {d} vs 1 file",
                            "s", f"depth {d}", "depth 1", "<= 1.5x" if d <= 16 else "<= 2x",
@@ -40,6 +40,7 @@ async def depth(hv: LibvirtHypervisor, agent: Agent, runs: int) -> list[Comparis
     async with guests(hv, ["gb-depth"], size_mib=DISK_MIB) as (name,):
         await sh(hv, name, f"dd if=/dev/urandom of=/data/big bs=1M count={FILE_MIB} "
                            "conv=fsync 2>/dev/null", timeout=600)
+        settles = [await settle()]
         baseline_guest = await _guest_reads(hv, name, runs)
         baseline_host = await _host_reads(hv, name, runs)
         made = 1
@@ -49,9 +50,10 @@ async def depth(hv: LibvirtHypervisor, agent: Agent, runs: int) -> list[Comparis
                                            "--json"))
                 made += 1
             guest[d].b, host[d].b = baseline_guest, baseline_host
+            settles.append(await settle())
             guest[d].a = await _guest_reads(hv, name, runs)
             host[d].a = await _host_reads(hv, name, runs)
-    return [c for d in DEPTHS for c in (guest[d], host[d])]
+    return [*(c for d in DEPTHS for c in (guest[d], host[d])), settled_figure("P10", settles)]
 
 
 async def _guest_reads(hv: LibvirtHypervisor, name: str, runs: int) -> list[float]:

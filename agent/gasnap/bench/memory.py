@@ -9,7 +9,6 @@ least.
 
 from __future__ import annotations
 
-import asyncio
 import uuid
 from pathlib import Path
 
@@ -17,12 +16,12 @@ from ..lab.baseline import last_downtime_ms
 from ..lab.guests import Lab
 from ..virt import LibvirtHypervisor
 from .cases import order
-from .rig import URI, Agent, guests, timed, timed_task
-from .stats import Comparison
+from .rig import URI, Agent, Settled, guests, settle, settled_figure, timed, timed_task
+from .stats import Comparison, Figure
 
 
 async def memory(hv: LibvirtHypervisor, agent: Agent, runs: int, scratch: Path
-                 ) -> list[Comparison]:
+                 ) -> list[Comparison | Figure]:
     pause = Comparison("P8", "guest pause of a memory snapshot (256 MiB guest)", "ms",
                        "gasnap --memory (live, frozen around it)",
                        "virsh snapshot-create-as --memspec, not live", "<= 1x")
@@ -34,10 +33,11 @@ async def memory(hv: LibvirtHypervisor, agent: Agent, runs: int, scratch: Path
     restore = Comparison("P8", "revert with memory vs virsh restore of a virsh save", "s",
                          "gasnap snapshot revert --force", "virsh restore", "<= 3x",
                          note="gasnap also keeps the state left (with memory) first")
+    settles: list[Settled] = []
     async with guests(hv, ["gb-memory"]) as (name,):
-        await asyncio.sleep(5)  # the guest's own start-up work settles
         for i in range(runs):
             for which in order(i):
+                settles.append(await settle())
                 if which == "a":
                     task, seconds = await timed_task(agent.cli(
                         "snapshot", "create", name, "--memory", "--json"))
@@ -51,12 +51,13 @@ async def memory(hv: LibvirtHypervisor, agent: Agent, runs: int, scratch: Path
                     live.b.append(downtime)
                     pause.b.append((await _virsh_memory(hv, name, scratch,
                                                         live_mode=False))[1])
+            settles.append(await settle())
             _, seconds = await timed_task(agent.cli("snapshot", "revert", snap["id"],
                                                    "--force", "--json"))
             restore.a.append(seconds)
             restore.b.append(await _save_and_restore(name, scratch))
             await Lab(hv).wait_for_agent(name, 120)
-    return [pause, live, wall, restore]
+    return [pause, live, wall, restore, settled_figure("P8", settles)]
 
 
 async def _virsh_memory(hv: LibvirtHypervisor, name: str, scratch: Path, *,

@@ -33,7 +33,7 @@ from ..lab.baseline import bare_switch
 from ..qmp.backend import QmpHypervisor
 from ..virt import LibvirtHypervisor
 from .cases import merge_back
-from .rig import URI, Agent, guests, log_length, timed, window_ms
+from .rig import URI, Agent, guests, log_length, settle, settled_figure, timed, window_ms
 from .stats import Comparison, Figure
 
 NAME = "gb-qmp"
@@ -59,6 +59,7 @@ async def create_on_qmp(hv: LibvirtHypervisor, runs: int, base: Path
             await asyncio.to_thread(agent.start)
             client = ApiClient(agent.api)
             vol = (await hv.get_domain(baseline)).volumes[0]
+            settles = [await settle()]
             for i in range(runs):
                 steps = ["gasnap", "quiesce", "floor", "reconnecting"]
                 for which in steps[i % 4:] + steps[:i % 4]:
@@ -92,7 +93,8 @@ async def create_on_qmp(hv: LibvirtHypervisor, runs: int, base: Path
             Figure("P2", "the same, one NAME.qga connection per call", "ms",
                    floor_reconnecting, None,
                    note="qemu-ga sleeps 100 ms once a client has left: why the guard "
-                   "holds the connection from freeze to thaw")]
+                   "holds the connection from freeze to thaw"),
+            settled_figure("P1", settles, where="bare QEMU")]
 
 
 async def _libvirt_quiesce(hv: LibvirtHypervisor, name: str, vol: Volume, i: int) -> float:

@@ -20,7 +20,7 @@ from ..images import read_qcow2_header
 from ..lab.guests import Lab
 from ..virt import LibvirtHypervisor
 from .cases import order, snapshot
-from .rig import URI, Agent, guests, timed, timed_task
+from .rig import URI, Agent, Settled, guests, settle, settled_figure, timed, timed_task
 from .stats import Comparison, Figure
 
 
@@ -38,12 +38,13 @@ async def revert(hv: LibvirtHypervisor, agent: Agent, runs: int, scratch: Path
                          "by hand: qemu-img create, virsh define", "<= 3x",
                          note="gasnap also keeps the state left as a before-revert snapshot")
     phases: dict[str, list[float]] = {}
+    settles: list[Settled] = []
     async with guests(hv, ["gb-revert"]) as (name,):
         lab = Lab(hv)
-        await asyncio.sleep(5)  # the guest's own start-up work settles
         for i in range(runs):
             for which in order(i):
                 snap = await snapshot(agent, name)
+                settles.append(await settle())  # the last run's boot
                 if which == "a":
                     task, seconds = await timed_task(agent.cli(
                         "snapshot", "revert", snap["id"], "--force", "--json"))
@@ -58,6 +59,7 @@ async def revert(hv: LibvirtHypervisor, agent: Agent, runs: int, scratch: Path
         for i in range(runs):
             for which in order(i):
                 snap = await snapshot(agent, name)
+                settles.append(await settle())
                 if which == "a":
                     _, seconds = await timed_task(agent.cli(
                         "snapshot", "revert", snap["id"], "--no-start", "--json"))
@@ -67,7 +69,8 @@ async def revert(hv: LibvirtHypervisor, agent: Agent, runs: int, scratch: Path
                                                            running=False))
     return [forced, offline, *(
         Figure("P7", f"forced revert, phase {phase}", "s", spent, None,
-               note="from the task's result") for phase, spent in phases.items())]
+               note="from the task's result") for phase, spent in phases.items()),
+        settled_figure("P7", settles)]
 
 
 async def _revert_by_hand(hv: LibvirtHypervisor, name: str, snap: dict[str, str],

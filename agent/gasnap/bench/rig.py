@@ -1,5 +1,6 @@
 """The bench's parts: lab guests named ``gb-*``, a real agent process, timed
-commands, and freeze windows read from the guests' own fsfreeze-hook logs."""
+commands, freeze windows read from the guests' own fsfreeze-hook logs, and
+the wait for a settled host before anything is timed."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import sys
 import tempfile
 import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +23,7 @@ from ..hypervisor import Hypervisor
 from ..lab.guests import Lab
 from ..lab.workload import freeze_log
 from ..virt import LibvirtHypervisor
+from .stats import Figure
 
 URI = "qemu:///system"
 PREFIX = "gb-"
@@ -142,3 +145,59 @@ async def window_ms(hv: Hypervisor, domain: str, since: int) -> float:
 
 def scratch() -> Path:
     return Path(tempfile.mkdtemp(prefix="gasnap-bench-", dir="/var/tmp"))
+
+
+# --- a settled host -----------------------------------------------------------------
+
+# Freshly booted TCG guests keep a core busy for a while (the issue's "idle"
+# guests at 38 %): nothing is timed until the host's CPUs have been below
+# SETTLED_BELOW for SETTLED_FOR seconds, waiting at most SETTLE_WAIT.
+SETTLED_BELOW = 25.0  # percent of all cores
+SETTLED_FOR = 3.0
+SETTLE_WAIT = 180.0
+
+
+@dataclass(frozen=True)
+class Settled:
+    busy: float  # percent of all cores over the last SETTLED_FOR seconds
+    waited: float  # seconds
+    settled: bool  # False: SETTLE_WAIT passed first
+
+
+def cpu_times() -> tuple[int, int]:
+    """(busy, total) jiffies of all CPUs since boot."""
+    fields = [int(f) for f in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = fields[3] + fields[4]  # idle + iowait
+    return sum(fields) - idle, sum(fields)
+
+
+def cpu_busy(before: tuple[int, int], after: tuple[int, int]) -> float:
+    """Percent of all cores' time that was busy between BEFORE and AFTER."""
+    total = after[1] - before[1]
+    return 100.0 * (after[0] - before[0]) / total if total else 0.0
+
+
+async def settle(below: float = SETTLED_BELOW, bound: float = SETTLE_WAIT) -> Settled:
+    """Until the host's CPUs have been quiet for SETTLED_FOR seconds, or BOUND passed."""
+    started = time.monotonic()
+    while True:
+        before = cpu_times()
+        await asyncio.sleep(SETTLED_FOR)
+        busy = cpu_busy(before, cpu_times())
+        waited = time.monotonic() - started
+        if busy < below or waited >= bound:
+            return Settled(busy, waited, busy < below)
+
+
+def settled_figure(case: str, settles: list[Settled], *, where: str = "",
+                   below: float = SETTLED_BELOW) -> Figure:
+    """What the host was doing when CASE's timing began (each wait's last
+    SETTLED_FOR seconds), as a reference row."""
+    waits = [s.waited for s in settles]
+    missed = sum(not s.settled for s in settles)
+    note = (f"waited {min(waits):.0f}-{max(waits):.0f} s for {SETTLED_FOR:g} s below "
+            f"{below:g} %")
+    if missed:
+        note += f"; NOT SETTLED in {missed} of {len(settles)} waits ({SETTLE_WAIT:g} s each)"
+    what = "host CPU busy when timing began" + (f" ({where})" if where else "")
+    return Figure(case, what, "%", [s.busy for s in settles], None, note=note)

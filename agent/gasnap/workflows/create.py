@@ -22,11 +22,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import logging
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from typing import Any
 
 from .. import faults, images, metrics, qemuimg
 from ..errors import Conflict, GasnapError, Unavailable, from_os_error
@@ -48,6 +48,7 @@ from . import Context, limits, outage, space, tree
 from .createplan import CreatePlan, VolumePlan
 from .settle import settle
 from .steps import CreateStep, Kind
+from .windowtimes import WindowTimes
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +66,7 @@ class Outcome:
     failure: GasnapError | None  # why the create as a whole failed, if it did
     pauses: dict[str, float] = field(default_factory=dict)  # memory: seconds each stood still
     warnings: list[str] = field(default_factory=list)  # soft limits passed
+    window: dict[str, Any] = field(default_factory=dict)  # WindowTimes.to_result, if one ran
 
 
 async def execute(ctx: Context, planned: CreatePlan) -> Outcome:
@@ -73,6 +75,7 @@ async def execute(ctx: Context, planned: CreatePlan) -> Outcome:
     faults.hit("create:planned")
     consistency: dict[str, str] = {}
     pauses: dict[str, float] = {}
+    times = WindowTimes()
     failure: GasnapError | None = None
     warnings: list[str] = []
     recorded = False
@@ -84,7 +87,7 @@ async def execute(ctx: Context, planned: CreatePlan) -> Outcome:
         # since the plan is refused here, never switched.
         async with ctx.hv.hold(planned.uuids):
             async with _staged(ctx, planned):
-                op, consistency = await _freeze_window(ctx, op, planned, pauses)
+                op, consistency = await _freeze_window(ctx, op, planned, pauses, times)
             op = await _switch_offline(ctx, op, planned)
     except GasnapError as err:
         failure = await space.explain_any(err, planned.directories(), ctx.min_free)
@@ -107,7 +110,8 @@ async def execute(ctx: Context, planned: CreatePlan) -> Outcome:
     await settle_memory(planned, metas)
     await ctx.journal.finish(op)
     _prepare_spares(ctx, planned, metas)
-    return Outcome(metas, failure, pauses, warnings)
+    return Outcome(metas, failure, pauses, warnings,
+                   times.to_result() if times.phases else {})
 
 
 async def _settle(ctx: Context, planned: CreatePlan, consistency: dict[str, str],
@@ -199,14 +203,15 @@ async def _staged(ctx: Context, planned: CreatePlan) -> AsyncIterator[None]:
 
 
 async def _freeze_window(
-    ctx: Context, op: Operation, planned: CreatePlan, pauses: dict[str, float]
+    ctx: Context, op: Operation, planned: CreatePlan, pauses: dict[str, float],
+    times: WindowTimes,
 ) -> tuple[Operation, dict[str, str]]:
     """Freeze, switch every live domain, thaw.  Returns the consistency per
     domain.  The window owns its domains' freezes (``windows``): another
     window on one of them waits until this one has thawed."""
     async with ctx.windows.owning(planned.uuids.get(d, d) for d in planned.live):
         await _disks_as_planned(ctx, planned)
-        return await _owned_window(ctx, op, planned, pauses)
+        return await _owned_window(ctx, op, planned, pauses, times)
 
 
 class DisksChanged(Conflict):
@@ -235,16 +240,16 @@ async def _disks_as_planned(ctx: Context, planned: CreatePlan) -> None:
 
 
 async def _owned_window(
-    ctx: Context, op: Operation, planned: CreatePlan, pauses: dict[str, float]
+    ctx: Context, op: Operation, planned: CreatePlan, pauses: dict[str, float],
+    times: WindowTimes,
 ) -> tuple[Operation, dict[str, str]]:
     consistency = {d: Consistency.CRASH.value for d in [*planned.live, *planned.stopped]}
     to_freeze = [] if planned.quiesce is Quiesce.OFF else list(planned.running)
-    marks = [time.monotonic()]
     # The guard's deadline runs from when it takes the arm, which is after
     # this instant: a switch done before armed + freeze_timeout was done
     # before any thaw of the guard's.  (Measured from after the arm, a slow
     # ack or journal write let a switch after the guard's thaw pass as frozen.)
-    armed = marks[0]
+    armed = time.monotonic()
     if to_freeze:
         try:
             await ctx.guard.arm(to_freeze, ctx.freeze_timeout, owner=op.id)
@@ -255,29 +260,30 @@ async def _owned_window(
             to_freeze = []
     op = await ctx.journal.step(op, CreateStep.FREEZING, frozen=to_freeze)
     started = time.monotonic()
-    marks.append(started)
+    times.phases["arm"] = started - armed
     owned = to_freeze
     switch_errors: dict[str, str] = {}
     switched = armed
     try:
-        frozen, owned, stop = await _freeze(ctx, to_freeze, planned.quiesce)
+        frozen, owned, stop = await _freeze(ctx, to_freeze, planned.quiesce, times)
+        times.phases["freeze"] = time.monotonic() - started
         if stop is not None:
             raise stop
-        marks.append(time.monotonic())
         for name in frozen:
             consistency[name] = Consistency.FILESYSTEM.value
         faults.hit("create:switching")
-        switch_errors = await _switch_live(ctx, planned, pauses)
+        before_switch = time.monotonic()
+        switch_errors = await _switch_live(ctx, planned, pauses, times)
         switched = time.monotonic()
-        marks.append(switched)
+        times.phases["switch"] = switched - before_switch
         faults.hit("create:switched")
     finally:
-        await _thaw(ctx, owned, op.id)
+        before_thaw = time.monotonic()
+        await _thaw(ctx, owned, op.id, times)
+        times.phases["thaw"] = time.monotonic() - before_thaw
         # A freeze that failed outright was never ours: only its guard goes.
         await _disarm(ctx, [d for d in to_freeze if d not in owned], op.id)
-    marks.append(time.monotonic())
-    log.debug("window of %s: arm %.1f ms, freeze %.1f ms, switch %.1f ms, thaw %.1f ms",
-              ",".join(planned.live), *((b - a) * 1e3 for a, b in itertools.pairwise(marks)))
+    log.debug("window of %s: %s", ",".join(planned.live), times.to_result())
     if switched - armed >= ctx.freeze_timeout:
         # The guard may have thawed before the switch: no longer a frozen image.
         log.warning("freeze window exceeded %.1fs; recording crash consistency",
@@ -297,7 +303,7 @@ class SwitchFailed(GasnapError):
     code = "snapshot_switch_failed"
 
 
-async def _freeze(ctx: Context, domains: list[str], quiesce: Quiesce
+async def _freeze(ctx: Context, domains: list[str], quiesce: Quiesce, times: WindowTimes
                   ) -> tuple[list[str], list[str], BaseException | None]:
     """Freeze DOMAINS.  Returns those frozen; those whose freeze is ours to
     thaw: every one but those whose agent answered the freeze with an error
@@ -305,7 +311,8 @@ async def _freeze(ctx: Context, domains: list[str], quiesce: Quiesce
     else, whose freeze is not ours to end), while a timeout is ours (the
     guest may have frozen and answered late); and what must stop the create."""
     results = await asyncio.gather(
-        *(ctx.agent.fsfreeze(d, ctx.freeze_timeout) for d in domains), return_exceptions=True
+        *(times.call("freeze", d, ctx.agent.fsfreeze(d, ctx.freeze_timeout)) for d in domains),
+        return_exceptions=True,
     )
     frozen, owned = [], []
     stop: BaseException | None = None
@@ -324,15 +331,15 @@ async def _freeze(ctx: Context, domains: list[str], quiesce: Quiesce
     return frozen, owned, stop
 
 
-async def _switch_live(ctx: Context, planned: CreatePlan,
-                       pauses: dict[str, float]) -> dict[str, str]:
+async def _switch_live(ctx: Context, planned: CreatePlan, pauses: dict[str, float],
+                       times: WindowTimes) -> dict[str, str]:
     """Switch every live domain (saving the RAM of those in ``memory``, whose
     pause goes to PAUSES); returns libvirt's error per domain that failed
     (what happened to its disks is judged later, from the live XML)."""
     results = await asyncio.gather(
-        *(ctx.hv.switch_overlays(d, {v.target: v.overlay for v in planned.of(d)},
-                                 planned.left_alone.get(d, []), planned.memory.get(d))
-          for d in planned.live),
+        *(times.call("switch", d, ctx.hv.switch_overlays(
+            d, {v.target: v.overlay for v in planned.of(d)}, planned.left_alone.get(d, []),
+            planned.memory.get(d))) for d in planned.live),
         return_exceptions=True,
     )
     errors = {}
@@ -347,13 +354,14 @@ async def _switch_live(ctx: Context, planned: CreatePlan,
     return errors
 
 
-async def _thaw(ctx: Context, domains: list[str], owner: str) -> None:
+async def _thaw(ctx: Context, domains: list[str], owner: str, times: WindowTimes) -> None:
     """Thaw the domains whose freeze is ours.  The guard stays armed for any
     that cannot be thawed now, and thaws them at its deadline."""
     if not domains:
         return
     results = await asyncio.gather(
-        *(ctx.agent.fsthaw(d, THAW_TIMEOUT) for d in domains), return_exceptions=True
+        *(times.call("thaw", d, ctx.agent.fsthaw(d, THAW_TIMEOUT)) for d in domains),
+        return_exceptions=True,
     )
     thawed = []
     for name, result in zip(domains, results, strict=True):
