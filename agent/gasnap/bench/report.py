@@ -105,5 +105,8 @@ def load(path: Path) -> tuple[list[Result], dict[str, Any]]:
 def write(results: list[Result], context: dict[str, Any], analysis: str, docs: Path,
           last: dict[tuple[str, str], str] | None = None) -> None:
     (docs / "benchmarks.md").write_text(markdown(results, context, analysis, last))
-    raw = {"context": context, "results": [r.to_dict() for r in results]}
-    (docs / "benchmarks.json").write_text(json.dumps(raw, indent=1) + "\n")
+    # One result per line: P11 alone has 22,000 samples, one per line would
+    # bury every diff.
+    lines = ",\n".join(json.dumps(r.to_dict()) for r in results)
+    (docs / "benchmarks.json").write_text(
+        f'{{"context": {json.dumps(context)},\n"results": [\n{lines}\n]}}\n')
