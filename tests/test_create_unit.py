@@ -298,6 +298,7 @@ async def test_a_switch_after_the_guards_deadline_is_crash_consistent(
     planned = CreatePlan(None, "n", "", Quiesce.PREFERRED, "t", [VolumePlan(
         SNAP1, "d", "d/vda", "vda", str(tmp_path / "vol"), "qcow2", str(tmp_path / "o"), 1)],
         ["d"], ["d"], [])
-    _, consistency = await create._owned_window(ctx, SimpleNamespace(id="op"), planned, {})
+    _, consistency = await create._owned_window(ctx, SimpleNamespace(id="op"), planned, {},
+                                                create.WindowTimes())
     assert (fakes.switched_at < fakes.guard_deadline) == (expected == "filesystem")
     assert consistency == {"d": expected}
