@@ -132,7 +132,14 @@ async def _stop(ctx: Context, planned: RevertPlan) -> None:
 
 
 async def _destroy(ctx: Context, name: str, uuid: str | None = None) -> None:
-    await ctx.hv.destroy(name)
+    try:
+        await ctx.hv.destroy(name)
+    except GasnapError as err:
+        # Off between the state read and the destroy (a shutdown asked for
+        # before a libvirtd restart that landed after it): off is the goal.
+        if await _state(ctx, name, uuid) is not DomainState.SHUTOFF:
+            raise
+        log.info("%s: already off (%s)", name, err.message)
     if not await _shut_off_within(ctx, name, DESTROY_WAIT, uuid):
         raise RevertFailed(f"{name} is still running after destroy")
 
