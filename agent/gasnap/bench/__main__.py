@@ -19,7 +19,6 @@ import platform
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -55,12 +54,14 @@ def _last_committed() -> list[report.Result]:
     """The figures of the last committed run (none outside a checkout)."""
     out = subprocess.run(["git", "-C", str(ROOT), "show", f"HEAD:{COMMITTED}"],
                          capture_output=True, text=True, check=False)
-    if out.returncode != 0:
-        return []
-    with tempfile.NamedTemporaryFile("w", suffix=".json") as copy:
-        copy.write(out.stdout)
-        copy.flush()
-        return report.load(Path(copy.name))[0]
+    return report.parse(out.stdout)[0] if out.returncode == 0 else []
+
+
+def _moves_line(before: list[report.Result], last: dict[tuple[str, str], str]) -> str:
+    if not before:
+        return "no committed run to compare with"
+    named = "; ".join(f"{case} {what}: {change}" for (case, what), change in last.items())
+    return f"moved past its spread since the last committed run: {named or 'nothing'}"
 
 
 async def run(quick: bool, only: frozenset[str] = frozenset()
@@ -135,9 +136,7 @@ def main() -> int:
     last = report.moves(before, results)
     print(report.table(results, last))
     print(f"\n{context}")
-    print("\nmoved past its spread since the last committed run: "
-          + ("; ".join(f"{case} {what}: {change}" for (case, what), change in last.items())
-             if last else "nothing") if before else "\nno committed run to compare with")
+    print(f"\n{_moves_line(before, last)}")
     if args.docs is not None:
         report.write(results, context, ANALYSIS.read_text(), args.docs, last)
         print(f"wrote {args.docs / 'benchmarks.md'} and benchmarks.json")

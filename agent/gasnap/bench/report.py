@@ -11,7 +11,7 @@ from typing import Any
 
 from .stats import Comparison, Figure, Result, moved, spread
 
-__all__ = ["Result", "load", "markdown", "moves", "table", "write"]
+__all__ = ["Result", "load", "markdown", "moves", "parse", "table", "write"]
 
 
 def _median(samples: list[float], unit: str) -> str:
@@ -93,7 +93,12 @@ def markdown(results: list[Result], context: dict[str, Any], analysis: str,
 def load(path: Path) -> tuple[list[Result], dict[str, Any]]:
     """Results and context back from a benchmarks.json (to re-render the page,
     or to compare with); keys an earlier release wrote or derived are skipped."""
-    raw = json.loads(path.read_text())
+    return parse(path.read_text())
+
+
+def parse(text: str) -> tuple[list[Result], dict[str, Any]]:
+    """``load`` from the JSON text itself."""
+    raw = json.loads(text)
     results: list[Result] = []
     for doc in raw["results"]:
         kind: type[Figure] | type[Comparison] = Figure if "samples" in doc else Comparison
