@@ -110,7 +110,11 @@ async def test_libvirtd_away_while_a_create_finalizes(
     ``libvirt_outage_wait``, which a create waits out first), so the create
     is handed to the sweep.  Until the sweep settled it, its volume
     is refused (a retry would make the overlay inner, and the old sweep then
-    deleted it); afterwards the snapshot is available and its files all there."""
+    deleted it); afterwards the snapshot is available and its files all there.
+
+    The refusal is asked while libvirtd is still away, so the sweep cannot
+    have settled the create first; a delete asks, as it holds the volume
+    before it needs libvirt (a create plans through libvirt first)."""
     target = guest.volumes[0].target
     managed = libvirtd.systemd_managed()
     agent = Agent(tmp_path, env={"GASNAP_TEST_FAULT": "create:finalizing:stop"},
@@ -127,13 +131,12 @@ async def test_libvirtd_away_while_a_create_finalizes(
         os.kill(agent.proc.pid, signal.SIGCONT)
         failed = wait_task(agent, task["id"])
         assert (failed["state"], failed["error"]["code"]) == ("failed", "libvirt_unavailable")
-        libvirtd.start(managed)
-        with pytest.raises(ApiError) as info:
-            agent.client.request("POST", "/v1/snapshots", {
-                "domains": [guest.name], "disks": {guest.name: [target]}})
-        assert info.value.code == "volume_recovering"
         (rec,) = agent.client.get(f"/v1/snapshots?domain={guest.name}&status=creating"
                                   )["snapshots"]
+        with pytest.raises(ApiError) as info:
+            agent.client.request("DELETE", f"/v1/snapshots/{rec['id']}")
+        assert (info.value.details["status"], info.value.code) == (409, "volume_recovering")
+        libvirtd.start(managed)
         deadline = time.monotonic() + 60
         while (rec := agent.client.get(f"/v1/snapshots/{rec['id']}"))["status"] == "creating":
             assert time.monotonic() < deadline, "the sweep never settled the create"
