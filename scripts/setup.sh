@@ -68,7 +68,11 @@ CONF
     fi
     mkdir -p /var/log/libvirt /var/run/libvirt /var/lib/libvirt/qemu /var/cache/libvirt
     say "starting libvirtd"
-    libvirtd -d
+    # On CPU 0: libvirt's cache of QEMU's capabilities is keyed on the CPUID
+    # of the CPU libvirtd starts on, and a VM's vCPUs can differ; elsewhere a
+    # restart could probe QEMU again (seconds before libvirtd answers).
+    # libvirt still gives each QEMU all CPUs.
+    taskset -c 0 libvirtd -d
     for _ in $(seq 1 100); do
         libvirt_up && return
         sleep 0.1

@@ -51,10 +51,15 @@ def stop() -> bool:
 
 
 def start(managed: bool) -> None:
+    """Start libvirtd again and wait until it answers.  A plain daemon is
+    started on CPU 0, as scripts/setup.sh starts it: libvirt keys its cache
+    of QEMU's capabilities on the CPUID of the CPU it starts on, and this
+    host's vCPUs differ, so a start elsewhere probed QEMU again (8 s before
+    the first answer, every other restart).  libvirt gives QEMU all CPUs."""
     if managed:
         subprocess.run(["systemctl", "start", *UNITS], check=True)
     elif pid() is None:
-        subprocess.run(["libvirtd", "-d"], check=True)
+        subprocess.run(["taskset", "-c", "0", "libvirtd", "-d"], check=True)
     deadline = time.monotonic() + 30
     while subprocess.run(["virsh", "-q", "-c", "qemu:///system", "version"],
                          capture_output=True, check=False).returncode != 0:
