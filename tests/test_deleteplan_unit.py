@@ -9,9 +9,20 @@ lab guests."""
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
 from gasnap.hypervisor import AgentState, Domain, DomainState, Layer, Volume
-from gasnap.metadata import CloneMeta, CloneMode, CloneStatus, SnapshotMeta, Status
-from gasnap.workflows import tree
+from gasnap.journal import Journal
+from gasnap.metadata import (
+    CloneMeta,
+    CloneMode,
+    CloneStatus,
+    SnapshotMeta,
+    Status,
+    WrongStatus,
+)
+from gasnap.workflows import Context, delete, no_progress, tree
 from gasnap.workflows.deleteplan import DeletePlan, Method, Relink, drop_of, left_broken
 
 
@@ -144,3 +155,26 @@ def test_only_a_leaf_nothing_else_names_is_dropped() -> None:
     assert drop(meta("n", "N", "base"), LEFT, []) is None  # the running layer
     named = meta("y", "OR", "FA")
     assert drop(R, LEFT, [named]) is None
+
+
+class Refusing:
+    """A metadata service whose store refuses the deleting transition."""
+
+    async def update_snapshot_status(self, snapshot_id: str, status: Any, progress: str
+                                     ) -> None:
+        raise WrongStatus(f"snapshot {snapshot_id} is deleting already")
+
+
+async def test_a_refused_deleting_write_leaves_no_journal_entry(tmp_path: Path) -> None:
+    """REVIEW-2 item 14: nothing happened, so nothing may stay for recovery
+    (the entry held the volume until the agent restarted)."""
+    journal = Journal(tmp_path / "journal.db")
+    ctx = Context(None, None, Refusing(), journal, None, 10.0)  # type: ignore[arg-type]
+    plan = DeletePlan(snapshot_id="s", domain="d", target="vda", volume_id="v",
+                      method=Method.COMMIT, top="/v/a.s", base="/v/a", remove="/v/a.s",
+                      pull_base=None, above="/v/a.t", base_format="qcow2", moved_bytes=0,
+                      chain=["/v/a.t", "/v/a.s", "/v/a"])
+    outcome = await delete.execute(ctx, plan, no_progress)
+    assert isinstance(outcome.failure, WrongStatus)
+    assert await journal.unfinished() == [] and journal.holder("v") is None
+    journal.close()

@@ -175,3 +175,19 @@ def test_a_memory_file_cut_short_or_foreign_is_unusable(tmp_path: Path) -> None:
         images.check_memory(str(memory))
     images.drop_memory(str(memory))
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_memory_file_is_used_only_where_and_as_gasnap_named_it() -> None:
+    """REVIEW-2 item 7: a record's memory_file is unlinked and restored only
+    if it is gasnap's own name for the group, beside one of its images."""
+    group, dom = "0d5a1b56-3f00-4a4e-9a9e-6e0f8c3f8a11", "5b2e7a61-9d2c-4f8e-8a44-1b9d2c7e4f00"
+    image = "/v/images/volume-a"
+    ok = f"/v/images/gasnap-memory-{group}.{dom}"
+    assert images.memory_name_ok(ok, [None, image], group)
+    for path in (f"/v/other/gasnap-memory-{group}.{dom}",  # not beside an image
+                 f"/v/images/../images/gasnap-memory-{group}.{dom}",  # not normal
+                 f"images/gasnap-memory-{group}.{dom}",  # relative
+                 "/etc/passwd", f"/v/images/volume-a.{dom}",
+                 f"/v/images/gasnap-memory-{dom}.{dom}"):  # another group's
+        assert not images.memory_name_ok(path, [image], group), path
+    assert not images.memory_name_ok(ok, [image], None)

@@ -26,6 +26,7 @@ import hashlib
 import json
 import os
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -227,6 +228,21 @@ def check_memory(path: str) -> int:
     if size != sealed:
         raise MemoryUnusable(f"{path} has {size} bytes, {sealed} were written")
     return size
+
+
+_MEMORY_NAME = re.compile(r"gasnap-memory-([0-9a-f-]{36})\.[0-9a-f-]{36}")
+
+
+def memory_name_ok(path: str, images: Iterable[str | None], group_id: str | None) -> bool:
+    """PATH (a record's ``memory_file``) is what gasnap names one:
+    ``gasnap-memory-<GROUP_ID>.<domain uuid>``, directly beside one of the
+    group's IMAGES on that domain (its first disk's).  A record is data from
+    a service a fleet shares: no path in it is read, restored or unlinked
+    without this."""
+    found = _MEMORY_NAME.fullmatch(os.path.basename(path))
+    return (found is not None and found.group(1) == group_id and os.path.isabs(path)
+            and os.path.normpath(path) == path
+            and os.path.dirname(path) in {os.path.dirname(i) for i in images if i})
 
 
 def drop_memory(path: str) -> None:

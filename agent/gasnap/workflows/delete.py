@@ -61,14 +61,9 @@ async def execute(ctx: Context, merge: DeletePlan, progress: ProgressSink) -> Ou
              merge.domain, merge.target, ", ".join(map(os.path.basename, merge.removed)))
     faults.hit("delete:planned")
     op = await ctx.journal.step(op, DeleteStep.DELETING)
-    try:
-        await ctx.metadata.update_snapshot_status(merge.snapshot_id, Status.DELETING, "0%")
-    except Unavailable as err:
-        # The write may have landed before its answer was lost: the sweep
-        # looks at the record once the service is back (available: nothing
-        # happened; deleting: error_deleting, delete again).
-        ctx.journal.release(op)
-        return Outcome(err)
+    refused = await _mark_deleting(ctx, op, merge)
+    if refused is not None:
+        return refused
     faults.hit("delete:deleting")
     op = await ctx.journal.step(op, DeleteStep.JOB)
     started = time.monotonic()
@@ -106,6 +101,27 @@ async def execute(ctx: Context, merge: DeletePlan, progress: ProgressSink) -> Ou
         ctx.journal.release(op)
         return Outcome(_as_gasnap(err))
     return Outcome()
+
+
+async def _mark_deleting(ctx: Context, op: Operation, merge: DeletePlan) -> Outcome | None:
+    """The record says deleting before anything moves; the failed Outcome
+    if it could not be said."""
+    try:
+        await ctx.metadata.update_snapshot_status(merge.snapshot_id, Status.DELETING, "0%")
+    except Unavailable as err:
+        # The write may have landed before its answer was lost: the sweep
+        # looks at the record once the service is back (available: nothing
+        # happened; deleting: error_deleting, delete again).
+        ctx.journal.release(op)
+        return Outcome(err)
+    except GasnapError as err:
+        # The store refused the transition (another delete took the record,
+        # a clone names it): nothing happened, nothing is left to settle.
+        log.error("delete of %s refused by the metadata service: %s", merge.snapshot_id,
+                  err.message)
+        await ctx.journal.finish(op)
+        return Outcome(err)
+    return None
 
 
 async def _ride_out(ctx: Context, op: Operation, merge: DeletePlan,
@@ -180,8 +196,14 @@ async def _drop_memory_if_unused(ctx: Context, merge: DeletePlan) -> None:
     """The group's memory file goes with the last record that names it."""
     group = await until_recorded(functools.partial(
         ctx.metadata.list_snapshots, group_id=merge.group_id), f"group {merge.group_id}")
-    if not any(m.memory_file == merge.memory_file for m in group if m.status in HOLDING):
-        await asyncio.to_thread(images.drop_memory, str(merge.memory_file))
+    if any(m.memory_file == merge.memory_file for m in group if m.status in HOLDING):
+        return
+    beside = [merge.base, *(m.backing_file for m in group)]
+    if not images.memory_name_ok(str(merge.memory_file), beside, merge.group_id):
+        log.error("snapshot %s: its record's memory file %s is not one gasnap named beside "
+                  "its images: kept", merge.snapshot_id, merge.memory_file)
+        return
+    await asyncio.to_thread(images.drop_memory, str(merge.memory_file))
 
 
 async def _remove(ctx: Context, path: str) -> None:
