@@ -98,3 +98,14 @@ async def test_tcp_needs_the_token(tcp_client: TestClient[web.Request, web.Appli
         resp = await tcp_client.get("/v1/health", headers=headers)
         assert resp.status == 200
         assert (await resp.json())["status"] == "ok"
+
+
+@pytest.mark.parametrize("wait", ["nan", "inf", "-inf", "soon"])
+async def test_a_wait_that_is_not_a_finite_number_is_refused(
+    tcp_client: TestClient[web.Request, web.Application], wait: str
+) -> None:
+    """REVIEW-2 item 13: nan passes every bound and breaks the loop's timers."""
+    resp = await tcp_client.get(f"/v1/tasks/any?wait={wait}",
+                                headers={"Authorization": "Bearer t0ken"})
+    assert resp.status == 400
+    assert (await resp.json())["error"]["code"] == "invalid_request"

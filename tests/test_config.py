@@ -116,3 +116,10 @@ def test_the_qmp_backend(tmp_path: Path) -> None:
         config.Settings(hypervisor="qmp", qmp_run_dir=Path("/srv/qemu"),
                         schedules={"n": config.Schedule("n", ("vm1",), 1)}), [])
     assert missing == ["schedules.n.domains: no domain 'vm1' on qmp:/srv/qemu"]
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-1.0", "0"])
+def test_a_timeout_must_be_a_positive_finite_number(tmp_path: Path, value: str) -> None:
+    """REVIEW-2 item 13: TOML spells nan and inf; either would pass ``<= 0``."""
+    with pytest.raises(ConfigError, match=r"agent\.freeze_timeout must be a positive number"):
+        config.load(write(tmp_path, f"[agent]\nfreeze_timeout = {value}\n"), {})

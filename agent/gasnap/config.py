@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import tomllib
 from dataclasses import dataclass
@@ -196,8 +197,10 @@ def _read(file: Path) -> dict[str, Any]:
 def _positive(values: dict[str, Any], key: str, name: str) -> None:
     if key in values:
         values[key] = float(values[key])
-        if values[key] <= 0:
-            raise ConfigError(f"{name} must be positive")
+        # not (x > 0): nan and inf would pass a plain comparison, and a nan
+        # timeout breaks the event loop's timer heap
+        if not (math.isfinite(values[key]) and values[key] > 0):
+            raise ConfigError(f"{name} must be a positive number")
 
 
 def load(path: Path | None, overrides: dict[str, Any]) -> Settings:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import Any
 
 from aiohttp import web
@@ -153,9 +154,13 @@ async def list_tasks(request: web.Request) -> web.Response:
 async def get_task(request: web.Request) -> web.Response:
     """``?wait=SECONDS`` (at most 60) long-polls until the task ends."""
     try:
-        wait = min(float(request.query.get("wait", "0")), MAX_WAIT)
+        wait = float(request.query.get("wait", "0"))
     except ValueError as err:
         raise BadRequest("wait must be a number of seconds", code="invalid_request") from err
+    if not math.isfinite(wait):
+        # nan passes every comparison and would break the loop's timer heap.
+        raise BadRequest("wait must be a finite number of seconds", code="invalid_request")
+    wait = min(wait, MAX_WAIT)
     task = await request.app[SERVICE].tasks.wait(request.match_info["id"], max(wait, 0.0))
     return web.json_response(task.to_record())
 
