@@ -257,6 +257,9 @@ class _Guard:
         self.hv = hv
         self.pins = pins
         self.armed: dict[str, _Armed] = {}
+        # deadline thaws still retrying, by domain: until one lands, nobody
+        # may arm that domain (its thaw could land inside their freeze)
+        self.thawing: dict[str, asyncio.Task[None]] = {}
         self.pending: set[asyncio.Task[None]] = set()
         self.commands: set[asyncio.Task[None]] = set()
 
@@ -265,6 +268,10 @@ class _Guard:
         taken = [d for d in domains if d in self.armed and self.armed[d].owner != owner]
         if taken:
             return f"{', '.join(taken)} armed by another operation"
+        thawing = [d for d in domains if d in self.thawing]
+        if thawing:
+            return (f"{', '.join(thawing)} still being thawed after an earlier deadline; "
+                    "a freeze now could be undone by that thaw")
         loop = asyncio.get_running_loop()
         for name in domains:
             self._drop(name)
@@ -321,7 +328,9 @@ class _Guard:
         log.warning("freeze guard: %s still frozen at its deadline; thawing", name)
         task = asyncio.get_running_loop().create_task(self._thaw_and_unpin(name))
         self.pending.add(task)
+        self.thawing[name] = task
         task.add_done_callback(self.pending.discard)
+        task.add_done_callback(lambda _t: self.thawing.pop(name, None))
 
     async def thaw(self, name: str) -> None:
         """Until the thaw succeeds: guest-agent errors and libvirtd restarts
