@@ -44,9 +44,12 @@ def secret_file(path: Path, secret: str) -> Path:
 
 class MetadataServer:
     def __init__(self, db_url: str, log: Path, token: str = TOKEN,
-                 tls: tuple[Path, Path] | None = None) -> None:
+                 tls: tuple[Path, Path] | None = None,
+                 env: dict[str, str] | None = None) -> None:
         """TLS: (certificate, key) to serve https with; the token then comes
-        from a root-only file, as production runs it."""
+        from a root-only file, as production runs it.  ENV: the service's
+        own (say, how long its stand-in Keystone's tokens are good)."""
+        self.env = env or {}
         self.db_url = db_url
         self.log = log
         self.token = token
@@ -67,7 +70,7 @@ class MetadataServer:
         with self.log.open("ab") as out:
             self.proc = subprocess.Popen(
                 args, stdout=out, stderr=subprocess.STDOUT,
-                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                env={**os.environ, "PYTHONUNBUFFERED": "1", **self.env},
             )
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:

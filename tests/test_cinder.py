@@ -25,6 +25,7 @@ from novaclient import client as nova_client
 
 from conftest import Agent, chain_of, running_agent
 from gasnap.hypervisor import Domain
+from gasnap.metaserver.keystone import TOKEN_TTL_ENV
 from gasnap.virt import LibvirtHypervisor
 from metaservice import MetadataServer, secret_file
 
@@ -227,26 +228,53 @@ async def test_cinders_refusal_is_counted_not_retried(
 
 
 async def test_a_keystone_password_session_reaches_cinder_too(
-    cinder: MetadataServer, hv: LibvirtHypervisor, guest: Domain, tmp_path: Path
+    hv: LibvirtHypervisor, guest: Domain, tmp_path: Path
 ) -> None:
     """[cinder] with auth_url, username, password_file and project_name: the
     agent's keystoneauth1 session logs in (the stand-in Keystone's one user)
-    and its token carries the report."""
+    and its token carries the report.  The stand-in's tokens expire after
+    2 s while claiming an hour (a token revoked): the next report must log
+    in again, never be dropped (REVIEW-2 item 11)."""
     vol = (await hv.get_domain(guest.name)).volumes[1]
-    password = secret_file(tmp_path / "cinder.password", cinder.token)
-    keystone = (f'[cinder]\nurl = "{cinder.url}/v3/{PROJECT}"\n'
-                f'auth_url = "{cinder.url}/v3"\nusername = "gasnap"\n'
-                f'password_file = "{password}"\nproject_name = "service"\n')
-    sid = cinder_snapshot(cinder, vol.volume_id)
-    with running_agent(tmp_path, config=keystone, tcp_token=NOVA_TOKEN) as agent:
-        nova_of(agent).assisted_volume_snapshots.create(vol.volume_id,
-                                                        create_info(vol.volume_id, sid))
-        assert wait_heard(cinder, sid, 1) == [("creating", "90%")]
-        cinder_call(cinder, "POST", f"/snapshots/{sid}/action",
-                    {"os-reset_status": {"status": "available"}})
-        task = agent.client.request("DELETE", f"/v1/snapshots/{sid}")
-        assert agent.client.wait_task(task["task"])["state"] == "succeeded"
-    assert login(cinder, "nope").status_code == 401
+    cinder = MetadataServer(f"sqlite:///{tmp_path}/cinder.db", tmp_path / "cinder.log",
+                            env={TOKEN_TTL_ENV: "2"}).start()
+    try:
+        password = secret_file(tmp_path / "cinder.password", cinder.token)
+        keystone = (f'[cinder]\nurl = "{cinder.url}/v3/{PROJECT}"\n'
+                    f'auth_url = "{cinder.url}/v3"\nusername = "gasnap"\n'
+                    f'password_file = "{password}"\nproject_name = "service"\n')
+        (tmp_path / "agent").mkdir()
+        with running_agent(tmp_path / "agent", config=keystone, tcp_token=NOVA_TOKEN) as agent:
+            for _ in range(2):
+                sid = cinder_snapshot(cinder, vol.volume_id)
+                nova_of(agent).assisted_volume_snapshots.create(
+                    vol.volume_id, create_info(vol.volume_id, sid))
+                assert wait_heard(cinder, sid, 1) == [("creating", "90%")]
+                cinder_call(cinder, "POST", f"/snapshots/{sid}/action",
+                            {"os-reset_status": {"status": "available"}})
+                task = agent.client.request("DELETE", f"/v1/snapshots/{sid}")
+                assert agent.client.wait_task(task["task"])["state"] == "succeeded"
+                await asyncio.sleep(3)  # the token the agent holds has expired
+            assert 'outcome="refused"' not in agent.client.text("/metrics")
+    finally:
+        cinder.stop()
+
+
+def test_the_stand_in_keystones_tokens_expire(tmp_path: Path) -> None:
+    cinder = MetadataServer(f"sqlite:///{tmp_path}/cinder.db", tmp_path / "cinder.log",
+                            env={TOKEN_TTL_ENV: "1"}).start()
+    try:
+        assert login(cinder, "nope").status_code == 401
+        issued = login(cinder, cinder.token).headers["X-Subject-Token"]
+        assert issued != cinder.token
+        sid = cinder_snapshot(cinder, str(uuid.uuid4()))
+        url = f"{cinder.url}/v3/{PROJECT}/snapshots/{sid}"
+        assert requests.get(url, headers={"X-Auth-Token": issued}, timeout=10).ok
+        time.sleep(1.5)
+        assert requests.get(url, headers={"X-Auth-Token": issued},
+                            timeout=10).status_code == 401
+    finally:
+        cinder.stop()
 
 
 def login(cinder: MetadataServer, password: str) -> requests.Response:

@@ -47,18 +47,26 @@ async def delivered(reporter: CinderReporter, sent: list[tuple[str, str]], count
     raise AssertionError(f"only {sent} were sent")
 
 
-@pytest.mark.parametrize(("op", "ok", "status"), [
-    ("create", True, "creating"), ("create", False, "error"),
-    ("delete", True, "deleting"), ("delete", False, "error_deleting"),
+@pytest.mark.parametrize(("op", "ok", "record", "status"), [
+    ("create", True, Status.AVAILABLE, "creating"), ("create", False, Status.ERROR, "error"),
+    ("create", False, None, "error"),
+    ("delete", True, None, "deleting"), ("delete", False, Status.ERROR_DELETING,
+                                         "error_deleting"),
+    # REVIEW-2 item 10: the task failed (a libvirt outage past its wait), and
+    # the sweep finished the work afterwards: Cinder hears the record's end.
+    ("create", False, Status.AVAILABLE, "creating"), ("delete", False, None, "deleting"),
 ])
-async def test_each_outcome_is_what_nova_would_say(
+async def test_a_followed_task_is_reported_as_its_record_ends(
     settings: CinderSettings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-    op: str, ok: bool, status: str,
+    op: str, ok: bool, record: Status | None, status: str,
 ) -> None:
     sent: list[tuple[str, str]] = []
     monkeypatch.setattr(CinderReporter, "_update",
                         lambda self, sid, st: sent.append((sid, st)))
-    reporter = CinderReporter(settings, tmp_path / "outbox.db", Records({}))  # type: ignore[arg-type]
+    monkeypatch.setattr(cinder, "RESOLVE_INTERVAL", 0.05)
+    in_flight = Status.CREATING if op == "create" else Status.DELETING
+    records = Records({"s1": in_flight})
+    reporter = CinderReporter(settings, tmp_path / "outbox.db", records)  # type: ignore[arg-type]
     reporter.start()
     try:
         task = Task("t1", "snapshot-" + op, frozenset())
@@ -66,6 +74,12 @@ async def test_each_outcome_is_what_nova_would_say(
         reporter.follow(seq, task)
         task.state = TaskState.SUCCEEDED if ok else TaskState.FAILED
         task.done.set()
+        await asyncio.sleep(0.3)
+        assert sent == []  # the task ended, the record did not yet: nothing said
+        if record is None:
+            del records.statuses["s1"]
+        else:
+            records.statuses["s1"] = record
         await delivered(reporter, sent, 1)
         assert sent == [("s1", status)]
     finally:
@@ -111,6 +125,12 @@ async def test_an_intent_whose_task_died_follows_the_record(
 def test_what_is_retried() -> None:
     assert cinder._transient(ks_errors.ConnectFailure("refused"))
     assert cinder._transient(cinder_errors.ClientException(503, "busy"))
+    # REVIEW-2 item 11: an expired or rotated token is gasnap's to renew,
+    # never Cinder refusing the report.
+    for unauthorized in (cinder_errors.Unauthorized(401, "expired"),
+                         cinder_errors.Forbidden(403, "rotated"),
+                         ks_errors.Unauthorized(http_status=401)):
+        assert cinder._transient(unauthorized) and not cinder._refused(unauthorized)
     assert not cinder._transient(cinder_errors.BadRequest(400, "not allowed"))
     assert not cinder._transient(cinder_errors.NotFound(404, "no snapshot"))
     assert not cinder._transient(ValueError("a bug"))
@@ -143,7 +163,8 @@ async def test_a_sender_that_fails_goes_on(
 
     monkeypatch.setattr(CinderReporter, "_update", update)
     monkeypatch.setattr(cinder, "RESOLVE_INTERVAL", 0.05)
-    reporter = CinderReporter(settings, tmp_path / "outbox.db", Records({}))  # type: ignore[arg-type]
+    records = Records({"s1": Status.AVAILABLE})
+    reporter = CinderReporter(settings, tmp_path / "outbox.db", records)  # type: ignore[arg-type]
     reporter.start()
     try:
         task = Task("t1", "snapshot-create", frozenset(), state=TaskState.SUCCEEDED)
@@ -152,5 +173,42 @@ async def test_a_sender_that_fails_goes_on(
         await delivered(reporter, sent, 1)
         assert sent == [("s1", "creating")]
         assert any("could not be sent" in r.getMessage() and r.exc_info for r in caplog.records)
+    finally:
+        await reporter.close()
+
+
+async def test_a_401_reads_the_token_file_again_and_delivers(
+    settings: CinderSettings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A token rotated under the agent: the cached client's 401 drops it, and
+    the next try builds one from the token file as it is now."""
+    sent: list[tuple[str, str]] = []
+    built: list[str] = []
+
+    class Client:
+        def __init__(self, token: str) -> None:
+            self.token = token
+            self.volume_snapshots = self
+
+        def update_snapshot_status(self, sid: str, doc: dict[str, str]) -> None:
+            if self.token != "new":
+                raise cinder_errors.Unauthorized(401, "token expired")
+            sent.append((sid, doc["status"]))
+
+    def client(given: CinderSettings) -> Client:
+        built.append(Path(given.token_file).read_text().strip())
+        return Client(built[-1])
+
+    monkeypatch.setattr(cinder, "_client", client)
+    monkeypatch.setattr(cinder, "RESOLVE_INTERVAL", 0.05)
+    reporter = CinderReporter(settings, tmp_path / "outbox.db",
+                              Records({"s1": Status.AVAILABLE}))  # type: ignore[arg-type]
+    reporter._client = Client("t")  # built with the token before the rotation
+    reporter.start()
+    try:
+        Path(settings.token_file).write_text("new\n")
+        await reporter.intend("s1", "create")  # an orphan: resolved from its record
+        await delivered(reporter, sent, 1)
+        assert sent == [("s1", "creating")] and built == ["new"]
     finally:
         await reporter.close()

@@ -36,7 +36,6 @@ from .errors import ConfigError, GasnapError, Unavailable
 from .metadata import MetadataService, SnapshotNotFound, Status
 from .secretfile import read_secret
 from .sqlitedb import SqliteDB
-from .tasks import TaskState
 
 if TYPE_CHECKING:
     from .tasks import Task
@@ -112,29 +111,43 @@ def _client(settings: CinderSettings) -> Any:
     return cinder_client.Client("3", session=sess, endpoint_override=settings.url)
 
 
-def _transient(err: BaseException) -> bool:
-    """Worth another try: Cinder or Keystone away or failing (5xx)."""
+_AUTH = (401, 403)  # gasnap's credentials, not the report: authenticate again
+
+
+def _http_status(err: BaseException) -> int | None:
     from cinderclient import exceptions as cinder_errors  # noqa: PLC0415
     from keystoneauth1 import exceptions as ks_errors  # noqa: PLC0415
 
     if isinstance(err, cinder_errors.ClientException):
-        return err.code is None or int(err.code) >= 500
+        return int(err.code) if err.code is not None else None
     if isinstance(err, ks_errors.HttpError):
-        return err.http_status is None or err.http_status >= 500
+        return err.http_status
+    return None
+
+
+def _unauthorized(err: BaseException) -> bool:
+    """An expired or rotated token (or a password changed): the report is
+    fine, gasnap's credentials are not."""
+    return _http_status(err) in _AUTH
+
+
+def _transient(err: BaseException) -> bool:
+    """Worth another try: Cinder or Keystone away or failing (5xx), or
+    credentials to take again (401/403)."""
+    from cinderclient import exceptions as cinder_errors  # noqa: PLC0415
+    from keystoneauth1 import exceptions as ks_errors  # noqa: PLC0415
+
+    if isinstance(err, (cinder_errors.ClientException, ks_errors.HttpError)):
+        status = _http_status(err)
+        return status is None or status >= 500 or status in _AUTH
     return isinstance(err, (ks_errors.ConnectionError, ks_errors.AuthorizationFailure,
                             OSError))
 
 
 def _refused(err: BaseException) -> bool:
-    """Cinder's (or Keystone's) word on the request itself: a 4xx."""
-    from cinderclient import exceptions as cinder_errors  # noqa: PLC0415
-    from keystoneauth1 import exceptions as ks_errors  # noqa: PLC0415
-
-    if isinstance(err, cinder_errors.ClientException):
-        return err.code is not None and 400 <= int(err.code) < 500
-    if isinstance(err, ks_errors.HttpError):
-        return err.http_status is not None and 400 <= err.http_status < 500
-    return False
+    """Cinder's word on the report itself: a 4xx other than 401/403."""
+    status = _http_status(err)
+    return status is not None and 400 <= status < 500 and status not in _AUTH
 
 
 class CinderReporter:
@@ -167,12 +180,13 @@ class CinderReporter:
         self._spawn(self._await_task(seq, task))
 
     async def _await_task(self, seq: int, task: Task) -> None:
+        """Once TASK ends, its intent is resolved as an orphan's is: from the
+        snapshot's record, not from the task.  A task can fail while the
+        work goes on (a libvirt outage past its wait hands a finalize or a
+        merge to the sweep): Cinder hears how the record ends, and only then."""
         await task.done.wait()
-        op = await self._db.run(lambda c: c.execute(
-            "SELECT op FROM reports WHERE seq = ?", (seq,)).fetchone())
-        if op is not None:
-            await self._resolve(seq, _status(op["op"], task.state is TaskState.SUCCEEDED))
         self._followed.discard(seq)
+        self._wake.set()
 
     async def _resolve(self, seq: int, status: str) -> None:
         await self._db.run(lambda c: c.execute(
@@ -255,6 +269,11 @@ class CinderReporter:
                 try:
                     await asyncio.to_thread(self._update, snapshot_id, status)
                 except Exception as err:
+                    if _unauthorized(err):
+                        # The next try builds a new client: the token file is
+                        # read again, a Keystone session logs in again.
+                        log.warning("cinder: %s; authenticating again", err)
+                        self._client = None
                     if not _refused(err):
                         raise  # retried here when transient, else by the next round
                     log.error("cinder refused %s of snapshot %s: %s", status, snapshot_id, err)

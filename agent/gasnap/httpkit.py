@@ -118,10 +118,12 @@ def _on_unix_socket(request: web.Request) -> bool:
 
 
 def token_middleware(token: str, open_paths: frozenset[str] = frozenset(), *,
-                     tcp_only: bool = False) -> Middleware:
+                     tcp_only: bool = False,
+                     also: Callable[[str], bool] | None = None) -> Middleware:
     """``Authorization: Bearer T`` or OpenStack's ``X-Auth-Token: T``, compared in
     constant time; OPEN_PATHS (the spec, metrics) need none, nor (TCP_ONLY)
-    requests on a unix socket, which its file mode guards."""
+    requests on a unix socket, which its file mode guards.  ALSO: whether
+    another token is good now (one a stand-in Keystone issued)."""
     expected = token.encode()
 
     @web.middleware
@@ -131,7 +133,8 @@ def token_middleware(token: str, open_paths: frozenset[str] = frozenset(), *,
         auth = request.headers.get("Authorization", "")
         given = auth.removeprefix("Bearer ").strip() if auth.startswith("Bearer ") else ""
         given = given or request.headers.get("X-Auth-Token", "")
-        if not hmac.compare_digest(given.encode(), expected):
+        if not hmac.compare_digest(given.encode(), expected) and not (
+                also is not None and given and also(given)):
             return error_response(401, "unauthorized", "missing or wrong token")
         return await handler(request)
 

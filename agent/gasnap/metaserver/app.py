@@ -25,7 +25,8 @@ from ..httpkit import (
 )
 from ..metastore import open_store
 from . import handlers, spec
-from .keys import DB_URL, KEYSTONE_PASSWORD, STORE
+from .keys import DB_URL, KEYSTONE_PASSWORD, KEYSTONE_TOKENS, STORE
+from .keystone import IssuedTokens
 
 log = logging.getLogger(__name__)
 
@@ -75,11 +76,13 @@ async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
 
 def create_app(settings: ServiceSettings) -> web.Application:
     middlewares: list[Middleware] = [_count, errors_middleware]
+    issued = IssuedTokens.from_env()
     if settings.token:
-        middlewares.insert(0, token_middleware(settings.token, OPEN_PATHS))
+        middlewares.insert(0, token_middleware(settings.token, OPEN_PATHS, also=issued.good))
     app = web.Application(middlewares=middlewares)
     app[DB_URL] = settings.db_url
     app[KEYSTONE_PASSWORD] = settings.token
+    app[KEYSTONE_TOKENS] = issued
     app.cleanup_ctx.append(_store_ctx)
     handlers.setup_routes(app)
     spec.setup(app)

@@ -4,21 +4,19 @@
 ``os-update_snapshot_status`` is what python-cinderclient sends for
 gasnap (as for Nova); the others let a test or a lab play Cinder's API and
 driver around it (create, read, reset, delete), and ``/v3/auth/tokens``
-lets a Keystone v3 password session authenticate.  Answers have Cinder's
+(``keystone``) lets a Keystone v3 password session authenticate.  Answers have Cinder's
 shapes and status codes (202 for actions).
 """
 
 from __future__ import annotations
 
-import hmac
-from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from aiohttp import web
 
 from ..errors import BadRequest
 from ..httpkit import get_object, get_string, json_body, one_action, only_keys
-from .keys import KEYSTONE_PASSWORD, STORE
+from . import keys, keystone
 
 _ACTIONS = ("os-update_snapshot_status", "os-reset_status")
 
@@ -32,18 +30,18 @@ async def create(request: web.Request) -> web.Response:
     volume_id = get_string(body, "volume_id")
     if not volume_id:
         raise BadRequest("snapshot.volume_id is required", code="badRequest")
-    made = await request.app[STORE].cinder_create(
+    made = await request.app[keys.STORE].cinder_create(
         request.match_info["project_id"], volume_id, get_string(body, "name") or "")
     return _answer(made, 202)
 
 
 async def show(request: web.Request) -> web.Response:
-    return _answer(await request.app[STORE].cinder_get(request.match_info["project_id"],
+    return _answer(await request.app[keys.STORE].cinder_get(request.match_info["project_id"],
                                                        request.match_info["id"]))
 
 
 async def delete(request: web.Request) -> web.Response:
-    await request.app[STORE].cinder_delete(request.match_info["project_id"],
+    await request.app[keys.STORE].cinder_delete(request.match_info["project_id"],
                                            request.match_info["id"])
     return web.Response(status=202)
 
@@ -56,48 +54,16 @@ async def action(request: web.Request) -> web.Response:
         raise BadRequest("'status' must be specified.", code="badRequest")
     if name == "os-update_snapshot_status":
         only_keys(body, {"status", "progress"}, name)
-        await request.app[STORE].cinder_update_status(project, sid, status,
+        await request.app[keys.STORE].cinder_update_status(project, sid, status,
                                                       get_string(body, "progress"))
     else:
         only_keys(body, {"status"}, name)
-        await request.app[STORE].cinder_reset_status(project, sid, status)
+        await request.app[keys.STORE].cinder_reset_status(project, sid, status)
     return web.Response(status=202)
 
 
-# --- Keystone, as little of it as a password session needs ----------------------
-
-
-async def issue_token(request: web.Request) -> web.Response:
-    """``POST /v3/auth/tokens`` for Keystone v3 password sessions: the
-    stand-in has one user, whose password is the service's token, and the
-    token it issues is that token (so the snapshot routes accept it)."""
-    doc = await json_body(request)
-    try:
-        identity = doc["auth"]["identity"]
-        user = identity["password"]["user"]
-        project = doc["auth"]["scope"]["project"]
-        given = user["password"]
-    except (KeyError, TypeError) as err:
-        raise BadRequest(f"not a v3 password request: {err}", code="badRequest") from err
-    expected = request.app[KEYSTONE_PASSWORD]
-    if not expected or not hmac.compare_digest(str(given).encode(), expected.encode()):
-        return web.json_response({"error": {"code": 401, "title": "Unauthorized",
-                                            "message": "The request you have made requires "
-                                                       "authentication."}}, status=401)
-    now = datetime.now(UTC)
-    token = {"methods": ["password"], "issued_at": now.isoformat(),
-             "expires_at": (now + timedelta(hours=1)).isoformat(),
-             "user": {"id": str(user.get("name")), "name": user.get("name"),
-                      "domain": {"id": "default", "name": "Default"}},
-             "project": {"id": str(project.get("name")), "name": project.get("name"),
-                         "domain": {"id": "default", "name": "Default"}},
-             "catalog": []}
-    return web.json_response({"token": token}, status=201,
-                             headers={"X-Subject-Token": expected})
-
-
 def setup_routes(app: web.Application) -> None:
-    app.router.add_post("/v3/auth/tokens", issue_token)
+    app.router.add_post("/v3/auth/tokens", keystone.issue_token)
     app.router.add_post("/v3/{project_id}/snapshots", create)
     app.router.add_get("/v3/{project_id}/snapshots/{id}", show)
     app.router.add_delete("/v3/{project_id}/snapshots/{id}", delete)

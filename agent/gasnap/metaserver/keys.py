@@ -5,8 +5,8 @@ from __future__ import annotations
 from aiohttp import web
 
 from ..metastore import SqlMetadata
+from .keystone import KEYSTONE_PASSWORD, KEYSTONE_TOKENS
 
 DB_URL = web.AppKey("db_url", str)
 STORE = web.AppKey("store", SqlMetadata)
-# The stand-in Keystone's one password: the service's token ("" without one).
-KEYSTONE_PASSWORD = web.AppKey("keystone_password", str)
+__all__ = ["DB_URL", "KEYSTONE_PASSWORD", "KEYSTONE_TOKENS", "STORE"]
