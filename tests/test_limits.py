@@ -8,6 +8,7 @@ that, so the tests need no order and leave the limits as they found them.
 from __future__ import annotations
 
 import json
+import uuid
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -22,6 +23,7 @@ from conftest import (
     gasnap,
     volume_files,
     wait_task,
+    wait_until,
 )
 from gasnap.client import ApiError
 from gasnap.hypervisor import Domain
@@ -285,6 +287,46 @@ async def test_auto_delete_keeps_a_snapshot_a_linked_clone_holds(
         done = wait_task(agent, agent.client.request("DELETE", f"/v1/clones/{clone_id}")
                          ["task"]["id"])
         assert done["state"] == "succeeded", done
+
+
+@pytest.mark.usefixtures("reset")
+async def test_auto_delete_never_merges_what_nova_asked_for(
+    agent: Agent, hv: LibvirtHypervisor, limited: Domain
+) -> None:
+    """REVIEW-2 item 6: Cinder keeps the records of the snapshots it asked
+    Nova for and deletes them itself; auto-delete passes over them (the
+    oldest here) and merges gasnap's own instead."""
+    vdb = limited.volumes[1]
+    sid = str(uuid.uuid4())
+    new_file = f"volume-{vdb.volume_id}.{sid}"
+    agent.client.request("POST", "/os-assisted-volume-snapshots", {"snapshot": {
+        "volume_id": vdb.volume_id,
+        "create_info": {"snapshot_id": sid, "type": "qcow2", "new_file": new_file}}})
+    await wait_until(lambda: _available(agent, sid), timeout=120)
+    take(agent, limited, "own-a", ["vdb"])
+    take(agent, limited, "own-b", ["vdb"])
+    ours = {r["id"] for r in records(agent, vdb.volume_id)
+            if r["status"] == "available" and r["id"] != sid and r["origin"] != "managed"}
+    count = limits(agent, vdb.volume_id)["snapshots"]
+    # A soft limit of one: everything may go but the create's own, so the
+    # Nova snapshot stays only because it is not auto-delete's to merge.
+    doc = limits(agent, vdb.volume_id, max_snapshots=count + 1,
+                 soft_limit_percent=-(-100 // (count + 1)), auto_delete=True)
+    assert doc["soft_snapshots"] == 1, doc
+    result = take(agent, limited, "own-c", ["vdb"])["result"]
+    left = {r["id"] for r in records(agent, vdb.volume_id)}
+    assert sid in left, result
+    assert set(result["deleted"]) == ours, result
+    chain = await chain_of(hv, limited.name, "vdb")
+    for rec in records(agent, vdb.volume_id):
+        assert rec["file"] in chain and rec["image"] in chain, rec
+
+
+async def _available(agent: Agent, snapshot_id: str) -> bool:
+    try:
+        return bool(agent.client.get(f"/v1/snapshots/{snapshot_id}")["status"] == "available")
+    except ApiError:
+        return False
 
 
 @pytest.mark.usefixtures("reset")

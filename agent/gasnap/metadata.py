@@ -72,6 +72,9 @@ class Origin(enum.Enum):
     MANAGED = "managed"  # an existing layer adopted
 
 
+# The description of every snapshot taken for Nova's os-assisted-volume-snapshots.
+NOVA_DESCRIPTION = "os-assisted-volume-snapshots"
+
 # Records whose files are still there: a tree's nodes.
 HOLDING = frozenset({Status.AVAILABLE, Status.DELETING, Status.ERROR_DELETING})
 
@@ -122,6 +125,14 @@ class SnapshotMeta:
     origin: Origin = Origin.CREATED
     domain_state: str | None = None  # running | paused | shutoff, when taken
     memory_file: str | None = None  # the group's saved RAM and device state, if any
+
+    @property
+    def automatic(self) -> bool:
+        """Whether gasnap's own automation (auto-delete) may merge it away:
+        a snapshot gasnap made for its own callers.  Not one Nova asked for
+        (Cinder keeps its record and deletes it), nor an adopted layer
+        (someone else made it, and may depend on it)."""
+        return self.origin is not Origin.MANAGED and self.description != NOVA_DESCRIPTION
 
     def to_dict(self) -> dict[str, Any]:
         doc = asdict(self)

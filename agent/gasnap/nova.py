@@ -22,7 +22,7 @@ from . import images
 from .cinder import CinderReporter
 from .errors import BadRequest
 from .hypervisor import Domain, Volume
-from .metadata import SnapshotNotFound
+from .metadata import NOVA_DESCRIPTION, SnapshotNotFound
 from .quiesce import Quiesce
 from .service import SnapshotService
 from .tasks import Task
@@ -34,7 +34,7 @@ from .workflows.createplan import (
 )
 from .workflows.deleteplan import Strategy
 
-DESCRIPTION = "os-assisted-volume-snapshots"
+DESCRIPTION = NOVA_DESCRIPTION
 _SNAPSHOT_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,254}")
 
 

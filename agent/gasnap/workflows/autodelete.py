@@ -19,6 +19,7 @@ from ..errors import GasnapError
 from ..metadata import Limits, SnapshotHasClones, SnapshotMeta, Status
 from . import Context, delete, deleteplan, no_progress
 from .createplan import VolumePlan
+from .identity import VolumeDetached
 from .limits import counted, in_force
 
 log = logging.getLogger(__name__)
@@ -64,7 +65,7 @@ async def _trim_volume(ctx: Context, v: VolumePlan, limits: Limits, keep: set[st
         tried.add(victim.id)
         try:
             merge = await deleteplan.plan(ctx, victim.id, deleteplan.Strategy.AUTO)
-        except SnapshotHasClones as err:
+        except (SnapshotHasClones, VolumeDetached) as err:
             log.warning("auto_delete keeps %s: %s", victim.id, err.message)
             continue
         log.info("auto_delete merges %s (%s) of volume %s", victim.id, victim.name,
@@ -81,8 +82,8 @@ async def _excess(ctx: Context, v: VolumePlan, limits: Limits,
     limit (None: it is not): any for the count, those of the running
     chain for its depth."""
     metas = await ctx.metadata.list_snapshots(volume_id=v.volume_id)
-    free = sorted((m for m in metas if m.status is Status.AVAILABLE and m.id not in tried),
-                  key=lambda m: m.created_at)
+    free = sorted((m for m in metas if m.status is Status.AVAILABLE and m.id not in tried
+                   and m.automatic), key=lambda m: m.created_at)
     if len(counted(metas)) > limits.soft_snapshots:
         return free
     dom = await ctx.hv.get_domain(v.domain)

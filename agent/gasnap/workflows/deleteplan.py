@@ -29,7 +29,7 @@ from ..metadata import (
     Status,
     WrongStatus,
 )
-from . import Context, space, tree
+from . import Context, identity, space, tree
 from .createplan import UnsupportedDisk
 
 DELETE_FROM = (Status.AVAILABLE, Status.ERROR_DELETING)  # error_deleting: a retry
@@ -159,10 +159,7 @@ class DeletePlan:
 
 
 def _volume(meta: SnapshotMeta, dom: Domain) -> Volume:
-    vol = dom.volume(meta.target or "") or dom.volume(meta.volume_id)
-    if vol is None:
-        raise ChainMismatch(f"snapshot {meta.id}: domain {dom.name} has no disk "
-                            f"{meta.target} any more")
+    vol = identity.volume_of(meta, dom)
     if vol.chain_error is not None or vol.shareable or vol.readonly:
         raise UnsupportedDisk(f"{dom.name}/{vol.target} cannot be merged safely: "
                               f"{vol.chain_error or 'shareable or read-only'}")
@@ -198,6 +195,7 @@ async def plan(ctx: Context, snapshot_id: str, strategy: Strategy) -> DeletePlan
         # A file that cannot be read might depend on what the merge removes.
         raise ChainMismatch(f"the files of volume {vol.volume_id} cannot all be read "
                             f"safely: {'; '.join(nodes.unreadable)}")
+    identity.check_files(meta, vol, nodes, metas)
     if not nodes.consistent(meta):
         raise ChainMismatch(f"snapshot {meta.id}: its overlay {meta.file} is missing, or "
                             f"does not back onto its image {meta.backing_file}")

@@ -25,7 +25,7 @@ from ..errors import Conflict, GasnapError
 from ..hypervisor import AgentState, Domain, DomainState, Feature, Volume, require
 from ..metadata import Origin, SnapshotMeta, Status, WrongStatus
 from ..quiesce import Quiesce
-from . import Context, createplan, space, tree
+from . import Context, createplan, identity, space, tree
 
 LIVE = (DomainState.RUNNING, DomainState.PAUSED)
 
@@ -157,6 +157,11 @@ async def _memory(targets: list[SnapshotMeta], domains: dict[str, Domain],
             v.volume_id for v in dom.volumes}
         if scope is Scope.GROUP and whole and len(files) == 1 and None not in files:
             path = str(files.pop())
+            mine = [t for t in targets if t.domain == name]
+            if not images.memory_name_ok(path, [t.backing_file for t in mine],
+                                         mine[0].group_id):
+                raise images.MemoryUnusable(f"{path} is not a memory file gasnap named beside "
+                                            f"the images of {name}'s snapshots")
             await asyncio.to_thread(images.check_memory, path)  # 409 memory_unusable
             memory[name] = path
     return memory
@@ -182,10 +187,7 @@ def _check_state(dom: Domain, force: bool) -> None:
 
 
 async def _volume(ctx: Context, meta: SnapshotMeta, dom: Domain) -> RevertVolume:
-    vol = dom.volume(meta.target or "") or dom.volume(meta.volume_id)
-    if vol is None:
-        raise createplan.VolumeNotFound(f"domain {dom.name} has no disk {meta.target} any "
-                                        f"more (snapshot {meta.id})")
+    vol = identity.volume_of(meta, dom)
     if vol.chain_error is not None or vol.shareable or vol.readonly:
         raise createplan.UnsupportedDisk(f"{dom.name}/{vol.target} cannot be reverted safely: "
                                          f"{vol.chain_error or 'shareable or read-only'}")
@@ -204,7 +206,9 @@ async def _volume(ctx: Context, meta: SnapshotMeta, dom: Domain) -> RevertVolume
 
 
 async def _image_format(ctx: Context, meta: SnapshotMeta, vol: Volume) -> str:
-    nodes = await tree.read(vol, await ctx.metadata.list_snapshots(volume_id=meta.volume_id))
+    metas = await ctx.metadata.list_snapshots(volume_id=meta.volume_id)
+    nodes = await tree.read(vol, metas)
+    identity.check_files(meta, vol, nodes, metas)
     if not nodes.consistent(meta):
         raise tree.TreeMismatch(f"snapshot {meta.id}: its overlay {meta.file} is missing, or "
                                 f"does not back onto its image {meta.backing_file}")

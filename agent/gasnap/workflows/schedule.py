@@ -17,6 +17,7 @@ from ..errors import GasnapError
 from ..metadata import SnapshotHasClones, SnapshotMeta, Status
 from . import Context, ProgressSink, delete, deleteplan, no_progress
 from .createplan import CreateRequest
+from .identity import VolumeDetached
 
 log = logging.getLogger(__name__)
 
@@ -67,8 +68,9 @@ async def retain(ctx: Context, schedule: Schedule, volumes: set[str],
                      meta.name)
             try:
                 merge = await deleteplan.plan(ctx, meta.id, deleteplan.Strategy.AUTO)
-            except SnapshotHasClones as err:
-                # Held by a linked clone someone made on purpose: kept, and
+            except (SnapshotHasClones, VolumeDetached) as err:
+                # Held by a linked clone someone made on purpose, or of a
+                # volume that left (its target now another's): kept, and
                 # the rest of the retention goes on.
                 log.warning("schedule %s: keeps %s: %s", schedule.name, meta.id, err.message)
                 continue

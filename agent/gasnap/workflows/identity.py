@@ -1,0 +1,83 @@
+"""Which disk a record is of: the volume its record names, proven by its files.
+
+A record names a volume (``volume_id``: the disk's serial, else
+``DOMAIN/TARGET``), never a target alone: Nova frees a target when it
+detaches a volume and reuses it for the next one, so the disk at a
+record's target may be another volume altogether.  Before anything acts on
+a snapshot, the disk whose volume id the record names is found, and the
+record's files are checked to belong to that disk's tree: linked to its
+live chain through backing files and the volume's other records.
+
+A disk without a serial is only named by where it is plugged in, so a disk
+that replaced it there inherits its volume id; its files are then the only
+proof, and a record whose files do not reach the live chain is not this
+disk's.  A serial (Cinder's volume UUID) names the volume itself: there a
+record may sit on a branch no file links to the chain any more (a branch
+pull of a base without backing leaves two trees), as a revert left it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from ..errors import Conflict
+from ..hypervisor import Domain, Volume
+from ..metadata import HOLDING, SnapshotMeta
+from .tree import Tree
+
+
+class VolumeDetached(Conflict):
+    """No disk of the record's domain is the volume the record was taken of
+    (detached, its target reused by another volume, or replaced)."""
+
+    code = "volume_detached"
+
+
+def volume_of(meta: SnapshotMeta, dom: Domain) -> Volume:
+    """The disk of DOM whose volume id META names; never found by target."""
+    for vol in dom.volumes:
+        if vol.volume_id == meta.volume_id:
+            return vol
+    held = dom.volume(meta.target or "")
+    now = f" ({meta.target} is volume {held.volume_id} now)" if held is not None else ""
+    raise VolumeDetached(
+        f"snapshot {meta.id}: domain {dom.name} no longer has volume {meta.volume_id}{now}; "
+        "its files are left as they are", volume_id=meta.volume_id, domain=dom.name)
+
+
+def linked(vol: Volume, nodes: Tree, metas: Iterable[SnapshotMeta]) -> set[str]:
+    """Every file linked to VOL's live chain: through a file's backing, or a
+    holding record's overlay and image (both ways)."""
+    edges: dict[str, set[str]] = {}
+
+    def join(a: str, b: str) -> None:
+        edges.setdefault(a, set()).add(b)
+        edges.setdefault(b, set()).add(a)
+
+    for node in nodes.nodes.values():
+        if node.backing is not None:
+            join(node.path, node.backing)
+    for m in metas:
+        if m.status in HOLDING and m.file and m.backing_file:
+            join(m.file, m.backing_file)
+    seen = {layer.path for layer in vol.chain}
+    todo = list(seen)
+    while todo:
+        for other in edges.get(todo.pop(), set()) - seen:
+            seen.add(other)
+            todo.append(other)
+    return seen
+
+
+def check_files(meta: SnapshotMeta, vol: Volume, nodes: Tree,
+                metas: Iterable[SnapshotMeta]) -> None:
+    """VolumeDetached unless META's files are VOL's (see the module's
+    docstring): nothing has been changed yet."""
+    files = {p for p in (meta.file, meta.backing_file) if p}
+    if files & linked(vol, nodes, metas) or vol.serial is not None:
+        return
+    raise VolumeDetached(
+        f"snapshot {meta.id}: the disk at {vol.target} ({vol.volume_id}) has no serial and "
+        f"none of its files lead to {', '.join(sorted(files))}: it is another disk than the "
+        "one this snapshot was taken of; its files are left as they are",
+        volume_id=meta.volume_id)
