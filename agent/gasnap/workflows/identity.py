@@ -10,8 +10,9 @@ live chain through backing files and the volume's other records.
 
 A disk without a serial is only named by where it is plugged in, so a disk
 that replaced it there inherits its volume id; its files are then the only
-proof, and a record whose files do not reach the live chain is not this
-disk's.  A serial (Cinder's volume UUID) names the volume itself: there a
+proof: a record is this disk's only if its lineage meets the live chain at
+one of the volume's snapshot points (a record's overlay or image), never
+merely at a shared base below.  A serial (Cinder's volume UUID) names the volume itself: there a
 record may sit on a branch no file links to the chain any more (a branch
 pull of a base without backing leaves two trees), as a revert left it.
 """
@@ -45,39 +46,29 @@ def volume_of(meta: SnapshotMeta, dom: Domain) -> Volume:
         "its files are left as they are", volume_id=meta.volume_id, domain=dom.name)
 
 
-def linked(vol: Volume, nodes: Tree, metas: Iterable[SnapshotMeta]) -> set[str]:
-    """Every file linked to VOL's live chain: through a file's backing, or a
-    holding record's overlay and image (both ways)."""
-    edges: dict[str, set[str]] = {}
-
-    def join(a: str, b: str) -> None:
-        edges.setdefault(a, set()).add(b)
-        edges.setdefault(b, set()).add(a)
-
-    for node in nodes.nodes.values():
-        if node.backing is not None:
-            join(node.path, node.backing)
-    for m in metas:
-        if m.status in HOLDING and m.file and m.backing_file:
-            join(m.file, m.backing_file)
-    seen = {layer.path for layer in vol.chain}
-    todo = list(seen)
-    while todo:
-        for other in edges.get(todo.pop(), set()) - seen:
-            seen.add(other)
-            todo.append(other)
-    return seen
-
-
 def check_files(meta: SnapshotMeta, vol: Volume, nodes: Tree,
                 metas: Iterable[SnapshotMeta]) -> None:
     """VolumeDetached unless META's files are VOL's (see the module's
     docstring): nothing has been changed yet."""
-    files = {p for p in (meta.file, meta.backing_file) if p}
-    if files & linked(vol, nodes, metas) or vol.serial is not None:
+    if vol.serial is not None or reaches_a_snapshot_point(meta, vol, nodes, metas):
         return
+    files = [p for p in (meta.file, meta.backing_file) if p]
     raise VolumeDetached(
         f"snapshot {meta.id}: the disk at {vol.target} ({vol.volume_id}) has no serial and "
-        f"none of its files lead to {', '.join(sorted(files))}: it is another disk than the "
-        "one this snapshot was taken of; its files are left as they are",
-        volume_id=meta.volume_id)
+        f"the files of the snapshot ({', '.join(files)}) do not lead to a snapshot of its "
+        "live chain: it is another disk than the one this snapshot was taken of; its files "
+        "are left as they are", volume_id=meta.volume_id)
+
+
+def reaches_a_snapshot_point(meta: SnapshotMeta, vol: Volume, nodes: Tree,
+                             metas: Iterable[SnapshotMeta]) -> bool:
+    """Whether META's lineage (its overlay, its image and everything below)
+    meets VOL's live chain at a file that is one of the volume's snapshot
+    points: the overlay or image of a holding record.  Meeting the chain
+    lower down proves nothing: a golden base that many disks back onto
+    would join them all."""
+    chain = {layer.path for layer in vol.chain}
+    points = chain & {p for m in metas if m.status in HOLDING
+                      for p in (m.file, m.backing_file) if p}
+    start = meta.file if meta.file in nodes.nodes else meta.backing_file
+    return bool(start) and bool(points & {start, *nodes.lineage(str(start))})

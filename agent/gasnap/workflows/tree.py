@@ -105,10 +105,18 @@ def _read(vol: Volume, metas: list[SnapshotMeta]) -> Tree:
     for upper, lower in zip(vol.chain, [*vol.chain[1:], None], strict=True):
         nodes[upper.path] = Node(upper.path, upper.format, lower.path if lower else None,
                                  lower.format if lower else None)
+    home = os.path.realpath(directory)
     for meta in metas:
         if meta.status not in HOLDING or not meta.file or not meta.backing_file:
             continue
         try:
+            # A record is data from a service a fleet shares: its files are
+            # read (and a delete may remove them) only in the volume's
+            # directory, where every file of a volume's tree is made.
+            for path in (meta.file, meta.backing_file):
+                if os.path.realpath(os.path.dirname(path)) != home:
+                    raise TreeMismatch(f"{path} lies outside the volume's directory "
+                                       f"{directory}")
             node = nodes.get(meta.file) or _overlay(meta.file, directory)
             nodes[meta.file] = node
             if (node.backing == meta.backing_file and node.backing_format is not None

@@ -1,0 +1,73 @@
+"""Which disk a record is of, on real qcow2 files and without a hypervisor:
+the paths a lab guest reaches only slowly (a golden base many disks share,
+a revert's branch), for disks without a serial (REVIEW-2 R4, identity)."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from gasnap.hypervisor import Layer, Volume
+from gasnap.metadata import SnapshotMeta, Status
+from gasnap.workflows import identity, tree
+
+
+def qcow2(path: Path, backing: str | None = None) -> str:
+    args = ["-b", backing, "-F", "qcow2"] if backing else []
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", *args, str(path), "16M"],
+                   check=True, cwd=path.parent)
+    return str(path)
+
+
+def record(sid: str, file: str, image: str) -> SnapshotMeta:
+    return SnapshotMeta(sid, "D/vdb", sid, "", 1, "t", "D", None, "vdb", Status.AVAILABLE,
+                        file=file, backing_file=image)
+
+
+def disk(*chain: str, serial: str | None = None) -> Volume:
+    return Volume(serial or "D/vdb", "vdb", serial, "file",
+                  tuple(Layer(p, "qcow2") for p in chain))
+
+
+async def test_a_golden_base_does_not_make_another_disk_this_one(tmp_path: Path) -> None:
+    """Volume A (on a shared base) left; volume C (on the same base, no
+    serial) took its target.  A's snapshot meets C's chain only at the base:
+    not C's.  The reviewer's reproduction: it planned a drop of A whole."""
+    base = qcow2(tmp_path / "base.qcow2")
+    a = qcow2(tmp_path / "volume-A", "base.qcow2")
+    s = record("s", qcow2(tmp_path / "volume-A.s", "volume-A"), a)
+    c = disk(qcow2(tmp_path / "volume-C", "base.qcow2"), base)
+    nodes = await tree.read(c, [s])
+    with pytest.raises(identity.VolumeDetached):
+        identity.check_files(s, c, nodes, [s])
+    # With a serial, the serial names the volume (Cinder's UUID): not asked.
+    identity.check_files(s, disk(c.chain[0].path, base, serial="C"), nodes, [s])
+
+
+async def test_a_revert_branch_is_still_this_disks(tmp_path: Path) -> None:
+    """After a revert to S the running chain is a fresh overlay on S's image;
+    the branch left (S's overlay, the before-revert snapshot above it) meets
+    it at S's image, a snapshot point."""
+    image = qcow2(tmp_path / "volume-x")
+    s = record("s", qcow2(tmp_path / "volume-x.s", "volume-x"), image)
+    before = record("b", qcow2(tmp_path / "volume-x.b", "volume-x.s"), str(s.file))
+    running = disk(qcow2(tmp_path / "volume-x.r", "volume-x"), image)
+    nodes = await tree.read(running, [s, before])
+    for meta in (s, before):
+        identity.check_files(meta, running, nodes, [s, before])
+
+
+async def test_a_record_naming_a_file_elsewhere_is_never_read(tmp_path: Path) -> None:
+    """REVIEW-2 item 7: a record's files are read, and may be removed, only
+    in the volume's directory."""
+    (tmp_path / "images").mkdir()
+    (tmp_path / "elsewhere").mkdir()
+    image = qcow2(tmp_path / "images" / "volume-x")
+    running = disk(qcow2(tmp_path / "images" / "volume-x.r", "volume-x"), image)
+    stray = record("s", qcow2(tmp_path / "elsewhere" / "volume-x.s", "../images/volume-x"),
+                   image)
+    nodes = await tree.read(running, [stray])
+    assert not nodes.consistent(stray)
+    assert nodes.unreadable and "outside the volume's directory" in nodes.unreadable[0]
