@@ -4,6 +4,7 @@ that fails, PostgreSQL's server-side bounds, a page size in another script."""
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 import time
 from collections.abc import AsyncIterator
@@ -193,3 +194,29 @@ def test_a_page_size_must_be_ascii_digits_in_range(raw: str) -> None:
 
     with pytest.raises(BadRequest):
         httpkit.page_query(make_mocked_request("GET", f"/v1/snapshots?limit={raw}"))
+
+
+async def test_changes_to_one_definition_never_interleave() -> None:
+    """REVIEW-2 item 15: the offline switch reads, changes and writes the
+    persistent XML; a clone's attach or detach in between would be lost.
+    Changes of one domain's definition run one at a time."""
+    from gasnap.virt import LibvirtHypervisor  # noqa: PLC0415
+
+    hv = LibvirtHypervisor("test:///default")
+    log: list[str] = []
+
+    async def call(_run: object, *, what: str, retry: bool = True) -> None:
+        log.append(f"start {what}")
+        await asyncio.sleep(0.05)
+        log.append(f"end {what}")
+
+    hv.connection.call = call  # type: ignore[method-assign, assignment]
+    await asyncio.gather(
+        hv.define_overlays("d", {"vda": "/v/o"}),
+        hv.attach_disk("d", "/v/c", "vdc", "s", readonly=False),
+        hv.define_disk_source("d", "vdb", "/v/b", "qcow2"),
+        hv.define_overlays("other", {"vda": "/w/o"}))
+    mine = [entry for entry in log if "other" not in entry]
+    assert all(mine[i].startswith("start") and mine[i + 1].startswith("end")
+               for i in range(0, len(mine), 2)), log
+    assert log.index("start other: switch overlays") < log.index(mine[-1])  # not serialized

@@ -10,6 +10,7 @@ a rename or a replacement between plan and action is refused, never acted on.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import os
@@ -99,6 +100,11 @@ class LibvirtHypervisor:
         self.connection = Connection(uri, on_open=self._register_events)
         self.block_events = BlockJobEvents()
         self._held: dict[str, _Held] = {}  # by name; read from worker threads
+        # One change of a persistent definition at a time per domain: a
+        # read-modify-write (the offline switch) and a device change (a
+        # clone's attach) at once would lose one of the two (REVIEW-2 item 15).
+        self._definitions: collections.defaultdict[str, asyncio.Lock] = \
+            collections.defaultdict(asyncio.Lock)
         self.agent_channel = AgentChannel(self.connection, self.resolve)
         self.agent = GuestAgent(self.agent_channel)
 
@@ -335,7 +341,8 @@ class LibvirtHypervisor:
                 raise VirtError(f"{name} started while its overlays were being switched")
             conn.defineXML(domxml.with_disk_sources(_current_xml(dom, name), overlays))
 
-        await self.connection.call(run, what=f"{name}: switch overlays", retry=False)
+        async with self._definitions[name]:
+            await self.connection.call(run, what=f"{name}: switch overlays", retry=False)
 
     # block jobs
 
@@ -430,7 +437,9 @@ class LibvirtHypervisor:
             conn.defineXML(domxml.with_disk_sources(_current_xml(dom, name), {target: path},
                                                     fmt=fmt))
 
-        await self.connection.call(run, what=f"{name}/{target}: change source", retry=False)
+        async with self._definitions[name]:
+            await self.connection.call(run, what=f"{name}/{target}: change source",
+                                       retry=False)
 
     # hot-plugged disks
 
@@ -459,7 +468,8 @@ class LibvirtHypervisor:
                 flags |= libvirt.VIR_DOMAIN_AFFECT_LIVE
             dom.attachDeviceFlags(xml, flags)
 
-        await self.connection.call(run, what=f"{name}/{target}: attach", retry=False)
+        async with self._definitions[name]:
+            await self.connection.call(run, what=f"{name}/{target}: attach", retry=False)
 
     async def detach_disk(self, name: str, serial: str, *, timeout: float) -> None:
         """Unplug the disk whose serial is SERIAL: from the running guest
@@ -499,7 +509,8 @@ class LibvirtHypervisor:
                     raise DetachTimeout(f"{name} did not release disk {serial} within "
                                         f"{timeout:.0f}s; it stays attached")
                 await asyncio.sleep(0.5)
-        await self.connection.call(config, what=what, retry=False)
+        async with self._definitions[name]:
+            await self.connection.call(config, what=what, retry=False)
 
     async def domain_names(self) -> list[str]:
         return await self.connection.call(
