@@ -204,3 +204,40 @@ async def test_a_longer_libvirtd_outage_hands_the_merge_to_the_sweep(
     finally:
         libvirtd.start(managed)
         agent.stop()
+
+
+async def test_a_merge_resumed_at_start_keeps_only_its_own_volume_busy(
+    tmp_path: Path, hv: LibvirtHypervisor, merge_guest: Domain
+) -> None:
+    """REVIEW-2 item 12: the agent killed in the middle of a rate-limited
+    commit comes back ready at once (the whole agent answered 503 for as
+    long as the merge ran); the sweep follows the job to its end."""
+    config = "[agent]\nmerge_bandwidth = 4\nsweep_interval = 1\n"  # MiB/s
+    agent = Agent(tmp_path, config=config)
+    try:
+        agent.wait_ready()
+        first, digest, _task = await long_merge(agent, hv, merge_guest)
+    finally:
+        agent.proc.kill()
+        agent.proc.wait()
+    restarted = Agent(tmp_path, config=config)
+    try:
+        restarted.wait_ready(30)
+        target = merge_guest.volumes[0].target
+        assert await hv.block_job_info(merge_guest.name, target) is not None, \
+            "the merge ended before the agent was ready: the test proves nothing"
+        with pytest.raises(ApiError) as busy:  # its own volume: still held
+            restarted.client.request("POST", "/v1/snapshots", {"domains": [merge_guest.name]})
+        assert busy.value.code == "volume_recovering", busy.value
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                restarted.client.get(f"/v1/snapshots/{first['id']}")
+            except ApiError as err:
+                assert err.details["status"] == 404
+                break
+            assert time.monotonic() < deadline, "the sweep did not finish the merge"
+            await asyncio.sleep(0.5)
+        assert await active_digest(hv, merge_guest.name) == digest
+    finally:
+        restarted.stop()

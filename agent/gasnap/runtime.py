@@ -120,7 +120,7 @@ async def _recover(ctx: Context, guard: FreezeGuard, service: SnapshotService,
         except Unavailable as err:
             log.warning("recovery waits for the hypervisor: %s", err.message)
         await asyncio.sleep(RECOVERY_RETRY)
-    done = await recover(ctx)
+    done = await recover(ctx, first=True)
     if done.settled or done.failed:
         log.warning("recovery settled %d unfinished operation(s); %d left for later",
                     done.settled, done.failed)

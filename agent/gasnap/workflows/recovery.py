@@ -24,8 +24,9 @@ from ..guestagent import THAW_TIMEOUT, GuestAgentError
 from ..journal import Operation
 from . import Context, clone, create, delete, revert
 from .createplan import CreatePlan
+from .deleteplan import DeletePlan
 from .settle import settle
-from .steps import CONSISTENCY_PROVEN, CreateStep, Kind
+from .steps import CONSISTENCY_PROVEN, JOB_STEPS, CreateStep, Kind
 
 log = logging.getLogger(__name__)
 
@@ -53,12 +54,20 @@ class Pass:
     failed: int = 0
 
 
-async def recover(ctx: Context) -> Pass:
+async def recover(ctx: Context, *, first: bool = False) -> Pass:
     """Settle the operations no workflow drives.  Each one alone: whatever
     goes wrong with one is logged, leaves it (and its volumes) for the next
-    pass, and does not stop the others."""
+    pass, and does not stop the others.  FIRST (the pass at start-up, which
+    the whole agent waits for): a merge whose block job QEMU still runs is
+    left to the sweep, so that a long merge keeps its own volume busy and
+    not every other one (REVIEW-2 item 12)."""
     done = Pass()
     for op in await ctx.journal.unfinished():
+        if first and await _job_still_runs(ctx, op):
+            log.warning("recovery: %s %s: its block job still runs; the sweep follows it",
+                        op.kind, op.id)
+            done.failed += 1
+            continue
         ctx.journal.claim(op)
         try:
             await _settle(ctx, op)
@@ -73,6 +82,17 @@ async def recover(ctx: Context) -> Pass:
             done.settled += 1
             _LAST_FAILURE.pop(op.id, None)
     return done
+
+
+async def _job_still_runs(ctx: Context, op: Operation) -> bool:
+    if op.kind != Kind.DELETE or op.step not in JOB_STEPS:
+        return False
+    try:
+        merge = DeletePlan.from_dict(op.payload["plan"])
+        return merge.live_job and await ctx.hv.block_job_info(merge.domain,
+                                                              merge.target) is not None
+    except (GasnapError, KeyError, TypeError, ValueError):
+        return False  # the pass itself settles it, or says why not
 
 
 # The last failure logged per operation: the traceback is logged when the
