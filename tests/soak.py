@@ -210,17 +210,20 @@ async def _call(soak: Soak, method: str, path: str, body: Any = None) -> str:
 async def _create_one(soak: Soak) -> str:
     name = random.choice(soak.guests)
     return await _call(soak, "POST", "/v1/snapshots",
-                       {"domains": [name], "disks": {name: ["vda"]}, "name": "soak-one"})
+                       {"domains": [name], "disks": {name: ["vda"]}, "name": "soak-one",
+                        "force": True})  # the soak plays Cinder on vda too
 
 
 async def _create_domain(soak: Soak) -> str:
     return await _call(soak, "POST", "/v1/snapshots",
-                       {"domains": [random.choice(soak.guests)], "name": "soak-domain"})
+                       {"domains": [random.choice(soak.guests)], "name": "soak-domain",
+                        "force": True})
 
 
 async def _create_group(soak: Soak) -> str:
     return await _call(soak, "POST", "/v1/snapshots",
-                       {"domains": random.sample(soak.guests, 2), "name": "soak-group"})
+                       {"domains": random.sample(soak.guests, 2), "name": "soak-group",
+                        "force": True})
 
 
 def _available(soak: Soak, name: str | None = None) -> list[dict[str, Any]]:
@@ -281,7 +284,9 @@ async def _nova(soak: Soak) -> str:
     """Nova's calls as Cinder's remotefs driver makes them: a create with the
     next overlay's name; a delete of a snapshot Nova made, by commit when it
     is inner, by pull when it is the newest."""
-    name = random.choice(soak.guests)
+    # Not the schedule's guests: a schedule is gasnap's own, and never
+    # changes a volume Cinder keeps snapshots of.
+    name = random.choice(soak.guests[1::2])
     dom = await soak.hv.get_domain(name)
     vol = dom.volumes[0]
     mine = [r for r in await asyncio.to_thread(_available, soak, name)
@@ -313,15 +318,21 @@ async def _nova(soak: Soak) -> str:
 
 
 async def _until_settled(soak: Soak, sid: str, *, gone: bool) -> str:
-    """Nova's calls answer before the work is done: the record tells."""
+    """Nova's calls answer before the work is done: the record tells.  A
+    create's record is written by its task, which may still be queued behind
+    other work on the volume: no record yet means none only once no create
+    is queued or running any more."""
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline:
         try:
             rec = await asyncio.to_thread(soak.client.get, f"/v1/snapshots/{sid}")
         except ApiError as err:
             if err.code == "snapshot_not_found":
-                return "succeeded" if gone else "failed no record"
-            if err.code != "agent_unreachable":
+                if gone:
+                    return "succeeded"
+                if not await asyncio.to_thread(_creates_pending, soak, sid):
+                    return "failed no record"
+            elif err.code != "agent_unreachable":
                 raise
         else:
             if rec["status"] in ("error", "error_deleting"):
@@ -330,6 +341,20 @@ async def _until_settled(soak: Soak, sid: str, *, gone: bool) -> str:
                 return "succeeded"
         await asyncio.sleep(0.5)
     return "failed never settled"
+
+
+def _creates_pending(soak: Soak, sid: str) -> bool:
+    """Whether a create may still record SID: one is queued or running, or
+    the record appeared meanwhile."""
+    try:
+        tasks = soak.client.get("/v1/tasks")["tasks"]
+        if any(t["kind"] in ("snapshot-create", "schedule-run")
+               and t["state"] in ("queued", "running") for t in tasks):
+            return True
+        soak.client.get(f"/v1/snapshots/{sid}")
+    except ApiError as err:
+        return err.code == "agent_unreachable"  # cannot tell yet
+    return True
 
 
 # --- faults ---------------------------------------------------------------------------------

@@ -26,6 +26,7 @@ from gasnap.hypervisor import Domain, Volume
 from gasnap.images import overlay_path
 from gasnap.images import spare_path as spare_of
 from gasnap.lab.guests import Lab
+from gasnap.lab.workload import sh
 from gasnap.virt import LibvirtHypervisor
 
 TOKEN = "n0va-token"
@@ -251,6 +252,38 @@ async def test_delete_by_commit_and_by_pull(
     assert settled(tcp_agent, second, gone=True) is None
     assert await chain_of(hv, guest.name, vol.target) == [b["file"], *chain[3:]]
     assert not Path(a["image"]).exists()
+
+
+async def test_calls_on_a_busy_volume_wait_for_it(
+    tcp_agent: Agent, nova: Any, hv: LibvirtHypervisor, guest: Domain
+) -> None:
+    """Nova accepts work on a busy instance and does it when it can: a Nova
+    delete and a Nova create, sent while a create of gasnap's own holds the
+    volume (its freeze hook takes 3 s), are accepted, not refused with
+    volume_busy, and done once it ends (REVIEW-2 R6; issue #32 item 6)."""
+    vol = await volume(hv, guest)
+    base = Path(vol.active_file).name.split(".")[0]
+    first, _ = nova_create(nova, vol, f"{base}.{uuid.uuid4()}")
+    made = settled(tcp_agent, first)
+    assert made is not None and made["status"] == "available"
+    await sh(hv, guest.name, "echo 3 > /run/gasnap-hook-delay")
+    busy = tcp_agent.client.request("POST", "/v1/snapshots", {
+        "domains": [guest.name], "disks": {guest.name: [vol.target]}, "force": True})["task"]
+    try:
+        # The busy create puts its overlay on top: Cinder's shape for a
+        # snapshot that is no longer the newest is a commit.
+        nova.assisted_volume_snapshots.delete(first, {
+            "volume_id": vol.volume_id, "type": "qcow2",
+            "file_to_merge": Path(made["file"]).name,
+            "merge_target_file": Path(made["image"]).name})
+        second, _ = nova_create(nova, vol, f"{base}.{uuid.uuid4()}")
+        assert tcp_agent.client.wait_task(busy)["state"] == "succeeded"
+    finally:
+        await sh(hv, guest.name, "rm -f /run/gasnap-hook-delay")
+    assert settled(tcp_agent, first, gone=True) is None
+    again = settled(tcp_agent, second)
+    assert again is not None and again["status"] == "available", again
+    assert (await chain_of(hv, guest.name, vol.target))[0] == again["file"]
 
 
 async def test_a_raw_base_volume_through_nova(

@@ -4,6 +4,7 @@ up for ever (REVIEW item 17)."""
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 from pathlib import Path
 from typing import Any
@@ -89,4 +90,38 @@ async def test_a_task_seen_finished_holds_nothing(tmp_path: Path, fails: bool) -
     await manager.start(task, work)
     await task.done.wait()
     assert seen == [True]
+    journal.close()
+
+
+async def test_a_queued_task_waits_for_the_volume_and_no_longer(tmp_path: Path) -> None:
+    """Nova's calls on a busy volume (REVIEW-2 R6, issue item 6): accepted,
+    queued behind the task that holds the volume, run once it ends; bounded."""
+    journal = Journal(tmp_path / "journal.db")
+    manager = TaskManager(journal)
+    release = asyncio.Event()
+    order: list[str] = []
+
+    async def first(_task: tasks.Task) -> tasks.Done:
+        await release.wait()
+        order.append("first")
+        return tasks.Done({})
+
+    async def second(task: tasks.Task) -> tasks.Done:
+        await manager.hold(task, {"v1"}, timeout=30)
+        order.append("second")
+        return tasks.Done({})
+
+    running = manager.reserve("snapshot-create", {"v1"})
+    await manager.start(running, first)
+    queued = manager.queue("snapshot-delete")
+    await manager.start(queued, second)
+    await asyncio.sleep(0.1)
+    assert queued.state is tasks.TaskState.QUEUED and order == []
+    release.set()
+    await queued.done.wait()
+    assert order == ["first", "second"] and queued.state is tasks.TaskState.SUCCEEDED
+    with pytest.raises(VolumeBusy):  # bounded: never waits past its timeout
+        blocker = manager.reserve("snapshot-create", {"v2"})
+        await manager.hold(manager.queue("snapshot-create"), {"v2"}, timeout=0.2)
+    manager.release(blocker)
     journal.close()

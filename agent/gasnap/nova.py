@@ -22,7 +22,7 @@ from . import images
 from .cinder import CinderReporter
 from .errors import BadRequest
 from .hypervisor import Domain, Volume
-from .metadata import NOVA_DESCRIPTION, SnapshotNotFound
+from .metadata import NOVA_DESCRIPTION, SnapshotMeta, SnapshotNotFound, Status
 from .quiesce import Quiesce
 from .service import SnapshotService
 from .tasks import Task
@@ -35,6 +35,11 @@ from .workflows.createplan import (
 from .workflows.deleteplan import Strategy
 
 DESCRIPTION = NOVA_DESCRIPTION
+# How long a call waits for a busy volume: half of Cinder's own wait for the
+# create (600 s) and the delete (7200 s) to be reported, so that the work
+# itself ends, and is reported, while Cinder still listens.
+CREATE_WAIT = 300.0
+DELETE_WAIT = 3600.0
 _SNAPSHOT_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,254}")
 
 
@@ -207,7 +212,14 @@ async def create(service: SnapshotService, call: NovaCreate,
         presets={vol.volume_id: Preset(call.snapshot_id, str(overlay), reuse)},
         auto_delete=False,  # Cinder keeps these snapshots' records: it deletes them
     )
-    return await _reported(cinder, call.snapshot_id, "create", service.create(request))
+
+    async def recheck() -> None:
+        if reuse:  # the caller's file must still back onto the active file
+            _dom, now = await _find_volume(service, call.volume_id)
+            await check_overlay(overlay, now)
+
+    return await _reported(cinder, call.snapshot_id, "create",
+                           service.create_queued(request, CREATE_WAIT, recheck))
 
 
 async def _reported(cinder: CinderReporter | None, snapshot_id: str, op: str,
@@ -229,34 +241,51 @@ async def _reported(cinder: CinderReporter | None, snapshot_id: str, op: str,
 async def delete(service: SnapshotService, snapshot_id: str, call: NovaDelete,
                  cinder: CinderReporter | None = None) -> Task:
     """Nova's meaning: no merge target → pull into the active layer down to
-    ``file_to_merge``; otherwise commit ``file_to_merge`` into the target."""
+    ``file_to_merge``; otherwise commit ``file_to_merge`` into the target.
+    A call that names files outside the volume, or that does not fit a
+    snapshot already settled, is refused now; one whose volume is busy (the
+    snapshot's own create still finalizing, say) is checked again and done
+    once the volume is free."""
     _dom, vol = await _find_volume(service, call.volume_id)
     meta = await service.snapshot(snapshot_id)
     if meta.volume_id != call.volume_id:
         raise InvalidNovaRequest(f"snapshot {snapshot_id} belongs to volume {meta.volume_id}")
     directory = Path(vol.active_file).parent
-    chain = [_real(layer.path) for layer in vol.chain]
     named = {key: inside(directory, value, key) if value is not None else None
              for key, value in (("file_to_merge", call.file_to_merge),
                                 ("merge_target_file", call.merge_target_file))}
+    if meta.status is Status.AVAILABLE:
+        _strategy(meta, vol, named, snapshot_id)
+
+    async def choose() -> Strategy:
+        _dom, now = await _find_volume(service, call.volume_id)
+        return _strategy(await service.snapshot(snapshot_id), now, named, snapshot_id)
+
+    return await _reported(cinder, snapshot_id, "delete",
+                           service.delete_queued(snapshot_id, choose, DELETE_WAIT))
+
+
+def _strategy(meta: SnapshotMeta, vol: Volume, named: dict[str, Path | None],
+              snapshot_id: str) -> Strategy:
+    """How Nova's delete_info merges META out of VOL's live chain, or
+    FileMismatch when it would not remove exactly that snapshot."""
+    chain = [_real(layer.path) for layer in vol.chain]
     # The live chain names every file and its format; a named file that is
     # not in it is refused before anything is read.
     for path in filter(None, named.values()):
         if path not in chain:
-            raise FileMismatch(f"{path.name} is not in the chain of {call.volume_id}")
+            raise FileMismatch(f"{path.name} is not in the chain of {vol.volume_id}")
     own = _real(meta.file or "/"), _real(meta.backing_file or "/")
-    if call.merge_target_file is None:
+    if named["merge_target_file"] is None:
         below = chain[chain.index(own[1]) + 1] if own[1] in chain[:-1] else None
         if own[0] != chain[0] or named["file_to_merge"] != below:
             raise FileMismatch("delete_info asks for a pull that does not remove snapshot "
                                f"{snapshot_id}'s image from the active layer")
-        return await _reported(cinder, snapshot_id, "delete",
-                               service.delete(snapshot_id, Strategy.PULL))
+        return Strategy.PULL
     if (named["file_to_merge"], named["merge_target_file"]) != own:
         raise FileMismatch(f"delete_info does not merge snapshot {snapshot_id}'s overlay "
                            "into its image")
-    return await _reported(cinder, snapshot_id, "delete",
-                           service.delete(snapshot_id, Strategy.COMMIT))
+    return Strategy.COMMIT
 
 
 async def _exists(path: Path) -> bool:

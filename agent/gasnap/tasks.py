@@ -77,6 +77,7 @@ Work = Callable[[Task], Awaitable[Done]]
 
 
 KEEP_FINISHED = 1000  # finished tasks kept for ``task show``; the oldest go first
+RECOVERY_RECHECK = 1.0  # seconds between looks at a volume recovery still holds
 PROGRESS_SAVE_INTERVAL = 5.0  # seconds between journal writes of progress alone
 
 
@@ -105,6 +106,46 @@ class TaskManager:
     def reserve(self, kind: str, volumes: Iterable[str]) -> Task:
         """A new task holding VOLUMES, or VolumeBusy naming the holder."""
         wanted = frozenset(volumes)
+        self._check_free(wanted)
+        task = Task(str(uuid.uuid4()), kind, frozenset())
+        self._take(task, wanted)
+        self._tasks[task.id] = task
+        return task
+
+    def queue(self, kind: str) -> Task:
+        """A new task that holds nothing yet: its work takes its volumes with
+        ``hold`` once they are free (Nova's calls: accepted, then done when
+        the instance can)."""
+        task = Task(str(uuid.uuid4()), kind, frozenset())
+        self._tasks[task.id] = task
+        return task
+
+    async def hold(self, task: Task, volumes: Iterable[str], timeout: float) -> None:
+        """Give TASK (queued) VOLUMES once no other task and no unsettled
+        operation holds any of them: woken by the holder's end, bounded by
+        TIMEOUT (VolumeBusy past it)."""
+        wanted = frozenset(volumes)
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                self._check_free(wanted)
+            except VolumeBusy as err:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise
+                task.state = TaskState.QUEUED
+                holder = self._tasks.get(str(err.details.get("task", "")))
+                # An operation recovery has not settled has no task to wait on.
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(
+                        holder.done.wait() if holder is not None
+                        else asyncio.sleep(RECOVERY_RECHECK), min(left, RECOVERY_RECHECK))
+                continue
+            self._take(task, wanted)
+            task.state = TaskState.RUNNING
+            return
+
+    def _check_free(self, wanted: frozenset[str]) -> None:
         for volume in sorted(wanted):
             holder = self._busy.get(volume)
             if holder is not None:
@@ -115,11 +156,11 @@ class TaskManager:
                 raise VolumeBusy(f"volume {volume} has an unfinished operation ({op}) that "
                                  "recovery has not settled yet; see the agent's log",
                                  code="volume_recovering", operation=op)
-        task = Task(str(uuid.uuid4()), kind, wanted)
+
+    def _take(self, task: Task, wanted: frozenset[str]) -> None:
+        task.volumes = wanted
         for volume in wanted:
             self._busy[volume] = task.id
-        self._tasks[task.id] = task
-        return task
 
     def discard(self, task: Task) -> None:
         """Forget a task that never started (its request was refused)."""
