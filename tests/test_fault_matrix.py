@@ -58,7 +58,7 @@ RECORD = os.environ.get("GASNAP_MATRIX_RECORD")  # a file: note outcomes, compar
 STEPS = {
     "create": ["planned", "recording", "overlays", "switching", "switched", "finalizing"],
     "delete": ["planned", "deleting", "job", "pivot", "merged", "cleanup"],
-    "revert": ["planned", "before", "stopping", "overlays", "switching"],
+    "revert": ["planned", "stopping", "before", "overlays", "switching"],
     "clone": ["recording", "making", "made", "attaching", "finalizing"],
 }
 FAULTS = ["stop", "libvirtd", "metadata", "qga", "enospc"]
@@ -292,7 +292,9 @@ FROZEN = ("create:switching", "create:switched")
 
 # Steps at which the guest is shut off: its qemu-ga is taken away by
 # booting it without one (the lab guest's ``gasnap.agent=off``).
-GUEST_OFF = ("revert:stopping", "revert:overlays", "revert:switching")
+# (A disk-only revert keeps the state it leaves once the guest is off: its
+# "before" step comes after "stopping".)
+GUEST_OFF = ("revert:stopping", "revert:before", "revert:overlays", "revert:switching")
 
 
 async def _agent_at_boot(bench: Bench, *, on: bool) -> None:

@@ -9,6 +9,8 @@ import asyncio
 import json
 import os
 import signal
+import sqlite3
+import subprocess
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -20,9 +22,11 @@ from conftest import (
     Agent,
     create_snapshots,
     delete_snapshot,
+    freeze_status,
     gasnap,
     hv_call,
     wait_task,
+    wait_until,
 )
 from gasnap.client import ApiError
 from gasnap.hypervisor import Domain, DomainState
@@ -138,6 +142,77 @@ async def test_memory_of_stopped_and_paused_domains(
     assert task["result"]["snapshots"][0]["memory_file"] is None
     await hv.start(name)
     await Lab(hv).wait_for_agent(name, 180)
+
+
+async def test_a_shut_off_domain_reverted_to_its_ram_comes_back_thawed(
+    agent: Agent, hv: LibvirtHypervisor, rammed: Domain
+) -> None:
+    """R5: the RAM was saved frozen; the domain was off at plan time, so its
+    agent was absent then.  The restored guest is thawed all the same, and
+    the task says so."""
+    name = rammed.name
+    booted = await boot_id(hv, name)
+    task = create_snapshots(agent, {"domains": [name], "memory": True})
+    assert task["state"] == "succeeded", task
+    (snap,) = task["result"]["snapshots"]
+    subprocess.run(["virsh", "-q", "shutdown", name, "--mode", "agent"], check=True)
+    await wait_until(lambda: hv_state(hv, name, DomainState.SHUTOFF), timeout=120)
+    task = revert(agent, snap["id"])
+    assert task["state"] == "succeeded", task
+    assert (await hv.get_domain(name)).state is DomainState.RUNNING
+    assert await boot_id(hv, name) == booted  # restored, not booted
+    assert await freeze_status(hv, name) == "thawed"
+    assert task["result"]["thawed"][name] >= 1, task["result"]
+
+
+async def hv_state(hv: LibvirtHypervisor, name: str, state: DomainState) -> bool:
+    return (await hv.get_domain(name)).state is state
+
+
+async def test_a_memory_file_qemu_will_not_load_ends_bounded(
+    tmp_path: Path, hv: LibvirtHypervisor, rammed: Domain
+) -> None:
+    """REVIEW-2 item 5: the memory file passes its checks (magic, size) but
+    QEMU will not load it.  Recovery tries a bounded number of times, then
+    the domain boots cold on the chain it left and its volumes are free."""
+    name = rammed.name
+    agent = Agent(tmp_path, config="[agent]\nsweep_interval = 1\n")
+    try:
+        agent.wait_ready()
+        await sh(hv, name, "echo kept > /data/kept; sync")
+        task = create_snapshots(agent, {"domains": [name], "memory": True})
+        assert task["state"] == "succeeded", task
+        (snap,) = task["result"]["snapshots"]
+        await asyncio.to_thread(_damage_past_the_header, Path(snap["memory_file"]))
+        task = revert(agent, snap["id"], force=True)
+        assert task["state"] == "failed", task
+        await wait_until(lambda: _settled(agent, hv, name), timeout=120, interval=0.5)
+        (before,) = [r for r in agent.client.get(f"/v1/snapshots?domain={name}")["snapshots"]
+                     if r["origin"] == "before-revert"]
+        vol = (await hv.get_domain(name)).volumes[0]
+        assert vol.active_file == before["file"]  # the chain it left
+        assert "could not be finished in 3 tries" in agent.output()
+        await Lab(hv).wait_for_agent(name, 180)
+        assert (await sh(hv, name, "cat /data/kept")).strip() == "kept"
+        # Its volumes are free again.
+        again = create_snapshots(agent, {"domains": [name]})
+        assert again["state"] == "succeeded", again
+    finally:
+        agent.stop()
+
+
+def _damage_past_the_header(memory: Path) -> None:
+    """Random bytes in the migration stream; magic and size unchanged."""
+    size = memory.stat().st_size
+    with memory.open("r+b") as f:
+        f.seek(size // 2)
+        f.write(os.urandom(min(1 << 20, size // 4)))
+
+
+async def _settled(agent: Agent, hv: LibvirtHypervisor, name: str) -> bool:
+    with sqlite3.connect(agent.state_dir / "journal.db") as conn:
+        left = int(conn.execute("SELECT count(*) FROM operations").fetchone()[0])
+    return left == 0 and (await hv.get_domain(name)).state is DomainState.RUNNING
 
 
 @pytest.mark.parametrize("point", ["revert:stopping", "revert:overlays", "revert:switching"])

@@ -48,6 +48,7 @@ class Payload(TypedDict, total=False):
     volumes: list[str]
     frozen: list[str]  # create, from "freezing": the domains whose freeze is its own
     consistency: dict[str, str]  # create, from "thawed": per domain, as proven
+    attempts: int  # revert: how often recovery has tried to finish it
 
 
 @dataclass(frozen=True)

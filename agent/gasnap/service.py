@@ -10,12 +10,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from .config import Schedule
 from .errors import BadRequest, Conflict, GasnapError, Unavailable
 from .hypervisor import Domain, Volume
-from .metadata import CloneNotFound, SnapshotMeta, Status, check_limits
+from .metadata import NOVA_DESCRIPTION, CloneNotFound, SnapshotMeta, Status, check_limits
 from .tasks import Done, Task, TaskManager
 from .workflows import (
     Context,
@@ -145,7 +146,13 @@ class SnapshotService:
         if name is not None:
             createplan.check_name(name)
         if description is not None:
-            createplan.check_description(description)
+            createplan.check_caller_description(description)
+            if (await self.ctx.metadata.get_snapshot(snapshot_id)).description == \
+                    NOVA_DESCRIPTION and description != NOVA_DESCRIPTION:
+                # It tells Cinder's snapshots apart (kept from auto-delete,
+                # guarding the volume's active file): they keep it.
+                raise BadRequest("the description of a snapshot Nova took is Cinder's; it "
+                                 "is not changed", code="invalid_description")
         await self.ctx.metadata.update_snapshot_metadata(snapshot_id, name, description)
         return await self.record(snapshot_id)
 
@@ -271,15 +278,43 @@ class SnapshotService:
         volumes = {v.volume_id for v in (await createplan.plan(self.ctx, request)).volumes}
         task = self.tasks.reserve(kind, volumes)
         try:
-            planned = await createplan.plan(self.ctx, request)
-            if {v.volume_id for v in planned.volumes} != volumes:
-                raise Conflict("the domains' disks changed while the request was planned; "
-                               "try again", code="domain_changed")
-            await createplan.check_exclusive(self.ctx, planned)
+            planned = await self._plan_held(request, volumes)
         except BaseException:
             self.tasks.drop(task)
             raise
         return task, planned
+
+    async def _plan_held(self, request: createplan.CreateRequest, volumes: set[str]
+                         ) -> createplan.CreatePlan:
+        """The plan read once VOLUMES are held (the one a create runs)."""
+        planned = await createplan.plan(self.ctx, request)
+        if {v.volume_id for v in planned.volumes} != volumes:
+            raise Conflict("the domains' disks changed while the request was planned; "
+                           "try again", code="domain_changed")
+        await createplan.check_exclusive(self.ctx, planned)
+        return planned
+
+    async def create_queued(self, request: createplan.CreateRequest, wait: float,
+                            recheck: Callable[[], Awaitable[None]] | None = None) -> Task:
+        """Nova's create: what is wrong with the request is refused now; a
+        busy volume (a schedule, a merge, a create still finalizing) is
+        waited for, up to WAIT seconds, as Nova queues work on an instance.
+        RECHECK: what the caller checked against the volume as it was, asked
+        again once it is held (the work before may have changed it)."""
+        self._check_ready()
+        volumes = {v.volume_id for v in (await createplan.plan(self.ctx, request)).volumes}
+        task = self.tasks.queue("snapshot-create")
+
+        async def work(task: Task) -> Done:
+            await self.tasks.hold(task, volumes, wait)
+            if recheck is not None:
+                await recheck()
+            planned = await self._plan_held(request, volumes)
+            return await self._trimmed(planned, await self._created(planned),
+                                       request.auto_delete)
+
+        await self.tasks.start(task, work)
+        return task
 
     async def create(self, request: createplan.CreateRequest) -> Task:
         """Validate now (errors reach the caller), then run as a task."""
@@ -352,7 +387,8 @@ class SnapshotService:
             outcome = await revert.execute(self.ctx, planned)
             result = {"reverted": [v.snapshot_id for v in planned.volumes],
                       "before": [m.id for m in outcome.before],
-                      "domains": planned.domains, "phases": outcome.phases}
+                      "domains": planned.domains, "phases": outcome.phases,
+                      "thawed": outcome.thawed}
             return Done(result, outcome.failure)
 
         await self.tasks.start(task, work)
@@ -372,16 +408,39 @@ class SnapshotService:
             raise
 
         async def work(task: Task) -> Done:
-            async def progress(percent: int) -> None:
-                if percent != task.progress:
-                    await self.tasks.update(task, progress=percent)
-
-            outcome = await delete.execute(self.ctx, merge, progress)
-            await limits.observe(self.ctx, [merge.volume_id])
-            if outcome.failure is not None:
-                return Done(None, outcome.failure)
-            return Done({"snapshot": snapshot_id, "strategy": merge.method.value,
-                         "merged_bytes": merge.moved_bytes, "removed": merge.remove})
+            return await self._deleted(task, merge)
 
         await self.tasks.start(task, work)
         return task
+
+    async def delete_queued(self, snapshot_id: str,
+                            choose: Callable[[], Awaitable[deleteplan.Strategy]],
+                            wait: float) -> Task:
+        """Nova's delete: an unknown snapshot is refused now; a busy volume
+        (the snapshot's own create still finalizing, a schedule, a merge) is
+        waited for, up to WAIT seconds.  CHOOSE checks the request against
+        the record and the chain once the volume is held, and names the
+        strategy."""
+        self._check_ready()
+        meta = await self.ctx.metadata.get_snapshot(snapshot_id)
+        task = self.tasks.queue("snapshot-delete")
+
+        async def work(task: Task) -> Done:
+            await self.tasks.hold(task, {meta.volume_id}, wait)
+            merge = await deleteplan.plan(self.ctx, snapshot_id, await choose())
+            return await self._deleted(task, merge)
+
+        await self.tasks.start(task, work)
+        return task
+
+    async def _deleted(self, task: Task, merge: deleteplan.DeletePlan) -> Done:
+        async def progress(percent: int) -> None:
+            if percent != task.progress:
+                await self.tasks.update(task, progress=percent)
+
+        outcome = await delete.execute(self.ctx, merge, progress)
+        await limits.observe(self.ctx, [merge.volume_id])
+        if outcome.failure is not None:
+            return Done(None, outcome.failure)
+        return Done({"snapshot": merge.snapshot_id, "strategy": merge.method.value,
+                     "merged_bytes": merge.moved_bytes, "removed": merge.remove})

@@ -86,7 +86,7 @@ SCHEMAS: Schema = {
          "disks": {"type": "object", "additionalProperties": NAMES},
          "name": STRING, "description": STRING,
          "quiesce": {"type": "string", "enum": list(QUIESCE_VALUES)},
-         "memory": {"type": "boolean"}},
+         "memory": {"type": "boolean"}, "force": {"type": "boolean"}},
         closed=True,
     ),
     "UpdateRequest": obj([], {"name": STRING, "description": STRING}, closed=True),

@@ -149,6 +149,8 @@ def snapshot_create(args: argparse.Namespace) -> int:
     body: dict[str, Any] = {"domains": args.domains, "quiesce": args.quiesce}
     if args.memory:
         body["memory"] = True
+    if args.force:
+        body["force"] = True
     if args.disk:
         body["disks"] = _disks(args.domains, args.disk)
     if args.name is not None:

@@ -122,6 +122,8 @@ def _snapshot_parsers(group: argparse.ArgumentParser) -> None:
     create.add_argument("--quiesce", choices=QUIESCE_VALUES, default=Quiesce.PREFERRED.value)
     create.add_argument("--memory", action="store_true",
                         help="running domains: save their RAM and device state too")
+    create.add_argument("--force", action="store_true",
+                        help="also volumes Cinder keeps snapshots of (behind Cinder's back)")
     create.add_argument("--no-wait", action="store_true", help="print the task and return")
     _add_json(create)
     create.set_defaults(func=commands.snapshot_create)

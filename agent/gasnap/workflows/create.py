@@ -140,7 +140,7 @@ async def _record(ctx: Context, op: Operation, planned: CreatePlan
     while no record exists (the plan may not have read them: an outage).
     Returns the soft limits' warnings."""
     op = await ctx.journal.step(op, CreateStep.RECORDING)
-    warnings = await limits.check(ctx, planned.volumes)
+    warnings = await limits.check(ctx, planned.volumes, cinder_ok=planned.cinder_ok)
     for v in planned.volumes:
         # Read now, not at plan time: a metadata outage delays the create
         # (this step waits it out), it does not refuse the request.

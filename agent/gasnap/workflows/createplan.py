@@ -22,7 +22,7 @@ from .. import images
 from ..errors import BadRequest, Conflict, GasnapError, NotFound
 from ..guestagent import AgentAbsent, AgentUnresponsive
 from ..hypervisor import AgentState, Domain, DomainState, Feature, Volume, require
-from ..metadata import Origin
+from ..metadata import NOVA_DESCRIPTION, Origin
 from ..quiesce import Quiesce
 from . import Context, limits, space
 
@@ -69,6 +69,9 @@ class CreateRequest:
     # with the volume's auto_delete, merge its oldest snapshots away after;
     # not on Nova's path, where Cinder owns the snapshots
     auto_delete: bool = True
+    # a volume with snapshots Cinder keeps is snapshotted all the same (its
+    # active file changes behind Cinder's back)
+    force: bool = False
 
 
 @dataclass(frozen=True)
@@ -109,6 +112,13 @@ class CreatePlan:
     origin: Origin = Origin.CREATED
     memory: dict[str, str] = field(default_factory=dict)  # live domain -> its memory file
     warnings: list[str] = field(default_factory=list)  # for the task's result
+    force: bool = False  # see CreateRequest.force
+
+    @property
+    def cinder_ok(self) -> bool:
+        """Whether it may change the active file of a volume Cinder keeps
+        snapshots of: Nova's own creates (Cinder asked), or forced."""
+        return self.force or self.description == NOVA_DESCRIPTION
 
     def to_dict(self) -> dict[str, Any]:
         doc = asdict(self)
@@ -127,6 +137,7 @@ class CreatePlan:
             uuids=dict(doc.get("uuids", {})),
             origin=Origin(doc.get("origin", Origin.CREATED.value)),
             memory=dict(doc.get("memory", {})), warnings=list(doc.get("warnings", [])),
+            force=bool(doc.get("force", False)),
         )
 
     def of(self, domain: str) -> list[VolumePlan]:
@@ -140,7 +151,8 @@ class CreatePlan:
 
 # --- the request: parsed and checked here, and nowhere else -------------------
 
-REQUEST_FIELDS = frozenset({"domains", "disks", "name", "description", "quiesce", "memory"})
+REQUEST_FIELDS = frozenset({"domains", "disks", "name", "description", "quiesce", "memory",
+                            "force"})
 
 
 def _string_list(value: Any, what: str) -> list[str]:
@@ -172,14 +184,15 @@ def request_from_doc(doc: dict[str, Any]) -> CreateRequest:
     except ValueError as err:
         raise BadRequest("quiesce must be required, preferred or off",
                          code="invalid_request") from err
-    memory = doc.get("memory", False)
-    if not isinstance(memory, bool):
-        raise BadRequest("memory must be true or false", code="invalid_request")
+    memory, force = doc.get("memory", False), doc.get("force", False)
+    if not isinstance(memory, bool) or not isinstance(force, bool):
+        raise BadRequest("memory and force must be true or false", code="invalid_request")
     request = CreateRequest(
         domains=domains, disks=disks, name=_optional_string(doc, "name") or default_name(),
         description=_optional_string(doc, "description") or "", quiesce=quiesce,
-        memory=memory,
+        memory=memory, force=force,
     )
+    check_caller_description(request.description)
     check_request(request)
     return request
 
@@ -205,6 +218,15 @@ def check_request(req: CreateRequest) -> None:
 def check_description(description: str) -> None:
     if len(description) > MAX_DESCRIPTION:
         raise BadRequest("description is too long", code="invalid_description")
+
+
+def check_caller_description(description: str) -> None:
+    """What a caller of gasnap's own API may write: Nova's description is
+    Nova's path's alone (it marks the snapshots Cinder keeps)."""
+    check_description(description)
+    if description == NOVA_DESCRIPTION:
+        raise BadRequest(f"the description {NOVA_DESCRIPTION!r} is kept for snapshots Nova "
+                         "takes", code="invalid_description")
 
 
 def check_name(name: str) -> None:
@@ -332,7 +354,8 @@ async def plan(ctx: Context, req: CreateRequest) -> CreatePlan:
     memory, warnings = _memory_files(req, volumes, live=live, running=running,
                                      stopped=stopped,
                                      left_alone=left_alone, uuids=uuids, group_id=group_id)
-    await limits.refuse_early(ctx, volumes)
+    await limits.refuse_early(ctx, volumes,
+                              cinder_ok=req.force or req.description == NOVA_DESCRIPTION)
     await space.check(_needs(volumes, memory, ram), ctx.min_free, "the snapshot")
     return CreatePlan(
         group_id=group_id,
@@ -340,7 +363,7 @@ async def plan(ctx: Context, req: CreateRequest) -> CreatePlan:
         created_at=datetime.now(UTC).isoformat(timespec="microseconds"),
         volumes=volumes, live=live, running=running, stopped=stopped, schedule=req.schedule,
         left_alone=left_alone, uuids=uuids, origin=req.origin, memory=memory,
-        warnings=warnings,
+        warnings=warnings, force=req.force,
     )
 
 

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 
 from .. import metrics
 from ..errors import Conflict, GasnapError, Unavailable
-from ..metadata import Limits, SnapshotMeta, Status
+from ..metadata import HOLDING, NOVA_DESCRIPTION, Limits, SnapshotMeta, Status
 from . import Context
 
 if TYPE_CHECKING:
@@ -60,15 +60,20 @@ def depth_after(v: VolumePlan) -> int:
 # --- before a create ------------------------------------------------------------
 
 
-async def check(ctx: Context, volumes: Sequence[VolumePlan]) -> list[str]:
+async def check(ctx: Context, volumes: Sequence[VolumePlan], *, cinder_ok: bool
+                ) -> list[str]:
     """Refuse (``SnapshotLimit``) if any of VOLUMES would pass a hard limit
-    with one more snapshot; otherwise the warnings of those past a soft one."""
+    with one more snapshot, or (``CinderVolume``, unless CINDER_OK) if Cinder
+    keeps snapshots of it; otherwise the warnings of those past a soft one."""
     over: list[str] = []
     at_limit: list[str] = []
     warnings: list[str] = []
     for v in volumes:
         limits = await in_force(ctx, v.volume_id)
-        count = len(counted(await ctx.metadata.list_snapshots(volume_id=v.volume_id))) + 1
+        records = await ctx.metadata.list_snapshots(volume_id=v.volume_id)
+        if not cinder_ok:
+            refuse_cinder_volume(v.volume_id, records)
+        count = len(counted(records)) + 1
         depth = depth_after(v)
         name = f"{v.domain}/{v.target} (volume {v.volume_id})"
         for value, what, key, hard, soft in (
@@ -90,15 +95,33 @@ async def check(ctx: Context, volumes: Sequence[VolumePlan]) -> list[str]:
     return warnings
 
 
+class CinderVolume(Conflict):
+    code = "cinder_volume"
+
+
+def refuse_cinder_volume(volume_id: str, records: Sequence[SnapshotMeta]) -> None:
+    """CinderVolume if Cinder keeps snapshots of VOLUME_ID (taken through
+    Nova): Cinder tracks the volume's active file in its ``.info`` and
+    builds on it; gasnap changing it on its own (a snapshot, a revert) would
+    leave Cinder's idea stale (REVIEW-2 item 6)."""
+    cinders = [m.id for m in records if m.status in HOLDING and m.description == NOVA_DESCRIPTION]
+    if cinders:
+        raise CinderVolume(
+            f"volume {volume_id} has snapshots Cinder keeps ({', '.join(cinders[:3])}"
+            f"{', ...' if len(cinders) > 3 else ''}): changing its active file outside Cinder "
+            "would leave Cinder's view stale; ask Cinder, or force", volume_id=volume_id)
+
+
 def _fate(limits: Limits) -> str:
     return "; auto_delete merges the oldest away" if limits.auto_delete else ""
 
 
-async def refuse_early(ctx: Context, volumes: Sequence[VolumePlan]) -> None:
+async def refuse_early(ctx: Context, volumes: Sequence[VolumePlan], *, cinder_ok: bool
+                       ) -> None:
     """``check`` at plan time, so the caller hears 409 at once; a metadata
     service that does not answer soon leaves it to the record step."""
     try:
-        await asyncio.wait_for(check(ctx, volumes), EARLY_WAIT)
+        await asyncio.wait_for(check(ctx, volumes, cinder_ok=cinder_ok), EARLY_WAIT)
     except (TimeoutError, Unavailable) as err:
         log.info("limits not read at plan time (%s); the record step checks them", err)
 

@@ -35,7 +35,12 @@ from ..metadata import (
     WrongStatus,
 )
 from . import Context, tree
-from .createplan import VolumeNotFound, check_description, check_name, check_unique_id
+from .createplan import (
+    VolumeNotFound,
+    check_caller_description,
+    check_name,
+    check_unique_id,
+)
 
 
 class InvalidReference(BadRequest):
@@ -170,7 +175,7 @@ async def manage(ctx: Context, volume_id: str, ref: str, name: str,
                  description: str) -> SnapshotMeta:
     """Adopt layer REF (a file name in the volume's directory) of VOLUME_ID."""
     check_name(name)
-    check_description(description)
+    check_caller_description(description)
     if not ref or os.path.basename(ref) != ref or ref in (".", ".."):
         raise InvalidReference(f"ref.file must be a file name in the volume's directory, "
                                f"not {ref!r}")

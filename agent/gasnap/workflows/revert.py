@@ -3,10 +3,12 @@
 ``execute`` runs a plan (``revertplan``), writing each step to the journal
 before taking it:
 
-  planned → before (the state being left kept as ``before-revert``
-            snapshots: a create of its own, frozen when the guest can be)
-          → stopping (live domains: graceful shutdown through the guest
+  planned → stopping (live domains: graceful shutdown through the guest
             agent or ACPI, bounded; destroy as the last resort)
+          → before (the state being left kept as ``before-revert``
+            snapshots: a create of its own, once the guest is off, so that
+            they hold its last write; a memory revert keeps it first, RAM
+            and all, and then destroys the guest)
           → overlays (a fresh qcow2 on each snapshot's image, relative
             backing pointer, format named)
           → switching (each persistent definition points at its overlays;
@@ -26,12 +28,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .. import faults, images, qemuimg
-from ..errors import GasnapError, NotFound
+from ..errors import GasnapError, NotFound, Unavailable, from_os_error
+from ..freezeguard import FreezeGuardError
 from ..guestagent import THAW_TIMEOUT, AgentCommandFailed, GuestAgentError
 from ..hypervisor import AgentState, DomainChanged, DomainState
 from ..journal import Operation
@@ -44,6 +48,7 @@ log = logging.getLogger(__name__)
 
 STATE_POLL = 0.5
 DESTROY_WAIT = 30.0
+MAX_ATTEMPTS = 3  # recovery's tries to finish a revert before it gives up
 
 
 class RevertFailed(GasnapError):
@@ -55,6 +60,9 @@ class Outcome:
     before: list[SnapshotMeta]  # the before-revert snapshots kept
     failure: GasnapError | None = None  # why the volumes did not go back, if they did not
     phases: dict[str, float] = field(default_factory=dict)  # seconds each step took
+    # domains restored from RAM: filesystems thawed, or None when the agent
+    # did not answer in time and the freeze guard's deadline thaws them
+    thawed: dict[str, int | None] = field(default_factory=dict)
 
 
 async def execute(ctx: Context, planned: RevertPlan) -> Outcome:
@@ -65,12 +73,21 @@ async def execute(ctx: Context, planned: RevertPlan) -> Outcome:
     clock = _Clock()
     try:
         async with ctx.hv.hold(planned.uuids):
-            op = await ctx.journal.step(op, RevertStep.BEFORE)
-            before = await _keep_current_state(ctx, planned)
-            faults.hit("revert:before")
+            if planned.memory:
+                # The state left is the instant the RAM is saved: kept while
+                # the guest runs, then it is destroyed at once.
+                op = await clock.step(ctx, op, RevertStep.BEFORE)
+                before = await _keep_current_state(ctx, planned)
+                faults.hit("revert:before")
+            # Disks alone: the state left is the last byte the guest wrote,
+            # its power-off's flush included, so it is kept once it is off.
             op = await clock.step(ctx, op, RevertStep.STOPPING)
             await outage.ride_out(ctx, "revert: stop", lambda: _stop(ctx, planned))
             faults.hit("revert:stopping")
+            if not planned.memory:
+                op = await clock.step(ctx, op, RevertStep.BEFORE)
+                before = await _keep_current_state(ctx, planned)
+                faults.hit("revert:before")
             op = await clock.step(ctx, op, RevertStep.OVERLAYS)
             await _make_overlays(ctx, planned)
             faults.hit("revert:overlays")
@@ -78,7 +95,7 @@ async def execute(ctx: Context, planned: RevertPlan) -> Outcome:
             await outage.ride_out(ctx, "revert: switch", lambda: _switch(ctx, planned))
             faults.hit("revert:switching")
             op = await clock.step(ctx, op, RevertStep.STARTING)
-            await outage.ride_out(ctx, "revert: start", lambda: _start(ctx, planned))
+            thawed = await outage.ride_out(ctx, "revert: start", lambda: _start(ctx, planned))
     except GasnapError as err:
         err = await space.explain_any(err, planned.directories(), ctx.min_free)
         log.error("revert to %s failed: %s", planned.snapshot_id, err.message)
@@ -86,7 +103,7 @@ async def execute(ctx: Context, planned: RevertPlan) -> Outcome:
         await _undo(ctx, op, planned)
         return Outcome(before, err, clock.done(op))
     await ctx.journal.finish(op)
-    return Outcome(before, phases=clock.done(op))
+    return Outcome(before, phases=clock.done(op), thawed=thawed)
 
 
 class _Clock:
@@ -97,7 +114,10 @@ class _Clock:
         self._since = time.monotonic()
 
     async def step(self, ctx: Context, op: Operation, step: RevertStep) -> Operation:
-        self.done(op)
+        if op.step == RevertStep.PLANNED:
+            self._since = time.monotonic()  # the plan is not a step the task times
+        else:
+            self.done(op)
         return await ctx.journal.step(op, step)
 
     def done(self, op: Operation) -> dict[str, float]:
@@ -184,7 +204,12 @@ async def _make_overlays(ctx: Context, planned: RevertPlan) -> None:
     for v in planned.volumes:
         await qemuimg.create_overlay(v.overlay, images.relative_pointer(v.overlay, v.image),
                                      v.image_format, v.size)
-        await images.adopt_owner(v.overlay, v.image)
+        try:
+            await images.adopt_owner(v.overlay, v.image)
+        except OSError as err:
+            # A GasnapError, so that the revert is undone (its domains started
+            # again), not left half done until the agent restarts.
+            raise from_os_error(err) from err
 
 
 async def _switch(ctx: Context, planned: RevertPlan) -> None:
@@ -193,10 +218,23 @@ async def _switch(ctx: Context, planned: RevertPlan) -> None:
     for name in planned.domains:
         if not await _off_the_new_overlays(ctx, planned, name):
             continue
+        await _check_volumes(ctx, planned, name)
         await ctx.hv.define_overlays(name, {v.target: v.overlay for v in planned.of(name)})
         wrong = await _off_the_new_overlays(ctx, planned, name)
         if wrong:
             raise RevertFailed(f"{name}: after the switch {wrong}")
+
+
+async def _check_volumes(ctx: Context, planned: RevertPlan, name: str) -> None:
+    """Each target the revert switches still holds the volume planned: a
+    disk detached and its target reused since (as Nova does) is never
+    switched onto another volume's image."""
+    dom = await ctx.hv.get_domain(name, uuid=planned.uuids.get(name))
+    for v in planned.of(name):
+        vol = dom.volume(v.target)
+        if vol is None or vol.volume_id != v.volume_id:
+            raise RevertFailed(f"{name}/{v.target} is no longer volume {v.volume_id} "
+                               f"({vol.volume_id if vol else 'no disk'} now); not switched")
 
 
 async def _off_the_new_overlays(ctx: Context, planned: RevertPlan, name: str) -> str:
@@ -211,9 +249,16 @@ async def _off_the_new_overlays(ctx: Context, planned: RevertPlan, name: str) ->
     return ""
 
 
-async def _start(ctx: Context, planned: RevertPlan) -> None:
+async def _start(ctx: Context, planned: RevertPlan) -> dict[str, int | None]:
+    """Start (or restore) the domains to start; every domain restored from
+    RAM and left running is thawed, whatever its agent's state at plan time
+    (a domain off then had no agent, yet its RAM may have been saved
+    frozen).  Returns what each restored domain's thaw did."""
+    restored = []
     for name in planned.start:
         if await _state(ctx, name, planned.uuids.get(name)) is not DomainState.SHUTOFF:
+            if name in planned.memory:
+                restored.append(name)  # restored before a crash: maybe still frozen
             continue
         memory = planned.memory.get(name)
         if memory is None:
@@ -221,31 +266,49 @@ async def _start(ctx: Context, planned: RevertPlan) -> None:
             continue
         await ctx.hv.restore(name, memory, {v.target: v.overlay for v in planned.of(name)},
                              paused=name in planned.paused)
-    await asyncio.gather(*(_thaw(ctx, name) if name in planned.memory else
-                           _agent_back(ctx, name)
-                           for name in planned.agents if name not in planned.paused))
+        restored.append(name)
+    thaws = [name for name in restored if name not in planned.paused]
+    counts = await asyncio.gather(*(_thaw(ctx, name, planned.snapshot_id) for name in thaws))
+    await asyncio.gather(*(_agent_back(ctx, name) for name in planned.agents
+                           if name not in planned.memory and name not in planned.paused))
+    return dict(zip(thaws, counts, strict=True))
 
 
-async def _thaw(ctx: Context, name: str) -> None:
-    """RAM saved while frozen comes back frozen: thaw it, as soon as its
-    agent answers again (bounded, as ``_agent_back``).  A guest restored
-    paused is thawed by whoever resumes it."""
+async def _thaw(ctx: Context, name: str, owner: str) -> int | None:
+    """RAM saved while frozen comes back frozen: the guard is armed first
+    (its deadline thaws the guest and retries until it lands, even if this
+    agent dies now), then the guest is thawed as soon as its agent answers
+    (bounded, as ``_agent_back``).  The count thawed (0: it was not
+    frozen), or None when the agent did not answer in time and the guard
+    was left armed to thaw it.  A guest restored paused is thawed by
+    whoever resumes it."""
+    owner = f"restore:{owner}"
+    try:
+        await ctx.guard.arm([name], ctx.freeze_timeout, owner=owner)
+    except FreezeGuardError as err:
+        log.error("%s: restored, but no freeze guard (%s); thawing it without", name,
+                  err.message)
     deadline = time.monotonic() + ctx.shutdown_timeout
     while True:
         try:
             count = await ctx.agent.fsthaw(name, THAW_TIMEOUT)
         except AgentCommandFailed as err:
             log.info("%s: restored; nothing to thaw (%s)", name, err.message)
-            return
+            count = 0
         except GuestAgentError as err:
             if time.monotonic() >= deadline:
                 log.error("%s: restored, but its agent did not answer to be thawed (%s); "
-                          "thaw it with guest-fsfreeze-thaw", name, err.message)
-                return
+                          "the freeze guard thaws it at its deadline", name, err.message)
+                return None
             await asyncio.sleep(STATE_POLL)
-        else:
-            log.info("%s: restored from memory; %d filesystems thawed", name, count)
-            return
+            continue
+        log.info("%s: restored from memory; %d filesystems thawed", name, count)
+        break
+    try:
+        await ctx.guard.disarm([name], owner=owner)
+    except FreezeGuardError as err:
+        log.warning("%s: thawed; freeze guard: %s", name, err.message)
+    return count
 
 
 async def _agent_back(ctx: Context, name: str) -> None:
@@ -288,12 +351,24 @@ async def _undo(ctx: Context, op: Operation, planned: RevertPlan) -> None:
 
 async def _settle(ctx: Context, planned: RevertPlan, step: RevertStep) -> None:
     """Before the switch the revert is undone: the new overlays go and the
-    domains that ran run again, on the chain they left.  During or after it,
-    the switch and the start are finished (a domain half switched is worse
-    than either).  A memory revert is finished from the moment its domains
+    domains that ran run again, on the chain they left; so is one that
+    failed at the switch before any domain was on its new overlays.  Once
+    one is, the switch and the start are finished (a group half switched is
+    worse than either).  A memory revert is finished from the moment its domains
     were destroyed: booting them on the chain they left would throw away
     the RAM just kept, for a crashed disk; only if that cannot be done are
     they booted on the chain they left."""
+    if step is RevertStep.SWITCHING and not await _switched_any(ctx, planned):
+        started = await _started_since(ctx, planned)
+        if started or not planned.memory:
+            # Nothing was switched: the revert has not happened, and it never
+            # will behind its caller's back (a domain started meanwhile would
+            # otherwise be rolled back at its next shut-off).
+            log.warning("revert to %s undone before its switch%s", planned.snapshot_id,
+                        f" ({', '.join(started)} started meanwhile)" if started else "")
+            await _remove_overlays(ctx, planned)
+            await _restart(ctx, planned)
+            return
     if step in (RevertStep.SWITCHING, RevertStep.STARTING):
         await _switch(ctx, planned)
         await _start(ctx, planned)
@@ -311,6 +386,21 @@ async def _settle(ctx: Context, planned: RevertPlan, step: RevertStep) -> None:
             return
     await _remove_overlays(ctx, planned)
     await _restart(ctx, planned)
+
+
+async def _switched_any(ctx: Context, planned: RevertPlan) -> bool:
+    """Whether any domain of the plan is on its new overlays already."""
+    for name in planned.domains:
+        if not await _off_the_new_overlays(ctx, planned, name):
+            return True
+    return False
+
+
+async def _started_since(ctx: Context, planned: RevertPlan) -> list[str]:
+    """The domains of the plan that run now, though the revert left them off
+    (someone started them between the stop and the switch)."""
+    return [name for name in planned.domains
+            if await _state(ctx, name, planned.uuids.get(name)) is not DomainState.SHUTOFF]
 
 
 async def _remove_overlays(ctx: Context, planned: RevertPlan) -> None:
@@ -335,19 +425,78 @@ async def resume(ctx: Context, op: Operation) -> None:
     docstring); a planned domain renamed or gone is left as it is."""
     planned = RevertPlan.from_dict(op.payload["plan"])
     step = RevertStep(op.step)
-    if step in (RevertStep.PLANNED, RevertStep.BEFORE):
-        # Nothing of the revert's own happened; the before-revert create
-        # is an operation of its own, settled by itself.
+    if step is RevertStep.PLANNED:
+        await ctx.journal.finish(op)
+        return
+    if step is RevertStep.BEFORE:
+        # Nothing of the revert's own happened but, for a disk-only revert,
+        # the stop: its domains run again.  The before-revert create is an
+        # operation of its own, settled by itself.
+        try:
+            async with ctx.hv.hold(planned.uuids):
+                await _restart(ctx, planned)
+        except (NotFound, DomainChanged) as err:
+            log.error("recovery: revert to %s: %s; left as it is", planned.snapshot_id,
+                      err.message)
         await ctx.journal.finish(op)
         return
     made = await asyncio.to_thread(lambda: all(Path(v.overlay).exists()
                                                for v in planned.volumes))
     if step in (RevertStep.SWITCHING, RevertStep.STARTING) and not made:
         step = RevertStep.OVERLAYS  # never switched: nothing to switch to
+    finishing = step in (RevertStep.SWITCHING, RevertStep.STARTING) or (
+        planned.memory and step in (RevertStep.STOPPING, RevertStep.OVERLAYS))
+    attempts = op.payload.get("attempts", 0) + 1
     try:
         async with ctx.hv.hold(planned.uuids):
-            await _settle(ctx, planned, step)
+            if finishing and attempts > MAX_ATTEMPTS:
+                await _give_up(ctx, planned, attempts - 1)
+            else:
+                op = await ctx.journal.step(op, op.step, attempts=attempts)
+                await _settle(ctx, planned, step)
     except (NotFound, DomainChanged) as err:
         log.error("recovery: revert to %s: %s; left as it is", planned.snapshot_id,
                   err.message)
     await ctx.journal.finish(op)
+
+
+async def _give_up(ctx: Context, planned: RevertPlan, tried: int) -> None:
+    """A revert that recovery could not finish in TRIED tries (a memory file
+    QEMU will not load, a start that keeps failing) ends: each domain still
+    off goes back to the chain it left (its before-revert snapshot's
+    overlay) and boots cold if it ran, or stays off if that cannot be done;
+    either way the journal lets go of its volumes."""
+    log.error("revert to %s could not be finished in %d tries: back to the chains the "
+              "domains left", planned.snapshot_id, tried)
+    for name in planned.domains:
+        try:
+            await _back_to_the_chain_left(ctx, planned, name)
+        except Unavailable:
+            raise  # libvirtd away: the next sweep gives up again
+        except GasnapError as err:
+            log.error("%s: left off, on the revert's overlays: %s", name, err.message)
+    await _remove_overlays(ctx, planned)
+
+
+async def _back_to_the_chain_left(ctx: Context, planned: RevertPlan, name: str) -> None:
+    if await _state(ctx, name, planned.uuids.get(name)) is not DomainState.SHUTOFF:
+        log.error("%s runs (someone started it): left as it is", name)
+        return
+    # The before-revert snapshot's overlay, where the plan put it (next to
+    # the revert's own, named for its id): never a path read from a record.
+    left = {v.target: images.overlay_path(v.overlay, v.volume_id, v.before_id)
+            for v in planned.of(name)}
+    missing = [p for p in left.values() if not await asyncio.to_thread(os.path.exists, p)]
+    if missing:
+        raise RevertFailed(f"the chain {name} left is gone ({', '.join(missing)})")
+    await _check_volumes(ctx, planned, name)
+    await ctx.hv.define_overlays(name, left)
+    dom = await ctx.hv.get_domain(name, uuid=planned.uuids.get(name))
+    for target, path in left.items():
+        vol = dom.volume(target)
+        if vol is None or vol.active_file != path:
+            raise RevertFailed(f"{name}/{target} is not on {path} after the switch back")
+    ran = name in planned.stop and name in planned.start
+    if ran:
+        await ctx.hv.start(name)
+    log.error("%s: back on the chain it left, %s", name, "started cold" if ran else "off")

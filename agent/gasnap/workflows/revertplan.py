@@ -25,7 +25,7 @@ from ..errors import Conflict, GasnapError
 from ..hypervisor import AgentState, Domain, DomainState, Feature, Volume, require
 from ..metadata import Origin, SnapshotMeta, Status, WrongStatus
 from ..quiesce import Quiesce
-from . import Context, createplan, identity, space, tree
+from . import Context, createplan, identity, limits, space, tree
 
 LIVE = (DomainState.RUNNING, DomainState.PAUSED)
 
@@ -107,7 +107,8 @@ class RevertPlan:
             quiesce=Quiesce.PREFERRED, origin=Origin.BEFORE_REVERT,
             memory=bool(self.memory), memory_of_paused=False,
             presets={v.volume_id: createplan.Preset(v.before_id, "", reuse=False)
-                     for v in self.volumes})
+                     for v in self.volumes},
+            force=True)  # the revert itself was allowed (see ``plan``)
 
 
 async def plan(ctx: Context, snapshot_id: str, scope: Scope, *, force: bool,
@@ -119,7 +120,7 @@ async def plan(ctx: Context, snapshot_id: str, scope: Scope, *, force: bool,
                for name in dict.fromkeys(t.domain for t in targets)}
     for dom in domains.values():
         _check_state(dom, force)
-    volumes = [await _volume(ctx, t, domains[t.domain]) for t in targets]
+    volumes = [await _volume(ctx, t, domains[t.domain], force) for t in targets]
     live = [d.name for d in domains.values() if d.state in LIVE]
     memory = await _memory(targets, domains, scope) if start is not False else {}
     if start is None:
@@ -186,13 +187,14 @@ def _check_state(dom: Domain, force: bool) -> None:
         raise Conflict(f"{dom.name} is {dom.state.value}", code="domain_state")
 
 
-async def _volume(ctx: Context, meta: SnapshotMeta, dom: Domain) -> RevertVolume:
+async def _volume(ctx: Context, meta: SnapshotMeta, dom: Domain, force: bool
+                  ) -> RevertVolume:
     vol = identity.volume_of(meta, dom)
     if vol.chain_error is not None or vol.shareable or vol.readonly:
         raise createplan.UnsupportedDisk(f"{dom.name}/{vol.target} cannot be reverted safely: "
                                          f"{vol.chain_error or 'shareable or read-only'}")
     image = str(meta.backing_file)
-    fmt = await _image_format(ctx, meta, vol)
+    fmt = await _image_format(ctx, meta, vol, force)
     try:
         await images.read_chain(image, fmt, os.path.dirname(vol.active_file))
         size = await images.virtual_size(image, fmt)
@@ -205,8 +207,10 @@ async def _volume(ctx: Context, meta: SnapshotMeta, dom: Domain) -> RevertVolume
                         before_id=str(uuid.uuid4()))
 
 
-async def _image_format(ctx: Context, meta: SnapshotMeta, vol: Volume) -> str:
+async def _image_format(ctx: Context, meta: SnapshotMeta, vol: Volume, force: bool) -> str:
     metas = await ctx.metadata.list_snapshots(volume_id=meta.volume_id)
+    if not force:  # forced: the operator takes Cinder's view in hand
+        limits.refuse_cinder_volume(meta.volume_id, metas)
     nodes = await tree.read(vol, metas)
     identity.check_files(meta, vol, nodes, metas)
     if not nodes.consistent(meta):
