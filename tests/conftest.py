@@ -391,6 +391,15 @@ async def wait_until(predicate: object, timeout: float = 30, interval: float = 0
         await asyncio.sleep(interval)
 
 
+@pytest.fixture
+def names() -> Iterator[list[str]]:
+    """Domains the test defines; undefined afterwards, whatever happened."""
+    defined: list[str] = []
+    yield defined
+    for name in defined:
+        subprocess.run(["virsh", "-q", "undefine", name], capture_output=True, check=False)
+
+
 # --- helpers for snapshot tests ------------------------------------------------
 
 

@@ -189,15 +189,7 @@ async def test_a_longer_libvirtd_outage_hands_the_merge_to_the_sweep(
             assert agent.client.get(f"/v1/snapshots/{first['id']}")["status"] == "deleting"
         finally:
             libvirtd.start(managed)
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                agent.client.get(f"/v1/snapshots/{first['id']}")
-            except ApiError as err:
-                assert err.details["status"] == 404
-                break
-            assert time.monotonic() < deadline, "the sweep never finished the merge"
-            await asyncio.sleep(0.5)
+        await merged_away(agent, first["id"])
         await hv.list_domains()  # a read reconnects this test's own connection
         assert await active_digest(hv, merge_guest.name) == digest
         assert not Path(first["file"]).exists()
@@ -229,15 +221,20 @@ async def test_a_merge_resumed_at_start_keeps_only_its_own_volume_busy(
         with pytest.raises(ApiError) as busy:  # its own volume: still held
             restarted.client.request("POST", "/v1/snapshots", {"domains": [merge_guest.name]})
         assert busy.value.code == "volume_recovering", busy.value
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                restarted.client.get(f"/v1/snapshots/{first['id']}")
-            except ApiError as err:
-                assert err.details["status"] == 404
-                break
-            assert time.monotonic() < deadline, "the sweep did not finish the merge"
-            await asyncio.sleep(0.5)
+        await merged_away(restarted, first["id"])
         assert await active_digest(hv, merge_guest.name) == digest
     finally:
         restarted.stop()
+
+
+async def merged_away(agent: Agent, snapshot_id: str) -> None:
+    """Until the sweep has finished the merge: the record is gone (bounded)."""
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            agent.client.get(f"/v1/snapshots/{snapshot_id}")
+        except ApiError as err:
+            assert err.details["status"] == 404
+            return
+        assert time.monotonic() < deadline, "the sweep never finished the merge"
+        await asyncio.sleep(0.5)

@@ -10,7 +10,6 @@ import signal
 import subprocess
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -39,15 +38,6 @@ def define(name: str, disk: Path) -> None:
 def disk_of(name: str) -> str:
     (spec,) = domxml.disks(virsh("dumpxml", "--inactive", name))
     return spec.chain[0].path
-
-
-@pytest.fixture
-def names() -> Iterator[list[str]]:
-    """Domains the test defines; undefined afterwards, whatever happened."""
-    defined: list[str] = []
-    yield defined
-    for name in defined:
-        subprocess.run(["virsh", "-q", "undefine", name], capture_output=True, check=False)
 
 
 def image(path: Path, *args: str) -> Path:

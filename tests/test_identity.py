@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -74,14 +73,6 @@ def refused(agent: Agent, method: str, path: str, body: Any = None) -> ApiError:
     with pytest.raises(ApiError) as info:
         agent.client.request(method, path, body)
     return info.value
-
-
-@pytest.fixture
-def names() -> Iterator[list[str]]:
-    defined: list[str] = []
-    yield defined
-    for name in defined:
-        subprocess.run(["virsh", "-q", "undefine", name], capture_output=True, check=False)
 
 
 @pytest.mark.parametrize("serial", ["serial", "no-serial"])

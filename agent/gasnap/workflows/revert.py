@@ -79,6 +79,8 @@ async def execute(ctx: Context, planned: RevertPlan) -> Outcome:
                 op = await clock.step(ctx, op, RevertStep.BEFORE)
                 before = await _keep_current_state(ctx, planned)
                 faults.hit("revert:before")
+            else:
+                await _records_answer(ctx, planned)
             # Disks alone: the state left is the last byte the guest wrote,
             # its power-off's flush included, so it is kept once it is off.
             op = await clock.step(ctx, op, RevertStep.STOPPING)
@@ -86,7 +88,8 @@ async def execute(ctx: Context, planned: RevertPlan) -> Outcome:
             faults.hit("revert:stopping")
             if not planned.memory:
                 op = await clock.step(ctx, op, RevertStep.BEFORE)
-                before = await _keep_current_state(ctx, planned)
+                before = await outage.ride_out(ctx, "revert: keep the state left",
+                                               lambda: _keep_current_state(ctx, planned))
                 faults.hit("revert:before")
             op = await clock.step(ctx, op, RevertStep.OVERLAYS)
             await _make_overlays(ctx, planned)
@@ -140,6 +143,16 @@ async def _keep_current_state(ctx: Context, planned: RevertPlan) -> list[Snapsho
         raise RevertFailed(f"the state being left could not be kept ({reason}); "
                            "nothing was reverted")
     return outcome.snapshots
+
+
+async def _records_answer(ctx: Context, planned: RevertPlan) -> None:
+    """The state left is recorded after the power-off: a metadata service
+    that does not answer now fails the revert before any guest goes down."""
+    try:
+        await ctx.metadata.list_snapshots(volume_id=planned.volumes[0].volume_id)
+    except Unavailable as err:
+        raise RevertFailed(f"the state being left could not be kept ({err.message}); "
+                           "nothing was reverted") from err
 
 
 async def _stop(ctx: Context, planned: RevertPlan) -> None:
