@@ -250,6 +250,15 @@ _JOB_KIND = {Method.PULL: "pull", Method.COMMIT: "commit",
              Method.ACTIVE_COMMIT: "active-commit", Method.BRANCH_PULL: "pull"}
 
 
+async def own_job_copies(ctx: Context, merge: DeletePlan) -> bool:
+    """Whether the block job MERGE started still copies on its disk (one
+    ready for its pivot is done copying; a job of another kind there, an
+    operator's, is not its own)."""
+    job = await ctx.hv.block_job_info(merge.domain, merge.target)
+    return (job is not None and job.kind == _JOB_KIND.get(merge.method)
+            and job.cur < job.end)
+
+
 async def resume(ctx: Context, op: Operation) -> None:
     """Finish or settle a delete the journal shows unfinished, from the live
     chain and libvirt's job state (libvirt keeps jobs across our restarts).

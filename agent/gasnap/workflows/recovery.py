@@ -58,9 +58,10 @@ async def recover(ctx: Context, *, first: bool = False) -> Pass:
     """Settle the operations no workflow drives.  Each one alone: whatever
     goes wrong with one is logged, leaves it (and its volumes) for the next
     pass, and does not stop the others.  FIRST (the pass at start-up, which
-    the whole agent waits for): a merge whose block job QEMU still runs is
-    left to the sweep, so that a long merge keeps its own volume busy and
-    not every other one (REVIEW-2 item 12)."""
+    the whole agent waits for): a merge whose block job QEMU still copies is
+    left to the sweep (one ready for its pivot is finished now), so that a
+    long merge keeps its own volume busy and not every other one (REVIEW-2
+    item 12)."""
     done = Pass()
     for op in await ctx.journal.unfinished():
         if first and await _job_still_runs(ctx, op):
@@ -89,8 +90,7 @@ async def _job_still_runs(ctx: Context, op: Operation) -> bool:
         return False
     try:
         merge = DeletePlan.from_dict(op.payload["plan"])
-        return merge.live_job and await ctx.hv.block_job_info(merge.domain,
-                                                              merge.target) is not None
+        return merge.live_job and await delete.own_job_copies(ctx, merge)
     except (GasnapError, KeyError, TypeError, ValueError):
         return False  # the pass itself settles it, or says why not
 
