@@ -4,13 +4,18 @@ that refuses it, a paused one)."""
 
 from __future__ import annotations
 
+import contextlib
+from pathlib import Path
 from typing import Any
 
 import pytest
 
-from gasnap.errors import Conflict
+from gasnap.errors import Conflict, GasnapError
 from gasnap.hypervisor import AgentState, Domain, DomainState
+from gasnap.journal import Journal
 from gasnap.workflows import Context, revert
+from gasnap.workflows.revertplan import RevertPlan, RevertVolume
+from gasnap.workflows.steps import Kind, RevertStep
 
 
 class Machine:
@@ -66,3 +71,46 @@ async def test_power_off_is_graceful_first_and_bounded(machine: Machine,
     await revert._power_off(context(machine), "d")
     assert machine.calls == calls
     assert machine.state is DomainState.SHUTOFF
+
+
+class Unstartable(Machine):
+    """A stopped domain whose start keeps failing (a disk QEMU will not open)."""
+
+    def __init__(self) -> None:
+        super().__init__(DomainState.SHUTOFF, AgentState.ABSENT)
+
+    def hold(self, _domains: dict[str, str]) -> contextlib.AbstractAsyncContextManager[None]:
+        return contextlib.nullcontext()  # type: ignore[return-value]
+
+    async def files_in_use(self, **_: Any) -> set[str]:
+        return set()
+
+    async def start(self, name: str) -> None:
+        self.calls.append("start")
+        raise GasnapError(f"{name}: cannot open its disk")
+
+
+async def test_an_undo_that_cannot_start_the_domain_ends_bounded(tmp_path: Path) -> None:
+    """REVIEW-2 (second review, item 9): recovery undoing a revert retried a
+    start that keeps failing at every sweep, the volumes held for ever.  It
+    gives up after MAX_ATTEMPTS, the domain left off on the chain it had."""
+    machine = Unstartable()
+    journal = Journal(tmp_path / "journal.db")
+    ctx = Context(machine, None, None, journal, None, 10.0)  # type: ignore[arg-type]
+    volume = RevertVolume("s", "d", "v", "vda", str(tmp_path / "image"), "qcow2",
+                          str(tmp_path / "volume-v.r"), 1 << 20, before_id="b")
+    planned = RevertPlan("s", [volume], {"d": "u"}, ["d"], ["d"])
+    begun = await journal.begin(Kind.REVERT, RevertStep.STOPPING, planned.to_dict(),
+                                volumes=["v"])
+    journal.release(begun)  # the agent that began it is gone
+    for _ in range(revert.MAX_ATTEMPTS):
+        (op,) = await journal.unfinished()
+        journal.claim(op)  # as a sweep takes it, and lets go when it fails
+        with pytest.raises(GasnapError, match="cannot open"):
+            await revert.resume(ctx, op)
+        journal.release(op)
+    (op,) = await journal.unfinished()
+    await revert.resume(ctx, op)
+    assert await journal.unfinished() == []
+    assert machine.calls == ["start"] * revert.MAX_ATTEMPTS
+    journal.close()

@@ -441,18 +441,6 @@ async def resume(ctx: Context, op: Operation) -> None:
     if step is RevertStep.PLANNED:
         await ctx.journal.finish(op)
         return
-    if step is RevertStep.BEFORE:
-        # Nothing of the revert's own happened but, for a disk-only revert,
-        # the stop: its domains run again.  The before-revert create is an
-        # operation of its own, settled by itself.
-        try:
-            async with ctx.hv.hold(planned.uuids):
-                await _restart(ctx, planned)
-        except (NotFound, DomainChanged) as err:
-            log.error("recovery: revert to %s: %s; left as it is", planned.snapshot_id,
-                      err.message)
-        await ctx.journal.finish(op)
-        return
     made = await asyncio.to_thread(lambda: all(Path(v.overlay).exists()
                                                for v in planned.volumes))
     if step in (RevertStep.SWITCHING, RevertStep.STARTING) and not made:
@@ -462,11 +450,23 @@ async def resume(ctx: Context, op: Operation) -> None:
     attempts = op.payload.get("attempts", 0) + 1
     try:
         async with ctx.hv.hold(planned.uuids):
-            if finishing and attempts > MAX_ATTEMPTS:
+            if attempts <= MAX_ATTEMPTS:
+                op = await ctx.journal.step(op, op.step, attempts=attempts)
+                if step is RevertStep.BEFORE:
+                    # Nothing of the revert's own happened but, for a disk-only
+                    # revert, the stop: its domains run again.  The
+                    # before-revert create is an operation of its own.
+                    await _restart(ctx, planned)
+                else:
+                    await _settle(ctx, planned, step)
+            elif finishing:
                 await _give_up(ctx, planned, attempts - 1)
             else:
-                op = await ctx.journal.step(op, op.step, attempts=attempts)
-                await _settle(ctx, planned, step)
+                # Undone but for a start that keeps failing: the domains stay
+                # off on the chain they had, and their volumes are free.
+                log.error("revert to %s: undone, but %s could not be started again in %d "
+                          "tries; left off on the chain they had", planned.snapshot_id,
+                          ", ".join(planned.stop) or "no domain", attempts - 1)
     except (NotFound, DomainChanged) as err:
         log.error("recovery: revert to %s: %s; left as it is", planned.snapshot_id,
                   err.message)
