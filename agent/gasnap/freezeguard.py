@@ -257,9 +257,10 @@ class _Guard:
         self.hv = hv
         self.pins = pins
         self.armed: dict[str, _Armed] = {}
-        # deadline thaws still retrying, by domain: until one lands, nobody
-        # may arm that domain (its thaw could land inside their freeze)
-        self.thawing: dict[str, asyncio.Task[None]] = {}
+        # domains whose deadline thaw is being sent right now: nobody may arm
+        # them until it returns (it could land inside their freeze); between
+        # two tries, an arm takes the domain over and the retrying stops
+        self.in_flight: set[str] = set()
         self.pending: set[asyncio.Task[None]] = set()
         self.commands: set[asyncio.Task[None]] = set()
 
@@ -268,9 +269,9 @@ class _Guard:
         taken = [d for d in domains if d in self.armed and self.armed[d].owner != owner]
         if taken:
             return f"{', '.join(taken)} armed by another operation"
-        thawing = [d for d in domains if d in self.thawing]
+        thawing = [d for d in domains if d in self.in_flight]
         if thawing:
-            return (f"{', '.join(thawing)} still being thawed after an earlier deadline; "
+            return (f"{', '.join(thawing)} is being thawed after an earlier deadline; "
                     "a freeze now could be undone by that thaw")
         loop = asyncio.get_running_loop()
         for name in domains:
@@ -328,9 +329,7 @@ class _Guard:
         log.warning("freeze guard: %s still frozen at its deadline; thawing", name)
         task = asyncio.get_running_loop().create_task(self._thaw_and_unpin(name))
         self.pending.add(task)
-        self.thawing[name] = task
         task.add_done_callback(self.pending.discard)
-        task.add_done_callback(lambda _t: self.thawing.pop(name, None))
 
     async def thaw(self, name: str) -> None:
         """Until the thaw succeeds: guest-agent errors and libvirtd restarts
@@ -339,8 +338,17 @@ class _Guard:
 
         pause = 0.2
         while True:
+            if name in self.armed:
+                # A later owner armed it between two tries: its freeze, its
+                # thaw and its deadline now; this thaw must not land in them.
+                log.warning("freeze guard: %s armed again; its new owner thaws it", name)
+                return
             try:
-                count = await self.hv.agent.fsthaw(name, THAW_TIMEOUT)
+                self.in_flight.add(name)
+                try:
+                    count = await self.hv.agent.fsthaw(name, THAW_TIMEOUT)
+                finally:
+                    self.in_flight.discard(name)
                 log.warning("freeze guard: thawed %s (%d filesystems)", name, count)
                 return
             except NotFound as err:

@@ -142,6 +142,8 @@ def _backings_in(directory: str) -> list[tuple[str, str]]:
     except OSError:
         return found
     for entry in entries:
+        if entry.name.endswith(images.SPARE_SUFFIX):
+            continue  # gasnap's own spare overlay: made again on the next create
         try:
             if not entry.is_file():
                 continue
