@@ -293,10 +293,7 @@ async def _check_other_users(ctx: Context, merge: DeletePlan, dom: Domain, vol: 
     """Refuse a merge that would write into, or remove, a file that another
     disk reads: a child gasnap has no record of (an overlay or clone made by
     hand or by another tool, then attached) needs it as the clone would."""
-    users = await ctx.hv.files_in_use(besides=frozenset({dom.uuid}))
-    for other in dom.volumes:
-        if other.target != vol.target:
-            users |= {await images.real_path(layer.path) for layer in other.chain}
+    users = await identity.other_disks(ctx, dom, vol)
     shared = sorted([path for path in touched(merge) if await images.real_path(path) in users])
     if shared:
         raise SnapshotHasClones(

@@ -21,9 +21,11 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+from .. import images
 from ..errors import Conflict
 from ..hypervisor import Domain, Volume
 from ..metadata import HOLDING, SnapshotMeta
+from . import Context
 from .tree import Tree
 
 
@@ -44,6 +46,18 @@ def volume_of(meta: SnapshotMeta, dom: Domain) -> Volume:
     raise VolumeDetached(
         f"snapshot {meta.id}: domain {dom.name} no longer has volume {meta.volume_id}{now}; "
         "its files are left as they are", volume_id=meta.volume_id, domain=dom.name)
+
+
+async def other_disks(ctx: Context, dom: Domain, vol: Volume) -> dict[str, str]:
+    """Real path -> which disk reads it, for every layer of every disk but
+    VOL: other domains' (running and defined) and DOM's other disks."""
+    readers = dict.fromkeys(await ctx.hv.files_in_use(besides=frozenset({dom.uuid})),
+                            "another domain's disk")
+    for other in dom.volumes:
+        if other.target != vol.target:
+            for layer in other.chain:
+                readers[await images.real_path(layer.path)] = f"{dom.name}/{other.target}"
+    return readers
 
 
 def check_files(meta: SnapshotMeta, vol: Volume, nodes: Tree,

@@ -34,7 +34,7 @@ from ..metadata import (
     Status,
     WrongStatus,
 )
-from . import Context, tree
+from . import Context, identity, tree
 from .createplan import (
     VolumeNotFound,
     check_caller_description,
@@ -119,12 +119,7 @@ async def _other_readers(ctx: Context, dom: Domain, vol: Volume) -> dict[str, st
     """Real path -> who reads it, of every file another disk of any domain
     uses, and every qcow2 in the volume's directory that backs onto a file
     there (an overlay of another VM, or a clone, made outside gasnap)."""
-    readers = dict.fromkeys(await ctx.hv.files_in_use(besides=frozenset({dom.uuid})),
-                            "another domain's disk")
-    for other in dom.volumes:
-        if other.target != vol.target:
-            for layer in other.chain:
-                readers[await images.real_path(layer.path)] = f"{dom.name}/{other.target}"
+    readers = await identity.other_disks(ctx, dom, vol)
     own = {await images.real_path(layer.path) for layer in vol.chain}
     directory = os.path.dirname(vol.active_file)
     for child, backing in await asyncio.to_thread(_backings_in, directory):
