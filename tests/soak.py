@@ -11,9 +11,17 @@ and Nova's ``os-assisted-volume-snapshots`` creates and deletes.  A fault
 task meanwhile: SIGKILLs and restarts the agent, restarts libvirtd, kills
 qemu-ga in a guest, kills the metadata service for 5-30 s, makes a guest's
 qemu-ga hang inside a freeze, and fills the guests' filesystem for a while.
+An operator acts outside gasnap too: QEMU SIGKILLed and the guest started
+again, a guest shut down and started, renamed and renamed back, undefined
+and defined again while it runs, a layer made with virsh by hand (and
+committed away by hand while it is still the top), and a burst of writes
+faster than an active commit follows.  The guests' directory is reached
+through a symlink, as /var/lib/libvirt/images often is.
 
 At the end, once everything is healed and settled, the invariants
-(``_inventory``) are counted and asserted, and the report goes to
+(``_inventory``) are counted and asserted (among them: each snapshot's
+point-in-time bytes, hashed when it was made, are unchanged while it is
+available: no operation on one volume touches another's images), and the report goes to
 ``SOAK_REPORT`` (docs/soak.md) with the raw events next to it (.json).
 """
 
@@ -41,11 +49,11 @@ from typing import Any
 import pytest
 
 import libvirtd
-from conftest import PREFIX, Agent, backing_path, tmpfs, wait_task
+from conftest import PREFIX, Agent, backing_path, behind_a_symlink, image_digest, tmpfs, wait_task
 from gasnap import images
 from gasnap.client import ApiError
 from gasnap.errors import GasnapError
-from gasnap.hypervisor import DomainState
+from gasnap.hypervisor import DomainState, Volume
 from gasnap.lab.guests import Lab
 from gasnap.lab.verify import fsck_raw, raw_copy
 from gasnap.lab.workload import sh
@@ -58,6 +66,7 @@ REPORT = Path(os.environ.get("SOAK_REPORT", str(
     Path(__file__).resolve().parent.parent / "docs" / "soak.md")))
 SEED = int(os.environ.get("SOAK_SEED", str(int(time.time()))))
 FS = Path("/var/lib/gasnap/lab-soak")
+LINK = Path("/var/lib/gasnap/lab-soak-linked")  # what every path says: FS behind a symlink
 FREEZE_TIMEOUT = 5
 WORKERS = 3
 
@@ -95,6 +104,8 @@ class Soak:
     ending: bool = False
     faulting: set[str] = field(default_factory=set)  # faults in force now
     evidence: dict[str, Any] = field(default_factory=dict)  # per FAILED item: what it was
+    digests: dict[str, str] = field(default_factory=dict)  # snapshot id -> its image's sha256
+    hand_layers: set[str] = field(default_factory=set)  # files the operator made with virsh
 
     def event(self, **what: Any) -> None:
         self.events.append({"t": round(time.monotonic() - START, 2), **what})
@@ -123,7 +134,7 @@ def soak_fs() -> Iterator[Path]:
 @pytest.fixture(scope="module")
 async def soak(hv: LibvirtHypervisor, soak_fs: Path, service: MetadataServer,
                tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Soak]:
-    lab = Lab(hv, lab_dir=soak_fs)
+    lab = Lab(hv, lab_dir=behind_a_symlink(soak_fs, LINK))
     names = [f"{PREFIX}soak-q1", f"{PREFIX}soak-q2", f"{PREFIX}soak-r1", f"{PREFIX}soak-r2"]
     for name in names:
         await lab.up(name, disks=1, size_mib=64,
@@ -204,7 +215,25 @@ def _task_outcome(soak: Soak, answer: dict[str, Any]) -> str:
 
 async def _call(soak: Soak, method: str, path: str, body: Any = None) -> str:
     answer = await asyncio.to_thread(soak.client.request, method, path, body)
-    return await asyncio.to_thread(_task_outcome, soak, answer)
+    outcome = await asyncio.to_thread(_task_outcome, soak, answer)
+    if outcome == "succeeded":
+        await _note_digests(soak, answer["task"]["id"])
+    return outcome
+
+
+async def _note_digests(soak: Soak, task_id: str) -> None:
+    """The guest-visible bytes of each snapshot a task made, hashed at once:
+    the inventory hashes them again at the end."""
+    task = await asyncio.to_thread(soak.client.get, f"/v1/tasks/{task_id}")
+    for rec in (task.get("result") or {}).get("snapshots") or []:
+        if isinstance(rec, dict) and rec.get("status") == "available" and rec.get("image"):
+            with contextlib.suppress(OSError, GasnapError, subprocess.SubprocessError):
+                soak.digests[rec["id"]] = await _digest(rec)
+
+
+async def _digest(rec: dict[str, Any]) -> str:
+    header = await asyncio.to_thread(images.read_qcow2_header, rec["file"])
+    return await asyncio.to_thread(image_digest, rec["image"], header.backing_format or "")
 
 
 async def _create_one(soak: Soak) -> str:
@@ -310,7 +339,16 @@ async def _nova(soak: Soak) -> str:
         return await _until_settled(soak, rec["id"], gone=True)
     sid = str(uuid.uuid4())
     DETAIL.set(f"create {sid}")
-    new_file = f"{Path(vol.active_file).name.split('.')[0]}.{sid}"
+    outcome = await _nova_create(soak, vol, sid)
+    if outcome == "succeeded":
+        with contextlib.suppress(OSError, GasnapError, subprocess.SubprocessError, ApiError):
+            rec = await asyncio.to_thread(soak.client.get, f"/v1/snapshots/{sid}")
+            soak.digests[sid] = await _digest(rec)
+    return outcome
+
+
+async def _nova_create(soak: Soak, vol: Volume, sid: str) -> str:
+    new_file = f"{images.volume_name(vol.volume_id)}.{sid}"  # Cinder's naming
     await asyncio.to_thread(soak.client.request, "POST", "/os-assisted-volume-snapshots", {
         "snapshot": {"volume_id": vol.volume_id, "create_info": {
             "snapshot_id": sid, "type": "qcow2", "new_file": new_file}}})
@@ -362,7 +400,10 @@ def _creates_pending(soak: Soak, sid: str) -> bool:
 
 async def _faults(soak: Soak, deadline: float) -> None:
     faults: list[Callable[[Soak], Awaitable[str]]] = [
-        _kill_agent, _restart_libvirtd, _kill_qga, _metadata_away, _qga_hangs, _fill]
+        _kill_agent, _restart_libvirtd, _kill_qga, _metadata_away, _qga_hangs, _fill,
+        # the operator, outside gasnap
+        _qemu_killed, _shut_down_and_started, _renamed_and_back, _undefined_and_defined,
+        _hand_layer, _burst]
     while time.monotonic() < deadline:
         await asyncio.sleep(random.uniform(15, 45))
         if time.monotonic() >= deadline:
@@ -441,6 +482,121 @@ async def _fill(soak: Soak) -> str:
     return f"{size >> 20} MiB; resumed {resumed}" if resumed else f"{size >> 20} MiB"
 
 
+# --- the operator, outside gasnap ---------------------------------------------------------
+
+
+async def _virsh(*args: str) -> str:
+    proc = await asyncio.to_thread(subprocess.run, ["virsh", "-q", "-c", "qemu:///system",
+                                                    *args],
+                                   capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise OSError(f"virsh {' '.join(args)}: {proc.stderr.strip()}")
+    return proc.stdout
+
+
+async def _state(soak: Soak, name: str) -> DomainState:
+    return (await soak.hv.get_domain(name)).state
+
+
+async def _back_up(soak: Soak, name: str) -> None:
+    """What the operator does last: NAME runs again, and its workload."""
+    if await _state(soak, name) is DomainState.SHUTOFF:
+        await _virsh("start", name)
+    await soak.lab.wait_for_agent(name, timeout=180)
+    await _start_workload(soak, name)
+
+
+async def _until_off(soak: Soak, name: str, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while await _state(soak, name) is not DomainState.SHUTOFF:
+        if time.monotonic() > deadline:
+            return False
+        await asyncio.sleep(0.5)
+    return True
+
+
+async def _qemu_killed(soak: Soak) -> str:
+    name = random.choice(soak.guests)
+    try:
+        pid = int(Path(f"/run/libvirt/qemu/{name}.pid").read_text())
+        os.kill(pid, signal.SIGKILL)
+        await _until_off(soak, name, 30)
+        await asyncio.sleep(random.uniform(0, 5))
+    finally:
+        await _back_up(soak, name)
+    return name
+
+
+async def _shut_down_and_started(soak: Soak) -> str:
+    name = random.choice(soak.guests)
+    try:
+        await _virsh("shutdown", name)
+        if not await _until_off(soak, name, 60):
+            await _virsh("destroy", name)
+        await asyncio.sleep(random.uniform(0, 10))
+    finally:
+        await _back_up(soak, name)
+    return name
+
+
+async def _renamed_and_back(soak: Soak) -> str:
+    """libvirt renames only a domain that is off."""
+    name = random.choice(soak.guests)
+    other = f"{name}-renamed"
+    try:
+        await _virsh("destroy", name)
+        await _virsh("domrename", name, other)
+        await asyncio.sleep(random.uniform(1, 10))
+        await _virsh("domrename", other, name)
+    finally:
+        await _back_up(soak, name)
+    return name
+
+
+async def _undefined_and_defined(soak: Soak) -> str:
+    """A running domain made transient for a while (as Nova once did around
+    block jobs), then defined again from its live XML as it is then."""
+    name = random.choice(soak.guests)
+    await _virsh("undefine", name)
+    try:
+        await asyncio.sleep(random.uniform(1, 10))
+    finally:
+        with tempfile.NamedTemporaryFile("w", suffix=".xml") as xml:
+            xml.write(await _virsh("dumpxml", "--migratable", name))
+            xml.flush()
+            await _virsh("define", xml.name)
+    return name
+
+
+async def _hand_layer(soak: Soak) -> str:
+    """An external overlay made with virsh (no quiesce, no record); taken
+    away again by hand only if it is still the top layer later."""
+    name = random.choice(soak.guests)
+    vol = (await soak.hv.get_domain(name)).volumes[0]
+    path = f"{os.path.dirname(vol.active_file)}/hand-{uuid.uuid4().hex[:8]}.qcow2"
+    await _virsh("snapshot-create-as", name, "--disk-only", "--no-metadata", "--atomic",
+                 "--diskspec", f"{vol.target},snapshot=external,file={path}")
+    soak.hand_layers.add(path)
+    await asyncio.sleep(random.uniform(5, 30))
+    now = (await soak.hv.get_domain(name)).volume(vol.target)
+    if now is None or now.active_file != path:
+        return f"{name}: {Path(path).name} left in the chain"
+    await _virsh("blockcommit", name, vol.target, "--active", "--pivot", "--wait",
+                 "--timeout", "120")
+    Path(path).unlink()
+    soak.hand_layers.discard(path)
+    return f"{name}: {Path(path).name} committed away"
+
+
+async def _burst(soak: Soak) -> str:
+    """Writes faster than an active commit of the volume can follow."""
+    name = random.choice(soak.guests)
+    await sh(soak.hv, name, "for i in 1 2 3; do dd if=/dev/urandom of=/data/burst bs=1M "
+                            "count=8 conv=fsync 2>/dev/null; rm -f /data/burst; done; true",
+             timeout=180)
+    return name
+
+
 async def _sample_rss(soak: Soak, deadline: float) -> None:
     while time.monotonic() < deadline:
         st = os.statvfs(FS)
@@ -513,7 +669,23 @@ async def _inventory(soak: Soak) -> Counter[str]:
             # clone's source was (a crash-consistent snapshot's needs
             # journal recovery).  Not the freeze's claim to check.
             counts["not checked: e2fsck of a clone disk the guest does not mount"] += 1
-    for directory in {Path(p).parent for p in held if p.startswith(str(FS))}:
+    for rec_id, digest in soak.digests.items():
+        rec = next((r for r in records if r["id"] == rec_id and r["status"] == "available"),
+                   None)
+        if rec is None:
+            continue  # deleted since: its image was allowed to change
+        try:
+            now = await _digest(rec)
+        except (OSError, GasnapError, subprocess.SubprocessError) as err:
+            now = f"unreadable: {err}"
+        counts["ok a snapshot's point-in-time bytes are unchanged" if now == digest
+               else f"FAILED point-in-time bytes of {rec_id} changed"] += 1
+        if now != digest:
+            soak.evidence[rec_id] = {"record": rec, "digest": digest, "now": now}
+    for path in soak.hand_layers:
+        counts["ok a layer made by hand is still in its chain" if path in held
+               else f"FAILED hand-made layer {path} left its chain"] += 1
+    for directory in {Path(p).parent for p in held if p.startswith(str(LINK))}:
         for path in directory.iterdir():
             if path.name in ("console.log",) or ".gasnap-spare" in path.name:
                 continue

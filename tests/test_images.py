@@ -126,6 +126,49 @@ def test_a_chain_that_loops_is_refused(tmp_path: Path) -> None:
         images.chain(str(tmp_path / "a"), "qcow2")
 
 
+def test_a_chain_behind_a_symlinked_directory_keeps_the_directory_spelling(
+        tmp_path: Path) -> None:
+    """Libvirt, QEMU and the records name a layer by its overlay's directory
+    as configured; a chain read from the headers must say the same names,
+    or one file looks like two (REVIEW-2 item 2)."""
+    real = tmp_path / "real"
+    real.mkdir()
+    link = tmp_path / "images"
+    link.symlink_to(real)
+    qemu_img("create", "-q", "-f", "raw", "base", "1M", cwd=real)
+    qemu_img("create", "-q", "-f", "qcow2", "-F", "raw", "-b", "base", "mid", cwd=real)
+    qemu_img("create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", str(real / "mid"), "top",
+             cwd=real)
+    assert images.chain(str(link / "top"), "qcow2") == (
+        Layer(str(link / "top"), "qcow2"), Layer(str(link / "mid"), "qcow2"),
+        Layer(str(link / "base"), "raw"))
+    assert images.same_file(str(link / "base"), str(real / "base"))
+    assert not images.same_file(str(link / "base"), str(real / "mid"))
+
+
+def test_a_loop_through_two_spellings_is_still_a_loop(tmp_path: Path) -> None:
+    real = tmp_path / "real"
+    real.mkdir()
+    (tmp_path / "images").symlink_to(real)
+    qemu_img("create", "-q", "-f", "qcow2", "-u", "-F", "qcow2", "-b", "b", "a", "1M",
+             cwd=real)
+    qemu_img("create", "-q", "-f", "qcow2", "-u", "-F", "qcow2", "-b",
+             str(tmp_path / "images" / "a"), "b", "1M", cwd=real)
+    with pytest.raises(images.UnsafeImage, match="loops"):
+        images.chain(str(real / "a"), "qcow2")
+
+
+@pytest.mark.parametrize("path", ["relative/volume", "/v/a/../b/volume", "/v/./a/volume",
+                                  "/v//a/volume", "json:{\"driver\": \"file\"}"])
+def test_a_layer_gasnap_would_have_to_interpret_makes_the_chain_unusable(path: str) -> None:
+    """File names from libvirt's XML or QEMU's graph feed overlay names,
+    directory checks and unlinks: only plain absolute ones are acted on
+    (REVIEW-2 item 8)."""
+    chain = (Layer("/v/a/volume-1.top", "qcow2"), Layer(path, "qcow2"))
+    assert images.unplain(chain) is not None
+    assert images.unplain(chain[:1]) is None
+
+
 def test_relative_pointers_span_directories() -> None:
     assert images.relative_pointer("/v/a/top", "/v/a/base") == "base"
     assert images.relative_pointer("/v/a/top", "/v/b/base") == "../b/base"

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from conftest import PREFIX, gasnap
 from gasnap.hypervisor import Domain
-from gasnap.lab.guests import LAB_DIR, Lab
+from gasnap.lab.guests import Lab, lab_home
 from gasnap.lab.workload import sh, start_load, stop_load
 from gasnap.virt import LibvirtHypervisor
 
@@ -42,7 +42,7 @@ async def test_up_list_down_through_the_cli(lab: Lab) -> None:
     finally:
         gasnap("lab", "down", name)
     assert virsh("dominfo", name).returncode != 0
-    assert not (LAB_DIR / name).exists()
+    assert not (lab_home() / name).exists()
     assert name not in [d["name"] for d in json.loads(gasnap("lab", "list", "--json").stdout)]
 
 
@@ -74,7 +74,7 @@ async def test_bad_lab_input_is_refused_before_anything_is_made() -> None:
         proc = gasnap("lab", *args, check=False)
         assert proc.returncode == 2, proc.stderr
         assert proc.stderr.startswith("gasnap: ")
-        assert not (LAB_DIR / f"{PREFIX}x").exists()
+        assert not (lab_home() / f"{PREFIX}x").exists()
 
 
 async def test_data_disks_are_mounted_ext4_in_order(hv: LibvirtHypervisor, guest: Domain) -> None:

@@ -22,7 +22,7 @@ from conftest import PREFIX, Agent, chain_of, create_snapshots, running_agent, w
 from gasnap.client import ApiError
 from gasnap.hypervisor import Domain
 from gasnap.lab import domains
-from gasnap.lab.guests import LAB_DIR, Lab
+from gasnap.lab.guests import Lab, lab_home
 from gasnap.lab.workload import sh
 from gasnap.virt import LibvirtHypervisor
 
@@ -35,7 +35,7 @@ async def doomed(lab: Lab, hv: LibvirtHypervisor) -> AsyncIterator[Domain]:
     yield dom
     if name in await hv.domain_names():
         await lab.down(name)
-    shutil.rmtree(LAB_DIR / name, ignore_errors=True)
+    shutil.rmtree(lab_home() / name, ignore_errors=True)
 
 
 async def test_a_domain_undefined_during_a_cut_merge_does_not_stop_recovery(

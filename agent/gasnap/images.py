@@ -131,15 +131,39 @@ def check_plain(path: str, header: Qcow2Header) -> None:
 
 
 def resolve_inside(directory: str, name: str, what: str) -> str:
-    """NAME (relative to DIRECTORY, or absolute) as a real path, refused
-    unless it names a file directly inside DIRECTORY (no ``..``, no symlink
-    out, no absolute path elsewhere)."""
+    """NAME (relative to DIRECTORY, or absolute) spelled as DIRECTORY spells
+    it, refused unless the file it names really lies directly inside
+    DIRECTORY (checked on real paths: no ``..``, no symlink out, no absolute
+    path elsewhere).
+
+    The spelling matters as much as the check: libvirt, QEMU and gasnap's
+    records name a layer reached through a relative pointer by its
+    overlay's directory as configured, and an image directory behind a
+    symlink (``/var/lib/libvirt/images`` often is) must not make the same
+    file look like two."""
     candidate = name if os.path.isabs(name) else os.path.join(directory, name)
-    real = os.path.realpath(candidate)
-    if Path(real).parent != Path(os.path.realpath(directory)) or Path(candidate).name in (
-            "", ".", ".."):
+    base = os.path.basename(candidate)
+    if base in ("", ".", "..") or (Path(os.path.realpath(candidate)).parent
+                                   != Path(os.path.realpath(directory))):
         raise UnsafeImage(f"{what} {name!r} lies outside {directory}")
-    return real
+    return os.path.join(directory, base)
+
+
+def same_file(a: str, b: str) -> bool:
+    """A and B name one file, however each is spelled.  Blocking (it
+    resolves symlinks on the disk): call from a thread."""
+    return os.path.realpath(a) == os.path.realpath(b)
+
+
+def unplain(chain: Iterable[Layer]) -> str | None:
+    """Why the file names of CHAIN (as libvirt's XML or QEMU's block graph
+    report them) cannot be acted on, or None: each must be absolute and
+    normalised (no ``..``, no ``.``, no doubled ``/``), because overlay
+    names, directory checks and every unlink are derived from them."""
+    for layer in chain:
+        if not (os.path.isabs(layer.path) and os.path.normpath(layer.path) == layer.path):
+            return f"the layer {layer.path!r} is not named by a plain absolute path"
+    return None
 
 
 async def real_path(path: str) -> str:
@@ -275,9 +299,9 @@ def chain(path: str, fmt: str, directory: str | None = None) -> tuple[Layer, ...
             raise UnsafeImage(f"{path} backs onto a {header.backing_format} image")
         path = resolve_inside(directory, header.backing_file, f"the backing file of {path}")
         fmt = header.backing_format
-        if path in seen or len(layers) >= MAX_CHAIN:
+        if os.path.realpath(path) in seen or len(layers) >= MAX_CHAIN:
             raise UnsafeImage(f"the chain below {layers[0].path} loops or is too deep")
-        seen.add(path)
+        seen.add(os.path.realpath(path))
         layers.append(Layer(path, fmt))
     if fmt not in FORMATS:
         raise UnsafeImage(f"{path} is {fmt or 'of unknown format'}")

@@ -138,13 +138,13 @@ def _real(path: str) -> Path:
 
 
 def inside(directory: Path, name: str, what: str) -> Path:
-    """NAME (a basename, or a path) resolved in DIRECTORY; refused if it would
-    lead anywhere else (``..``, an absolute path elsewhere, a symlink out)."""
-    candidate = Path(name) if os.path.isabs(name) else directory / name
-    resolved = _real(str(candidate))
-    if resolved.parent != _real(str(directory)) or candidate.name in ("", ".", ".."):
-        raise PathOutsideVolume(f"{what} {name!r} is not a file in {directory}")
-    return resolved
+    """NAME (a basename, or a path) in DIRECTORY, spelled as DIRECTORY is;
+    refused if it would lead anywhere else (``..``, an absolute path
+    elsewhere, a symlink out)."""
+    try:
+        return Path(images.resolve_inside(str(directory), name, what))
+    except images.UnsafeImage as err:
+        raise PathOutsideVolume(f"{what} {name!r} is not a file in {directory}") from err
 
 
 async def check_overlay(path: Path, vol: Volume) -> None:
@@ -165,7 +165,7 @@ async def check_overlay(path: Path, vol: Volume) -> None:
     if header.backing_file is None:
         raise FileMismatch(f"{path.name} has no backing file; expected {active.name}")
     found = inside(path.parent, header.backing_file, f"the backing file of {path.name}")
-    if found != _real(str(active)):
+    if _real(str(found)) != _real(str(active)):
         raise FileMismatch(f"{path.name} backs onto {found.name}, not {active.name}")
     if header.backing_format != vol.format:
         raise FileMismatch(f"{path.name} records its backing file as "
@@ -270,6 +270,10 @@ def _strategy(meta: SnapshotMeta, vol: Volume, named: dict[str, Path | None],
     """How Nova's delete_info merges META out of VOL's live chain, or
     FileMismatch when it would not remove exactly that snapshot."""
     chain = [_real(layer.path) for layer in vol.chain]
+    # Compared as real paths: the caller, libvirt and the record may each
+    # spell a symlinked image directory their own way.
+    named = {key: _real(str(path)) if path is not None else None
+             for key, path in named.items()}
     # The live chain names every file and its format; a named file that is
     # not in it is refused before anything is read.
     for path in filter(None, named.values()):

@@ -26,12 +26,12 @@ from ..guestagent import GuestAgent
 from ..qmp.qga import QgaChannel
 from .guests import (
     BOOT_TIMEOUT,
-    LAB_DIR,
     MEMORY_MIB,
     LabError,
     LabGuestNotFound,
     NotALabGuest,
     _validate,
+    lab_home,
     make_data_disk,
     wait_for_agent,
 )
@@ -75,9 +75,9 @@ def qemu_argv(name: str, image: LabImage, disks: list[tuple[str, Path]], fmt: st
 
 
 class BareLab:
-    def __init__(self, run_dir: Path = RUN_DIR, lab_dir: Path = LAB_DIR) -> None:
+    def __init__(self, run_dir: Path = RUN_DIR, lab_dir: Path | None = None) -> None:
         self.run_dir = run_dir
-        self.lab_dir = lab_dir
+        self.lab_dir = lab_dir or lab_home()
         self.agent = GuestAgent(QgaChannel(run_dir))
 
     def pid_of(self, name: str) -> int | None:

@@ -30,7 +30,7 @@ from .workload import sh
 
 log = logging.getLogger(__name__)
 
-LAB_DIR = Path(os.environ.get("GASNAP_LAB_DIR", "/var/lib/gasnap/lab"))
+DEFAULT_LAB_DIR = Path("/var/lib/gasnap/lab")
 LAB_NS = "urn:gasnap:lab:1"
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 MAX_DISKS = 16
@@ -137,10 +137,16 @@ def domain_xml(name: str, image: LabImage, disks: list[tuple[str, Path]],
 # --- the lab ---------------------------------------------------------------
 
 
+def lab_home() -> Path:
+    """Where lab guests' files live: ``GASNAP_LAB_DIR``, read when a lab is
+    made (the tests put it behind a symlink), else the default."""
+    return Path(os.environ.get("GASNAP_LAB_DIR") or DEFAULT_LAB_DIR)
+
+
 class Lab:
-    def __init__(self, hypervisor: LibvirtHypervisor, lab_dir: Path = LAB_DIR) -> None:
+    def __init__(self, hypervisor: LibvirtHypervisor, lab_dir: Path | None = None) -> None:
         self.hv = hypervisor
-        self.lab_dir = lab_dir
+        self.lab_dir = lab_dir or lab_home()
 
     async def is_lab_guest(self, name: str) -> bool:
         try:

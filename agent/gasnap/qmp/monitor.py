@@ -25,6 +25,7 @@ from qemu.qmp import EventListener, ExecuteError, QMPClient, Runstate
 from qemu.qmp.error import QMPError
 from qemu.qmp.protocol import ConnectError
 
+from .. import images
 from ..errors import GasnapError, NotFound
 from ..hypervisor import AgentState, Domain, DomainState, HypervisorUnavailable, Volume
 from . import graph
@@ -202,8 +203,11 @@ async def read_domain(qmp: Session, name: str, qga_socket: Path | None = None) -
     for disk in (await graph.disks(qmp)).values():
         serial = await qmp.call("qom-get", {"path": disk.qdev, "property": "serial"})
         kind = "file" if disk.chain[0].path.startswith("/") else "network"
+        # QEMU's names are a process's word, not the host's: one gasnap would
+        # have to interpret leaves the volume untouchable.
+        error = images.unplain(disk.chain) if kind == "file" else None
         volumes.append(Volume(serial or f"{name}/{disk.target}", disk.target, serial or None,
-                              kind, disk.chain, readonly=disk.readonly))
+                              kind, disk.chain, chain_error=error, readonly=disk.readonly))
     state = _STATES.get(status["status"], DomainState.NOSTATE)
     agent = AgentState.ABSENT
     if qga_socket is not None and await _agent_port_open(qmp, qga_socket):
