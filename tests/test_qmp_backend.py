@@ -33,6 +33,7 @@ from gasnap.client import ApiError
 from gasnap.errors import NotFound
 from gasnap.hypervisor import DomainChanged
 from gasnap.images import read_qcow2_header
+from gasnap.lab.bare import BareLab
 from gasnap.lab.bare import is_running as running
 from gasnap.lab.workload import sh
 from gasnap.qmp.backend import QmpHypervisor
@@ -253,3 +254,27 @@ async def test_layers_made_by_hand_are_managed_on_bare_qemu(rig: Rig) -> None:
     assert done["state"] == "succeeded", done
     assert await chain_of(hv, guest.name, "vda") == [lr.path for lr in vol.chain]
     assert by_hand not in qemu_open_files(hv, guest.name)
+
+
+async def test_a_disk_qemu_names_by_a_path_with_dots_is_never_acted_on(
+        rig: Rig, tmp_path: Path) -> None:
+    """REVIEW-2 item 8: the file names QEMU reports feed overlay names,
+    directory checks and unlinks.  A QEMU whose disk is opened by a name
+    that needs interpreting (``..``) has that disk refused before anything
+    is made next to it."""
+    assert rig.run_dir is not None
+    (tmp_path / "lab").mkdir()
+    lab = BareLab(run_dir=rig.run_dir, lab_dir=tmp_path / "lab" / ".." / "lab")
+    name = f"{PREFIX}q-dots"
+    await lab.up(name, disks=1, size_mib=16)
+    try:
+        vol = (await rig.hv.get_domain(name)).volumes[0]
+        assert "/../" in vol.active_file and vol.chain_error is not None
+        directory = tmp_path / "lab" / name
+        before = sorted(directory.iterdir())
+        refused(rig.agent, "POST", "/v1/snapshots", {"domains": [name], "quiesce": "off"},
+                400, "unsupported_disk")
+        assert sorted(directory.iterdir()) == before
+        assert await chain_of(rig.hv, name, vol.target) == [vol.active_file]
+    finally:
+        await lab.down(name)

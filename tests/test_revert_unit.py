@@ -114,3 +114,39 @@ async def test_an_undo_that_cannot_start_the_domain_ends_bounded(tmp_path: Path)
     assert await journal.unfinished() == []
     assert machine.calls == ["start"] * revert.MAX_ATTEMPTS
     journal.close()
+
+
+@pytest.mark.parametrize("switched", [True, False])
+async def test_a_failure_at_the_switch_is_reported_as_what_the_revert_became(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, switched: bool) -> None:
+    """REVIEW-2 item 4: a group half switched when the switch failed is
+    finished, not undone; the caller then hears the revert happened (it was
+    told "failed" before, and the revert happened anyway).  Nothing switched:
+    undone, and a failure."""
+    calls: list[str] = []
+
+    async def note(name: str, result: Any = None) -> Any:
+        calls.append(name)
+        return result
+
+    async def any_switched(*_: Any) -> bool:
+        return switched
+
+    monkeypatch.setattr(revert, "_switched_any", any_switched)
+    monkeypatch.setattr(revert, "_started_since", lambda *_: note("started_since", []))
+    monkeypatch.setattr(revert, "_switch", lambda *_: note("switch"))
+    monkeypatch.setattr(revert, "_start", lambda *_: note("start", {}))
+    monkeypatch.setattr(revert, "_remove_overlays", lambda *_: note("remove_overlays"))
+    monkeypatch.setattr(revert, "_restart", lambda *_: note("restart"))
+    journal = Journal(tmp_path / "journal.db")
+    ctx = Context(Unstartable(), None, None, journal, None, 10.0)  # type: ignore[arg-type]
+    volume = RevertVolume("s", "d", "v", "vda", str(tmp_path / "image"), "qcow2",
+                          str(tmp_path / "volume-v.r"), 1 << 20, before_id="b")
+    planned = RevertPlan("s", [volume], {"d": "u"}, ["d"], ["d"])
+    op = await journal.begin(Kind.REVERT, RevertStep.SWITCHING, planned.to_dict(),
+                             volumes=["v"])
+    assert await revert._undo(ctx, op, planned) is switched
+    assert calls == (["switch", "start"] if switched
+                     else ["started_since", "remove_overlays", "restart"])
+    assert await journal.unfinished() == []
+    journal.close()

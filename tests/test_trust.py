@@ -187,6 +187,34 @@ def test_shareable_and_read_only_disks_are_refused(agent: Agent, odd_disks: str,
     assert agent.client.get(f"/v1/snapshots?domain={odd_disks}")["snapshots"] == []
 
 
+def test_a_disk_named_by_a_path_with_dots_is_never_acted_on(agent: Agent,
+                                                           tmp_path: Path) -> None:
+    """REVIEW-2 item 8: overlay names, directory checks and unlinks come
+    from a disk's file name; one that needs interpreting (``..``) is refused
+    before anything is made (the bare-QEMU twin is in test_qmp_backend)."""
+    name = f"{PREFIX}dots-{uuid.uuid4().hex[:6]}"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(tmp_path / "volume-d"),
+                    "16M"], check=True)
+    odd = f"{tmp_path}/../{tmp_path.name}/volume-d"
+    (tmp_path / "dom.xml").write_text(f"""<domain type='qemu'><name>{name}</name>
+      <memory unit='MiB'>64</memory><os><type arch='x86_64'>hvm</type></os><devices>
+      <disk type='file' device='disk'><driver name='qemu' type='qcow2'/>
+        <source file='{odd}'/><target dev='vda' bus='virtio'/>
+      </disk></devices></domain>""")
+    subprocess.run(["virsh", "-q", "define", str(tmp_path / "dom.xml")], check=True,
+                   capture_output=True)
+    try:
+        before = sorted(tmp_path.iterdir())
+        with pytest.raises(ApiError) as info:
+            agent.client.request("POST", "/v1/snapshots", {"domains": [name],
+                                                           "quiesce": "off"})
+        assert (info.value.details["status"], info.value.code) == (400, "unsupported_disk")
+        assert "plain absolute path" in str(info.value)
+        assert sorted(tmp_path.iterdir()) == before
+    finally:
+        subprocess.run(["virsh", "-q", "undefine", name], check=False, capture_output=True)
+
+
 # --- one domain, many requests ---------------------------------------------------
 
 

@@ -103,7 +103,11 @@ async def execute(ctx: Context, planned: RevertPlan) -> Outcome:
         err = await space.explain_any(err, planned.directories(), ctx.min_free)
         log.error("revert to %s failed: %s", planned.snapshot_id, err.message)
         log.debug("traceback", exc_info=True)
-        await _undo(ctx, op, planned)
+        if await _undo(ctx, op, planned):
+            # Half switched: the revert was finished, not undone; its caller
+            # hears that it happened, never a failure that happened anyway.
+            log.warning("revert to %s finished after %s", planned.snapshot_id, err.message)
+            return Outcome(before, phases=clock.done(op))
         return Outcome(before, err, clock.done(op))
     await ctx.journal.finish(op)
     return Outcome(before, phases=clock.done(op), thawed=thawed)
@@ -349,20 +353,22 @@ async def _agent_back(ctx: Context, name: str) -> None:
 # --- undoing and resuming -----------------------------------------------------------
 
 
-async def _undo(ctx: Context, op: Operation, planned: RevertPlan) -> None:
-    """Settle a revert that failed at OP's step (see ``_settle``)."""
+async def _undo(ctx: Context, op: Operation, planned: RevertPlan) -> bool:
+    """Settle a revert that failed at OP's step (see ``_settle``); True when
+    that finished it rather than undid it."""
     try:
-        await outage.ride_out(ctx, "revert: undo",
-                              lambda: _settle(ctx, planned, RevertStep(op.step)))
+        finished = await outage.ride_out(ctx, "revert: undo",
+                                         lambda: _settle(ctx, planned, RevertStep(op.step)))
     except GasnapError as err:
         log.error("revert to %s: cannot settle now (%s); recovery will", planned.snapshot_id,
                   err.message)
         ctx.journal.release(op)
-        return
+        return False
     await ctx.journal.finish(op)
+    return finished
 
 
-async def _settle(ctx: Context, planned: RevertPlan, step: RevertStep) -> None:
+async def _settle(ctx: Context, planned: RevertPlan, step: RevertStep) -> bool:
     """Before the switch the revert is undone: the new overlays go and the
     domains that ran run again, on the chain they left; so is one that
     failed at the switch before any domain was on its new overlays.  Once
@@ -370,7 +376,7 @@ async def _settle(ctx: Context, planned: RevertPlan, step: RevertStep) -> None:
     worse than either).  A memory revert is finished from the moment its domains
     were destroyed: booting them on the chain they left would throw away
     the RAM just kept, for a crashed disk; only if that cannot be done are
-    they booted on the chain they left."""
+    they booted on the chain they left.  True when the revert was finished."""
     if step is RevertStep.SWITCHING and not await _switched_any(ctx, planned):
         started = await _started_since(ctx, planned)
         if started or not planned.memory:
@@ -381,11 +387,11 @@ async def _settle(ctx: Context, planned: RevertPlan, step: RevertStep) -> None:
                         f" ({', '.join(started)} started meanwhile)" if started else "")
             await _remove_overlays(ctx, planned)
             await _restart(ctx, planned)
-            return
+            return False
     if step in (RevertStep.SWITCHING, RevertStep.STARTING):
         await _switch(ctx, planned)
         await _start(ctx, planned)
-        return
+        return True
     if planned.memory and step in (RevertStep.STOPPING, RevertStep.OVERLAYS):
         try:
             await _stop(ctx, planned)
@@ -396,9 +402,10 @@ async def _settle(ctx: Context, planned: RevertPlan, step: RevertStep) -> None:
             log.error("revert to %s could not be finished (%s): booting the domains on "
                       "the chain they left", planned.snapshot_id, err.message)
         else:
-            return
+            return True
     await _remove_overlays(ctx, planned)
     await _restart(ctx, planned)
+    return False
 
 
 async def _switched_any(ctx: Context, planned: RevertPlan) -> bool:
