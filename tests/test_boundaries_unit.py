@@ -29,6 +29,7 @@ from gasnap.metadata import (
 )
 from gasnap.metastore.postgres import PostgresBackend
 from gasnap.sqlitedb import SqliteDB
+from gasnap.virt.connection import Connection, VirtError
 from pgcluster import Cluster
 
 # --- the metadata client ------------------------------------------------------------
@@ -220,3 +221,31 @@ async def test_changes_to_one_definition_never_interleave() -> None:
     assert all(mine[i].startswith("start") and mine[i + 1].startswith("end")
                for i in range(0, len(mine), 2)), log
     assert log.index("start other: switch overlays") < log.index(mine[-1])  # not serialized
+
+
+class _AliveConn:
+    def isAlive(self) -> bool:
+        return True
+
+
+async def test_a_libvirt_python_system_error_is_a_libvirt_failure(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """libvirt-python raises SystemError when a Python callback it ran inside
+    a call raised (seen once from ``restoreFlags``): the caller must settle it
+    as a libvirt failure; as a bare SystemError it went past the revert's
+    undo and left the domain off with its operation claimed."""
+    conn = Connection("qemu:///nowhere")
+
+    async def fake() -> Any:
+        return _AliveConn()
+
+    monkeypatch.setattr(conn, "_connection", fake)
+
+    def restore(_conn: Any) -> None:
+        try:
+            raise RuntimeError("a callback failed")
+        except RuntimeError as inner:
+            raise SystemError("returned a result with an exception set") from inner
+
+    with pytest.raises(VirtError, match=r"libvirt-python failed.*a callback failed"):
+        await conn.call(restore, what="d: restore", retry=False)

@@ -269,6 +269,14 @@ class Connection:
                         log.info("%s: connection lost, reconnecting", what)
                         continue
                 raise mapper(err, what) from err
+            except SystemError as err:
+                # libvirt-python's C layer returned while a Python callback it
+                # ran inside the call (the event loop's, the error handler's)
+                # had raised: the call failed, or may have, and its caller
+                # must settle it as any libvirt failure, not crash past it.
+                log.debug("%s: libvirt-python failed", what, exc_info=True)
+                raise VirtError(f"{what}: libvirt-python failed ({err}; "
+                                f"cause: {err.__cause__ or err.__context__!r})") from err
         raise AssertionError("unreachable")
 
 
