@@ -160,9 +160,8 @@ async def verify(ctx: Context, merge: DeletePlan) -> None:
             f"{merge.domain}/{merge.target}: after the merge the chain is {chain}, "
             f"expected {merge.expected_chain}"
         )
-    below = await images.real_path(merge.pull_base) if merge.pull_base else None
     for dependent in merge.dependents:
-        if await merging.backing(dependent) != below:
+        if not await merging.backs_onto(dependent, merge.pull_base):
             raise MergeFailed(f"{dependent} does not back onto {merge.pull_base} after the "
                               "merge")
 

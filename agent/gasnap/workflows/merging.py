@@ -128,14 +128,24 @@ async def branch_pull(ctx: Context, op: Operation, merge: DeletePlan,
 
 async def _rebase_onto_pull_base(merge: DeletePlan, path: str) -> None:
     below = merge.pull_base
-    if await backing(path) == (await images.real_path(below) if below else None):
+    if await backs_onto(path, below):
         return  # done before a restart
     await qemuimg.rebase(path, images.relative_pointer(path, below) if below else None,
                          merge.format_of(below) if below else None, safe=True)
 
 
+async def backs_onto(path: str, below: str | None) -> bool:
+    """Whether PATH (a qcow2 gasnap wrote or rebased) backs onto BELOW (None:
+    onto nothing), however each is spelled."""
+    found = await backing(path)
+    if found is None or below is None:
+        return found is below
+    return await asyncio.to_thread(images.same_file, found, below)
+
+
 async def backing(path: str) -> str | None:
-    """PATH's backing file (a qcow2 gasnap wrote or rebased), as a real path."""
+    """PATH's backing file (a qcow2 gasnap wrote or rebased), spelled as
+    PATH's directory is."""
     header = await asyncio.to_thread(images.read_qcow2_header, path)
     if header.backing_file is None:
         return None
