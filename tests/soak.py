@@ -515,41 +515,41 @@ async def _until_off(soak: Soak, name: str, seconds: float) -> bool:
     return True
 
 
-async def _qemu_killed(soak: Soak) -> str:
+@contextlib.asynccontextmanager
+async def _taken_down(soak: Soak) -> AsyncIterator[str]:
+    """A guest the operator takes down by hand: whatever happens meanwhile,
+    it runs again afterwards, its workload too."""
     name = random.choice(soak.guests)
     try:
-        pid = int(Path(f"/run/libvirt/qemu/{name}.pid").read_text())
-        os.kill(pid, signal.SIGKILL)
-        await _until_off(soak, name, 30)
-        await asyncio.sleep(random.uniform(0, 5))
+        yield name
     finally:
         await _back_up(soak, name)
+
+
+async def _qemu_killed(soak: Soak) -> str:
+    async with _taken_down(soak) as name:
+        os.kill(int(Path(f"/run/libvirt/qemu/{name}.pid").read_text()), signal.SIGKILL)
+        await _until_off(soak, name, 30)
+        await asyncio.sleep(random.uniform(0, 5))
     return name
 
 
 async def _shut_down_and_started(soak: Soak) -> str:
-    name = random.choice(soak.guests)
-    try:
+    async with _taken_down(soak) as name:
         await _virsh("shutdown", name)
         if not await _until_off(soak, name, 60):
             await _virsh("destroy", name)
         await asyncio.sleep(random.uniform(0, 10))
-    finally:
-        await _back_up(soak, name)
     return name
 
 
 async def _renamed_and_back(soak: Soak) -> str:
     """libvirt renames only a domain that is off."""
-    name = random.choice(soak.guests)
-    other = f"{name}-renamed"
-    try:
+    async with _taken_down(soak) as name:
         await _virsh("destroy", name)
-        await _virsh("domrename", name, other)
+        await _virsh("domrename", name, f"{name}-renamed")
         await asyncio.sleep(random.uniform(1, 10))
-        await _virsh("domrename", other, name)
-    finally:
-        await _back_up(soak, name)
+        await _virsh("domrename", f"{name}-renamed", name)
     return name
 
 
