@@ -13,10 +13,10 @@ from typing import Any
 
 import pytest
 
-from gasnap import qemuimg
+from gasnap import images, qemuimg
 from gasnap.errors import BadRequest
-from gasnap.metadata import CloneChange, CloneMode
-from gasnap.workflows import clone
+from gasnap.metadata import CloneChange, CloneMeta, CloneMode, CloneStatus
+from gasnap.workflows import clone, cloneplan
 from gasnap.workflows.cloneplan import AttachPlan, request_from_doc
 from gasnap.workflows.deleteplan import DeletePlan, Method, touched
 from gasnap.workflows.windows import Windows
@@ -112,3 +112,25 @@ async def test_an_attach_waits_for_the_window_of_its_domain() -> None:
     assert hv.attached == ["vdb"]
     async with windows.owning(["uuid-other"]):  # another domain's window: no wait
         await asyncio.wait_for(clone._attach(ctx, planned), 5)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(("file", "image", "ok"), [
+    ("/v/a/volume-{id}", "/v/a/volume-x.img", True),
+    ("/v/a/volume-{id}", None, True),
+    ("/etc/passwd", None, False),  # a record may name any path: never used
+    ("/v/a/../b/volume-{id}", None, False),
+    ("/v/a/volume-{id}", "/v/b/volume-x.img", False),
+    ("/v/a/volume-other", None, False),
+])
+def test_a_clone_record_names_a_file_gasnap_made_or_nothing_is_done(
+        file: str, image: str | None, ok: bool) -> None:
+    """REVIEW-2 item 7: attach, flatten and delete use a clone record's file
+    only if it is gasnap's name for that clone, beside its image."""
+    clone_id = "0b9f4c1e-6d0a-4d4b-9d57-5a0c1f2e3d4c"
+    meta = CloneMeta(clone_id, "c", "s", "v", CloneMode.LINKED, file.format(id=clone_id),
+                     image, 1 << 20, CloneStatus.AVAILABLE, "2026-01-01T00:00:00")
+    if ok:
+        cloneplan.check_own_file(meta)
+    else:
+        with pytest.raises(images.UnsafeImage):
+            cloneplan.check_own_file(meta)

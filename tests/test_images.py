@@ -169,6 +169,32 @@ def test_a_layer_gasnap_would_have_to_interpret_makes_the_chain_unusable(path: s
     assert images.unplain(chain[:1]) is None
 
 
+def test_a_pointer_elsewhere_that_links_back_in_is_refused(tmp_path: Path) -> None:
+    """An absolute pointer outside the directory that is a symlink to a file
+    inside it: respelled, it would name a file beside the one QEMU reads."""
+    volume = tmp_path / "vol"
+    volume.mkdir()
+    qemu_img("create", "-q", "-f", "raw", "y", "1M", cwd=volume)
+    (tmp_path / "victim").symlink_to(volume / "y")
+    qemu_img("create", "-q", "-f", "qcow2", "-u", "-F", "raw", "-b", str(tmp_path / "victim"),
+             "top", "1M", cwd=volume)
+    with pytest.raises(images.UnsafeImage, match="lies outside"):
+        images.chain(str(volume / "top"), "qcow2")
+
+
+def test_a_chain_naming_its_directory_two_ways_is_unusable(tmp_path: Path) -> None:
+    real = tmp_path / "real"
+    real.mkdir()
+    link = tmp_path / "images"
+    link.symlink_to(real)
+    mixed = (Layer(str(link / "top"), "qcow2"), Layer(str(real / "base"), "raw"))
+    assert "another way" in (images.chain_problem(mixed) or "")
+    assert images.chain_problem((Layer(str(link / "top"), "qcow2"),
+                                 Layer(str(link / "base"), "raw"))) is None
+    assert images.chain_problem((Layer(str(link / "top"), "qcow2"),
+                                 Layer(str(tmp_path / "golden"), "raw"))) is None
+
+
 def test_relative_pointers_span_directories() -> None:
     assert images.relative_pointer("/v/a/top", "/v/a/base") == "base"
     assert images.relative_pointer("/v/a/top", "/v/b/base") == "../b/base"

@@ -89,6 +89,7 @@ class CloneService:
     async def attach(self, clone_id: str, request: AttachRequest) -> dict[str, Any]:
         async with self._holding("clone-attach", {clone_id}):
             meta = await self.ctx.metadata.get_clone(clone_id)
+            cloneplan.check_own_file(meta)
             cloneplan.check_available(meta)
             await cloneplan.check_detached(self.ctx, meta)
             planned = await cloneplan.plan_attach(self.ctx, clone_id, meta.file, request)
@@ -115,6 +116,7 @@ class CloneService:
         task = self._reserve("clone-flatten", {clone_id})
         try:
             meta = await self.ctx.metadata.get_clone(clone_id)
+            cloneplan.check_own_file(meta)
             cloneplan.check_available(meta)
             await cloneplan.check_no_snapshots(self.ctx, meta)
             live = await self._live_disk(meta) if meta.mode is CloneMode.LINKED else None
@@ -165,6 +167,7 @@ class CloneService:
             if meta.status not in (CloneStatus.AVAILABLE, CloneStatus.ERROR):
                 raise WrongStatus(f"clone {clone_id} is {meta.status.value}",
                                   current=meta.status.value)
+            cloneplan.check_own_file(meta)
             await cloneplan.check_detached(self.ctx, meta)
             await cloneplan.check_no_snapshots(self.ctx, meta)
         except BaseException:

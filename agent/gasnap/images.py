@@ -143,10 +143,15 @@ def resolve_inside(directory: str, name: str, what: str) -> str:
     file look like two."""
     candidate = name if os.path.isabs(name) else os.path.join(directory, name)
     base = os.path.basename(candidate)
-    if base in ("", ".", "..") or (Path(os.path.realpath(candidate)).parent
-                                   != Path(os.path.realpath(directory))):
+    spelled = os.path.join(directory, base)
+    real = os.path.realpath(candidate)
+    # The respelled name must be the very file the pointer reaches: an
+    # absolute pointer elsewhere that is a symlink into DIRECTORY would
+    # otherwise name a file beside the one QEMU reads.
+    if (base in ("", ".", "..") or Path(real).parent != Path(os.path.realpath(directory))
+            or os.path.realpath(spelled) != real):
         raise UnsafeImage(f"{what} {name!r} lies outside {directory}")
-    return os.path.join(directory, base)
+    return spelled
 
 
 def same_file(a: str, b: str) -> bool:
@@ -163,6 +168,26 @@ def unplain(chain: Iterable[Layer]) -> str | None:
     for layer in chain:
         if not (os.path.isabs(layer.path) and os.path.normpath(layer.path) == layer.path):
             return f"the layer {layer.path!r} is not named by a plain absolute path"
+    return None
+
+
+def chain_problem(chain: tuple[Layer, ...]) -> str | None:
+    """Why CHAIN's file names (as libvirt or QEMU report them) cannot be
+    acted on, or None: each plain (``unplain``), and a layer in the active
+    file's directory spelled as the active file spells it (an absolute
+    pointer in another spelling of that directory would make one file two
+    names, and the relative pointers written from them wrong).  Blocking
+    (it resolves symlinks): call from a thread."""
+    problem = unplain(chain)
+    if problem is not None or not chain:
+        return problem
+    directory = os.path.dirname(chain[0].path)
+    home = os.path.realpath(directory)
+    for layer in chain[1:]:
+        if (os.path.dirname(layer.path) != directory
+                and os.path.realpath(os.path.dirname(layer.path)) == home):
+            return (f"the layer {layer.path!r} names the active file's directory "
+                    f"{directory} another way")
     return None
 
 

@@ -205,7 +205,8 @@ async def read_domain(qmp: Session, name: str, qga_socket: Path | None = None) -
         kind = "file" if disk.chain[0].path.startswith("/") else "network"
         # QEMU's names are a process's word, not the host's: one gasnap would
         # have to interpret leaves the volume untouchable.
-        error = images.unplain(disk.chain) if kind == "file" else None
+        error = (await asyncio.to_thread(images.chain_problem, disk.chain) if kind == "file"
+                 else None)
         volumes.append(Volume(serial or f"{name}/{disk.target}", disk.target, serial or None,
                               kind, disk.chain, chain_error=error, readonly=disk.readonly))
     state = _STATES.get(status["status"], DomainState.NOSTATE)

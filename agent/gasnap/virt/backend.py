@@ -247,7 +247,7 @@ class LibvirtHypervisor:
         if not spec.chain_complete and spec.source_type == "file" and chain[0].path:
             chain, error = await _read_chain(chain)
         if spec.source_type == "file" and error is None:
-            error = images.unplain(chain)
+            error = await asyncio.to_thread(images.chain_problem, chain)
         return Volume(domxml.volume_id(domain, spec), spec.target, spec.serial,
                       spec.source_type, chain, chain_error=error, shareable=spec.shareable,
                       readonly=spec.readonly)

@@ -103,11 +103,12 @@ async def execute(ctx: Context, planned: RevertPlan) -> Outcome:
         err = await space.explain_any(err, planned.directories(), ctx.min_free)
         log.error("revert to %s failed: %s", planned.snapshot_id, err.message)
         log.debug("traceback", exc_info=True)
-        if await _undo(ctx, op, planned):
+        finished = await _undo(ctx, op, planned)
+        if finished is not None:
             # Half switched: the revert was finished, not undone; its caller
             # hears that it happened, never a failure that happened anyway.
             log.warning("revert to %s finished after %s", planned.snapshot_id, err.message)
-            return Outcome(before, phases=clock.done(op))
+            return Outcome(before, phases=clock.done(op), thawed=finished)
         return Outcome(before, err, clock.done(op))
     await ctx.journal.finish(op)
     return Outcome(before, phases=clock.done(op), thawed=thawed)
@@ -353,9 +354,10 @@ async def _agent_back(ctx: Context, name: str) -> None:
 # --- undoing and resuming -----------------------------------------------------------
 
 
-async def _undo(ctx: Context, op: Operation, planned: RevertPlan) -> bool:
-    """Settle a revert that failed at OP's step (see ``_settle``); True when
-    that finished it rather than undid it."""
+async def _undo(ctx: Context, op: Operation, planned: RevertPlan
+                ) -> dict[str, int | None] | None:
+    """Settle a revert that failed at OP's step (see ``_settle``): what
+    ``_start`` reported when that finished it, None when it undid it."""
     try:
         finished = await outage.ride_out(ctx, "revert: undo",
                                          lambda: _settle(ctx, planned, RevertStep(op.step)))
@@ -363,12 +365,13 @@ async def _undo(ctx: Context, op: Operation, planned: RevertPlan) -> bool:
         log.error("revert to %s: cannot settle now (%s); recovery will", planned.snapshot_id,
                   err.message)
         ctx.journal.release(op)
-        return False
+        return None
     await ctx.journal.finish(op)
     return finished
 
 
-async def _settle(ctx: Context, planned: RevertPlan, step: RevertStep) -> bool:
+async def _settle(ctx: Context, planned: RevertPlan, step: RevertStep
+                  ) -> dict[str, int | None] | None:
     """Before the switch the revert is undone: the new overlays go and the
     domains that ran run again, on the chain they left; so is one that
     failed at the switch before any domain was on its new overlays.  Once
@@ -376,7 +379,8 @@ async def _settle(ctx: Context, planned: RevertPlan, step: RevertStep) -> bool:
     worse than either).  A memory revert is finished from the moment its domains
     were destroyed: booting them on the chain they left would throw away
     the RAM just kept, for a crashed disk; only if that cannot be done are
-    they booted on the chain they left.  True when the revert was finished."""
+    they booted on the chain they left.  Finished: what ``_start`` reported
+    (the domains thawed); undone: None."""
     if step is RevertStep.SWITCHING and not await _switched_any(ctx, planned):
         started = await _started_since(ctx, planned)
         if started or not planned.memory:
@@ -387,25 +391,22 @@ async def _settle(ctx: Context, planned: RevertPlan, step: RevertStep) -> bool:
                         f" ({', '.join(started)} started meanwhile)" if started else "")
             await _remove_overlays(ctx, planned)
             await _restart(ctx, planned)
-            return False
+            return None
     if step in (RevertStep.SWITCHING, RevertStep.STARTING):
         await _switch(ctx, planned)
-        await _start(ctx, planned)
-        return True
+        return await _start(ctx, planned)
     if planned.memory and step in (RevertStep.STOPPING, RevertStep.OVERLAYS):
         try:
             await _stop(ctx, planned)
             await _make_overlays(ctx, planned)
             await _switch(ctx, planned)
-            await _start(ctx, planned)
+            return await _start(ctx, planned)
         except GasnapError as err:
             log.error("revert to %s could not be finished (%s): booting the domains on "
                       "the chain they left", planned.snapshot_id, err.message)
-        else:
-            return True
     await _remove_overlays(ctx, planned)
     await _restart(ctx, planned)
-    return False
+    return None
 
 
 async def _switched_any(ctx: Context, planned: RevertPlan) -> bool:

@@ -114,7 +114,9 @@ def _read(vol: Volume, metas: list[SnapshotMeta]) -> Tree:
             # read (and a delete may remove them) only in the volume's
             # directory, where every file of a volume's tree is made.
             for path in (meta.file, meta.backing_file):
-                if os.path.realpath(os.path.dirname(path)) != home:
+                # The file itself, not only its directory: a record's file
+                # that is a symlink out would be rebased or removed through.
+                if os.path.dirname(os.path.realpath(path)) != home:
                     raise TreeMismatch(f"{path} lies outside the volume's directory "
                                        f"{directory}")
             node = nodes.get(meta.file) or _overlay(meta.file, directory)
