@@ -377,8 +377,25 @@ async def _until_settled(soak: Soak, sid: str, *, gone: bool) -> str:
                 return f"failed {rec['status']}"
             if rec["status"] == "available" and not gone:
                 return "succeeded"
+            if rec["status"] == "available" and gone:
+                # Nova's delete answers 204 and its task is refused later
+                # (a clone reads the files, say): the record stays.
+                refused = await asyncio.to_thread(_delete_refused, soak, sid)
+                if refused is not None:
+                    return f"failed {refused}"
         await asyncio.sleep(0.5)
     return "failed never settled"
+
+
+def _delete_refused(soak: Soak, sid: str) -> str | None:
+    """The code of a failed delete task about SID (its message names it)."""
+    try:
+        tasks = soak.client.get("/v1/tasks")["tasks"]
+    except ApiError:
+        return None
+    return next((t["error"]["code"] for t in reversed(tasks)
+                 if t["kind"] == "snapshot-delete" and t["state"] == "failed"
+                 and sid in t["error"].get("message", "")), None)
 
 
 def _creates_pending(soak: Soak, sid: str) -> bool:
