@@ -160,13 +160,19 @@ def same_file(a: str, b: str) -> bool:
     return os.path.realpath(a) == os.path.realpath(b)
 
 
+def plain(path: str) -> bool:
+    """PATH is absolute and normalised (no ``..``, no ``.``, no doubled
+    ``/``): the only spelling gasnap derives names, checks and unlinks from."""
+    return os.path.isabs(path) and os.path.normpath(path) == path
+
+
 def unplain(chain: Iterable[Layer]) -> str | None:
     """Why the file names of CHAIN (as libvirt's XML or QEMU's block graph
     report them) cannot be acted on, or None: each must be absolute and
     normalised (no ``..``, no ``.``, no doubled ``/``), because overlay
     names, directory checks and every unlink are derived from them."""
     for layer in chain:
-        if not (os.path.isabs(layer.path) and os.path.normpath(layer.path) == layer.path):
+        if not plain(layer.path):
             return f"the layer {layer.path!r} is not named by a plain absolute path"
     return None
 
@@ -289,8 +295,7 @@ def memory_name_ok(path: str, images: Iterable[str | None], group_id: str | None
     a service a fleet shares: no path in it is read, restored or unlinked
     without this."""
     found = _MEMORY_NAME.fullmatch(os.path.basename(path))
-    return (found is not None and found.group(1) == group_id and os.path.isabs(path)
-            and os.path.normpath(path) == path
+    return (found is not None and found.group(1) == group_id and plain(path)
             and os.path.dirname(path) in {os.path.dirname(i) for i in images if i})
 
 

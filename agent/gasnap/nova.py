@@ -255,11 +255,13 @@ async def delete(service: SnapshotService, snapshot_id: str, call: NovaDelete,
              for key, value in (("file_to_merge", call.file_to_merge),
                                 ("merge_target_file", call.merge_target_file))}
     if meta.status is Status.AVAILABLE:
-        _strategy(meta, vol, named, snapshot_id)
+        await asyncio.to_thread(_strategy, meta, vol, named, snapshot_id)
 
     async def choose() -> Strategy:
         _dom, now = await _find_volume(service, call.volume_id)
-        return _strategy(await service.snapshot(snapshot_id), now, named, snapshot_id)
+        # off the loop: it resolves real paths on the disk
+        return await asyncio.to_thread(_strategy, await service.snapshot(snapshot_id), now,
+                                       named, snapshot_id)
 
     return await _reported(cinder, snapshot_id, "delete",
                            service.delete_queued(snapshot_id, choose, DELETE_WAIT))

@@ -23,7 +23,7 @@ from typing import Any
 from .. import images
 from ..errors import BadRequest, Conflict
 from ..httpkit import get_string, only_keys
-from ..hypervisor import DomainState, Feature, Layer, require
+from ..hypervisor import DomainState, Feature, require
 from ..metadata import CloneMeta, CloneMode, CloneStatus, Status, WrongStatus
 from . import Context, space
 from .createplan import check_name
@@ -166,9 +166,10 @@ async def plan_create(ctx: Context, request: CloneRequest) -> ClonePlan:
         raise WrongStatus(f"snapshot {meta.id} is {meta.status.value}; only an available "
                           "snapshot can be cloned", current=meta.status.value)
     image = meta.backing_file
-    problem = images.unplain((Layer(meta.file, "qcow2"), Layer(image, "")))
-    if problem is not None:  # a record's paths, read and written beside only if plain
-        raise images.UnsafeImage(f"snapshot {meta.id}: {problem}")
+    if not (images.plain(meta.file) and images.plain(image)):
+        # a record's paths: read, and written beside, only if plain
+        raise images.UnsafeImage(f"snapshot {meta.id}: its record names {meta.file!r} and "
+                                 f"{image!r}, not plain absolute paths")
     fmt = await _image_format(meta.file, image)
     # The image's own chain must be readable without guessing, inside its directory.
     await images.read_chain(image, fmt, os.path.dirname(image))  # raises if not
@@ -219,8 +220,7 @@ def check_own_file(meta: CloneMeta) -> None:
     ``volume-<clone id>``, by a plain absolute path, beside the image it
     was made from (REVIEW-2 item 7)."""
     path = meta.file
-    if not (os.path.isabs(path) and os.path.normpath(path) == path
-            and os.path.basename(path) == images.volume_name(meta.id)
+    if not (images.plain(path) and os.path.basename(path) == images.volume_name(meta.id)
             and (meta.image is None or os.path.dirname(meta.image) == os.path.dirname(path))):
         raise images.UnsafeImage(f"clone {meta.id}: its record names {path!r}, not a file "
                                  "gasnap made for it; nothing is done with it")
