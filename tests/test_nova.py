@@ -286,6 +286,40 @@ async def test_calls_on_a_busy_volume_wait_for_it(
     assert (await chain_of(hv, guest.name, vol.target))[0] == again["file"]
 
 
+async def test_a_delete_a_linked_clone_blocks_is_refused_in_its_answer(
+    tcp_agent: Agent, nova: Any, hv: LibvirtHypervisor, guest: Domain
+) -> None:
+    """Cinder knows nothing of gasnap's linked clones: a Nova delete of a
+    snapshot a clone reads is refused in the call's answer (409), not
+    accepted and then failed in a task Cinder polls for 600 s; nothing
+    changes.  Once the clone is gone, the same call merges it."""
+    vol = await volume(hv, guest)
+    base = Path(vol.active_file).name.split(".")[0]
+    sid, _ = nova_create(nova, vol, f"{base}.{uuid.uuid4()}")
+    made = settled(tcp_agent, sid)
+    assert made is not None and made["status"] == "available"
+    task = tcp_agent.client.request("POST", f"/v1/snapshots/{sid}/clone", {})["task"]
+    done = tcp_agent.client.wait_task(task)
+    assert done["state"] == "succeeded", done
+    clone_id = done["result"]["clone"]["id"]
+    chain = await chain_of(hv, guest.name, vol.target)
+    below = chain[2] if len(chain) > 2 else None
+    pull = {"volume_id": vol.volume_id, "type": "qcow2",
+            "file_to_merge": Path(below).name if below else None, "merge_target_file": None}
+    with pytest.raises(nova_exc.Conflict) as refused:
+        nova.assisted_volume_snapshots.delete(sid, pull)
+    assert "snapshot_has_clones" in str(refused.value)
+    assert tcp_agent.client.get(f"/v1/snapshots/{sid}")["status"] == "available"
+    assert await chain_of(hv, guest.name, vol.target) == chain
+    assert not [t for t in tcp_agent.client.get("/v1/tasks")["tasks"]
+                if t["kind"] == "snapshot-delete" and t["state"] in ("queued", "running")]
+    gone = tcp_agent.client.request("DELETE", f"/v1/clones/{clone_id}")["task"]
+    assert tcp_agent.client.wait_task(gone)["state"] == "succeeded"
+    nova.assisted_volume_snapshots.delete(sid, pull)
+    assert settled(tcp_agent, sid, gone=True) is None
+    assert await chain_of(hv, guest.name, vol.target) == [chain[0], *chain[2:]]
+
+
 async def test_a_raw_base_volume_through_nova(
     tcp_agent: Agent, nova: Any, hv: LibvirtHypervisor, lab: Lab
 ) -> None:

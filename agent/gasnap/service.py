@@ -17,7 +17,7 @@ from .config import Schedule
 from .errors import BadRequest, Conflict, GasnapError, Unavailable
 from .hypervisor import Domain, Volume
 from .metadata import NOVA_DESCRIPTION, CloneNotFound, SnapshotMeta, Status, check_limits
-from .tasks import Done, Task, TaskManager
+from .tasks import Done, Task, TaskManager, VolumeBusy
 from .workflows import (
     Context,
     autodelete,
@@ -423,11 +423,28 @@ class SnapshotService:
         strategy."""
         self._check_ready()
         meta = await self.ctx.metadata.get_snapshot(snapshot_id)
-        task = self.tasks.queue("snapshot-delete")
+        try:
+            task = self.tasks.reserve("snapshot-delete", {meta.volume_id})
+        except VolumeBusy:
+            task = self.tasks.queue("snapshot-delete")
+
+            async def queued(task: Task) -> Done:
+                await self.tasks.hold(task, {meta.volume_id}, wait)
+                merge = await deleteplan.plan(self.ctx, snapshot_id, await choose())
+                return await self._deleted(task, merge)
+
+            await self.tasks.start(task, queued)
+            return task
+        # A free volume is planned now, as gasnap's own delete is: what would
+        # refuse it (a linked clone reading its files, a dependent) reaches
+        # Cinder as the call's answer, not as a task failed after a 202.
+        try:
+            merge = await deleteplan.plan(self.ctx, snapshot_id, await choose())
+        except BaseException:
+            self.tasks.drop(task)
+            raise
 
         async def work(task: Task) -> Done:
-            await self.tasks.hold(task, {meta.volume_id}, wait)
-            merge = await deleteplan.plan(self.ctx, snapshot_id, await choose())
             return await self._deleted(task, merge)
 
         await self.tasks.start(task, work)
