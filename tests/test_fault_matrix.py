@@ -506,3 +506,88 @@ async def test_a_disk_plugged_before_the_window_fails_the_create(bench: Bench) -
 async def _chain(bench: Bench) -> list[str]:
     return [layer.path for layer in (await bench.hv.get_domain(
         bench.guest.name)).volumes[0].chain]
+
+
+# --- someone else acts between the plan and the switch -----------------------------
+
+# What an operator (or Nova) does to the domain an operation acts on, outside
+# gasnap, while the operation stands between its plan and its switch
+# (docs/recovery.md, "Someone else between the plan and the switch").
+OTHERS = ["stopped", "started", "renamed", "redefined"]
+# The last step before each operation's switch; a revert powers the guest
+# off itself at "stopping", so someone stops it before that, and starts,
+# renames or redefines it once the revert has.
+OTHER_AT = {"create": "create:overlays", "delete": "delete:deleting",
+            "revert": "revert:overlays", "clone": "clone:made"}
+OTHER_CELLS = [(op, action) for op in OTHER_AT for action in OTHERS]
+RENAMED = "-renamed"
+
+
+@pytest.mark.parametrize(("op", "action"), OTHER_CELLS, ids=[f"{o}-{a}" for o, a in OTHER_CELLS])
+async def test_someone_else_between_plan_and_switch(bench: Bench, op: str, action: str) -> None:
+    """Nothing is lost whatever someone else does to the domain meanwhile:
+    the same checks as every cell, and the outcome docs/recovery.md names."""
+    target = bench.reader if op == "clone" else bench.guest  # a clone acts on its reader
+    point = "revert:planned" if (op, action) == ("revert", "stopped") else OTHER_AT[op]
+    subject = await _prepare(bench, op, point, "")
+    if action in ("started", "renamed") and op != "revert":
+        # Someone starts, or renames, a domain gasnap planned for shut off.
+        await asyncio.to_thread(_virsh, "destroy", target.name)
+    known = set(_snapshots(bench)) | {c["id"] for c in _clones(bench)}
+    (bench.hold / "hold").write_text(point)
+    request = asyncio.create_task(asyncio.to_thread(_start, bench, op, subject))
+    try:
+        await _until_held(bench, request)
+        await asyncio.to_thread(_someone_else, action, target.name, bench.hold)
+    finally:
+        (bench.hold / "hold").unlink(missing_ok=True)
+    task = await request
+    done = await asyncio.to_thread(wait_task, bench.agent, task["id"], 300)
+    await _put_back(bench, target.name)
+    await _settled(bench)
+    outcome = _outcome(done, await _subject_after(bench, op, subject, known))
+    if RECORD:
+        with Path(RECORD).open("a") as out:  # noqa: ASYNC230 (a test's own notes)
+            out.write(json.dumps({"op": op, "action": action, "outcome": outcome}) + "\n")
+        return
+    assert outcome == documented_others()[(op, action)], f"{op} {action}: {done}"
+
+
+def _someone_else(action: str, name: str, scratch: Path) -> None:
+    if action == "stopped":
+        _virsh("destroy", name)
+    elif action == "started":
+        _virsh("start", name)
+    elif action == "renamed":  # libvirt renames only a domain that is off
+        _virsh("domrename", name, name + RENAMED)
+    else:  # undefined and defined again, as it was: the same UUID
+        xml = scratch / "redefine.xml"
+        xml.write_text(_virsh("dumpxml", "--inactive", name))
+        _virsh("undefine", name)
+        _virsh("define", str(xml))
+
+
+async def _put_back(bench: Bench, name: str) -> None:
+    """The operator puts things as they were: the name back, the guest running."""
+    names = (await asyncio.to_thread(_virsh, "list", "--all", "--name")).split()
+    if name + RENAMED in names:
+        if name + RENAMED in (await asyncio.to_thread(_virsh, "list", "--name")).split():
+            await asyncio.to_thread(_virsh, "destroy", name + RENAMED)
+        await asyncio.to_thread(_virsh, "domrename", name + RENAMED, name)
+    if (await bench.hv.get_domain(name)).state is DomainState.SHUTOFF:
+        await asyncio.to_thread(_virsh, "start", name)
+    await bench.lab.wait_for_agent(name, timeout=120)
+
+
+def documented_others() -> dict[tuple[str, str], str]:
+    """docs/recovery.md's table: a row per operation, a column per action."""
+    table = DOCS.read_text().split("<!-- someone-else -->")[1]
+    cells: dict[tuple[str, str], str] = {}
+    for line in table.splitlines():
+        parts = [p.strip() for p in line.strip().strip("|").split("|")]
+        if not re.fullmatch(r"`\w+:\w+`", parts[0]):
+            continue
+        op = parts[0].strip("`").partition(":")[0]
+        for action, cell in zip(OTHERS, parts[1:], strict=True):
+            cells[(op, action)] = cell
+    return cells

@@ -248,15 +248,19 @@ def test_a_memory_file_cut_short_or_foreign_is_unusable(tmp_path: Path) -> None:
 
 def test_a_memory_file_is_used_only_where_and_as_gasnap_named_it() -> None:
     """REVIEW-2 item 7: a record's memory_file is unlinked and restored only
-    if it is gasnap's own name for the group, beside one of its images."""
+    if it is gasnap's own name for the group and the domain, in a directory
+    of that domain's images (the caller's, from the live domain)."""
     group, dom = "0d5a1b56-3f00-4a4e-9a9e-6e0f8c3f8a11", "5b2e7a61-9d2c-4f8e-8a44-1b9d2c7e4f00"
-    image = "/v/images/volume-a"
+    other = "7c3e8b72-0e3d-4a9f-9b55-2c0e3d8f5a11"
+    here = ["/v/images"]
     ok = f"/v/images/gasnap-memory-{group}.{dom}"
-    assert images.memory_name_ok(ok, [None, image], group)
-    for path in (f"/v/other/gasnap-memory-{group}.{dom}",  # not beside an image
+    assert images.memory_name_ok(ok, here, group, dom)
+    for path in (f"/v/other/gasnap-memory-{group}.{dom}",  # not in a directory of the domain
                  f"/v/images/../images/gasnap-memory-{group}.{dom}",  # not normal
                  f"images/gasnap-memory-{group}.{dom}",  # relative
                  "/etc/passwd", f"/v/images/volume-a.{dom}",
-                 f"/v/images/gasnap-memory-{dom}.{dom}"):  # another group's
-        assert not images.memory_name_ok(path, [image], group), path
-    assert not images.memory_name_ok(ok, [image], None)
+                 f"/v/images/gasnap-memory-{dom}.{dom}",  # another group's
+                 f"/v/images/gasnap-memory-{group}.{other}"):  # another domain's
+        assert not images.memory_name_ok(path, here, group, dom), path
+    assert not images.memory_name_ok(ok, here, None, dom)
+    assert not images.memory_name_ok(ok, here, group, None)

@@ -285,18 +285,20 @@ def check_memory(path: str) -> int:
     return size
 
 
-_MEMORY_NAME = re.compile(r"gasnap-memory-([0-9a-f-]{36})\.[0-9a-f-]{36}")
+_MEMORY_NAME = re.compile(r"gasnap-memory-([0-9a-f-]{36})\.([0-9a-f-]{36})")
 
 
-def memory_name_ok(path: str, images: Iterable[str | None], group_id: str | None) -> bool:
+def memory_name_ok(path: str, directories: Iterable[str], group_id: str | None,
+                   domain_uuid: str | None) -> bool:
     """PATH (a record's ``memory_file``) is what gasnap names one:
-    ``gasnap-memory-<GROUP_ID>.<domain uuid>``, directly beside one of the
-    group's IMAGES on that domain (its first disk's).  A record is data from
-    a service a fleet shares: no path in it is read, restored or unlinked
-    without this."""
+    ``gasnap-memory-<GROUP_ID>.<DOMAIN_UUID>``, directly in one of
+    DIRECTORIES (where that domain's images are; its first disk's image when
+    made).  A record is data from a service a fleet shares: no path in it is
+    read, restored or unlinked without this."""
     found = _MEMORY_NAME.fullmatch(os.path.basename(path))
-    return (found is not None and found.group(1) == group_id and plain(path)
-            and os.path.dirname(path) in {os.path.dirname(i) for i in images if i})
+    return (found is not None and found.group(1) == group_id
+            and found.group(2) == domain_uuid and plain(path)
+            and os.path.dirname(path) in set(directories))
 
 
 def drop_memory(path: str) -> None:

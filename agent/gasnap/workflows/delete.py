@@ -197,8 +197,10 @@ async def _drop_memory_if_unused(ctx: Context, merge: DeletePlan) -> None:
         ctx.metadata.list_snapshots, group_id=merge.group_id), f"group {merge.group_id}")
     if any(m.memory_file == merge.memory_file for m in group if m.status in HOLDING):
         return
-    beside = [merge.base, *(m.backing_file for m in group if m.domain == merge.domain)]
-    if not images.memory_name_ok(str(merge.memory_file), beside, merge.group_id):
+    # The directories come from the live domain at plan time: the group's
+    # other records are a shared service's data and name nothing here.
+    if not images.memory_name_ok(str(merge.memory_file), merge.memory_dirs, merge.group_id,
+                                 merge.uuid):
         log.error("snapshot %s: its record's memory file %s is not one gasnap named beside "
                   "its images: kept", merge.snapshot_id, merge.memory_file)
         return

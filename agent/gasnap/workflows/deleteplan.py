@@ -117,6 +117,9 @@ class DeletePlan:
     # last record that names it
     memory_file: str | None = None
     group_id: str | None = None
+    # where gasnap may have put that memory file: the directories of the
+    # domain's live chains when planned (never a record's word for it)
+    memory_dirs: list[str] = field(default_factory=list)
     drop_image: bool = False  # drop: S.image goes too
 
     @property
@@ -223,7 +226,9 @@ async def plan(ctx: Context, snapshot_id: str, strategy: Strategy) -> DeletePlan
     await _check_other_users(ctx, merge, dom, vol)
     await space.check({os.path.dirname(merge_target(merge)): merge.moved_bytes}, ctx.min_free,
                       f"the merge of snapshot {meta.id}")
-    return dataclasses.replace(merge, memory_file=meta.memory_file, group_id=meta.group_id)
+    return dataclasses.replace(merge, memory_file=meta.memory_file, group_id=meta.group_id,
+                               memory_dirs=sorted({os.path.dirname(layer.path)
+                                                   for v in dom.volumes for layer in v.chain}))
 
 
 async def _choose(meta: SnapshotMeta, dom: Domain, vol: Volume, *, live: bool,

@@ -159,8 +159,9 @@ async def _memory(targets: list[SnapshotMeta], domains: dict[str, Domain],
         if scope is Scope.GROUP and whole and len(files) == 1 and None not in files:
             path = str(files.pop())
             mine = [t for t in targets if t.domain == name]
-            if not images.memory_name_ok(path, [t.backing_file for t in mine],
-                                         mine[0].group_id):
+            if not images.memory_name_ok(
+                    path, [os.path.dirname(str(t.backing_file)) for t in mine if t.backing_file],
+                    mine[0].group_id, dom.uuid):
                 raise images.MemoryUnusable(f"{path} is not a memory file gasnap named beside "
                                             f"the images of {name}'s snapshots")
             await asyncio.to_thread(images.check_memory, path)  # 409 memory_unusable
