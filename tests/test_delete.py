@@ -262,6 +262,40 @@ async def _bad_delete_requests(agent: Agent, rig: Rig) -> None:
                   "chain_mismatch")
 
 
+OUTRUN = ("rm -f /run/outrun-stop; nohup sh -c 'while [ ! -e /run/outrun-stop ]; do "
+          "dd if=/dev/urandom of=/data/outrun bs=1M count=4 conv=fsync 2>/dev/null; done' "
+          ">/dev/null 2>&1 &")
+
+
+async def test_an_active_commit_the_guest_outruns_ends_bounded(rig: Rig, tmp_path: Path
+                                                                ) -> None:
+    """A guest that writes faster than an active commit copies (held here to
+    1 MiB/s by merge_bandwidth) keeps QEMU's mirror from ever being ready.
+    The delete ends once the bytes left to copy have made no new low for
+    merge_converge_timeout: the job cancelled, the chain as it was, the
+    record error_deleting (delete it again).  Once the guest writes less,
+    the same delete goes through."""
+    dom = rig.merge
+    config = rig.toml(merge_bandwidth=1, merge_converge_timeout=4)
+    with running_agent(tmp_path, config=config) as agent:
+        (made,) = snapshots(agent, dom, 1)
+        chain = await chain_of(rig.hv, dom.name, "vda")
+        await sh(rig.hv, dom.name, OUTRUN)
+        try:
+            task = agent.client.request("DELETE",
+                                        f"/v1/snapshots/{made['id']}?strategy=commit")["task"]
+            done = wait_task(agent, task["id"], timeout=120)
+        finally:
+            await sh(rig.hv, dom.name, "touch /run/outrun-stop; sleep 2; sync")
+        assert (done["state"], done["error"]["code"]) == ("failed", "merge_not_converging"), done
+        assert await chain_of(rig.hv, dom.name, "vda") == chain
+        assert await rig.hv.block_job_info(dom.name, "vda") is None
+        assert agent.client.get(f"/v1/snapshots/{made['id']}")["status"] == "error_deleting"
+        again = delete_snapshot(agent, made["id"], "commit")
+        assert again["state"] == "succeeded", again
+        assert await chain_of(rig.hv, dom.name, "vda") == chain[1:]
+
+
 async def test_a_busy_volume_refuses_a_delete(
     agent: Agent, hv: LibvirtHypervisor, merge_guest: Domain
 ) -> None:

@@ -12,6 +12,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import pytest
+
+from gasnap.blockjobs import JobInfo
 from gasnap.hypervisor import AgentState, Domain, DomainState, Layer, Volume
 from gasnap.journal import Journal
 from gasnap.metadata import (
@@ -22,7 +25,7 @@ from gasnap.metadata import (
     Status,
     WrongStatus,
 )
-from gasnap.workflows import Context, delete, no_progress, tree
+from gasnap.workflows import Context, delete, merging, no_progress, tree
 from gasnap.workflows.deleteplan import DeletePlan, Method, Relink, drop_of, left_broken
 
 
@@ -178,3 +181,25 @@ async def test_a_refused_deleting_write_leaves_no_journal_entry(tmp_path: Path) 
     assert isinstance(outcome.failure, WrongStatus)
     assert await journal.unfinished() == [] and journal.holder("v") is None
     journal.close()
+
+
+def test_an_active_commit_must_keep_reaching_new_lows(monkeypatch: pytest.MonkeyPatch) -> None:
+    """merging.Convergence: the bytes an active commit has left must make a
+    new low within its timeout; a slow but steady copy does, a guest that
+    writes faster than the copy does not.  An unsized job is not judged."""
+    now = [100.0]
+    monkeypatch.setattr(merging.time, "monotonic", lambda: now[0])
+    steady = merging.Convergence(5)
+    for step in range(20):  # 1 byte closer every 4 s: slow, but it gets there
+        now[0] += 4
+        steady.observe(JobInfo(cur=step, end=100))
+    outrun = merging.Convergence(5)
+    outrun.observe(JobInfo(cur=0, end=0))  # not sized yet
+    now[0] += 60
+    outrun.observe(JobInfo(cur=10, end=50))  # 40 left: the first low
+    now[0] += 3
+    outrun.observe(JobInfo(cur=30, end=75))  # 45 left, within the timeout
+    now[0] += 2
+    with pytest.raises(merging.NotConverging) as err:
+        outrun.observe(JobInfo(cur=60, end=102))  # 42 left: no new low in 5 s
+    assert err.value.code == "merge_not_converging"

@@ -47,6 +47,10 @@ class Settings:
     tls_key: str = ""
     freeze_timeout: float = 10.0
     merge_bandwidth: int = 0  # MiB/s for live merges; 0: as fast as the disks go
+    # seconds an active commit may go without the bytes it has left to copy
+    # reaching a new low before it is given up (the guest writes faster than
+    # it copies): the job is cancelled, the chain stays as it was
+    merge_converge_timeout: float = 600.0
     # seconds a live merge's follower waits for libvirtd before handing the
     # merge to the sweep (QEMU goes on with the job meanwhile)
     libvirt_outage_wait: float = 120.0
@@ -95,6 +99,7 @@ _AGENT_KEYS: dict[str, type | tuple[type, ...]] = {
     "token": str,
     "token_file": str, "tls_cert": str, "tls_key": str,
     "freeze_timeout": (int, float), "merge_bandwidth": int, "spare_overlays": bool,
+    "merge_converge_timeout": (int, float),
     "libvirt_outage_wait": (int, float), "shutdown_timeout": (int, float),
     "detach_timeout": (int, float), "sweep_interval": (int, float),
 }
@@ -231,6 +236,7 @@ def load(path: Path | None, overrides: dict[str, Any]) -> Settings:
     _positive(values, "shutdown_timeout", "agent.shutdown_timeout")
     _positive(values, "detach_timeout", "agent.detach_timeout")
     _positive(values, "sweep_interval", "agent.sweep_interval")
+    _positive(values, "merge_converge_timeout", "agent.merge_converge_timeout")
     url = values.get("metadata_url", "")
     if url and not url.startswith(("http://", "https://", "unix:")):
         raise ConfigError(f"metadata.url must be http(s)://HOST:PORT or unix:PATH, not {url!r}")

@@ -247,3 +247,7 @@ class Hypervisor(Protocol):
 
     async def pivot(self, name: str, target: str) -> None:
         """Finish an active commit that is ready: BASE becomes the active layer."""
+
+    async def cancel_block_job(self, name: str, target: str) -> None:
+        """Cancel the job on TARGET, not pivoting: an active commit not yet
+        ready leaves the chain as it was."""

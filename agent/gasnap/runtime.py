@@ -70,6 +70,7 @@ async def open_runtime(settings: Settings) -> AsyncIterator[Runtime]:
     ctx = Context(hv, hv.agent, metadata, journal, guard, settings.freeze_timeout,
                   settings.merge_bandwidth, spares, shutdown_timeout=settings.shutdown_timeout,
                   detach_timeout=settings.detach_timeout,
+                  merge_converge_timeout=settings.merge_converge_timeout,
                   min_free=settings.limits_min_free_mib << 20, limits=settings.limits,
                   shared_records=bool(settings.metadata_url))
     tasks = TaskManager(journal)

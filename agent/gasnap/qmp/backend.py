@@ -368,6 +368,13 @@ class QmpHypervisor:
             except QmpError as err:
                 raise PivotNotReady(f"{name}/{target}: {err.message}") from err
 
+    async def cancel_block_job(self, name: str, target: str) -> None:
+        job = await self._job(name, target)
+        if job is None:
+            return
+        async with self.sessions.using(name) as qmp:
+            await qmp.call("block-job-cancel", {"device": str(job["device"])})
+
     async def follow_block_job(self, name: str, target: str, *, want_ready: bool,
                                progress: Progress) -> JobEnd:
         """Events first (the session stays open meanwhile), a check every

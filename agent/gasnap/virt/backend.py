@@ -388,6 +388,10 @@ class LibvirtHypervisor:
             target, libvirt.VIR_DOMAIN_BLOCK_JOB_ABORT_PIVOT),
             what=f"{name}/{target}: pivot", retry=False, mapper=_map_job_error)
 
+    async def cancel_block_job(self, name: str, target: str) -> None:
+        await self.connection.call(lambda c: self.resolve(c, name).blockJobAbort(target, 0),
+                                   what=f"{name}/{target}: cancel the block job", retry=False)
+
     async def follow_block_job(self, name: str, target: str, *, want_ready: bool,
                                progress: Progress) -> JobEnd:
         """Events first, a check every few seconds second; a libvirtd outage

@@ -50,3 +50,4 @@ class Context:
     # id must then be the disk's serial (a fallback domain/target is not
     # unique across hosts).
     shared_records: bool = False
+    merge_converge_timeout: float = 600.0  # an active commit's bound without progress

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from .. import faults, images, qemuimg
 from ..blockjobs import JobEnd, JobInfo, PivotNotReady
-from ..errors import Unavailable
+from ..errors import GasnapError, Unavailable
 from ..hypervisor import DomainChanged
 from ..journal import Operation
 from ..metadata import Status
@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 PIVOT_TRIES = 20
 PIVOT_RETRY = 0.5
 CHAIN_SETTLE = 10.0  # after a pivot libvirt's XML can lag the call (VDSM)
+CANCEL_WAIT = 30.0  # a cancelled active commit not yet ready ends at once
 
 
 async def live_merge(ctx: Context, op: Operation, merge: DeletePlan,
@@ -40,10 +41,17 @@ async def live_merge(ctx: Context, op: Operation, merge: DeletePlan,
         async with ctx.windows.owning([merge.uuid or name]):
             await _start_job(ctx, merge)
     faults.hit("delete:job")
-    reporter = Reporter(ctx, merge.snapshot_id, progress)
     want_ready = merge.method is Method.ACTIVE_COMMIT
-    end = await ctx.hv.follow_block_job(name, target, want_ready=want_ready,
-                                        progress=reporter)
+    reporter = Reporter(ctx, merge.snapshot_id, progress,
+                        Convergence(ctx.merge_converge_timeout) if want_ready else None)
+    try:
+        end = await ctx.hv.follow_block_job(name, target, want_ready=want_ready,
+                                            progress=reporter)
+    except NotConverging as err:
+        await _cancel(ctx, name, target)
+        raise MergeFailed(f"{name}/{target}: {err.message}; the active commit was "
+                          "cancelled and the chain is as it was",
+                          code="merge_not_converging") from err
     log.info("%s/%s: block job ended: %s", name, target, end.value)
     if end is JobEnd.READY:
         op = await ctx.journal.step(op, DeleteStep.PIVOT)
@@ -64,6 +72,48 @@ async def _start_job(ctx: Context, merge: DeletePlan) -> None:
         await ctx.hv.block_commit(name, target, merge.top, merge.base,
                                   active=merge.method is Method.ACTIVE_COMMIT,
                                   bandwidth=ctx.merge_bandwidth)
+
+
+class NotConverging(GasnapError):
+    """An active commit copies slower than the guest writes."""
+
+    code = "merge_not_converging"
+
+
+class Convergence:
+    """Whether an active commit gets anywhere: QEMU's mirror becomes ready
+    only once nothing is left to copy, and a guest that writes faster than it
+    copies keeps it from ever getting there.  The bytes left (``end - cur``)
+    must reach a new low within TIMEOUT seconds, measured on the loop's
+    monotonic clock; a job that copies steadily, however slowly, does."""
+
+    def __init__(self, timeout: float) -> None:
+        self.timeout = timeout
+        self.low: int | None = None
+        self.since = time.monotonic()
+
+    def observe(self, info: JobInfo) -> None:
+        if info.end == 0:
+            return  # not sized yet: QEMU has not looked at the dirty bitmap
+        left = info.end - info.cur
+        now = time.monotonic()
+        if self.low is None or left < self.low:
+            self.low, self.since = left, now
+        elif now - self.since >= self.timeout:
+            raise NotConverging(
+                f"{left} bytes still to copy, no fewer than {self.timeout:g} s ago: the guest "
+                "writes faster than the commit copies (see agent.merge_bandwidth)")
+
+
+async def _cancel(ctx: Context, name: str, target: str) -> None:
+    """Cancel the active commit and wait, bounded, for QEMU to end it."""
+    await ctx.hv.cancel_block_job(name, target)
+    deadline = time.monotonic() + CANCEL_WAIT
+    while await ctx.hv.block_job_info(name, target) is not None:
+        if time.monotonic() >= deadline:
+            raise MergeFailed(f"{name}/{target}: the active commit was cancelled but has not "
+                              f"ended after {CANCEL_WAIT:g} s")
+        await asyncio.sleep(0.2)
 
 
 async def _pivot(ctx: Context, name: str, target: str) -> None:
@@ -166,13 +216,17 @@ async def chain(ctx: Context, merge: DeletePlan) -> list[str]:
 class Reporter:
     """Job progress to the task and, in whole steps of 5 %, to the metadata."""
 
-    def __init__(self, ctx: Context, snapshot_id: str, sink: ProgressSink) -> None:
+    def __init__(self, ctx: Context, snapshot_id: str, sink: ProgressSink,
+                 convergence: Convergence | None = None) -> None:
         self.ctx = ctx
         self.snapshot_id = snapshot_id
         self.sink = sink
         self.last = -1
+        self.convergence = convergence
 
     async def __call__(self, info: JobInfo) -> None:
+        if self.convergence is not None:
+            self.convergence.observe(info)  # NotConverging ends the follow
         percent = min(info.percent, 99)  # 100 once the chain says so
         await self.sink(percent)
         if percent // 5 != self.last // 5:
