@@ -261,6 +261,13 @@ class _Guard:
         # them until it returns (it could land inside their freeze); between
         # two tries, an arm takes the domain over and the retrying stops
         self.in_flight: set[str] = set()
+        # domains whose deadline thaw a later arm took over: still owed
+        # until that owner thaws the guest through the guard; an owner that
+        # lets go otherwise (its freeze was refused: the guest was still
+        # frozen; or it thawed on a connection of its own, which the guard
+        # cannot see) hands the thaw back, and one more thaw of a thawed
+        # guest costs nothing
+        self.owed: set[str] = set()
         self.pending: set[asyncio.Task[None]] = set()
         self.commands: set[asyncio.Task[None]] = set()
 
@@ -290,6 +297,10 @@ class _Guard:
             if armed is not None and owner in (None, armed.owner):
                 self._drop(name)
                 dropped.append(name)
+                if owner is not None and name in self.owed:
+                    log.warning("freeze guard: %s let go unthawed; thawing it for the "
+                                "earlier deadline", name)
+                    self._thaw_later(name)
         return dropped
 
     async def unpin(self, domains: list[str]) -> None:
@@ -313,6 +324,8 @@ class _Guard:
             reply["result"] = await self.hv.agent.command(
                 str(doc["domain"]), str(doc["command"]), doc.get("arguments"),
                 float(doc["timeout"]))
+            if doc["command"] == "guest-fsfreeze-thaw":
+                self.owed.discard(str(doc["domain"]))  # thawed by its owner
         except GuestAgentError as err:
             reply.update(ok=False, agent_error=err.code, error=err.message)
         except GasnapError as err:
@@ -327,6 +340,10 @@ class _Guard:
     def _expire(self, name: str) -> None:
         self.armed.pop(name, None)
         log.warning("freeze guard: %s still frozen at its deadline; thawing", name)
+        self._thaw_later(name)
+
+    def _thaw_later(self, name: str) -> None:
+        self.owed.discard(name)
         task = asyncio.get_running_loop().create_task(self._thaw_and_unpin(name))
         self.pending.add(task)
         task.add_done_callback(self.pending.discard)
@@ -341,7 +358,9 @@ class _Guard:
             if name in self.armed:
                 # A later owner armed it between two tries: its freeze, its
                 # thaw and its deadline now; this thaw must not land in them.
+                # Owed until that owner thaws (see disarm).
                 log.warning("freeze guard: %s armed again; its new owner thaws it", name)
+                self.owed.add(name)
                 return
             try:
                 self.in_flight.add(name)
