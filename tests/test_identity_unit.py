@@ -42,18 +42,37 @@ async def test_a_golden_base_does_not_make_another_disk_this_one(tmp_path: Path)
     nodes = await tree.read(c, [s])
     with pytest.raises(identity.VolumeDetached):
         identity.check_files(s, c, nodes, [s])
-    # With a serial, the serial names the volume (Cinder's UUID): not asked.
-    identity.check_files(s, disk(c.chain[0].path, base, serial="C"), nodes, [s])
+
+
+async def test_a_record_naming_another_volumes_files_is_refused(tmp_path: Path) -> None:
+    """A Cinder share holds every volume's files in one directory.  A
+    record of volume C (it has a serial) naming volume B's files, off C's
+    chain, is refused before anything is read or removed (outside review:
+    such a record was planned as a drop of B's active file and base).  A
+    record on a tree of C's own named for C (a branch pull of a base with
+    no backing leaves two trees) is still C's."""
+    b = qcow2(tmp_path / "volume-B")
+    forged = SnapshotMeta("f", "C", "f", "", 1, "t", "D", None, "vdb", Status.AVAILABLE,
+                          file=qcow2(tmp_path / "volume-B.s", "volume-B"), backing_file=b)
+    c = disk(qcow2(tmp_path / "volume-C"), serial="C")
+    nodes = await tree.read(c, [forged])
+    with pytest.raises(tree.TreeMismatch) as err:
+        identity.check_files(forged, c, nodes, [forged])
+    assert err.value.code == "chain_mismatch"
+    top = qcow2(tmp_path / "volume-C.1")
+    own = SnapshotMeta("o", "C", "o", "", 1, "t", "D", None, "vdb", Status.AVAILABLE,
+                       file=qcow2(tmp_path / "volume-C.2", "volume-C.1"), backing_file=top)
+    identity.check_files(own, c, await tree.read(c, [own]), [own])
 
 
 async def test_a_revert_branch_is_still_this_disks(tmp_path: Path) -> None:
     """After a revert to S the running chain is a fresh overlay on S's image;
     the branch left (S's overlay, the before-revert snapshot above it) meets
     it at S's image, a snapshot point."""
-    image = qcow2(tmp_path / "volume-x")
-    s = record("s", qcow2(tmp_path / "volume-x.s", "volume-x"), image)
-    before = record("b", qcow2(tmp_path / "volume-x.b", "volume-x.s"), str(s.file))
-    running = disk(qcow2(tmp_path / "volume-x.r", "volume-x"), image)
+    image = qcow2(tmp_path / "volume-D_vdb")  # named for the volume id D/vdb
+    s = record("s", qcow2(tmp_path / "volume-D_vdb.s", "volume-D_vdb"), image)
+    before = record("b", qcow2(tmp_path / "volume-D_vdb.b", "volume-D_vdb.s"), str(s.file))
+    running = disk(qcow2(tmp_path / "volume-D_vdb.r", "volume-D_vdb"), image)
     nodes = await tree.read(running, [s, before])
     for meta in (s, before):
         identity.check_files(meta, running, nodes, [s, before])

@@ -230,6 +230,14 @@ def volume_name(volume_id: str) -> str:
     return f"volume-{spelled}"
 
 
+def named_for(path: str, volume_id: str) -> bool:
+    """Whether PATH's name is one made for VOLUME_ID's files: the volume's
+    own (``volume-<id>``) or a snapshot's overlay of it (``volume-<id>.*``),
+    as gasnap and Cinder name them."""
+    name, own = os.path.basename(path), volume_name(volume_id)
+    return name == own or name.startswith(own + ".")
+
+
 def overlay_path(active_file: str, volume_id: str, snapshot_id: str) -> str:
     """Cinder's naming: ``volume-<volume_id>.<snapshot_id>`` next to the
     active file, whatever the active file is called (a layer virsh or a

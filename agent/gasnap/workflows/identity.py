@@ -26,7 +26,7 @@ from ..errors import Conflict
 from ..hypervisor import Domain, Volume
 from ..metadata import HOLDING, SnapshotMeta
 from . import Context
-from .tree import Tree
+from .tree import Tree, TreeMismatch
 
 
 class VolumeDetached(Conflict):
@@ -63,15 +63,28 @@ async def other_disks(ctx: Context, dom: Domain, vol: Volume) -> dict[str, str]:
 def check_files(meta: SnapshotMeta, vol: Volume, nodes: Tree,
                 metas: Iterable[SnapshotMeta]) -> None:
     """VolumeDetached unless META's files are VOL's (see the module's
-    docstring): nothing has been changed yet."""
-    if vol.serial is not None or reaches_a_snapshot_point(meta, vol, nodes, metas):
-        return
-    files = [p for p in (meta.file, meta.backing_file) if p]
-    raise VolumeDetached(
-        f"snapshot {meta.id}: the disk at {vol.target} ({vol.volume_id}) has no serial and "
-        f"the files of the snapshot ({', '.join(files)}) do not lead to a snapshot of its "
-        "live chain: it is another disk than the one this snapshot was taken of; its files "
-        "are left as they are", volume_id=meta.volume_id)
+    docstring); TreeMismatch if a file of META off the live chain is not
+    named for the volume.  Nothing has been changed yet."""
+    if vol.serial is None and not reaches_a_snapshot_point(meta, vol, nodes, metas):
+        files = [p for p in (meta.file, meta.backing_file) if p]
+        raise VolumeDetached(
+            f"snapshot {meta.id}: the disk at {vol.target} ({vol.volume_id}) has no serial "
+            f"and the files of the snapshot ({', '.join(files)}) do not lead to a snapshot of "
+            "its live chain: it is another disk than the one this snapshot was taken of; its "
+            "files are left as they are", volume_id=meta.volume_id)
+    chain = {layer.path for layer in vol.chain}
+    # A shared directory (a Cinder NFS share) holds every volume's files: a
+    # record naming another volume's, off this one's chain, would have a
+    # delete remove them or a revert run on them.  The live chain is
+    # libvirt's word; a file off it is this volume's only by its name.
+    foreign = [p for p in (meta.file, meta.backing_file)
+               if p and p not in chain and not images.named_for(p, meta.volume_id)]
+    if foreign:
+        raise TreeMismatch(
+            f"snapshot {meta.id}: {', '.join(foreign)} is not in the live chain of volume "
+            f"{meta.volume_id} and not named for it ({images.volume_name(meta.volume_id)}"
+            "[.*]): another volume's file, or one made by hand; nothing is done with it",
+            files=foreign)
 
 
 def reaches_a_snapshot_point(meta: SnapshotMeta, vol: Volume, nodes: Tree,
