@@ -286,6 +286,40 @@ async def test_calls_on_a_busy_volume_wait_for_it(
     assert (await chain_of(hv, guest.name, vol.target))[0] == again["file"]
 
 
+async def test_a_create_sent_twice_while_it_waits_is_done_once(
+    tcp_agent: Agent, nova: Any, hv: LibvirtHypervisor, guest: Domain
+) -> None:
+    """Cinder may send one create twice.  Both calls wait behind a busy
+    volume; the first makes the snapshot, the second finds it made and
+    ends snapshot_exists, touching nothing: the record stays available and
+    the volume is free at once (outside review: the second used to leave a
+    journal entry that kept the volume volume_recovering for ever)."""
+    vol = await volume(hv, guest)
+    base = Path(vol.active_file).name.split(".")[0]
+    await sh(hv, guest.name, "echo 2 > /run/gasnap-hook-delay")
+    busy = tcp_agent.client.request("POST", "/v1/snapshots", {
+        "domains": [guest.name], "disks": {guest.name: [vol.target]}, "force": True})["task"]
+    try:
+        sid = str(uuid.uuid4())
+        for _ in range(2):  # the same call, twice
+            nova_create(nova, vol, f"{base}.{sid}", sid)
+        assert tcp_agent.client.wait_task(busy)["state"] == "succeeded"
+    finally:
+        await sh(hv, guest.name, "rm -f /run/gasnap-hook-delay")
+    made = settled(tcp_agent, sid)
+    assert made is not None and made["status"] == "available", made
+    creates = [t for t in tcp_agent.client.get("/v1/tasks")["tasks"]
+               if t["kind"] == "snapshot-create" and t["id"] != busy["id"]][-2:]
+    ended = [tcp_agent.client.wait_task(t) for t in creates]
+    ends = sorted((t["state"], t.get("error", {}).get("code")) for t in ended)
+    assert ends == [("failed", "snapshot_exists"), ("succeeded", None)], ends
+    assert (await chain_of(hv, guest.name, vol.target))[0] == made["file"]
+    assert tcp_agent.client.get(f"/v1/snapshots/{sid}")["status"] == "available"
+    after = tcp_agent.client.request("POST", "/v1/snapshots", {
+        "domains": [guest.name], "disks": {guest.name: [vol.target]}, "force": True})["task"]
+    assert tcp_agent.client.wait_task(after)["state"] == "succeeded"  # the volume is free
+
+
 async def test_a_delete_a_linked_clone_blocks_is_refused_in_its_answer(
     tcp_agent: Agent, nova: Any, hv: LibvirtHypervisor, guest: Domain
 ) -> None:

@@ -214,6 +214,19 @@ async def create(service: SnapshotService, call: NovaCreate,
     )
 
     async def recheck() -> None:
+        # What was true when the call was accepted, asked again now that the
+        # volume is held: the same call sent twice while the first waited
+        # finds the first's record and overlay (Cinder retries).
+        try:
+            await service.snapshot(call.snapshot_id)
+        except SnapshotNotFound:
+            pass
+        else:
+            raise InvalidNovaRequest(f"snapshot {call.snapshot_id} already exists",
+                                     code="snapshot_exists")
+        if await _exists(overlay) != reuse:
+            raise FileMismatch(f"{overlay.name} {'vanished' if reuse else 'appeared'} while "
+                               "the call waited for the volume")
         if reuse:  # the caller's file must still back onto the active file
             _dom, now = await _find_volume(service, call.volume_id)
             await check_overlay(overlay, now)

@@ -146,7 +146,7 @@ async def _record(ctx: Context, op: Operation, planned: CreatePlan
         # (this step waits it out), it does not refuse the request.
         parent = tree.nearest(v.below, await ctx.metadata.list_snapshots(
             volume_id=v.volume_id))
-        await ctx.metadata.create_snapshot_metadata(NewSnapshot(
+        made = await ctx.metadata.create_snapshot_metadata(NewSnapshot(
             snapshot_id=v.snapshot_id, volume_id=v.volume_id, name=planned.name,
             description=planned.description, size=v.size, created_at=planned.created_at,
             domain=v.domain, group_id=planned.group_id, target=v.target,
@@ -154,6 +154,12 @@ async def _record(ctx: Context, op: Operation, planned: CreatePlan
             origin=planned.origin, memory_file=planned.memory.get(v.domain),
             domain_state=v.domain_state,
         ))
+        if made.status is not Status.CREATING:
+            # The store answers a retried write with the record it made; a
+            # record of this id already settled was made by another call
+            # (while one is creating, its volume is held: no other gets here).
+            raise Conflict(f"snapshot {v.snapshot_id} already exists ({made.status.value})",
+                           code="snapshot_exists")
     faults.hit("create:recording")
     return op, warnings
 

@@ -19,7 +19,14 @@ from typing import TYPE_CHECKING
 from .. import images, metrics
 from ..errors import NotFound
 from ..hypervisor import Domain, Volume
-from ..metadata import Consistency, Finalization, SnapshotMeta, SnapshotNotFound, Status
+from ..metadata import (
+    Consistency,
+    Finalization,
+    SnapshotMeta,
+    SnapshotNotFound,
+    Status,
+    WrongStatus,
+)
 from . import Context
 from .records import until_recorded
 
@@ -56,6 +63,12 @@ async def settle(
                 metas.append(await _finalize(ctx, v, final, persist=persist))
             except SnapshotNotFound:
                 log.info("snapshot %s was never recorded; nothing to finalize", v.snapshot_id)
+            except WrongStatus as err:
+                # Settled already, and not by this operation: a record of the
+                # same id another call made (a Nova create sent twice).  Its
+                # status is its own; this operation owns nothing of it.
+                log.error("snapshot %s is not this operation's to finalize: %s",
+                          v.snapshot_id, err.message)
             if remove and await images.real_path(v.overlay) not in (in_use or set()):
                 await asyncio.to_thread(Path(v.overlay).unlink, missing_ok=True)
             elif remove:
