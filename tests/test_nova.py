@@ -354,6 +354,28 @@ async def test_a_delete_a_linked_clone_blocks_is_refused_in_its_answer(
     assert await chain_of(hv, guest.name, vol.target) == [chain[0], *chain[2:]]
 
 
+async def test_gasnaps_own_delete_leaves_cinders_snapshots_to_cinder(
+    tcp_agent: Agent, nova: Any, hv: LibvirtHypervisor, guest: Domain
+) -> None:
+    """A snapshot taken through Nova is Cinder's: gasnap's own delete of it
+    is refused (409 cinder_volume), nothing changed, or Cinder's record and
+    .info would name files gone; an operator who means it forces it."""
+    vol = await volume(hv, guest)
+    base = Path(vol.active_file).name.split(".")[0]
+    sid, _ = nova_create(nova, vol, f"{base}.{uuid.uuid4()}")
+    made = settled(tcp_agent, sid)
+    assert made is not None and made["status"] == "available"
+    chain = await chain_of(hv, guest.name, vol.target)
+    with pytest.raises(ApiError) as refused:
+        tcp_agent.client.request("DELETE", f"/v1/snapshots/{sid}")
+    assert (refused.value.details["status"], refused.value.code) == (409, "cinder_volume")
+    assert tcp_agent.client.get(f"/v1/snapshots/{sid}")["status"] == "available"
+    assert await chain_of(hv, guest.name, vol.target) == chain
+    task = tcp_agent.client.request("DELETE", f"/v1/snapshots/{sid}?force=true")["task"]
+    assert tcp_agent.client.wait_task(task)["state"] == "succeeded"
+    assert settled(tcp_agent, sid, gone=True) is None
+
+
 async def test_a_raw_base_volume_through_nova(
     tcp_agent: Agent, nova: Any, hv: LibvirtHypervisor, lab: Lab
 ) -> None:

@@ -396,9 +396,17 @@ class SnapshotService:
 
     # deleting
 
-    async def delete(self, snapshot_id: str, strategy: deleteplan.Strategy) -> Task:
+    async def delete(self, snapshot_id: str, strategy: deleteplan.Strategy, *,
+                     force: bool = False) -> Task:
+        """gasnap's own delete.  A snapshot Cinder keeps (taken through
+        Nova) is Cinder's to delete: deleted here, Cinder's record and its
+        ``.info`` would name files gone (FORCE: the operator knows)."""
         self._check_ready()
         meta = await self.ctx.metadata.get_snapshot(snapshot_id)
+        if meta.description == NOVA_DESCRIPTION and not force:
+            raise limits.CinderVolume(
+                f"snapshot {snapshot_id} is Cinder's (taken through Nova): delete it through "
+                "Cinder, or force", volume_id=meta.volume_id)
         # Hold the volume before reading its chain, so the plan stays true.
         task = self.tasks.reserve("snapshot-delete", {meta.volume_id})
         try:

@@ -93,7 +93,11 @@ async def delete_snapshot(request: web.Request) -> web.Response:
     except ValueError as err:
         raise BadRequest("strategy must be auto, commit or pull",
                          code="invalid_request") from err
-    task = await request.app[SERVICE].delete(request.match_info["id"], strategy)
+    force = request.query.get("force", "false")
+    if force not in ("true", "false"):
+        raise BadRequest("force must be true or false", code="invalid_request")
+    task = await request.app[SERVICE].delete(request.match_info["id"], strategy,
+                                             force=force == "true")
     return web.json_response({"task": task.to_record()}, status=202)
 
 

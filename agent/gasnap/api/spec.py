@@ -156,7 +156,8 @@ PATHS: Schema = {
             "Merge the snapshot out of its chain", 202, ref("TaskAnswer"),
             [400, 404, 409, 503, 507],
             params=[*_ID, query_param("strategy", {"type": "string",
-                                                   "enum": ["auto", "commit", "pull"]})]),
+                                                   "enum": ["auto", "commit", "pull"]}),
+                    query_param("force", {"type": "string", "enum": ["true", "false"]})]),
     },
     "/v1/snapshots/{id}/revert": {"post": operation(
         "Go back to the snapshot (its whole group by default); the state left is kept as "

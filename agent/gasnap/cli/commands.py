@@ -166,8 +166,9 @@ def snapshot_create(args: argparse.Namespace) -> int:
 
 def snapshot_delete(args: argparse.Namespace) -> int:
     client = _client(args)
+    force = "&force=true" if args.force else ""
     task = client.request(
-        "DELETE", f"/v1/snapshots/{_quote(args.id)}?strategy={args.strategy}")["task"]
+        "DELETE", f"/v1/snapshots/{_quote(args.id)}?strategy={args.strategy}{force}")["task"]
     if not args.no_wait:
         task = _wait_with_bar(client, task) if sys.stderr.isatty() else client.wait_task(task)
     return _finish_task(args, task)

@@ -142,6 +142,8 @@ def _snapshot_parsers(group: argparse.ArgumentParser) -> None:
     delete = snap.add_parser("delete", help="merge a snapshot out of its chain")
     delete.add_argument("id")
     delete.add_argument("--strategy", choices=("auto", "commit", "pull"), default="auto")
+    delete.add_argument("--force", action="store_true",
+                        help="delete a snapshot Cinder keeps (taken through Nova) anyway")
     delete.add_argument("--no-wait", action="store_true", help="print the task and return")
     _add_json(delete)
     delete.set_defaults(func=commands.snapshot_delete)
