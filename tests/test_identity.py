@@ -118,6 +118,40 @@ async def test_a_snapshot_of_a_volume_that_left_never_acts_on_the_one_that_came(
         assert [s["id"] for s in listed] == [second["id"]]
 
 
+async def test_a_volume_moved_to_another_domain_is_merged_where_it_is_now(
+    tmp_path: Path, names: list[str]
+) -> None:
+    """Cinder detaches a volume from one instance, attaches it to another,
+    then asks (through Nova) to delete a snapshot taken on the first.  The
+    volume is found by its serial where it is now: the merge runs on the
+    second domain's disk, and the first domain is not touched (outside
+    review: such a delete was refused for ever)."""
+    first, second = (f"{PREFIX}mv-{uuid.uuid4().hex[:6]}" for _ in range(2))
+    names += [first, second]
+    images = tmp_path / "images"
+    images.mkdir()
+    vol = str(uuid.uuid4())
+    root_a, root_b = (image(images / f"volume-{uuid.uuid4()}") for _ in range(2))
+    define(first, images, [(root_a, "vda", str(uuid.uuid4())),
+                           (image(images / f"volume-{vol}"), "vdb", vol)])
+    define(second, images, [(root_b, "vda", str(uuid.uuid4()))])
+    (tmp_path / "agent").mkdir()
+    with running_agent(tmp_path / "agent") as agent:
+        older = snapshot(agent, first, "vdb")
+        snapshot(agent, first, "vdb")
+        moved = chains(first)["vdb"]
+        virsh("detach-disk", first, "vdb", "--config")
+        (images / "attach.xml").write_text(disk_xml(Path(moved[0]), "vdc", vol))
+        virsh("attach-device", second, str(images / "attach.xml"), "--config")
+        left = chains(first)
+        done = wait_task(agent, agent.client.request(
+            "DELETE", f"/v1/snapshots/{older['id']}")["task"]["id"])
+        assert done["state"] == "succeeded", done
+        assert chains(second)["vdc"] == [p for p in moved if p != older["file"]]
+        assert chains(first) == left
+        assert not Path(older["file"]).exists()
+
+
 async def test_a_revert_that_failed_at_its_switch_never_happens_later(
     tmp_path: Path, names: list[str]
 ) -> None:

@@ -184,7 +184,7 @@ async def plan(ctx: Context, snapshot_id: str, strategy: Strategy) -> DeletePlan
     if meta.status not in DELETE_FROM:
         raise WrongStatus(f"snapshot {snapshot_id} is {meta.status.value}; only available "
                           "snapshots can be deleted")
-    dom = await ctx.hv.get_domain(meta.domain)
+    dom = await identity.domain_of(ctx, meta)
     if dom.state not in (DomainState.RUNNING, DomainState.PAUSED, DomainState.SHUTOFF):
         raise Conflict(f"{dom.name} is {dom.state.value}", code="domain_state")
     live = dom.state is not DomainState.SHUTOFF

@@ -19,14 +19,17 @@ pull of a base without backing leaves two trees), as a revert left it.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable
 
 from .. import images
-from ..errors import Conflict
+from ..errors import Conflict, NotFound
 from ..hypervisor import Domain, Volume
 from ..metadata import HOLDING, SnapshotMeta
 from . import Context
 from .tree import Tree, TreeMismatch
+
+log = logging.getLogger(__name__)
 
 
 class VolumeDetached(Conflict):
@@ -46,6 +49,31 @@ def volume_of(meta: SnapshotMeta, dom: Domain) -> Volume:
     raise VolumeDetached(
         f"snapshot {meta.id}: domain {dom.name} no longer has volume {meta.volume_id}{now}; "
         "its files are left as they are", volume_id=meta.volume_id, domain=dom.name)
+
+
+async def domain_of(ctx: Context, meta: SnapshotMeta) -> Domain:
+    """The domain that has META's volume now: the record's own; or, for a
+    volume named by its serial (Cinder's UUID) that left it, the one domain
+    that has a disk of that serial now (Cinder moved the volume to another
+    instance, and asks through Nova to delete a snapshot taken before)."""
+    try:
+        dom = await ctx.hv.get_domain(meta.domain)
+        volume_of(meta, dom)
+        return dom
+    except (VolumeDetached, NotFound):
+        found = [d for d in await ctx.hv.list_domains()
+                 if any(v.serial is not None and v.serial == meta.volume_id
+                        for v in d.volumes)]
+        if len(found) != 1:
+            if len(found) > 1:
+                raise VolumeDetached(
+                    f"snapshot {meta.id}: volume {meta.volume_id} left {meta.domain} and is "
+                    f"a disk of several domains now ({', '.join(d.name for d in found)}); "
+                    "its files are left as they are", volume_id=meta.volume_id) from None
+            raise
+    log.info("snapshot %s: volume %s moved from %s to %s", meta.id, meta.volume_id,
+             meta.domain, found[0].name)
+    return found[0]
 
 
 async def other_disks(ctx: Context, dom: Domain, vol: Volume) -> dict[str, str]:
