@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from gasnap.errors import Conflict, GasnapError
-from gasnap.hypervisor import AgentState, Domain, DomainState
+from gasnap.hypervisor import AgentState, Domain, DomainState, Layer, Volume
 from gasnap.journal import Journal
 from gasnap.workflows import Context, revert
 from gasnap.workflows.revertplan import RevertPlan, RevertVolume
@@ -150,3 +150,38 @@ async def test_a_failure_at_the_switch_is_reported_as_what_the_revert_became(
                      else ["started_since", "remove_overlays", "restart"])
     assert await journal.unfinished() == []
     journal.close()
+
+
+class Group:
+    """Two stopped domains of a group, each with one disk on its old chain;
+    someone starts the second (STARTED) before the switch."""
+
+    def __init__(self, tmp_path: Path, started: str) -> None:
+        self.tmp_path, self.started = tmp_path, started
+        self.defined: list[str] = []
+
+    async def get_domain(self, name: str, **_: Any) -> Domain:
+        state = DomainState.RUNNING if name == self.started else DomainState.SHUTOFF
+        old = Layer(str(self.tmp_path / f"volume-{name}.old"), "qcow2")
+        return Domain(name, f"u-{name}", state, AgentState.ABSENT,
+                      (Volume(f"v-{name}", "vda", f"v-{name}", "file", (old,)),))
+
+    async def define_overlays(self, name: str, overlays: dict[str, str]) -> None:
+        self.defined.append(name)
+
+
+async def test_a_group_is_switched_only_once_every_domain_is_off(tmp_path: Path) -> None:
+    """Outside review: someone started the second domain of a group after
+    the first was switched; the revert, half switched, was then finished
+    behind its caller's back.  Every domain is checked before the first is
+    switched: none is, and the revert fails (and is undone)."""
+    group = Group(tmp_path, started="d2")
+    ctx = Context(group, None, None, None, None, 10.0)  # type: ignore[arg-type]
+    volumes = [RevertVolume("s", d, f"v-{d}", "vda", str(tmp_path / f"volume-{d}"), "qcow2",
+                            str(tmp_path / f"volume-{d}.r"), 1 << 20, before_id="b")
+               for d in ("d1", "d2")]
+    planned = RevertPlan("s", volumes, {"d1": "u-d1", "d2": "u-d2"}, ["d1", "d2"],
+                         ["d1", "d2"])
+    with pytest.raises(revert.RevertFailed, match="d2 is running"):
+        await revert._switch(ctx, planned)
+    assert group.defined == []

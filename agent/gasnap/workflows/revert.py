@@ -233,10 +233,13 @@ async def _make_overlays(ctx: Context, planned: RevertPlan) -> None:
 async def _switch(ctx: Context, planned: RevertPlan) -> None:
     """Idempotent: a domain already on its new overlays (switched, maybe
     started, before a crash or a failure after) is left as it is."""
-    for name in planned.domains:
-        if not await _off_the_new_overlays(ctx, planned, name):
-            continue
+    todo = [name for name in planned.domains if await _off_the_new_overlays(ctx, planned, name)]
+    # Every domain checked before the first is switched: one started by
+    # someone else fails the switch with none switched, so the revert is
+    # undone, not half done and then finished behind its caller's back.
+    for name in todo:
         await _check_volumes(ctx, planned, name)
+    for name in todo:
         await ctx.hv.define_overlays(name, {v.target: v.overlay for v in planned.of(name)})
         wrong = await _off_the_new_overlays(ctx, planned, name)
         if wrong:
@@ -244,10 +247,13 @@ async def _switch(ctx: Context, planned: RevertPlan) -> None:
 
 
 async def _check_volumes(ctx: Context, planned: RevertPlan, name: str) -> None:
-    """Each target the revert switches still holds the volume planned: a
-    disk detached and its target reused since (as Nova does) is never
-    switched onto another volume's image."""
+    """NAME is still off, and each target the revert switches still holds
+    the volume planned: a disk detached and its target reused since (as
+    Nova does) is never switched onto another volume's image."""
     dom = await ctx.hv.get_domain(name, uuid=planned.uuids.get(name))
+    if dom.state is not DomainState.SHUTOFF:
+        raise RevertFailed(f"{name} is {dom.state.value} (started by someone else since it was "
+                           "stopped); not switched")
     for v in planned.of(name):
         vol = dom.volume(v.target)
         if vol is None or vol.volume_id != v.volume_id:
