@@ -517,17 +517,20 @@ async def _state(soak: Soak, name: str) -> DomainState:
 
 async def _back_up(soak: Soak, name: str) -> None:
     """What the operator does last: NAME runs again, and its workload.  A
-    start refused while gasnap merges the stopped domain's disk offline
-    (qemu-img holds its write lock) is tried again, as an operator would."""
-    deadline = time.monotonic() + 180
-    while await _state(soak, name) is DomainState.SHUTOFF:
+    start that fails (libvirtd restarting kills a QEMU it is starting;
+    qemu-img holds the disk's write lock while gasnap merges the stopped
+    domain) is tried again, as an operator would, for a few minutes."""
+    deadline = time.monotonic() + 300
+    while True:
         try:
-            await _virsh("start", name)
-        except OSError:
+            if await _state(soak, name) is DomainState.SHUTOFF:
+                await _virsh("start", name)
+            await soak.lab.wait_for_agent(name, timeout=120)
+            break
+        except (OSError, GasnapError):
             if time.monotonic() > deadline:
                 raise
             await asyncio.sleep(2)
-    await soak.lab.wait_for_agent(name, timeout=180)
     await _start_workload(soak, name)
 
 
