@@ -199,13 +199,7 @@ async def create(service: SnapshotService, call: NovaCreate,
     reuse = await _exists(overlay)
     if reuse:
         await check_overlay(overlay, vol)
-    try:
-        await service.snapshot(call.snapshot_id)
-    except SnapshotNotFound:
-        pass
-    else:
-        raise InvalidNovaRequest(f"snapshot {call.snapshot_id} already exists",
-                                 code="snapshot_exists")
+    await _refuse_existing(service, call.snapshot_id)
     request = CreateRequest(
         domains=[dom.name], disks={dom.name: [vol.target]}, name=call.snapshot_id,
         description=DESCRIPTION, quiesce=Quiesce.PREFERRED,
@@ -217,13 +211,7 @@ async def create(service: SnapshotService, call: NovaCreate,
         # What was true when the call was accepted, asked again now that the
         # volume is held: the same call sent twice while the first waited
         # finds the first's record and overlay (Cinder retries).
-        try:
-            await service.snapshot(call.snapshot_id)
-        except SnapshotNotFound:
-            pass
-        else:
-            raise InvalidNovaRequest(f"snapshot {call.snapshot_id} already exists",
-                                     code="snapshot_exists")
+        await _refuse_existing(service, call.snapshot_id)
         if await _exists(overlay) != reuse:
             raise FileMismatch(f"{overlay.name} {'vanished' if reuse else 'appeared'} while "
                                "the call waited for the volume")
@@ -233,6 +221,14 @@ async def create(service: SnapshotService, call: NovaCreate,
 
     return await _reported(cinder, call.snapshot_id, "create",
                            service.create_queued(request, CREATE_WAIT, recheck))
+
+
+async def _refuse_existing(service: SnapshotService, snapshot_id: str) -> None:
+    try:
+        await service.snapshot(snapshot_id)
+    except SnapshotNotFound:
+        return
+    raise InvalidNovaRequest(f"snapshot {snapshot_id} already exists", code="snapshot_exists")
 
 
 async def _reported(cinder: CinderReporter | None, snapshot_id: str, op: str,
