@@ -260,7 +260,7 @@ class WindowFakes:
         self.guard_deadline = self.clock.now + timeout
         self.clock.now += self.ack  # a loaded host: the answer comes late
 
-    async def disarm(self, domains: list[str], *, owner: str) -> None:
+    async def disarm(self, domains: list[str], *, owner: str, thawed: bool = False) -> None:
         pass
 
     async def step(self, op: Any, _step: Any, **_fields: Any) -> Any:

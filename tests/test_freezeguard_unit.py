@@ -120,3 +120,17 @@ async def test_a_later_owner_that_thaws_pays_the_owed_thaw() -> None:
 
 async def _always(_name: str) -> bool:
     return True
+
+
+async def test_an_owner_that_says_it_thawed_pays_the_owed_thaw() -> None:
+    """On libvirt the owner thaws on a connection of its own and says so at
+    its disarm: nothing is sent again, and the next arm is not kept waiting
+    behind a thaw in flight."""
+    hv = _Hv()
+    guard = _Guard(cast(Hypervisor, cast(Any, hv)))
+    guard.owed.add("dom")
+    assert guard.arm(["dom"], 30, owner="create") is None
+    guard.disarm(["dom"], owner="create", thawed=True)
+    assert not guard.owed and not guard.pending and hv.agent.thaws == 0
+    assert guard.arm(["dom"], 30, owner="next") is None
+    guard.disarm(["dom"], owner="next", thawed=True)

@@ -174,9 +174,12 @@ class FreezeGuard:
                           "owner": owner})
         self.armed.update(domains)
 
-    async def disarm(self, domains: list[str], *, owner: str) -> None:
+    async def disarm(self, domains: list[str], *, owner: str, thawed: bool = False) -> None:
+        """THAWED: the owner thawed DOMAINS itself (on a connection of its
+        own, which the guard cannot see)."""
         self.armed.difference_update(domains)
-        await self._call({"op": "disarm", "domains": domains, "owner": owner})
+        await self._call({"op": "disarm", "domains": domains, "owner": owner,
+                          "thawed": thawed})
 
     async def agent_command(self, domain: str, command: str,
                             arguments: dict[str, Any] | None, timeout: float) -> Any:
@@ -262,11 +265,9 @@ class _Guard:
         # two tries, an arm takes the domain over and the retrying stops
         self.in_flight: set[str] = set()
         # domains whose deadline thaw a later arm took over: still owed
-        # until that owner thaws the guest through the guard; an owner that
-        # lets go otherwise (its freeze was refused: the guest was still
-        # frozen; or it thawed on a connection of its own, which the guard
-        # cannot see) hands the thaw back, and one more thaw of a thawed
-        # guest costs nothing
+        # until that owner thaws the guest (through the guard, or saying so
+        # at its disarm); an owner that lets go without thawing (its freeze
+        # was refused: the guest was still frozen) hands the thaw back
         self.owed: set[str] = set()
         self.pending: set[asyncio.Task[None]] = set()
         self.commands: set[asyncio.Task[None]] = set()
@@ -288,7 +289,8 @@ class _Guard:
                 self.pins.pin(name)
         return None
 
-    def disarm(self, domains: list[str], owner: str | None) -> list[str]:
+    def disarm(self, domains: list[str], owner: str | None, *, thawed: bool = False
+               ) -> list[str]:
         """OWNER None: every one (the guard's own shutdown).  Returns those
         disarmed."""
         dropped = []
@@ -297,7 +299,9 @@ class _Guard:
             if armed is not None and owner in (None, armed.owner):
                 self._drop(name)
                 dropped.append(name)
-                if owner is not None and name in self.owed:
+                if thawed:
+                    self.owed.discard(name)  # paid by its owner
+                elif owner is not None and name in self.owed:
                     log.warning("freeze guard: %s let go unthawed; thawing it for the "
                                 "earlier deadline", name)
                     self._thaw_later(name)
@@ -453,7 +457,8 @@ async def _serve(guard: _Guard) -> None:
                 error = guard.arm(list(doc["domains"]), float(doc["timeout"]),
                                   str(doc["owner"]))
             elif doc["op"] == "disarm":
-                await guard.unpin(guard.disarm(list(doc["domains"]), str(doc["owner"])))
+                await guard.unpin(guard.disarm(list(doc["domains"]), str(doc["owner"]),
+                                               thawed=bool(doc.get("thawed"))))
             elif doc["op"] == "agent":
                 guard.command(doc)  # replies by itself
                 continue

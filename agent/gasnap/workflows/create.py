@@ -375,14 +375,15 @@ async def _thaw(ctx: Context, domains: list[str], owner: str, times: WindowTimes
             log.error("%s: thaw failed (%s); the freeze guard will retry", name, result)
         else:
             thawed.append(name)
-    await _disarm(ctx, thawed, owner)
+    await _disarm(ctx, thawed, owner, thawed=True)
 
 
-async def _disarm(ctx: Context, domains: list[str], owner: str) -> None:
+async def _disarm(ctx: Context, domains: list[str], owner: str, *, thawed: bool = False
+                  ) -> None:
     if not domains:
         return
     try:
-        await ctx.guard.disarm(domains, owner=owner)
+        await ctx.guard.disarm(domains, owner=owner, thawed=thawed)
     except FreezeGuardError as err:
         log.warning("freeze guard: %s", err.message)
 

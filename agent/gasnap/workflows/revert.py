@@ -329,7 +329,7 @@ async def _thaw(ctx: Context, name: str, owner: str) -> int | None:
         log.info("%s: restored from memory; %d filesystems thawed", name, count)
         break
     try:
-        await ctx.guard.disarm([name], owner=owner)
+        await ctx.guard.disarm([name], owner=owner, thawed=True)
     except FreezeGuardError as err:
         log.warning("%s: thawed; freeze guard: %s", name, err.message)
     return count
