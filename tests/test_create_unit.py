@@ -229,6 +229,37 @@ async def test_a_failed_overlay_is_removed_only_when_no_chain_holds_it(tmp_path:
     assert gone.status.value == "error" and not overlay.exists()
 
 
+async def test_a_record_another_call_settled_is_neither_finalized_nor_its_file_removed(
+        tmp_path: Path) -> None:
+    """Outside review: a create refused because its snapshot id exists
+    already settled (a Nova call sent twice) settles its volumes: the other
+    call's record stays as it is, and its overlay (off the chain, after a
+    revert) is not removed as this create's failed one."""
+    from gasnap.metadata import Consistency, Finalization, NewSnapshot, Status  # noqa: PLC0415
+    from gasnap.metastore import open_sqlite  # noqa: PLC0415
+    from gasnap.workflows.createplan import VolumePlan  # noqa: PLC0415
+    from gasnap.workflows.settle import settle  # noqa: PLC0415
+
+    overlay = tmp_path / f"vol.{SNAP1}"
+    overlay.write_bytes(b"")
+    vol = Volume("d/vda", "vda", None, "file", (Layer(str(tmp_path / "vol.r"), "qcow2"),
+                                                 Layer(str(tmp_path / "vol"), "qcow2")))
+    hv = SettleHypervisor(Domain("d", "uuid-d", DomainState.RUNNING, AgentState.CONNECTED,
+                                 (vol,)), set())
+    store = await open_sqlite(tmp_path / "meta.db")
+    await store.create_snapshot_metadata(NewSnapshot(SNAP1, "d/vda", "n", "", 1, "t", "d"))
+    await store.finalize_snapshot_metadata(SNAP1, Finalization(
+        Status.AVAILABLE, str(overlay), str(tmp_path / "vol"), Consistency.FILESYSTEM))
+    plan_ = CreatePlan(None, "n", "", Quiesce.OFF, "t2", [VolumePlan(
+        SNAP1, "d", "d/vda", "vda", str(tmp_path / "vol"), "qcow2", str(overlay), 1)],
+        ["d"], ["d"], [], uuids={"d": "uuid-d"})
+    ctx = Context(hv, None, store, None, None, 10.0)  # type: ignore[arg-type]
+    assert await settle(ctx, plan_, {}, "snapshot exists") == []
+    assert (await store.get_snapshot(SNAP1)).status is Status.AVAILABLE
+    await store.close()
+    assert overlay.exists()
+
+
 def overlay_path_of(directory: Path) -> Path:
     return Path(os.path.realpath(directory / f"vol.{SNAP1}"))
 

@@ -62,13 +62,17 @@ async def settle(
             try:
                 metas.append(await _finalize(ctx, v, final, persist=persist))
             except SnapshotNotFound:
+                # Never recorded, so no overlay of this operation's was made
+                # (records come first): a file of that name is not its own.
                 log.info("snapshot %s was never recorded; nothing to finalize", v.snapshot_id)
+                continue
             except WrongStatus as err:
                 # Settled already, and not by this operation: a record of the
                 # same id another call made (a Nova create sent twice).  Its
-                # status is its own; this operation owns nothing of it.
+                # status and its files are its own.
                 log.error("snapshot %s is not this operation's to finalize: %s",
                           v.snapshot_id, err.message)
+                continue
             if remove and await images.real_path(v.overlay) not in (in_use or set()):
                 await asyncio.to_thread(Path(v.overlay).unlink, missing_ok=True)
             elif remove:
