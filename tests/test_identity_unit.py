@@ -6,12 +6,15 @@ from __future__ import annotations
 
 import subprocess
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, cast
 
 import pytest
 
-from gasnap.hypervisor import Layer, Volume
+from gasnap.errors import NotFound
+from gasnap.hypervisor import AgentState, Domain, DomainState, Layer, Volume
 from gasnap.metadata import SnapshotMeta, Status
-from gasnap.workflows import identity, tree
+from gasnap.workflows import Context, identity, tree
 
 
 def qcow2(path: Path, backing: str | None = None) -> str:
@@ -90,3 +93,60 @@ async def test_a_record_naming_a_file_elsewhere_is_never_read(tmp_path: Path) ->
     nodes = await tree.read(running, [stray])
     assert not nodes.consistent(stray)
     assert nodes.unreadable and "outside the volume's directory" in nodes.unreadable[0]
+
+
+def meta_of(sid: str, volume: str, file: str, image: str, domain: str = "D") -> SnapshotMeta:
+    return SnapshotMeta(sid, volume, sid, "", 1, "t", domain, None, "vdb", Status.AVAILABLE,
+                        file=file, backing_file=image)
+
+
+async def test_a_branch_through_a_layer_named_by_hand_is_still_the_volumes(
+        tmp_path: Path) -> None:
+    """Outside review: layers virsh named (``data.snap1``, ``data.snap2``),
+    the newer adopted with manage (M), a snapshot S on top, then a revert to
+    M.  M's file and S's image are off the chain and not named for the
+    volume, but their lineage meets the chain at M's image, a snapshot
+    point: still the volume's, so they can be deleted and reverted to."""
+    base = qcow2(tmp_path / "volume-X")
+    snap1 = qcow2(tmp_path / "data.snap1", "volume-X")
+    snap2 = qcow2(tmp_path / "data.snap2", "data.snap1")
+    m = meta_of("m", "X", snap2, snap1)
+    s = meta_of("s", "X", qcow2(tmp_path / "volume-X.s", "data.snap2"), snap2)
+    running = disk(qcow2(tmp_path / "volume-X.r", "data.snap1"), snap1, base, serial="X")
+    nodes = await tree.read(running, [m, s])
+    for meta in (m, s):
+        identity.check_files(meta, running, nodes, [m, s])
+
+
+class _Domains:
+    def __init__(self, *domains: Domain) -> None:
+        self.domains = {d.name: d for d in domains}
+
+    async def get_domain(self, name: str, **_: Any) -> Domain:
+        if name not in self.domains:
+            raise NotFound(f"no domain {name}")
+        return self.domains[name]
+
+    async def list_domains(self, **_: Any) -> list[Domain]:
+        return list(self.domains.values())
+
+
+async def test_a_volume_is_followed_to_another_domain_only_with_its_files() -> None:
+    """Outside review: vm1, whose disk has the serial ``data``, was undefined
+    with its files kept; vm2, a copy of its definition, has the serial too
+    but files of its own.  A snapshot of vm1 is not vm2's (a delete would
+    have removed vm1's active file).  A volume that moved with its files
+    (Cinder attached it elsewhere) is followed."""
+    snap = meta_of("s", "data", "/v/volume-data.s2", "/v/volume-data.s1", domain="vm1")
+
+    def vm2(*chain: str) -> Domain:
+        return Domain("vm2", "u2", DomainState.SHUTOFF, AgentState.ABSENT,
+                      (Volume("data", "vdb", "data", "file",
+                              tuple(Layer(p, "qcow2") for p in chain)),))
+
+    ctx = cast(Context, SimpleNamespace(hv=_Domains(vm2("/w/volume-data", "/w/base"))))
+    with pytest.raises(NotFound):
+        await identity.domain_of(ctx, snap)
+    ctx = cast(Context, SimpleNamespace(hv=_Domains(vm2("/v/volume-data.s2",
+                                                        "/v/volume-data.s1"))))
+    assert (await identity.domain_of(ctx, snap)).name == "vm2"

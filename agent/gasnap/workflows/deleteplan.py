@@ -284,9 +284,12 @@ async def _check_clones(ctx: Context, merge: DeletePlan, nodes: tree.Tree) -> No
     """Refuse a merge that would write into, or remove, a file a linked
     clone reads (its image, or any file below it): nothing has changed yet."""
     changed = touched(merge)
+    # A clone's own file is never this delete's either, whatever a record
+    # says: it backs onto one of the volume's snapshot points.
     blocking = [c.id for c in await ctx.metadata.list_clones(volume_id=merge.volume_id)
-                if c.mode is CloneMode.LINKED and c.status is not CloneStatus.ERROR and c.image
-                and changed & ({c.image} | set(nodes.lineage(c.image)))]
+                if c.file in changed
+                or (c.mode is CloneMode.LINKED and c.status is not CloneStatus.ERROR and c.image
+                    and changed & ({c.image} | set(nodes.lineage(c.image))))]
     if blocking:
         raise SnapshotHasClones(
             f"snapshot {merge.snapshot_id}: the linked clones {', '.join(blocking)} read the "

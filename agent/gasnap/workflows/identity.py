@@ -54,16 +54,19 @@ def volume_of(meta: SnapshotMeta, dom: Domain) -> Volume:
 async def domain_of(ctx: Context, meta: SnapshotMeta) -> Domain:
     """The domain that has META's volume now: the record's own; or, for a
     volume named by its serial (Cinder's UUID) that left it, the one domain
-    that has a disk of that serial now (Cinder moved the volume to another
-    instance, and asks through Nova to delete a snapshot taken before)."""
+    that has a disk of that serial now whose live chain holds the record's
+    files (Cinder moved the volume to another instance, and asks through
+    Nova to delete a snapshot taken before).  A serial alone proves
+    nothing: a copied definition carries its source's serials."""
     try:
         dom = await ctx.hv.get_domain(meta.domain)
         volume_of(meta, dom)
         return dom
     except (VolumeDetached, NotFound):
+        files = {p for p in (meta.file, meta.backing_file) if p}
         found = [d for d in await ctx.hv.list_domains()
                  if any(v.serial is not None and v.serial == meta.volume_id
-                        for v in d.volumes)]
+                        and files & {layer.path for layer in v.chain} for v in d.volumes)]
         if len(found) != 1:
             if len(found) > 1:
                 raise VolumeDetached(
@@ -104,10 +107,12 @@ def check_files(meta: SnapshotMeta, vol: Volume, nodes: Tree,
     # A shared directory (a Cinder NFS share) holds every volume's files: a
     # record naming another volume's, off this one's chain, would have a
     # delete remove them or a revert run on them.  The live chain is
-    # libvirt's word; a file off it is this volume's only by its name.
+    # libvirt's word; a file off it is this volume's by its name, or by its
+    # lineage meeting the chain at one of the volume's snapshot points (a
+    # branch a revert left through a layer adopted under another name).
     foreign = [p for p in (meta.file, meta.backing_file)
                if p and p not in chain and not images.named_for(p, meta.volume_id)]
-    if foreign:
+    if foreign and not reaches_a_snapshot_point(meta, vol, nodes, metas):
         raise TreeMismatch(
             f"snapshot {meta.id}: {', '.join(foreign)} is not in the live chain of volume "
             f"{meta.volume_id} and not named for it ({images.volume_name(meta.volume_id)}"
