@@ -197,14 +197,24 @@ async def _drop_memory_if_unused(ctx: Context, merge: DeletePlan) -> None:
         ctx.metadata.list_snapshots, group_id=merge.group_id), f"group {merge.group_id}")
     if any(m.memory_file == merge.memory_file for m in group if m.status in HOLDING):
         return
-    # The directories come from the live domain at plan time: the group's
-    # other records are a shared service's data and name nothing here.
-    if not images.memory_name_ok(str(merge.memory_file), merge.memory_dirs, merge.group_id,
-                                 merge.uuid):
+    # The directories come from the live domain at plan time (the group's
+    # other records are a shared service's data and name nothing here); a
+    # plan journaled before plans carried them reads the domain now.
+    dirs = merge.memory_dirs or await _chain_dirs(ctx, merge)
+    if not images.memory_name_ok(str(merge.memory_file), dirs, merge.group_id, merge.uuid):
         log.error("snapshot %s: its record's memory file %s is not one gasnap named beside "
                   "its images: kept", merge.snapshot_id, merge.memory_file)
         return
     await asyncio.to_thread(images.drop_memory, str(merge.memory_file))
+
+
+async def _chain_dirs(ctx: Context, merge: DeletePlan) -> list[str]:
+    try:
+        dom = await ctx.hv.get_domain(merge.domain, uuid=merge.uuid)
+    except GasnapError as err:
+        log.warning("%s: its disks cannot be read (%s)", merge.domain, err.message)
+        return []
+    return sorted({os.path.dirname(layer.path) for v in dom.volumes for layer in v.chain})
 
 
 async def _remove(ctx: Context, path: str) -> None:
