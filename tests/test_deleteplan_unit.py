@@ -203,3 +203,26 @@ def test_an_active_commit_must_keep_reaching_new_lows(monkeypatch: pytest.Monkey
     with pytest.raises(merging.NotConverging) as err:
         outrun.observe(JobInfo(cur=60, end=102))  # 42 left: no new low in 5 s
     assert err.value.code == "merge_not_converging"
+
+
+async def test_a_ready_mirror_whose_event_was_missed_is_never_given_up() -> None:
+    """Outside review: the agent restarted after QEMU's READY event, and the
+    guest keeps the mirror busy (cur never equals end).  The XML says ready:
+    the follow ends READY before any progress is judged, so the convergence
+    check cannot cancel a commit that could pivot."""
+    from gasnap.blockjobs import BlockJobEvents, JobEnd, follow  # noqa: PLC0415
+
+    judged: list[JobInfo] = []
+
+    async def check() -> JobInfo:
+        return JobInfo(cur=5, end=10, kind="active-commit")
+
+    async def ready() -> bool:
+        return True
+
+    async def progress(info: JobInfo) -> None:
+        judged.append(info)
+
+    end = await follow(BlockJobEvents(), "d", "vda", check=check, mirror_ready=ready,
+                       progress=progress, want_ready=True, check_interval=0.01)
+    assert end is JobEnd.READY and judged == []

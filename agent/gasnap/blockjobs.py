@@ -108,9 +108,14 @@ async def follow(
             if status == COMPLETED:
                 return JobEnd.COMPLETED
             return JobEnd.GONE
-        await progress(info)
         # libvirt has reported READY without the XML saying so, and the
-        # reverse: both must hold before a pivot (VDSM's lesson).
-        if want_ready and (status == READY or info.cur == info.end) and await mirror_ready():
+        # reverse: both must hold before a pivot (VDSM's lesson).  With no
+        # event at all (this process started after it came) the XML's word,
+        # which libvirt set from QEMU's event, is enough: a mirror kept busy
+        # by the guest seldom shows cur == end.  Asked before the progress,
+        # whose convergence check must never give up on a ready job.
+        if (want_ready and (status in (READY, None) or info.cur == info.end)
+                and await mirror_ready()):
             return JobEnd.READY
+        await progress(info)
         await events.changed(domain, target, check_interval)
