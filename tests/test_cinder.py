@@ -176,7 +176,7 @@ async def test_an_agent_killed_mid_create_still_reports_how_it_ended(
         if expected == "creating":  # leave the guest's chain as it was
             cinder_call(cinder, "POST", f"/snapshots/{sid}/action",
                         {"os-reset_status": {"status": "available"}})
-            task = again.client.request("DELETE", f"/v1/snapshots/{sid}")
+            task = again.client.request("DELETE", f"/v1/snapshots/{sid}?force=true")
             assert again.client.wait_task(task["task"])["state"] == "succeeded"
 
 
@@ -223,7 +223,7 @@ async def test_cinders_refusal_is_counted_not_retried(
                    if line.startswith("gasnap_cinder_updates_pending ")]
     record = agent_for_cinder.client.get(f"/v1/snapshots/{sid}")
     if record["status"] == "available":  # leave the guest's chain as it was
-        task = agent_for_cinder.client.request("DELETE", f"/v1/snapshots/{sid}")
+        task = agent_for_cinder.client.request("DELETE", f"/v1/snapshots/{sid}?force=true")
         assert agent_for_cinder.client.wait_task(task["task"])["state"] == "succeeded"
 
 
@@ -252,7 +252,7 @@ async def test_a_keystone_password_session_reaches_cinder_too(
                 assert wait_heard(cinder, sid, 1) == [("creating", "90%")]
                 cinder_call(cinder, "POST", f"/snapshots/{sid}/action",
                             {"os-reset_status": {"status": "available"}})
-                task = agent.client.request("DELETE", f"/v1/snapshots/{sid}")
+                task = agent.client.request("DELETE", f"/v1/snapshots/{sid}?force=true")
                 assert agent.client.wait_task(task["task"])["state"] == "succeeded"
                 await asyncio.sleep(3)  # the token the agent holds has expired
             assert 'outcome="refused"' not in agent.client.text("/metrics")
