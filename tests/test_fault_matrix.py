@@ -454,7 +454,7 @@ def _outcome(task: dict[str, Any], subject: str) -> str:
 def documented() -> dict[tuple[str, str], str]:
     """The matrix in docs/recovery.md: a row per step, a column per fault."""
     text = DOCS.read_text()
-    table = text.split("<!-- fault-matrix -->")[1]
+    table = text.split("<!-- fault-matrix -->")[1].split("\n## ")[0]  # this section's
     cells: dict[tuple[str, str], str] = {}
     for line in table.splitlines():
         parts = [p.strip() for p in line.strip().strip("|").split("|")]
@@ -581,7 +581,7 @@ async def _put_back(bench: Bench, name: str) -> None:
 
 def documented_others() -> dict[tuple[str, str], str]:
     """docs/recovery.md's table: a row per operation, a column per action."""
-    table = DOCS.read_text().split("<!-- someone-else -->")[1]
+    table = DOCS.read_text().split("<!-- someone-else -->")[1].split("\n## ")[0]
     cells: dict[tuple[str, str], str] = {}
     for line in table.splitlines():
         parts = [p.strip() for p in line.strip().strip("|").split("|")]
