@@ -52,7 +52,7 @@ import libvirtd
 from conftest import PREFIX, Agent, backing_path, behind_a_symlink, image_digest, tmpfs, wait_task
 from gasnap import images
 from gasnap.client import ApiError
-from gasnap.errors import GasnapError
+from gasnap.errors import GasnapError, NotFound
 from gasnap.hypervisor import DomainState, Volume
 from gasnap.lab.guests import Lab
 from gasnap.lab.verify import fsck_raw, raw_copy
@@ -667,7 +667,11 @@ async def _inventory(soak: Soak) -> Counter[str]:
     held: set[str] = {c["file"] for c in clones if c["status"] == "available"}
     mounted: set[str] = set()  # the guests' own data disks, which the workload mounts
     for name in soak.guests:
-        dom = await soak.hv.get_domain(name)
+        try:
+            dom = await soak.hv.get_domain(name)
+        except NotFound:
+            counts[f"FAILED guest {name} gone"] += 1
+            continue
         mounted |= {v.volume_id for v in dom.volumes if v.target == "vda"}
         running = dom.state is DomainState.RUNNING
         counts["ok guest running" if running else f"FAILED guest {dom.state.value}"] += 1
@@ -728,7 +732,10 @@ async def _inventory(soak: Soak) -> Counter[str]:
 
 async def _settle_everything(soak: Soak) -> None:
     for name in soak.guests:
-        state = (await soak.hv.get_domain(name)).state
+        try:
+            state = (await soak.hv.get_domain(name)).state
+        except NotFound:
+            continue  # gone: counted by the inventory, not waited for
         if state is DomainState.PAUSED:
             subprocess.run(["virsh", "-q", "resume", name], check=False)
         if state is not DomainState.SHUTOFF:  # one left off is counted, not waited for
